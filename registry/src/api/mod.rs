@@ -1,0 +1,219 @@
+//! HTTP surface: the `/v2/` API, health and metrics, and the per-request logging around them.
+
+mod blobs;
+mod listing;
+mod manifests;
+mod referrers;
+mod route;
+mod uploads;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use berth_oci::Digest;
+use bytes::Bytes;
+
+use crate::config::Limits;
+use crate::content::ContentStore;
+use crate::error::{RegistryError, Result, StorageFailure};
+use crate::metadata::MetadataStore;
+use crate::metrics::Metrics;
+use route::Route;
+
+/// Everything a handler can reach. Handlers talk to the two stores, never to paths or SQL.
+pub struct AppState {
+    pub content: Arc<dyn ContentStore>,
+    pub metadata: Arc<dyn MetadataStore>,
+    pub limits: Limits,
+    pub metrics: Metrics,
+    /// Manifest bytes by digest. Content-addressed bytes never change, so entries never go stale;
+    /// whether a repository may see a digest is still asked of the metadata store every time.
+    manifest_bytes: quick_cache::sync::Cache<Digest, Bytes, ByteWeighter>,
+}
+
+#[derive(Clone)]
+struct ByteWeighter;
+
+impl quick_cache::Weighter<Digest, Bytes> for ByteWeighter {
+    fn weight(&self, _: &Digest, bytes: &Bytes) -> u64 {
+        bytes.len() as u64 + 64
+    }
+}
+
+impl AppState {
+    pub fn new(
+        content: Arc<dyn ContentStore>,
+        metadata: Arc<dyn MetadataStore>,
+        limits: Limits,
+    ) -> Self {
+        let manifest_bytes = quick_cache::sync::Cache::with_weighter(
+            (limits.manifest_cache_bytes / 2048).max(16) as usize,
+            limits.manifest_cache_bytes,
+            ByteWeighter,
+        );
+        AppState {
+            content,
+            metadata,
+            limits,
+            metrics: Metrics::default(),
+            manifest_bytes,
+        }
+    }
+}
+
+/// The route label a handler ran under, for the request log and metrics.
+#[derive(Clone, Copy)]
+struct RouteLabel(&'static str);
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v2/", get(base))
+        .route("/v2/{*path}", any(dispatch))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { RegistryError::NotFound })
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn base() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], "{}")
+}
+
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    let probe = crate::metadata::PageRequest {
+        last: None,
+        limit: 1,
+    };
+    match state.metadata.repositories(&probe).await {
+        Ok(_) => (StatusCode::OK, "ok\n").into_response(),
+        Err(err) => RegistryError::from(err).into_response(),
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}
+
+async fn dispatch(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let path = uri.path().strip_prefix("/v2/").unwrap_or_default();
+    let route = match route::parse(path) {
+        Ok(route) => route,
+        Err(err) => return err.into_response(),
+    };
+    let label = route.label();
+    let head = method == Method::HEAD;
+    let state = &*state;
+    let result = match (route, method) {
+        (Route::Manifest(repo, reference), Method::GET | Method::HEAD) => {
+            manifests::get(state, &repo, &reference, head).await
+        }
+        (Route::Manifest(repo, reference), Method::PUT) => {
+            manifests::put(state, &repo, &reference, &headers, body).await
+        }
+        (Route::Manifest(repo, reference), Method::DELETE) => {
+            manifests::delete(state, &repo, &reference).await
+        }
+        (Route::Blob(repo, digest), Method::GET | Method::HEAD) => {
+            blobs::get(state, &repo, &digest, &headers, head).await
+        }
+        (Route::Blob(repo, digest), Method::DELETE) => blobs::delete(state, &repo, &digest).await,
+        (Route::UploadStart(repo), Method::POST) => uploads::start(state, &repo, &uri, body).await,
+        (Route::Upload(repo, id), Method::PATCH) => {
+            uploads::patch(state, &repo, id, &headers, body).await
+        }
+        (Route::Upload(repo, id), Method::PUT) => {
+            uploads::finish(state, &repo, id, &uri, &headers, body).await
+        }
+        (Route::Upload(repo, id), Method::GET) => uploads::status(state, &repo, id).await,
+        (Route::Upload(repo, id), Method::DELETE) => uploads::cancel(state, &repo, id).await,
+        (Route::Tags(repo), Method::GET) => listing::tags(state, &repo, &uri).await,
+        (Route::Catalog, Method::GET) => listing::catalog(state, &uri).await,
+        (Route::Referrers(repo, subject), Method::GET) => {
+            referrers::list(state, &repo, &subject, &uri).await
+        }
+        _ => Err(RegistryError::MethodNotAllowed),
+    };
+    let mut response = result.unwrap_or_else(IntoResponse::into_response);
+    response.extensions_mut().insert(RouteLabel(label));
+    response
+}
+
+/// One log line and one metrics sample per request, and the API version header on every response.
+async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let mut response = next.run(request).await;
+    response.headers_mut().insert(
+        "Docker-Distribution-API-Version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    let status = response.status().as_u16();
+    let bytes = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let route = response
+        .extensions()
+        .get::<RouteLabel>()
+        .map_or("other", |r| r.0);
+    let storage_failed = response.extensions().get::<StorageFailure>().is_some();
+    state
+        .metrics
+        .observe_request(route, method.as_str(), status, bytes, storage_failed);
+    tracing::info!(
+        target: "berth_registry::request",
+        method = %method,
+        path,
+        status,
+        bytes,
+        duration_ms = started.elapsed().as_secs_f64() * 1e3,
+    );
+    response
+}
+
+/// `Location` of a resource inside a repository.
+fn location(repo: &berth_oci::RepoName, rest: std::fmt::Arguments<'_>) -> HeaderValue {
+    HeaderValue::try_from(format!("/v2/{repo}/{rest}")).expect("validated names make valid headers")
+}
+
+fn header_value(value: impl ToString) -> HeaderValue {
+    HeaderValue::try_from(value.to_string()).expect("digests, sizes and ids make valid headers")
+}
+
+/// A response with the given status, headers and no body.
+fn empty(
+    status: StatusCode,
+    headers: impl IntoIterator<Item = (&'static str, HeaderValue)>,
+) -> Response {
+    let mut response = (status, Body::empty()).into_response();
+    let map = response.headers_mut();
+    for (name, value) in headers {
+        map.insert(name, value);
+    }
+    map.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    response
+}
+
+type HandlerResult = Result<Response>;

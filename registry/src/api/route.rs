@@ -1,0 +1,172 @@
+//! Turns the path after `/v2/` into a typed route, validating every name, reference and digest.
+
+use berth_oci::{Digest, Reference, RepoName};
+
+use crate::content::UploadId;
+use crate::error::RegistryError;
+
+#[derive(Debug, PartialEq)]
+pub(crate) enum Route {
+    Catalog,
+    Manifest(RepoName, Reference),
+    Blob(RepoName, Digest),
+    UploadStart(RepoName),
+    Upload(RepoName, UploadId),
+    Tags(RepoName),
+    Referrers(RepoName, Digest),
+}
+
+impl Route {
+    /// A low-cardinality label for logs and metrics.
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            Route::Catalog => "catalog",
+            Route::Manifest(..) => "manifest",
+            Route::Blob(..) => "blob",
+            Route::UploadStart(_) | Route::Upload(..) => "upload",
+            Route::Tags(_) => "tags",
+            Route::Referrers(..) => "referrers",
+        }
+    }
+}
+
+fn digest(text: &str) -> Result<Digest, RegistryError> {
+    text.parse()
+        .map_err(|e: berth_oci::DigestError| RegistryError::DigestInvalid(e.to_string()))
+}
+
+/// Splits `path` at the last `marker` whose remainder holds no `/`: names may contain the
+/// markers' words, references and digests never contain `/`.
+fn split_last<'a>(path: &'a str, marker: &str) -> Option<(&'a str, &'a str)> {
+    let at = path.rfind(marker)?;
+    let rest = &path[at + marker.len()..];
+    (!rest.contains('/')).then_some((&path[..at], rest))
+}
+
+/// Parses `path`, the request path without its `/v2/` prefix and still percent-encoded. Nothing
+/// percent-encoded is valid in a name, tag or digest, so `%` never gets through.
+pub(crate) fn parse(path: &str) -> Result<Route, RegistryError> {
+    if path == "_catalog" {
+        return Ok(Route::Catalog);
+    }
+    let name = |text: &str| text.parse::<RepoName>().map_err(RegistryError::from);
+    if let Some(name_part) = path.strip_suffix("/tags/list") {
+        return Ok(Route::Tags(name(name_part)?));
+    }
+    if let Some(name_part) = path.strip_suffix("/blobs/uploads") {
+        return Ok(Route::UploadStart(name(name_part)?));
+    }
+    if let Some((name_part, id)) = split_last(path, "/blobs/uploads/") {
+        let name = name(name_part)?;
+        if id.is_empty() {
+            return Ok(Route::UploadStart(name));
+        }
+        let id = id.parse().map_err(|_| RegistryError::UploadUnknown)?;
+        return Ok(Route::Upload(name, id));
+    }
+    if let Some((name_part, reference)) = split_last(path, "/blobs/") {
+        return Ok(Route::Blob(name(name_part)?, digest(reference)?));
+    }
+    if let Some((name_part, reference)) = split_last(path, "/manifests/") {
+        let name = name(name_part)?;
+        let reference = if reference.contains(':') {
+            Reference::Digest(digest(reference)?)
+        } else {
+            Reference::Tag(reference.parse()?)
+        };
+        return Ok(Route::Manifest(name, reference));
+    }
+    if let Some((name_part, subject)) = split_last(path, "/referrers/") {
+        return Ok(Route::Referrers(name(name_part)?, digest(subject)?));
+    }
+    Err(RegistryError::NotFound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIGEST: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn parses_every_resource() {
+        let repo = |n: &str| n.parse::<RepoName>().unwrap();
+        let d: Digest = DIGEST.parse().unwrap();
+        assert_eq!(parse("_catalog").unwrap(), Route::Catalog);
+        assert_eq!(parse("a/b/tags/list").unwrap(), Route::Tags(repo("a/b")));
+        assert_eq!(
+            parse("a/blobs/uploads/").unwrap(),
+            Route::UploadStart(repo("a"))
+        );
+        assert_eq!(
+            parse("a/blobs/uploads").unwrap(),
+            Route::UploadStart(repo("a"))
+        );
+        let id = UploadId::new();
+        assert_eq!(
+            parse(&format!("a/blobs/uploads/{id}")).unwrap(),
+            Route::Upload(repo("a"), id)
+        );
+        assert_eq!(
+            parse(&format!("a/blobs/{DIGEST}")).unwrap(),
+            Route::Blob(repo("a"), d.clone())
+        );
+        assert_eq!(
+            parse("a/manifests/latest").unwrap(),
+            Route::Manifest(repo("a"), Reference::Tag("latest".parse().unwrap()))
+        );
+        assert_eq!(
+            parse(&format!("a/manifests/{DIGEST}")).unwrap(),
+            Route::Manifest(repo("a"), Reference::Digest(d.clone()))
+        );
+        assert_eq!(
+            parse(&format!("a/referrers/{DIGEST}")).unwrap(),
+            Route::Referrers(repo("a"), d)
+        );
+    }
+
+    #[test]
+    fn names_may_contain_resource_words() {
+        let parsed = parse(&format!("blobs/manifests/blobs/{DIGEST}")).unwrap();
+        assert_eq!(
+            parsed,
+            Route::Blob("blobs/manifests".parse().unwrap(), DIGEST.parse().unwrap())
+        );
+        assert!(matches!(
+            parse("tags/list/tags/list").unwrap(),
+            Route::Tags(_)
+        ));
+    }
+
+    #[test]
+    fn hostile_paths_are_rejected_before_any_lookup() {
+        for path in [
+            "../etc/manifests/latest",
+            "%2e%2e/manifests/latest",
+            "a/../b/manifests/x",
+            "/abs/tags/list",
+            "UP/tags/list",
+        ] {
+            assert!(
+                matches!(parse(path), Err(RegistryError::NameInvalid(_))),
+                "{path}"
+            );
+        }
+        assert!(matches!(
+            parse("a/manifests/bad%2Ftag"),
+            Err(RegistryError::TagInvalid(_))
+        ));
+        assert!(matches!(
+            parse("a/blobs/sha256:123"),
+            Err(RegistryError::DigestInvalid(_))
+        ));
+        assert!(matches!(
+            parse("a/blobs/uploads/not-a-uuid"),
+            Err(RegistryError::UploadUnknown)
+        ));
+        assert!(matches!(
+            parse("a/unknown/thing"),
+            Err(RegistryError::NotFound)
+        ));
+    }
+}

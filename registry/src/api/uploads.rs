@@ -1,0 +1,284 @@
+//! Blob upload sessions: start (or mount, or monolithic), chunked and streamed PATCH, finish, status, cancel.
+
+use axum::body::Body;
+use axum::extract::Query;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use berth_oci::{Digest, RepoName};
+use futures_util::TryStreamExt;
+use serde::Deserialize;
+
+use super::{AppState, HandlerResult, empty, header_value, location};
+use crate::content::{ByteStream, ContentError, UploadId};
+use crate::error::RegistryError;
+
+#[derive(Deserialize, Default)]
+struct UploadQuery {
+    digest: Option<String>,
+    mount: Option<String>,
+    from: Option<String>,
+}
+
+fn query(uri: &Uri) -> Result<UploadQuery, RegistryError> {
+    Query::<UploadQuery>::try_from_uri(uri)
+        .map(|q| q.0)
+        .map_err(|e| RegistryError::UploadInvalid(format!("query: {e}")))
+}
+
+fn parse_digest(text: &str) -> Result<Digest, RegistryError> {
+    text.parse()
+        .map_err(|e: berth_oci::DigestError| RegistryError::DigestInvalid(e.to_string()))
+}
+
+/// The request body as a store stream, counted into the bytes-received metric as it flows.
+fn body_stream(state: &AppState, body: Body) -> ByteStream {
+    let metrics = state.metrics.clone();
+    Box::pin(
+        body.into_data_stream()
+            .map_err(std::io::Error::other)
+            .inspect_ok(move |chunk| metrics.add_received(chunk.len() as u64)),
+    )
+}
+
+/// The `Range` header value for an upload of `size` bytes, as clients expect it (`0-0` when empty).
+fn range_header(size: u64) -> HeaderValue {
+    header_value(format_args!("0-{}", size.saturating_sub(1)))
+}
+
+fn session_response(
+    status: StatusCode,
+    repo: &RepoName,
+    id: UploadId,
+    size: u64,
+) -> axum::response::Response {
+    empty(
+        status,
+        [
+            (
+                "Location",
+                location(repo, format_args!("blobs/uploads/{id}")),
+            ),
+            ("Range", range_header(size)),
+            ("Docker-Upload-UUID", header_value(id)),
+        ],
+    )
+}
+
+fn blob_created(repo: &RepoName, digest: &Digest) -> axum::response::Response {
+    empty(
+        StatusCode::CREATED,
+        [
+            ("Location", location(repo, format_args!("blobs/{digest}"))),
+            ("Docker-Content-Digest", header_value(digest)),
+        ],
+    )
+}
+
+fn content_error(err: ContentError) -> RegistryError {
+    match err {
+        ContentError::OffsetMismatch { actual, requested } => RegistryError::RangeInvalid(format!(
+            "the upload holds {actual} bytes, the chunk starts at {requested}"
+        )),
+        ContentError::DigestMismatch { expected, actual } => {
+            RegistryError::DigestMismatch { expected, actual }
+        }
+        ContentError::BodyInterrupted(err) => {
+            RegistryError::UploadInvalid(format!("the body ended early: {err}"))
+        }
+        other => other.into(),
+    }
+}
+
+/// Parses `Content-Range: <start>-<end>` and checks it against `Content-Length`; returns `start`.
+fn chunk_start(headers: &HeaderMap) -> Result<Option<u64>, RegistryError> {
+    let Some(value) = headers.get(header::CONTENT_RANGE) else {
+        return Ok(None);
+    };
+    let invalid =
+        || RegistryError::RangeInvalid(format!("Content-Range {value:?} is not <start>-<end>"));
+    let text = value.to_str().map_err(|_| invalid())?;
+    let text = text
+        .trim_start_matches("bytes")
+        .trim_start_matches(['=', ' ']);
+    let text = text.split('/').next().unwrap_or_default();
+    let (start, end) = text.split_once('-').ok_or_else(invalid)?;
+    let (start, end) = (
+        start.trim().parse::<u64>().map_err(|_| invalid())?,
+        end.trim().parse::<u64>().map_err(|_| invalid())?,
+    );
+    if end < start {
+        return Err(invalid());
+    }
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if length.is_some_and(|len| len != end - start + 1) {
+        return Err(RegistryError::RangeInvalid(format!(
+            "Content-Range {start}-{end} does not match Content-Length"
+        )));
+    }
+    Ok(Some(start))
+}
+
+/// Checks that upload `id` exists and belongs to `repo`.
+async fn owned_upload(
+    state: &AppState,
+    repo: &RepoName,
+    id: UploadId,
+) -> Result<(), RegistryError> {
+    match state.metadata.upload_repository(id).await? {
+        Some(owner) if &owner == repo => Ok(()),
+        _ => Err(RegistryError::UploadUnknown),
+    }
+}
+
+async fn new_session(state: &AppState, repo: &RepoName) -> Result<UploadId, RegistryError> {
+    let id = UploadId::new();
+    state.metadata.create_upload(repo, id).await?;
+    if let Err(err) = state.content.create_upload(id).await {
+        state.metadata.delete_upload(id).await?;
+        return Err(err.into());
+    }
+    state.metrics.upload_started();
+    Ok(id)
+}
+
+async fn end_session(state: &AppState, id: UploadId) -> Result<(), RegistryError> {
+    state.metadata.delete_upload(id).await?;
+    state.metrics.upload_ended();
+    Ok(())
+}
+
+/// Commits upload `id` as `digest` and gives `repo` the blob. The session ends either way: a
+/// digest mismatch discards the data, as the client must start over.
+async fn commit(
+    state: &AppState,
+    repo: &RepoName,
+    id: UploadId,
+    digest: &Digest,
+) -> Result<(), RegistryError> {
+    let committed = state.content.commit_upload(id, digest).await;
+    if matches!(committed, Ok(_) | Err(ContentError::DigestMismatch { .. })) {
+        end_session(state, id).await?;
+    }
+    let size = committed.map_err(content_error)?;
+    state.metadata.link_blob(repo, digest, size).await?;
+    Ok(())
+}
+
+/// Mounts `digest` into `repo` from `from` (or, without `from`, from any repository holding it).
+async fn try_mount(
+    state: &AppState,
+    repo: &RepoName,
+    digest: &Digest,
+    from: Option<&str>,
+) -> Result<bool, RegistryError> {
+    let size = match from {
+        Some(from) => match from.parse::<RepoName>() {
+            Ok(from) => state.metadata.repository_blob(&from, digest).await?,
+            Err(_) => None,
+        },
+        None => state.metadata.any_blob(digest).await?,
+    };
+    let Some(size) = size else { return Ok(false) };
+    if state.content.stat(digest).await?.is_none() {
+        return Ok(false);
+    }
+    state.metadata.link_blob(repo, digest, size).await?;
+    Ok(true)
+}
+
+pub(super) async fn start(
+    state: &AppState,
+    repo: &RepoName,
+    uri: &Uri,
+    body: Body,
+) -> HandlerResult {
+    let query = query(uri)?;
+    if let Some(mount) = &query.mount {
+        let digest = parse_digest(mount)?;
+        if try_mount(state, repo, &digest, query.from.as_deref()).await? {
+            return Ok(blob_created(repo, &digest));
+        }
+    }
+    let id = new_session(state, repo).await?;
+    let Some(digest) = &query.digest else {
+        return Ok(session_response(StatusCode::ACCEPTED, repo, id, 0));
+    };
+    let monolithic = async {
+        let digest = parse_digest(digest)?;
+        state
+            .content
+            .append_upload(id, Some(0), body_stream(state, body))
+            .await
+            .map_err(content_error)?;
+        commit(state, repo, id, &digest).await?;
+        Ok::<_, RegistryError>(digest)
+    };
+    match monolithic.await {
+        Ok(digest) => Ok(blob_created(repo, &digest)),
+        Err(err) => {
+            // A monolithic push has no session for the client to resume: leave nothing behind.
+            let _ = state.content.delete_upload(id).await;
+            if state.metadata.upload_repository(id).await?.is_some() {
+                end_session(state, id).await?;
+            }
+            Err(err)
+        }
+    }
+}
+
+pub(super) async fn patch(
+    state: &AppState,
+    repo: &RepoName,
+    id: UploadId,
+    headers: &HeaderMap,
+    body: Body,
+) -> HandlerResult {
+    owned_upload(state, repo, id).await?;
+    let start = chunk_start(headers)?;
+    let size = state
+        .content
+        .append_upload(id, start, body_stream(state, body))
+        .await
+        .map_err(content_error)?;
+    Ok(session_response(StatusCode::ACCEPTED, repo, id, size))
+}
+
+pub(super) async fn finish(
+    state: &AppState,
+    repo: &RepoName,
+    id: UploadId,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+) -> HandlerResult {
+    owned_upload(state, repo, id).await?;
+    let digest = query(uri)?
+        .digest
+        .ok_or_else(|| RegistryError::DigestInvalid("finishing an upload needs ?digest=".into()))?;
+    let digest = parse_digest(&digest)?;
+    let start = chunk_start(headers)?;
+    state
+        .content
+        .append_upload(id, start, body_stream(state, body))
+        .await
+        .map_err(content_error)?;
+    commit(state, repo, id, &digest).await?;
+    Ok(blob_created(repo, &digest))
+}
+
+pub(super) async fn status(state: &AppState, repo: &RepoName, id: UploadId) -> HandlerResult {
+    owned_upload(state, repo, id).await?;
+    let size = state.content.upload_size(id).await?;
+    Ok(session_response(StatusCode::NO_CONTENT, repo, id, size))
+}
+
+pub(super) async fn cancel(state: &AppState, repo: &RepoName, id: UploadId) -> HandlerResult {
+    owned_upload(state, repo, id).await?;
+    match state.content.delete_upload(id).await {
+        Ok(()) | Err(ContentError::UploadUnknown) => {}
+        Err(err) => return Err(err.into()),
+    }
+    end_session(state, id).await?;
+    Ok(empty(StatusCode::NO_CONTENT, []))
+}

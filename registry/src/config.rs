@@ -1,0 +1,273 @@
+//! Configuration: YAML file, then environment overrides, validated once at start-up.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("environment variable {name}: {message}")]
+    Env { name: &'static str, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to serve the API on.
+    pub listen: SocketAddr,
+    /// Serve HTTPS with this certificate and key instead of plain HTTP.
+    pub tls: Option<TlsConfig>,
+    pub storage: StorageConfig,
+    pub log: LogConfig,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub certificate: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub private_key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Directory holding blobs, uploads and the metadata database.
+    pub root: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `warn,berth_registry=debug`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest manifest accepted; larger pushes get 413.
+    pub max_manifest_bytes: usize,
+    /// Most entries in one page of a tag or catalog listing.
+    pub max_page_entries: u32,
+    /// Memory for caching manifest bytes.
+    pub manifest_cache_bytes: u64,
+    /// How long in-flight requests may run on after SIGTERM.
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
+            tls: None,
+            storage: StorageConfig::default(),
+            log: LogConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            root: PathBuf::from("data"),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Plain,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_manifest_bytes: 4 << 20,
+            max_page_entries: 10_000,
+            manifest_cache_bytes: 64 << 20,
+            shutdown_grace_seconds: 30,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `file` (or starts from defaults), applies `BERTH_*` overrides from the process
+    /// environment and validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(file, |name| std::env::var(name).ok())
+    }
+
+    fn load_with_env(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.into(),
+                    source,
+                })?;
+                if text.trim().is_empty() {
+                    Config::default()
+                } else {
+                    serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+                        path: path.into(),
+                        source,
+                    })?
+                }
+            }
+            None => Config::default(),
+        };
+        config.apply_env(env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(listen) = env("BERTH_LISTEN") {
+            self.listen = listen.parse().map_err(|e| ConfigError::Env {
+                name: "BERTH_LISTEN",
+                message: format!("{listen:?}: {e}"),
+            })?;
+        }
+        if let Some(root) = env("BERTH_STORAGE_ROOT") {
+            self.storage.root = root.into();
+        }
+        if let Some(format) = env("BERTH_LOG_FORMAT") {
+            self.log.format = match format.as_str() {
+                "plain" => LogFormat::Plain,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "BERTH_LOG_FORMAT",
+                        message: "must be plain or json".into(),
+                    });
+                }
+            };
+        }
+        if let Some(level) = env("BERTH_LOG") {
+            self.log.level = level;
+        }
+        match (env("BERTH_TLS_CERTIFICATE"), env("BERTH_TLS_PRIVATE_KEY")) {
+            (Some(certificate), Some(private_key)) => {
+                self.tls = Some(TlsConfig {
+                    certificate: certificate.into(),
+                    private_key: private_key.into(),
+                });
+            }
+            (None, None) => {}
+            _ => {
+                return Err(ConfigError::Env {
+                    name: "BERTH_TLS_CERTIFICATE",
+                    message: "set together with BERTH_TLS_PRIVATE_KEY".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let limits = &self.limits;
+        if limits.max_manifest_bytes == 0 || limits.max_page_entries == 0 {
+            return Err(ConfigError::Invalid(
+                "limits must be greater than zero".into(),
+            ));
+        }
+        if self.storage.root.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid(
+                "storage.root must not be empty".into(),
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError::Invalid(format!("log.level {:?}: {e}", self.log.level)))?;
+        if let Some(tls) = &self.tls {
+            crate::server::tls_acceptor(tls)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yml");
+        std::fs::write(&path, text).unwrap();
+        Config::load_with_env(Some(&path), |name| {
+            env.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn defaults_match_a_stock_registry() {
+        let config = Config::load_with_env(None, |_| None).unwrap();
+        assert_eq!(config.listen.to_string(), "0.0.0.0:5000");
+        assert_eq!(config.storage.root, PathBuf::from("data"));
+        assert_eq!(config.limits.max_manifest_bytes, 4 << 20);
+    }
+
+    #[test]
+    fn file_then_environment() {
+        let config = load_text(
+            "listen: 127.0.0.1:6000\nstorage:\n  root: /srv/berth\nlog:\n  format: json\n",
+            &[("BERTH_LISTEN", "127.0.0.1:7000")],
+        )
+        .unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:7000");
+        assert_eq!(config.storage.root, PathBuf::from("/srv/berth"));
+        assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = load_text("listen: 127.0.0.1:6000\nstorage:\n  rot: /typo\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("unknown field `rot`"), "{err}");
+        assert!(load_text("colour: blue\n", &[]).is_err());
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        assert!(load_text("listen: nowhere\n", &[]).is_err());
+        assert!(load_text("", &[("BERTH_LOG_FORMAT", "xml")]).is_err());
+        assert!(load_text("", &[("BERTH_TLS_CERTIFICATE", "/cert.pem")]).is_err());
+        let err = load_text(
+            "tls:\n  certificate: /missing/cert.pem\n  private_key: /missing/key.pem\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("/missing/cert.pem"), "{err}");
+    }
+}

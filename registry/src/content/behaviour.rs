@@ -1,0 +1,179 @@
+//! Behaviour every content store backend must show; each backend's tests call [`run_all`].
+
+use berth_oci::Digest;
+use bytes::Bytes;
+use futures_util::{StreamExt, stream};
+
+use super::{ByteStream, ContentError, ContentStore, UploadId};
+
+pub(crate) fn once(bytes: Bytes) -> ByteStream {
+    Box::pin(stream::iter([Ok(bytes)]))
+}
+
+async fn collect(mut stream: ByteStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk.unwrap());
+    }
+    out
+}
+
+pub(crate) async fn run_all(store: &dyn ContentStore) {
+    chunked_upload_commits_verified_bytes(store).await;
+    wrong_digest_leaves_nothing_visible(store).await;
+    out_of_order_append_is_refused(store).await;
+    interrupted_body_keeps_what_arrived(store).await;
+    put_verifies_and_is_idempotent(store).await;
+    ranges_are_served_exactly(store).await;
+    deleted_upload_is_unknown(store).await;
+}
+
+async fn chunked_upload_commits_verified_bytes(store: &dyn ContentStore) {
+    let id = UploadId::new();
+    store.create_upload(id).await.unwrap();
+    let size = store
+        .append_upload(id, Some(0), once(Bytes::from_static(b"hello ")))
+        .await
+        .unwrap();
+    assert_eq!(size, 6);
+    let size = store
+        .append_upload(id, None, once(Bytes::from_static(b"world")))
+        .await
+        .unwrap();
+    assert_eq!(size, 11);
+    assert_eq!(store.upload_size(id).await.unwrap(), 11);
+    let digest = Digest::sha256_of(b"hello world");
+    assert_eq!(
+        store.stat(&digest).await.unwrap(),
+        None,
+        "nothing is visible before commit"
+    );
+    assert_eq!(store.commit_upload(id, &digest).await.unwrap(), 11);
+    assert_eq!(store.stat(&digest).await.unwrap(), Some(11));
+    assert_eq!(
+        store.read_all(&digest).await.unwrap(),
+        Bytes::from_static(b"hello world")
+    );
+    assert!(matches!(
+        store.upload_size(id).await,
+        Err(ContentError::UploadUnknown)
+    ));
+}
+
+async fn wrong_digest_leaves_nothing_visible(store: &dyn ContentStore) {
+    let id = UploadId::new();
+    store.create_upload(id).await.unwrap();
+    store
+        .append_upload(id, Some(0), once(Bytes::from_static(b"tampered")))
+        .await
+        .unwrap();
+    let claimed = Digest::sha256_of(b"original");
+    let err = store.commit_upload(id, &claimed).await.unwrap_err();
+    assert!(
+        matches!(err, ContentError::DigestMismatch { .. }),
+        "{err:?}"
+    );
+    assert_eq!(store.stat(&claimed).await.unwrap(), None);
+    assert_eq!(
+        store.stat(&Digest::sha256_of(b"tampered")).await.unwrap(),
+        None
+    );
+}
+
+async fn out_of_order_append_is_refused(store: &dyn ContentStore) {
+    let id = UploadId::new();
+    store.create_upload(id).await.unwrap();
+    store
+        .append_upload(id, Some(0), once(Bytes::from_static(b"abc")))
+        .await
+        .unwrap();
+    let err = store
+        .append_upload(id, Some(10), once(Bytes::from_static(b"x")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ContentError::OffsetMismatch {
+                actual: 3,
+                requested: 10
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        store.upload_size(id).await.unwrap(),
+        3,
+        "a refused chunk writes nothing"
+    );
+    store.delete_upload(id).await.unwrap();
+}
+
+async fn interrupted_body_keeps_what_arrived(store: &dyn ContentStore) {
+    let id = UploadId::new();
+    store.create_upload(id).await.unwrap();
+    let body: ByteStream = Box::pin(stream::iter([
+        Ok(Bytes::from_static(b"first")),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "client went away",
+        )),
+    ]));
+    let err = store.append_upload(id, Some(0), body).await.unwrap_err();
+    assert!(matches!(err, ContentError::BodyInterrupted(_)), "{err:?}");
+    assert_eq!(store.upload_size(id).await.unwrap(), 5);
+    store
+        .append_upload(id, Some(5), once(Bytes::from_static(b" second")))
+        .await
+        .unwrap();
+    let digest = Digest::sha256_of(b"first second");
+    assert_eq!(store.commit_upload(id, &digest).await.unwrap(), 12);
+}
+
+async fn put_verifies_and_is_idempotent(store: &dyn ContentStore) {
+    let bytes = Bytes::from_static(br#"{"schemaVersion":2}"#);
+    let digest = Digest::sha256_of(&bytes);
+    store.put(&digest, bytes.clone()).await.unwrap();
+    store.put(&digest, bytes.clone()).await.unwrap();
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+    let wrong = Digest::sha256_of(b"other");
+    assert!(matches!(
+        store.put(&wrong, bytes).await,
+        Err(ContentError::DigestMismatch { .. })
+    ));
+    assert_eq!(store.stat(&wrong).await.unwrap(), None);
+}
+
+async fn ranges_are_served_exactly(store: &dyn ContentStore) {
+    let bytes = Bytes::from((0..=255u8).cycle().take(700_000).collect::<Vec<_>>());
+    let digest = Digest::sha256_of(&bytes);
+    store.put(&digest, bytes.clone()).await.unwrap();
+    assert_eq!(
+        collect(store.read(&digest, 0..700_000).await.unwrap()).await,
+        bytes
+    );
+    assert_eq!(
+        collect(store.read(&digest, 100..300_000).await.unwrap()).await,
+        bytes[100..300_000]
+    );
+    let missing = Digest::sha256_of(b"missing");
+    assert!(matches!(
+        store.read(&missing, 0..1).await,
+        Err(ContentError::BlobUnknown)
+    ));
+}
+
+async fn deleted_upload_is_unknown(store: &dyn ContentStore) {
+    let id = UploadId::new();
+    store.create_upload(id).await.unwrap();
+    store.delete_upload(id).await.unwrap();
+    assert!(matches!(
+        store.upload_size(id).await,
+        Err(ContentError::UploadUnknown)
+    ));
+    let err = store
+        .append_upload(id, None, once(Bytes::from_static(b"x")))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ContentError::UploadUnknown), "{err:?}");
+}

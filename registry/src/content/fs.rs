@@ -1,0 +1,388 @@
+//! Filesystem content store: blobs under `blobs/<alg>/<xx>/<hex>`, uploads under `uploads/<id>`.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use berth_oci::{Algorithm, Digest, DigestHasher};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::mpsc;
+use tokio_util::io::ReaderStream;
+
+use super::{ByteStream, ContentError, ContentStore, UploadId};
+
+/// Writes reach the disk in pieces of this size: large enough for few syscalls and a hot hash loop.
+const WRITE_BUFFER: usize = 1 << 20;
+/// Reads for streaming a blob out.
+const READ_BUFFER: usize = 256 << 10;
+
+/// The hash of an upload's first `offset` bytes, kept between requests so committing a streamed
+/// upload does not read it back. Lost on restart, when the commit re-reads the data instead.
+struct RunningHash {
+    offset: u64,
+    hasher: DigestHasher,
+}
+
+type SessionLock = Arc<tokio::sync::Mutex<Option<RunningHash>>>;
+
+pub struct FsContentStore {
+    root: PathBuf,
+    sessions: Mutex<HashMap<UploadId, SessionLock>>,
+}
+
+impl FsContentStore {
+    /// Opens (creating if needed) a store rooted at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let root = root.into();
+        for dir in ["blobs", "uploads", "tmp"] {
+            fs::create_dir_all(root.join(dir))?;
+        }
+        Ok(FsContentStore {
+            root,
+            sessions: Mutex::default(),
+        })
+    }
+
+    fn blob_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root
+            .join("blobs")
+            .join(digest.algorithm().as_str())
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    fn upload_path(&self, id: UploadId) -> PathBuf {
+        self.root.join("uploads").join(id.to_string())
+    }
+
+    /// One lock per upload serialises appends and the commit of the same session.
+    fn session(&self, id: UploadId) -> SessionLock {
+        let mut sessions = self.sessions.lock().expect("session map poisoned");
+        sessions.entry(id).or_default().clone()
+    }
+
+    fn forget_session(&self, id: UploadId) {
+        self.sessions
+            .lock()
+            .expect("session map poisoned")
+            .remove(&id);
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ContentError> + Send + 'static,
+) -> Result<T, ContentError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ContentError::Io(io::Error::other(e)))?
+}
+
+fn not_found_as(err: io::Error, missing: ContentError) -> ContentError {
+    if err.kind() == io::ErrorKind::NotFound {
+        missing
+    } else {
+        ContentError::from_io(err)
+    }
+}
+
+/// Moves a fully written, synced file to `dest` and makes the rename itself durable.
+fn publish(src: &Path, dest: &Path) -> Result<(), ContentError> {
+    let parent = dest.parent().expect("blob paths have a parent");
+    fs::create_dir_all(parent).map_err(ContentError::from_io)?;
+    fs::rename(src, dest).map_err(ContentError::from_io)?;
+    File::open(parent)
+        .and_then(|dir| dir.sync_all())
+        .map_err(ContentError::from_io)
+}
+
+fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<Digest> {
+    let mut file = File::open(path)?;
+    let mut hasher = DigestHasher::new(algorithm);
+    let mut buffer = vec![0; WRITE_BUFFER];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            return Ok(hasher.finish());
+        }
+        hasher.update(&buffer[..n]);
+    }
+}
+
+/// What the blocking writer achieved: the size and hash of what is durably in the file.
+struct WriteOutcome {
+    size: u64,
+    hash: Option<RunningHash>,
+    error: Option<io::Error>,
+}
+
+/// Drains `chunks` into `file` (positioned at its end, `size` bytes long), hashing only what was
+/// written, so on a write error the file is cut back to the last whole piece and hash and data agree.
+fn write_chunks(
+    mut file: File,
+    mut size: u64,
+    mut hash: Option<RunningHash>,
+    mut chunks: mpsc::Receiver<Bytes>,
+) -> WriteOutcome {
+    let mut buffer = Vec::with_capacity(WRITE_BUFFER);
+    let mut flush = |buffer: &mut Vec<u8>, size: &mut u64, hash: &mut Option<RunningHash>| {
+        if let Err(err) = file.write_all(buffer) {
+            let _ = file.set_len(*size);
+            return Err(err);
+        }
+        if let Some(running) = hash {
+            running.hasher.update(buffer);
+            running.offset += buffer.len() as u64;
+        }
+        *size += buffer.len() as u64;
+        buffer.clear();
+        Ok(())
+    };
+    while let Some(chunk) = chunks.blocking_recv() {
+        let mut rest = &chunk[..];
+        while !rest.is_empty() {
+            let take = rest.len().min(WRITE_BUFFER - buffer.len());
+            buffer.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if buffer.len() == WRITE_BUFFER
+                && let Err(error) = flush(&mut buffer, &mut size, &mut hash)
+            {
+                return WriteOutcome {
+                    size,
+                    hash,
+                    error: Some(error),
+                };
+            }
+        }
+    }
+    let error = flush(&mut buffer, &mut size, &mut hash).err();
+    WriteOutcome { size, hash, error }
+}
+
+#[async_trait]
+impl ContentStore for FsContentStore {
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>, ContentError> {
+        match tokio::fs::metadata(self.blob_path(digest)).await {
+            Ok(meta) => Ok(Some(meta.len())),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(ContentError::from_io(err)),
+        }
+    }
+
+    async fn read(&self, digest: &Digest, range: Range<u64>) -> Result<ByteStream, ContentError> {
+        let mut file = tokio::fs::File::open(self.blob_path(digest))
+            .await
+            .map_err(|e| not_found_as(e, ContentError::BlobUnknown))?;
+        if range.start > 0 {
+            file.seek(SeekFrom::Start(range.start)).await?;
+        }
+        let limited = file.take(range.end.saturating_sub(range.start));
+        Ok(Box::pin(ReaderStream::with_capacity(limited, READ_BUFFER)))
+    }
+
+    async fn read_all(&self, digest: &Digest) -> Result<Bytes, ContentError> {
+        let bytes = tokio::fs::read(self.blob_path(digest))
+            .await
+            .map_err(|e| not_found_as(e, ContentError::BlobUnknown))?;
+        Ok(Bytes::from(bytes))
+    }
+
+    async fn put(&self, digest: &Digest, bytes: Bytes) -> Result<(), ContentError> {
+        let actual = digest.same_algorithm_of(&bytes);
+        if &actual != digest {
+            return Err(ContentError::DigestMismatch {
+                expected: digest.clone(),
+                actual,
+            });
+        }
+        let dest = self.blob_path(digest);
+        let temp = self.root.join("tmp").join(UploadId::new().to_string());
+        blocking(move || {
+            if dest.exists() {
+                return Ok(());
+            }
+            let written = File::create(&temp)
+                .and_then(|mut file| file.write_all(&bytes).and_then(|()| file.sync_all()))
+                .map_err(ContentError::from_io)
+                .and_then(|()| publish(&temp, &dest));
+            if written.is_err() {
+                let _ = fs::remove_file(&temp);
+            }
+            written
+        })
+        .await
+    }
+
+    async fn create_upload(&self, id: UploadId) -> Result<(), ContentError> {
+        let path = self.upload_path(id);
+        blocking(move || {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(ContentError::from_io)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn upload_size(&self, id: UploadId) -> Result<u64, ContentError> {
+        let meta = tokio::fs::metadata(self.upload_path(id))
+            .await
+            .map_err(|e| not_found_as(e, ContentError::UploadUnknown))?;
+        Ok(meta.len())
+    }
+
+    async fn append_upload(
+        &self,
+        id: UploadId,
+        offset: Option<u64>,
+        mut body: ByteStream,
+    ) -> Result<u64, ContentError> {
+        let session = self.session(id);
+        let mut running = session.lock().await;
+        let path = self.upload_path(id);
+        let (file, size) = blocking(move || {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| not_found_as(e, ContentError::UploadUnknown))?;
+            let size = file.seek(SeekFrom::End(0))?;
+            Ok((file, size))
+        })
+        .await?;
+        if let Some(requested) = offset.filter(|&o| o != size) {
+            return Err(ContentError::OffsetMismatch {
+                actual: size,
+                requested,
+            });
+        }
+        let hash = match running.take() {
+            Some(hash) if hash.offset == size => Some(hash),
+            _ if size == 0 => Some(RunningHash {
+                offset: 0,
+                hasher: DigestHasher::new(Algorithm::Sha256),
+            }),
+            _ => None,
+        };
+        let (sender, receiver) = mpsc::channel(8);
+        let writer = tokio::task::spawn_blocking(move || write_chunks(file, size, hash, receiver));
+        let mut body_error = None;
+        while let Some(item) = body.next().await {
+            match item {
+                Ok(chunk) => {
+                    if sender.send(chunk).await.is_err() {
+                        break; // the writer stopped on an error it reports below
+                    }
+                }
+                Err(err) => {
+                    body_error = Some(err);
+                    break;
+                }
+            }
+        }
+        drop(sender);
+        let outcome = writer
+            .await
+            .map_err(|e| ContentError::Io(io::Error::other(e)))?;
+        *running = outcome.hash;
+        if let Some(err) = outcome.error {
+            return Err(ContentError::from_io(err));
+        }
+        if let Some(err) = body_error {
+            return Err(ContentError::BodyInterrupted(err));
+        }
+        Ok(outcome.size)
+    }
+
+    async fn commit_upload(&self, id: UploadId, digest: &Digest) -> Result<u64, ContentError> {
+        let session = self.session(id);
+        let mut running = session.lock().await;
+        let hash = running.take();
+        let path = self.upload_path(id);
+        let dest = self.blob_path(digest);
+        let expected = digest.clone();
+        let committed = blocking(move || {
+            let file =
+                File::open(&path).map_err(|e| not_found_as(e, ContentError::UploadUnknown))?;
+            file.sync_all().map_err(ContentError::from_io)?;
+            let size = file.metadata()?.len();
+            let actual = match hash {
+                Some(h) if h.offset == size && h.hasher.algorithm() == expected.algorithm() => {
+                    h.hasher.finish()
+                }
+                _ => hash_file(&path, expected.algorithm())?,
+            };
+            if actual != expected {
+                fs::remove_file(&path).map_err(ContentError::from_io)?;
+                return Err(ContentError::DigestMismatch { expected, actual });
+            }
+            if dest.exists() {
+                fs::remove_file(&path).map_err(ContentError::from_io)?;
+            } else {
+                publish(&path, &dest)?;
+            }
+            Ok(size)
+        })
+        .await;
+        self.forget_session(id);
+        committed
+    }
+
+    async fn delete_upload(&self, id: UploadId) -> Result<(), ContentError> {
+        let session = self.session(id);
+        let _running = session.lock().await;
+        let removed = tokio::fs::remove_file(self.upload_path(id))
+            .await
+            .map_err(|e| not_found_as(e, ContentError::UploadUnknown));
+        self.forget_session(id);
+        removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn passes_the_content_behaviour_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsContentStore::open(dir.path()).unwrap();
+        crate::content::behaviour::run_all(&store).await;
+    }
+
+    #[tokio::test]
+    async fn commit_after_restart_rehashes_the_upload_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = UploadId::new();
+        let data = Bytes::from(vec![7u8; 3 * WRITE_BUFFER + 17]);
+        {
+            let store = FsContentStore::open(dir.path()).unwrap();
+            store.create_upload(id).await.unwrap();
+            let half = data.slice(..data.len() / 2);
+            store
+                .append_upload(id, Some(0), crate::content::behaviour::once(half))
+                .await
+                .unwrap();
+        }
+        let store = FsContentStore::open(dir.path()).unwrap();
+        let rest = data.slice(data.len() / 2..);
+        let offset = (data.len() / 2) as u64;
+        store
+            .append_upload(id, Some(offset), crate::content::behaviour::once(rest))
+            .await
+            .unwrap();
+        let digest = Digest::sha256_of(&data);
+        assert_eq!(
+            store.commit_upload(id, &digest).await.unwrap(),
+            data.len() as u64
+        );
+        assert_eq!(store.read_all(&digest).await.unwrap(), data);
+    }
+}

@@ -1,0 +1,135 @@
+//! The registry's one error type and its mapping to the OCI error JSON.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use berth_oci::{Digest, NameError};
+
+use crate::content::ContentError;
+use crate::metadata::MetadataError;
+
+/// Everything a request can fail with. Each variant maps to exactly one OCI error code and status.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("blob unknown to registry")]
+    BlobUnknown(Option<Digest>),
+    #[error("blob upload unknown to registry")]
+    UploadUnknown,
+    #[error("blob upload invalid: {0}")]
+    UploadInvalid(String),
+    #[error("chunk does not continue the upload: {0}")]
+    RangeInvalid(String),
+    #[error("requested range not satisfiable: {0}")]
+    RangeNotSatisfiable(String),
+    #[error("provided digest did not match uploaded content")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("digest invalid: {0}")]
+    DigestInvalid(String),
+    #[error("manifest unknown")]
+    ManifestUnknown(String),
+    #[error("manifest invalid: {0}")]
+    ManifestInvalid(String),
+    #[error("manifest references a blob or manifest unknown to this repository")]
+    ManifestBlobUnknown(Digest),
+    #[error("manifest is larger than {limit} bytes")]
+    ManifestTooLarge { limit: usize },
+    #[error("{0}")]
+    NameInvalid(NameError),
+    #[error("repository name not known to registry")]
+    NameUnknown(String),
+    #[error("{0}")]
+    TagInvalid(NameError),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("not found")]
+    NotFound,
+    #[error("storage: {0}")]
+    Content(#[from] ContentError),
+    #[error("metadata: {0}")]
+    Metadata(#[from] MetadataError),
+}
+
+impl From<NameError> for RegistryError {
+    fn from(err: NameError) -> Self {
+        match err {
+            NameError::Name => RegistryError::NameInvalid(err),
+            NameError::Tag | NameError::Reference => RegistryError::TagInvalid(err),
+        }
+    }
+}
+
+impl RegistryError {
+    fn code_and_status(&self) -> (&'static str, StatusCode) {
+        use RegistryError::*;
+        match self {
+            BlobUnknown(_) => ("BLOB_UNKNOWN", StatusCode::NOT_FOUND),
+            UploadUnknown => ("BLOB_UPLOAD_UNKNOWN", StatusCode::NOT_FOUND),
+            UploadInvalid(_) => ("BLOB_UPLOAD_INVALID", StatusCode::BAD_REQUEST),
+            RangeInvalid(_) => ("BLOB_UPLOAD_INVALID", StatusCode::RANGE_NOT_SATISFIABLE),
+            RangeNotSatisfiable(_) => ("UNSUPPORTED", StatusCode::RANGE_NOT_SATISFIABLE),
+            DigestMismatch { .. } | DigestInvalid(_) => ("DIGEST_INVALID", StatusCode::BAD_REQUEST),
+            ManifestUnknown(_) => ("MANIFEST_UNKNOWN", StatusCode::NOT_FOUND),
+            ManifestInvalid(_) => ("MANIFEST_INVALID", StatusCode::BAD_REQUEST),
+            ManifestBlobUnknown(_) => ("MANIFEST_BLOB_UNKNOWN", StatusCode::BAD_REQUEST),
+            ManifestTooLarge { .. } => ("SIZE_INVALID", StatusCode::PAYLOAD_TOO_LARGE),
+            NameInvalid(_) => ("NAME_INVALID", StatusCode::BAD_REQUEST),
+            NameUnknown(_) => ("NAME_UNKNOWN", StatusCode::NOT_FOUND),
+            TagInvalid(_) => ("TAG_INVALID", StatusCode::BAD_REQUEST),
+            Unsupported(_) => ("UNSUPPORTED", StatusCode::BAD_REQUEST),
+            MethodNotAllowed => ("UNSUPPORTED", StatusCode::METHOD_NOT_ALLOWED),
+            NotFound => ("NOT_FOUND", StatusCode::NOT_FOUND),
+            Content(ContentError::UploadUnknown) => ("BLOB_UPLOAD_UNKNOWN", StatusCode::NOT_FOUND),
+            Content(ContentError::BlobUnknown) => ("BLOB_UNKNOWN", StatusCode::NOT_FOUND),
+            Content(ContentError::StorageFull) => ("UNKNOWN", StatusCode::INSUFFICIENT_STORAGE),
+            Content(_) | Metadata(_) => ("UNKNOWN", StatusCode::INTERNAL_SERVER_ERROR),
+        }
+    }
+
+    fn detail(&self) -> serde_json::Value {
+        use RegistryError::*;
+        match self {
+            BlobUnknown(Some(digest)) | ManifestBlobUnknown(digest) => {
+                serde_json::json!({ "digest": digest })
+            }
+            DigestMismatch { expected, actual } => {
+                serde_json::json!({ "expected": expected, "actual": actual })
+            }
+            ManifestUnknown(reference) => serde_json::json!({ "reference": reference }),
+            NameUnknown(name) => serde_json::json!({ "name": name }),
+            ManifestTooLarge { limit } => serde_json::json!({ "limit": limit }),
+            _ => serde_json::Value::Null,
+        }
+    }
+}
+
+impl IntoResponse for RegistryError {
+    fn into_response(self) -> Response {
+        let (code, status) = self.code_and_status();
+        // Internal failures are logged with their cause once, here; the client sees only the code.
+        let message = if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+            "internal storage error".to_owned()
+        } else {
+            self.to_string()
+        };
+        let body = serde_json::json!({
+            "errors": [{ "code": code, "message": message, "detail": self.detail() }]
+        });
+        let mut response = (status, body.to_string()).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if status.is_server_error() {
+            response.extensions_mut().insert(StorageFailure);
+        }
+        response
+    }
+}
+
+/// Marks a response that failed inside a store, so the request middleware can count it.
+#[derive(Debug, Clone, Copy)]
+pub struct StorageFailure;
+
+pub type Result<T, E = RegistryError> = std::result::Result<T, E>;

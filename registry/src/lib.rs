@@ -1,0 +1,12 @@
+//! berth-registry: an OCI Distribution v1.1 registry with content on the filesystem and metadata in
+//! SQLite. `api` is the HTTP surface; it reaches storage only through the `content` and `metadata`
+//! traits.
+
+pub mod api;
+pub mod config;
+pub mod content;
+pub mod error;
+pub mod manifest;
+pub mod metadata;
+pub mod metrics;
+pub mod server;

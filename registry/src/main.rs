@@ -1,0 +1,116 @@
+//! The `berth-registry` command: serve the registry, or check a configuration file.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use berth_registry::api::{self, AppState};
+use berth_registry::config::{Config, LogFormat};
+use berth_registry::content::FsContentStore;
+use berth_registry::metadata::SqliteMetadataStore;
+use berth_registry::server;
+use clap::{Parser, Subcommand};
+
+/// An OCI Distribution v1.1 / Docker Registry v2 server.
+///
+/// With no arguments it serves on 0.0.0.0:5000 with storage under ./data. Environment overrides:
+/// BERTH_LISTEN, BERTH_STORAGE_ROOT, BERTH_LOG, BERTH_LOG_FORMAT, BERTH_TLS_CERTIFICATE,
+/// BERTH_TLS_PRIVATE_KEY.
+#[derive(Parser)]
+#[command(name = "berth-registry", version)]
+struct Cli {
+    /// YAML configuration file.
+    #[arg(long, short, global = true, env = "BERTH_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the registry (the default).
+    Serve,
+    /// Work with configuration files.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Validate FILE (with environment overrides applied) and exit.
+    Check { file: PathBuf },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Config {
+            action: ConfigAction::Check { file },
+        } => {
+            Config::load(Some(&file))?;
+            println!("{}: ok", file.display());
+            Ok(())
+        }
+        Command::Serve => {
+            let config = Config::load(cli.config.as_deref())?;
+            init_logging(&config);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(serve(config))
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match config.log.format {
+        LogFormat::Plain => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let root = &config.storage.root;
+    let content = FsContentStore::open(root)
+        .with_context(|| format!("opening storage at {}", root.display()))?;
+    let metadata = SqliteMetadataStore::open(&root.join("metadata.sqlite"))
+        .context("opening the metadata database")?;
+    let state = Arc::new(AppState::new(
+        Arc::new(content),
+        Arc::new(metadata),
+        config.limits.clone(),
+    ));
+    let tls = config.tls.as_ref().map(server::tls_acceptor).transpose()?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    tracing::info!(
+        address = %listener.local_addr()?,
+        tls = tls.is_some(),
+        storage = %root.display(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "berth-registry listening"
+    );
+    let grace = Duration::from_secs(config.limits.shutdown_grace_seconds);
+    server::serve(listener, api::router(state), tls, shutdown_signal(), grace).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,274 @@
+//! Reads a pushed manifest just far enough to validate it and index what it references.
+
+use berth_oci::{Digest, media_type};
+use serde::Deserialize;
+
+use crate::error::RegistryError;
+use crate::metadata::NewManifest;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawManifest {
+    schema_version: Option<i64>,
+    media_type: Option<String>,
+    config: Option<RawDescriptor>,
+    layers: Option<Vec<RawDescriptor>>,
+    manifests: Option<Vec<RawDescriptor>>,
+    subject: Option<RawDescriptor>,
+    artifact_type: Option<String>,
+    annotations: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawDescriptor {
+    media_type: Option<String>,
+    digest: String,
+    size: i64,
+    #[serde(default)]
+    urls: Vec<String>,
+}
+
+fn invalid(message: impl Into<String>) -> RegistryError {
+    RegistryError::ManifestInvalid(message.into())
+}
+
+impl RawDescriptor {
+    fn digest(&self) -> Result<Digest, RegistryError> {
+        if self.size < 0 {
+            return Err(invalid(format!(
+                "descriptor {} has a negative size",
+                self.digest
+            )));
+        }
+        self.digest
+            .parse()
+            .map_err(|e| invalid(format!("descriptor digest: {e}")))
+    }
+
+    /// Foreign (non-distributable) layers live at their `urls`, not in registries, so the
+    /// repository need not hold them.
+    fn is_foreign(&self) -> bool {
+        let kind = self.media_type.as_deref().unwrap_or_default();
+        !self.urls.is_empty() && (kind.contains("foreign") || kind.contains("nondistributable"))
+    }
+}
+
+/// Strips parameters such as `; charset=utf-8` from a Content-Type.
+fn essence(content_type: &str) -> &str {
+    content_type.split(';').next().unwrap_or_default().trim()
+}
+
+const SCHEMA1_ADVICE: &str = "Docker schema 1 manifests are not supported; push with a current docker, \
+    podman or skopeo, or convert the image with `skopeo copy --format v2s2`";
+
+/// Validates `body`, pushed with `content_type`, whose digest is `digest`, and describes it for the
+/// metadata store. The body itself is never rewritten.
+pub fn parse(
+    content_type: Option<&str>,
+    body: &[u8],
+    digest: Digest,
+) -> Result<NewManifest, RegistryError> {
+    let declared = content_type.map(essence).filter(|t| !t.is_empty());
+    if declared.is_some_and(media_type::is_schema1) && declared != Some("application/json") {
+        return Err(invalid(SCHEMA1_ADVICE));
+    }
+    let raw: RawManifest =
+        serde_json::from_slice(body).map_err(|e| invalid(format!("not a manifest: {e}")))?;
+    if raw.schema_version == Some(1) {
+        return Err(invalid(SCHEMA1_ADVICE));
+    }
+    if raw.schema_version != Some(2) {
+        return Err(invalid("schemaVersion must be 2"));
+    }
+    let media_type = match (declared, raw.media_type.as_deref()) {
+        (Some(header), Some(field)) if header != field && header != "application/json" => {
+            return Err(invalid(format!(
+                "Content-Type {header} does not match the manifest's mediaType {field}"
+            )));
+        }
+        (_, Some(field)) => field.to_owned(),
+        (Some(header), None) if header != "application/json" => header.to_owned(),
+        (_, None) if raw.manifests.is_some() => media_type::OCI_INDEX.to_owned(),
+        (_, None) => media_type::OCI_MANIFEST.to_owned(),
+    };
+    if !media_type::is_supported_manifest(&media_type) {
+        return Err(invalid(format!(
+            "unsupported manifest media type {media_type}"
+        )));
+    }
+
+    let (blobs, manifests, artifact_type) = if media_type::is_index(&media_type) {
+        let children = raw
+            .manifests
+            .as_ref()
+            .ok_or_else(|| invalid("an index needs a manifests list"))?;
+        let children = children
+            .iter()
+            .map(RawDescriptor::digest)
+            .collect::<Result<Vec<_>, _>>()?;
+        (vec![], children, raw.artifact_type.clone())
+    } else {
+        let config = raw
+            .config
+            .as_ref()
+            .ok_or_else(|| invalid("an image manifest needs a config"))?;
+        let layers = raw
+            .layers
+            .as_ref()
+            .ok_or_else(|| invalid("an image manifest needs a layers list"))?;
+        let mut blobs = vec![config.digest()?];
+        for layer in layers {
+            let layer_digest = layer.digest()?;
+            if !layer.is_foreign() {
+                blobs.push(layer_digest);
+            }
+        }
+        // The referrers API reports an image's config type when it declares no artifactType.
+        let artifact_type = raw
+            .artifact_type
+            .clone()
+            .or_else(|| config.media_type.clone());
+        (blobs, vec![], artifact_type)
+    };
+    let subject = raw
+        .subject
+        .as_ref()
+        .map(RawDescriptor::digest)
+        .transpose()?;
+    let annotations = raw
+        .annotations
+        .as_ref()
+        .map(|a| serde_json::Value::Object(a.clone()).to_string());
+    Ok(NewManifest {
+        digest,
+        media_type,
+        size: body.len() as u64,
+        artifact_type,
+        subject,
+        annotations,
+        blobs,
+        manifests,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7";
+    const LAYER: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    fn image(extra: &str) -> String {
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{CONFIG}","size":7}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{LAYER}","size":0}}]{extra}}}"#,
+            media_type::OCI_MANIFEST
+        )
+    }
+
+    fn parse_str(content_type: Option<&str>, body: &str) -> Result<NewManifest, RegistryError> {
+        parse(
+            content_type,
+            body.as_bytes(),
+            Digest::sha256_of(body.as_bytes()),
+        )
+    }
+
+    #[test]
+    fn image_manifest_references_config_and_layers() {
+        let parsed = parse_str(Some(media_type::OCI_MANIFEST), &image("")).unwrap();
+        assert_eq!(parsed.blobs.len(), 2);
+        assert_eq!(parsed.blobs[0].to_string(), CONFIG);
+        assert_eq!(
+            parsed.artifact_type.as_deref(),
+            Some("application/vnd.oci.image.config.v1+json")
+        );
+        assert!(parsed.subject.is_none());
+    }
+
+    #[test]
+    fn subject_and_artifact_type_are_indexed() {
+        let body = image(&format!(
+            r#","artifactType":"application/vnd.example.sig","subject":{{"mediaType":"{}","digest":"{LAYER}","size":1}},"annotations":{{"a":"b"}}"#,
+            media_type::OCI_MANIFEST
+        ));
+        let parsed = parse_str(None, &body).unwrap();
+        assert_eq!(
+            parsed.artifact_type.as_deref(),
+            Some("application/vnd.example.sig")
+        );
+        assert_eq!(parsed.subject.unwrap().to_string(), LAYER);
+        assert_eq!(parsed.annotations.as_deref(), Some(r#"{"a":"b"}"#));
+    }
+
+    #[test]
+    fn mismatched_content_type_is_refused() {
+        let err = parse_str(Some(media_type::DOCKER_MANIFEST), &image("")).unwrap_err();
+        assert!(matches!(err, RegistryError::ManifestInvalid(_)), "{err:?}");
+    }
+
+    #[test]
+    fn schema1_gets_advice() {
+        let err = parse_str(
+            Some(media_type::DOCKER_SCHEMA1_SIGNED),
+            r#"{"schemaVersion":1}"#,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("skopeo copy --format v2s2"),
+            "{err}"
+        );
+        let err = parse_str(
+            None,
+            r#"{"schemaVersion":1,"name":"x","tag":"y","fsLayers":[]}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("schema 1"), "{err}");
+    }
+
+    #[test]
+    fn index_references_child_manifests() {
+        let body = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","manifests":[{{"mediaType":"{}","digest":"{CONFIG}","size":7,"platform":{{"os":"linux","architecture":"amd64"}}}}]}}"#,
+            media_type::OCI_INDEX,
+            media_type::OCI_MANIFEST
+        );
+        let parsed = parse_str(Some(media_type::OCI_INDEX), &body).unwrap();
+        assert!(parsed.blobs.is_empty());
+        assert_eq!(parsed.manifests[0].to_string(), CONFIG);
+    }
+
+    #[test]
+    fn foreign_layers_need_not_be_present() {
+        let body = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"{CONFIG}","size":7}},"layers":[{{"mediaType":"application/vnd.docker.image.rootfs.foreign.diff.tar.gzip","digest":"{LAYER}","size":5,"urls":["https://example.com/layer"]}}]}}"#,
+            media_type::DOCKER_MANIFEST
+        );
+        let parsed = parse_str(Some(media_type::DOCKER_MANIFEST), &body).unwrap();
+        assert_eq!(
+            parsed.blobs.len(),
+            1,
+            "only the config must be in the repository"
+        );
+    }
+
+    #[test]
+    fn garbage_and_bad_descriptors_are_invalid() {
+        for body in [
+            "not json".to_owned(),
+            r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#
+                .to_owned(),
+            image("").replace(LAYER, "sha256:nothex"),
+            image("").replace("\"size\":0", "\"size\":-1"),
+            r#"{"schemaVersion":2,"mediaType":"text/plain","manifests":[]}"#.to_owned(),
+        ] {
+            assert!(
+                matches!(
+                    parse_str(None, &body),
+                    Err(RegistryError::ManifestInvalid(_))
+                ),
+                "{body}"
+            );
+        }
+    }
+}

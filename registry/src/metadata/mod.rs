@@ -1,0 +1,153 @@
+//! Metadata store: repositories, tags, manifests and what they reference, blob ownership, referrers
+//! and upload sessions.
+
+mod sqlite;
+
+use async_trait::async_trait;
+use berth_oci::{Digest, Reference, RepoName, Tag};
+use serde::Serialize;
+
+use crate::content::UploadId;
+
+pub use sqlite::SqliteMetadataStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    #[error("{0} is not in this repository")]
+    MissingReference(Digest),
+    #[error("database: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error("connection pool: {0}")]
+    Pool(#[from] r2d2::Error),
+    #[error("stored value is corrupt: {0}")]
+    Corrupt(String),
+    #[error("worker thread failed: {0}")]
+    Worker(#[from] tokio::task::JoinError),
+}
+
+/// A manifest to record: what it is, and every blob and child manifest it needs.
+#[derive(Debug, Clone)]
+pub struct NewManifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+    pub artifact_type: Option<String>,
+    pub subject: Option<Digest>,
+    /// The manifest's `annotations` object as JSON text, kept for referrers listings.
+    pub annotations: Option<String>,
+    pub blobs: Vec<Digest>,
+    pub manifests: Vec<Digest>,
+}
+
+/// What serving a manifest needs to know before reading its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestInfo {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+}
+
+/// One entry of a referrers response (an OCI descriptor).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Referrer {
+    pub media_type: String,
+    pub digest: Digest,
+    pub size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<serde_json::Value>,
+}
+
+/// A page of a sorted listing: entries after `last`, at most `limit` of them.
+#[derive(Debug, Clone)]
+pub struct PageRequest {
+    pub last: Option<String>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub entries: Vec<String>,
+    /// Whether entries follow the last one returned.
+    pub more: bool,
+}
+
+/// Where registry metadata lives. Every method is one transaction: a reader never sees a tag
+/// pointing at a manifest that is not fully recorded.
+#[async_trait]
+pub trait MetadataStore: Send + Sync + 'static {
+    /// Size of `digest` if `repo` owns that blob.
+    async fn repository_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<u64>, MetadataError>;
+
+    /// Size of `digest` if any repository owns it.
+    async fn any_blob(&self, digest: &Digest) -> Result<Option<u64>, MetadataError>;
+
+    /// Records that `repo` owns the committed blob `digest` of `size` bytes.
+    async fn link_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<(), MetadataError>;
+
+    /// Removes `repo`'s ownership of `digest`; false if it had none.
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetadataError>;
+
+    /// Records `manifest` in `repo` and points `tag` at it, after checking that `repo` holds every
+    /// blob and child manifest it references ([`MetadataError::MissingReference`] otherwise).
+    async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        manifest: &NewManifest,
+        tag: Option<&Tag>,
+    ) -> Result<(), MetadataError>;
+
+    async fn manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Option<ManifestInfo>, MetadataError>;
+
+    /// Deletes a manifest and every tag pointing at it; false if `repo` had no such manifest.
+    async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<bool, MetadataError>;
+
+    /// Deletes a tag, leaving its manifest; false if there was no such tag.
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, MetadataError>;
+
+    /// Tags of `repo` in lexical order, or `None` if the repository is unknown.
+    async fn tags(
+        &self,
+        repo: &RepoName,
+        page: &PageRequest,
+    ) -> Result<Option<Page>, MetadataError>;
+
+    async fn repositories(&self, page: &PageRequest) -> Result<Page, MetadataError>;
+
+    /// Manifests in `repo` whose subject is `subject`, optionally only of `artifact_type`.
+    async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<Referrer>, MetadataError>;
+
+    async fn create_upload(&self, repo: &RepoName, id: UploadId) -> Result<(), MetadataError>;
+
+    /// The repository an upload session belongs to.
+    async fn upload_repository(&self, id: UploadId) -> Result<Option<RepoName>, MetadataError>;
+
+    async fn delete_upload(&self, id: UploadId) -> Result<(), MetadataError>;
+}
+
+#[cfg(test)]
+pub(crate) mod behaviour;

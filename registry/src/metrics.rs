@@ -1,0 +1,140 @@
+//! Prometheus metrics: requests by route and status, bytes in and out, upload sessions, storage errors.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    method: String,
+    status: u16,
+}
+
+struct Inner {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    bytes_received: Counter,
+    bytes_sent: Counter,
+    upload_sessions: Gauge,
+    storage_errors: Counter,
+}
+
+/// Cheap to clone; every clone feeds the same registry.
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("berth_registry");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let (bytes_received, bytes_sent) = (Counter::default(), Counter::default());
+        let (upload_sessions, storage_errors) = (Gauge::default(), Counter::default());
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            requests.clone(),
+        );
+        registry.register(
+            "received_bytes",
+            "Bytes of blob and manifest data received",
+            bytes_received.clone(),
+        );
+        registry.register(
+            "sent_bytes",
+            "Bytes of response bodies sent",
+            bytes_sent.clone(),
+        );
+        registry.register(
+            "upload_sessions",
+            "Upload sessions opened by this process and not yet finished or cancelled",
+            upload_sessions.clone(),
+        );
+        registry.register(
+            "storage_errors",
+            "Requests that failed inside a store",
+            storage_errors.clone(),
+        );
+        Metrics(Arc::new(Inner {
+            registry,
+            requests,
+            bytes_received,
+            bytes_sent,
+            upload_sessions,
+            storage_errors,
+        }))
+    }
+}
+
+impl Metrics {
+    pub fn observe_request(
+        &self,
+        route: &'static str,
+        method: &str,
+        status: u16,
+        bytes_sent: u64,
+        storage_failed: bool,
+    ) {
+        let labels = RequestLabels {
+            route,
+            method: method.to_owned(),
+            status,
+        };
+        self.0.requests.get_or_create(&labels).inc();
+        self.0.bytes_sent.inc_by(bytes_sent);
+        if storage_failed {
+            self.0.storage_errors.inc();
+        }
+    }
+
+    pub fn add_received(&self, bytes: u64) {
+        self.0.bytes_received.inc_by(bytes);
+    }
+
+    pub fn upload_started(&self) {
+        self.0.upload_sessions.inc();
+    }
+
+    pub fn upload_ended(&self) {
+        self.0.upload_sessions.dec();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.0.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_what_was_observed() {
+        let metrics = Metrics::default();
+        metrics.observe_request("manifest", "GET", 200, 512, false);
+        metrics.observe_request("blob", "GET", 500, 0, true);
+        metrics.add_received(42);
+        let text = metrics.render();
+        assert!(text.contains(r#"berth_registry_http_requests_total{route="manifest",method="GET",status="200"} 1"#), "{text}");
+        assert!(
+            text.contains("berth_registry_sent_bytes_total 512"),
+            "{text}"
+        );
+        assert!(
+            text.contains("berth_registry_received_bytes_total 42"),
+            "{text}"
+        );
+        assert!(
+            text.contains("berth_registry_storage_errors_total 1"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,128 @@
+//! Accepting connections (plain or TLS), serving them with hyper, and draining them on shutdown.
+
+use std::future::Future;
+use std::io::BufReader;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+
+use crate::config::{ConfigError, TlsConfig};
+
+/// Loads the certificate chain and key into a TLS acceptor (HTTP/2 and HTTP/1.1 by ALPN).
+pub fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, ConfigError> {
+    let open = |path: &std::path::Path| {
+        std::fs::File::open(path)
+            .map(BufReader::new)
+            .map_err(|source| ConfigError::Read {
+                path: path.into(),
+                source,
+            })
+    };
+    let certificates = rustls_pemfile::certs(&mut open(&tls.certificate)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| ConfigError::Read {
+            path: tls.certificate.clone(),
+            source,
+        })?;
+    if certificates.is_empty() {
+        return Err(ConfigError::Invalid(format!(
+            "{} holds no PEM certificate",
+            tls.certificate.display()
+        )));
+    }
+    let key = rustls_pemfile::private_key(&mut open(&tls.private_key)?)
+        .map_err(|source| ConfigError::Read {
+            path: tls.private_key.clone(),
+            source,
+        })?
+        .ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "{} holds no PEM private key",
+                tls.private_key.display()
+            ))
+        })?;
+    let mut config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certificates, key)
+        .map_err(|e| ConfigError::Invalid(format!("TLS certificate and key: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and gives open
+/// connections up to `grace` to finish what they are doing.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let served = match tls {
+                None => {
+                    watcher
+                        .watch(
+                            builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                                .into_owned(),
+                        )
+                        .await
+                }
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(stream) => {
+                        watcher
+                            .watch(
+                                builder
+                                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                                    .into_owned(),
+                            )
+                            .await
+                    }
+                    Err(err) => {
+                        tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                        return;
+                    }
+                },
+            };
+            if let Err(err) = served {
+                tracing::debug!(%peer, error = %err, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: draining open connections");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = tokio::time::sleep(grace) => tracing::warn!(grace_seconds = grace.as_secs(), "grace period over; closing the remaining connections"),
+    }
+}

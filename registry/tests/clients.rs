@@ -1,0 +1,1001 @@
+//! End-to-end tests with real clients: skopeo, docker (a private dockerd), podman (a private
+//! store), containerd's ctr (a private containerd), plus a crash-and-resume test of a large
+//! streamed upload. Every client must be installed: a missing one fails the test.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn skopeo() -> Command {
+    let mut cmd = Command::new(require_tool("skopeo"));
+    // The host's signature policy is not what is under test.
+    cmd.arg("--insecure-policy");
+    cmd
+}
+
+fn oci_ref(layout: &Path, tag: &str) -> String {
+    format!("oci:{}:{tag}", layout.display())
+}
+
+/// The digests a manifest lists as layers.
+fn manifest_layers(manifest: &Value) -> Vec<String> {
+    manifest["layers"]
+        .as_array()
+        .expect("manifest has layers")
+        .iter()
+        .map(|l| l["digest"].as_str().expect("layer digest").to_string())
+        .collect()
+}
+
+/// Pushes `image` to `registry` as `repo:tag` with skopeo from a generated OCI layout.
+fn skopeo_push_image(registry: &Registry, image: &Image, repo: &str, tag: &str) {
+    let layout = registry
+        .scratch()
+        .join(format!("src-{}", repo.replace('/', "-")));
+    write_oci_layout(&layout, tag, &image.manifest, &image.blobs());
+    run(skopeo()
+        .args(["copy", "--dest-tls-verify=false"])
+        .arg(oci_ref(&layout, tag))
+        .arg(format!("docker://{}/{repo}:{tag}", registry.host())));
+}
+
+/// Builds a `docker save`-style archive of `image` named `name` (via skopeo's docker-archive).
+fn docker_archive(registry: &Registry, image: &Image, name: &str) -> std::path::PathBuf {
+    let layout = registry.scratch().join("archive-src");
+    write_oci_layout(&layout, "v1", &image.manifest, &image.blobs());
+    let archive = registry.scratch().join("image.tar");
+    run(skopeo()
+        .arg("copy")
+        .arg(oci_ref(&layout, "v1"))
+        .arg(format!("docker-archive:{}:{name}", archive.display())));
+    archive
+}
+
+#[tokio::test]
+async fn skopeo_round_trips_a_four_layer_image() {
+    let registry = Registry::start();
+    let client = http_client();
+
+    let base = client
+        .get(format!("{}/v2/", registry.url()))
+        .send()
+        .await
+        .expect("GET /v2/");
+    assert_eq!(base.status(), 200);
+    assert_eq!(
+        base.headers()
+            .get("docker-distribution-api-version")
+            .and_then(|v| v.to_str().ok()),
+        Some("registry/2.0"),
+        "GET /v2/ must carry Docker-Distribution-API-Version"
+    );
+
+    let image = Image::generate(
+        1,
+        "amd64",
+        &[300 * 1024, 1024 * 1024, 64 * 1024, 2 * 1024 * 1024 + 17],
+    );
+    let src = registry.scratch().join("src");
+    write_oci_layout(&src, "v1", &image.manifest, &image.blobs());
+    let dest = format!("docker://{}/e2e/app:v1", registry.host());
+
+    run(skopeo()
+        .args(["copy", "--dest-tls-verify=false"])
+        .arg(oci_ref(&src, "v1"))
+        .arg(&dest));
+
+    // The exact bytes come back, from skopeo and over plain HTTP.
+    let raw = run_bytes(
+        skopeo()
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(&dest),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&raw),
+        String::from_utf8_lossy(&image.manifest.bytes),
+        "skopeo inspect --raw must return the manifest bytes that were pushed"
+    );
+    assert_eq!(raw, image.manifest.bytes);
+    let served = assert_manifest_served(
+        &client,
+        &registry,
+        "e2e/app",
+        "v1",
+        &image.manifest.digest,
+        OCI_MANIFEST,
+    )
+    .await;
+    assert_eq!(manifest_layers(&served), image.layer_digests());
+    assert_manifest_served(
+        &client,
+        &registry,
+        "e2e/app",
+        &image.manifest.digest,
+        &image.manifest.digest,
+        OCI_MANIFEST,
+    )
+    .await;
+
+    // skopeo's own reading of the image agrees.
+    let inspect: Value = serde_json::from_str(&run(skopeo()
+        .args(["inspect", "--tls-verify=false"])
+        .arg(&dest)))
+    .expect("skopeo inspect prints JSON");
+    assert_eq!(inspect["Digest"], image.manifest.digest.as_str());
+    assert_eq!(inspect["Architecture"], "amd64");
+    assert_eq!(inspect["Layers"], serde_json::json!(image.layer_digests()));
+
+    let tags: Value = client
+        .get(format!("{}/v2/e2e/app/tags/list", registry.url()))
+        .send()
+        .await
+        .expect("GET tags/list")
+        .json()
+        .await
+        .expect("tags/list is JSON");
+    assert_eq!(tags["name"], "e2e/app");
+    assert_eq!(tags["tags"], serde_json::json!(["v1"]));
+
+    // And back out into a fresh layout: same manifest, same blobs, same bytes.
+    let back = registry.scratch().join("back");
+    run(skopeo()
+        .args(["copy", "--src-tls-verify=false"])
+        .arg(&dest)
+        .arg(oci_ref(&back, "v1")));
+    let (media_type, digest, size) = read_layout_ref(&back, "v1");
+    assert_eq!(
+        digest, image.manifest.digest,
+        "the manifest digest must survive the round trip"
+    );
+    assert_eq!(media_type, OCI_MANIFEST);
+    assert_eq!(size as usize, image.manifest.size());
+    assert_eq!(read_layout_blob(&back, &digest), image.manifest.bytes);
+    let manifest: Value =
+        serde_json::from_slice(&read_layout_blob(&back, &digest)).expect("manifest JSON");
+    assert_eq!(manifest_layers(&manifest), image.layer_digests());
+    for blob in image.blobs() {
+        assert_eq!(
+            read_layout_blob(&back, &blob.digest),
+            blob.bytes,
+            "blob {} changed in the round trip",
+            blob.digest
+        );
+    }
+
+    let listed: Value = serde_json::from_str(&run(skopeo()
+        .args(["list-tags", "--tls-verify=false"])
+        .arg(format!("docker://{}/e2e/app", registry.host()))))
+    .expect("skopeo list-tags prints JSON");
+    assert_eq!(listed["Tags"], serde_json::json!(["v1"]));
+
+    // skopeo delete resolves the tag and deletes the manifest by digest.
+    run(skopeo().args(["delete", "--tls-verify=false"]).arg(&dest));
+    let by_digest = get_manifest(&client, &registry, "e2e/app", &image.manifest.digest).await;
+    assert_eq!(
+        by_digest.status, 404,
+        "the deleted manifest by digest: {by_digest:?}"
+    );
+    let by_tag = get_manifest(&client, &registry, "e2e/app", "v1").await;
+    assert_eq!(
+        by_tag.status, 404,
+        "the tag of the deleted manifest: {by_tag:?}"
+    );
+}
+
+#[tokio::test]
+async fn skopeo_round_trips_a_multi_arch_index() {
+    let registry = Registry::start();
+    let client = http_client();
+    let multi = MultiArchImage::generate(2);
+    let src = registry.scratch().join("src");
+    write_oci_layout(&src, "v1", &multi.index, &multi.blobs());
+    let dest = format!("docker://{}/e2e/multi:v1", registry.host());
+
+    run(skopeo()
+        .args(["copy", "--all", "--dest-tls-verify=false"])
+        .arg(oci_ref(&src, "v1"))
+        .arg(&dest));
+
+    let raw = run_bytes(
+        skopeo()
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(&dest),
+    );
+    assert_eq!(
+        raw, multi.index.bytes,
+        "skopeo inspect --raw must return the index bytes that were pushed"
+    );
+
+    let index = get_manifest(&client, &registry, "e2e/multi", "v1").await;
+    assert_eq!(index.status, 200, "GET the index by tag: {index:?}");
+    assert_eq!(index.content_type.as_deref(), Some(OCI_INDEX));
+    assert_eq!(index.digest.as_deref(), Some(multi.index.digest.as_str()));
+    assert_eq!(index.body, multi.index.bytes);
+
+    for image in &multi.images {
+        let url = format!(
+            "{}/v2/e2e/multi/manifests/{}",
+            registry.url(),
+            image.manifest.digest
+        );
+        let head = client
+            .head(&url)
+            .header("Accept", MANIFEST_ACCEPT)
+            .send()
+            .await
+            .expect("HEAD child manifest");
+        assert_eq!(head.status(), 200, "HEAD {url}");
+        assert_eq!(
+            head.headers()
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok()),
+            Some(image.manifest.digest.as_str())
+        );
+        assert_eq!(
+            head.headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok()),
+            Some(OCI_MANIFEST)
+        );
+        assert_eq!(
+            head.headers()
+                .get("content-length")
+                .and_then(|v| v.to_str().ok()),
+            Some(image.manifest.size().to_string().as_str()),
+            "HEAD {url} Content-Length"
+        );
+        let served = assert_manifest_served(
+            &client,
+            &registry,
+            "e2e/multi",
+            &image.manifest.digest,
+            &image.manifest.digest,
+            OCI_MANIFEST,
+        )
+        .await;
+        assert_eq!(served["config"]["digest"], image.config.digest.as_str());
+        assert_eq!(manifest_layers(&served), image.layer_digests());
+
+        let child = format!(
+            "docker://{}/e2e/multi@{}",
+            registry.host(),
+            image.manifest.digest
+        );
+        let raw = run_bytes(
+            skopeo()
+                .args(["inspect", "--raw", "--tls-verify=false"])
+                .arg(&child),
+        );
+        assert_eq!(raw, image.manifest.bytes, "skopeo inspect --raw {child}");
+    }
+
+    let back = registry.scratch().join("back");
+    run(skopeo()
+        .args(["copy", "--all", "--src-tls-verify=false"])
+        .arg(&dest)
+        .arg(oci_ref(&back, "v1")));
+    let (media_type, digest, _) = read_layout_ref(&back, "v1");
+    assert_eq!(
+        digest, multi.index.digest,
+        "the index digest must survive the round trip"
+    );
+    assert_eq!(media_type, OCI_INDEX);
+    assert_eq!(read_layout_blob(&back, &digest), multi.index.bytes);
+    for blob in multi.blobs() {
+        assert_eq!(
+            read_layout_blob(&back, &blob.digest),
+            blob.bytes,
+            "blob {} changed in the round trip",
+            blob.digest
+        );
+    }
+}
+
+#[tokio::test]
+async fn docker_pushes_and_pulls_through_a_private_dockerd() {
+    let registry = Registry::start();
+    let client = http_client();
+    let image = Image::generate(3, "amd64", &[256 * 1024, 700 * 1024, 40 * 1024]);
+    let archive = docker_archive(&registry, &image, "e2e/local:v1");
+
+    let multi = MultiArchImage::generate(8);
+    let multi_src = registry.scratch().join("multi-src");
+    write_oci_layout(&multi_src, "v1", &multi.index, &multi.blobs());
+    run(skopeo()
+        .args(["copy", "--all", "--dest-tls-verify=false"])
+        .arg(oci_ref(&multi_src, "v1"))
+        .arg(format!("docker://{}/e2e/multi:v1", registry.host())));
+
+    let dockerd = Dockerd::start(&registry.host());
+    let loaded = run(dockerd.docker().arg("load").arg("-i").arg(&archive));
+    assert!(
+        loaded.contains("e2e/local:v1"),
+        "docker load output: {loaded}"
+    );
+    let id =
+        run(dockerd
+            .docker()
+            .args(["image", "inspect", "--format", "{{.Id}}", "e2e/local:v1"]));
+    assert_eq!(
+        id.trim(),
+        image.config.digest,
+        "docker's image id is the config digest"
+    );
+
+    let remote = format!("{}/e2e/docker", registry.host());
+    run(dockerd
+        .docker()
+        .args(["tag", "e2e/local:v1", &format!("{remote}:v1")]));
+    let pushed = run(dockerd.docker().args(["push", &format!("{remote}:v1")]));
+    let pushed_digest = digest_after(&pushed, "digest:")
+        .unwrap_or_else(|| panic!("no digest in docker push output: {pushed}"));
+
+    // What docker pushed is served back byte for byte, blobs included.
+    let manifest = assert_manifest_served(
+        &client,
+        &registry,
+        "e2e/docker",
+        "v1",
+        &pushed_digest,
+        DOCKER_MANIFEST,
+    )
+    .await;
+    assert_eq!(manifest["config"]["digest"], image.config.digest.as_str());
+    assert_eq!(manifest_layers(&manifest).len(), image.layers.len());
+
+    // A second tag of the same image: every layer is found already present.
+    run(dockerd
+        .docker()
+        .args(["tag", "e2e/local:v1", &format!("{remote}:v2")]));
+    let again = run(dockerd.docker().args(["push", &format!("{remote}:v2")]));
+    assert_eq!(
+        digest_after(&again, "digest:").as_deref(),
+        Some(pushed_digest.as_str()),
+        "push of v2: {again}"
+    );
+    assert_eq!(
+        again.matches("Layer already exists").count(),
+        image.layers.len(),
+        "push of v2: {again}"
+    );
+
+    run(dockerd.docker().args([
+        "rmi",
+        "e2e/local:v1",
+        &format!("{remote}:v1"),
+        &format!("{remote}:v2"),
+    ]));
+    let left = run(dockerd.docker().args(["images", "-q", "--no-trunc"]));
+    assert_eq!(left.trim(), "", "the image must be gone before pulling");
+
+    let pulled = run(dockerd.docker().args(["pull", &format!("{remote}:v1")]));
+    assert_eq!(
+        digest_after(&pulled, "Digest:").as_deref(),
+        Some(pushed_digest.as_str()),
+        "docker pull output: {pulled}"
+    );
+    let inspected = run(dockerd.docker().args([
+        "image",
+        "inspect",
+        "--format",
+        "{{.Id}} {{json .RepoDigests}}",
+        &format!("{remote}:v1"),
+    ]));
+    let (id, repo_digests) = inspected
+        .trim()
+        .split_once(' ')
+        .expect("id and repo digests");
+    assert_eq!(id, image.config.digest, "image id after pull");
+    let repo_digests: Vec<String> = serde_json::from_str(repo_digests).expect("RepoDigests JSON");
+    assert_eq!(repo_digests, vec![format!("{remote}@{pushed_digest}")]);
+
+    // By digest too.
+    run(dockerd.docker().args(["rmi", &format!("{remote}:v1")]));
+    let by_digest = run(dockerd
+        .docker()
+        .args(["pull", &format!("{remote}@{pushed_digest}")]));
+    assert_eq!(
+        digest_after(&by_digest, "Digest:").as_deref(),
+        Some(pushed_digest.as_str()),
+        "pull by digest: {by_digest}"
+    );
+    let id = run(dockerd.docker().args([
+        "image",
+        "inspect",
+        "--format",
+        "{{.Id}}",
+        &format!("{remote}@{pushed_digest}"),
+    ]));
+    assert_eq!(id.trim(), image.config.digest);
+
+    // An OCI index: docker picks linux/amd64 from it and records the index digest.
+    let multi_remote = format!("{}/e2e/multi", registry.host());
+    let pulled = run(dockerd
+        .docker()
+        .args(["pull", &format!("{multi_remote}:v1")]));
+    assert_eq!(
+        digest_after(&pulled, "Digest:").as_deref(),
+        Some(multi.index.digest.as_str()),
+        "docker pull of the index: {pulled}"
+    );
+    let inspected = run(dockerd.docker().args([
+        "image",
+        "inspect",
+        "--format",
+        "{{.Id}} {{.Architecture}} {{json .RepoDigests}}",
+        &format!("{multi_remote}:v1"),
+    ]));
+    let fields: Vec<&str> = inspected.trim().splitn(3, ' ').collect();
+    let amd64 = multi
+        .images
+        .iter()
+        .find(|i| i.architecture == "amd64")
+        .expect("an amd64 image");
+    assert_eq!(
+        fields[0], amd64.config.digest,
+        "docker pulled the amd64 image out of the index"
+    );
+    assert_eq!(fields[1], "amd64");
+    let repo_digests: Vec<String> = serde_json::from_str(fields[2]).expect("RepoDigests JSON");
+    assert_eq!(
+        repo_digests,
+        vec![format!("{multi_remote}@{}", multi.index.digest)]
+    );
+}
+
+#[tokio::test]
+async fn podman_pushes_and_pulls_with_a_private_store() {
+    let registry = Registry::start();
+    let client = http_client();
+    let image = Image::generate(4, "amd64", &[180 * 1024, 520 * 1024]);
+    let archive = docker_archive(&registry, &image, "e2e/local:v1");
+
+    let podman = Podman::new();
+    run(podman.podman().arg("--version"));
+    let loaded = run(podman.podman().arg("load").arg("-i").arg(&archive));
+    // Podman qualifies the archive's short name itself (docker.io/e2e/local:v1 here).
+    let local = loaded
+        .lines()
+        .find_map(|l| l.strip_prefix("Loaded image: "))
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|| panic!("no `Loaded image:` in podman load output: {loaded}"));
+    assert!(
+        local.ends_with("e2e/local:v1"),
+        "podman load output: {loaded}"
+    );
+    let id = run(podman
+        .podman()
+        .args(["image", "inspect", "--format", "{{.Id}}", &local]));
+    assert_eq!(
+        format!("sha256:{}", id.trim()),
+        image.config.digest,
+        "podman's image id is the config digest"
+    );
+
+    let remote = format!("{}/e2e/podman", registry.host());
+    let digest_file = podman.dir().join("pushed.digest");
+    run(podman
+        .podman()
+        .args([
+            "push",
+            "--tls-verify=false",
+            "--format",
+            "oci",
+            "--digestfile",
+        ])
+        .arg(&digest_file)
+        .args([local.as_str(), &format!("docker://{remote}:v1")]));
+    let pushed_digest = std::fs::read_to_string(&digest_file)
+        .expect("podman wrote the digest file")
+        .trim()
+        .to_string();
+    assert!(
+        pushed_digest.starts_with("sha256:") && pushed_digest.len() == 71,
+        "digest file: {pushed_digest:?}"
+    );
+
+    // The archive held a Docker schema 2 image; `--format oci` has podman convert it.
+    let manifest = assert_manifest_served(
+        &client,
+        &registry,
+        "e2e/podman",
+        "v1",
+        &pushed_digest,
+        OCI_MANIFEST,
+    )
+    .await;
+    assert_eq!(manifest["mediaType"], OCI_MANIFEST);
+    // Converting rewrites the config (so its digest), never the filesystem it describes.
+    let pushed_config = manifest["config"]["digest"]
+        .as_str()
+        .expect("config digest")
+        .to_string();
+    let config: Value = serde_json::from_slice(
+        &get_blob_checked(&client, &registry, "e2e/podman", &pushed_config).await,
+    )
+    .expect("the pushed config is JSON");
+    let diff_ids: Vec<&str> = image.layers.iter().map(|l| l.diff_id.as_str()).collect();
+    assert_eq!(config["rootfs"]["diff_ids"], serde_json::json!(diff_ids));
+    assert_eq!(config["architecture"], "amd64");
+
+    run(podman.podman().args(["rmi", "--all", "--force"]));
+    let left = run(podman.podman().args(["images", "-q"]));
+    assert_eq!(left.trim(), "", "the image must be gone before pulling");
+
+    run(podman
+        .podman()
+        .args(["pull", "--tls-verify=false", &format!("{remote}:v1")]));
+    let inspected = run(podman.podman().args([
+        "image",
+        "inspect",
+        "--format",
+        "{{.Id}} {{.Digest}}",
+        &format!("{remote}:v1"),
+    ]));
+    let (id, digest) = inspected.trim().split_once(' ').expect("id and digest");
+    assert_eq!(
+        format!("sha256:{id}"),
+        pushed_config,
+        "podman image id after pull"
+    );
+    assert_eq!(digest, pushed_digest, "podman's digest after pull");
+
+    // The arm64 image out of an OCI index.
+    let multi = MultiArchImage::generate(9);
+    let multi_src = registry.scratch().join("multi-src");
+    write_oci_layout(&multi_src, "v1", &multi.index, &multi.blobs());
+    let multi_remote = format!("{}/e2e/multi:v1", registry.host());
+    run(skopeo()
+        .args(["copy", "--all", "--dest-tls-verify=false"])
+        .arg(oci_ref(&multi_src, "v1"))
+        .arg(format!("docker://{multi_remote}")));
+    run(podman.podman().args([
+        "pull",
+        "--tls-verify=false",
+        "--platform",
+        "linux/arm64",
+        &multi_remote,
+    ]));
+    let inspected = run(podman.podman().args([
+        "image",
+        "inspect",
+        "--format",
+        "{{.Id}} {{.Architecture}} {{.Digest}} {{json .RepoDigests}}",
+        &multi_remote,
+    ]));
+    let fields: Vec<&str> = inspected.trim().splitn(4, ' ').collect();
+    let arm64 = multi
+        .images
+        .iter()
+        .find(|i| i.architecture == "arm64")
+        .expect("an arm64 image");
+    assert_eq!(
+        format!("sha256:{}", fields[0]),
+        arm64.config.digest,
+        "podman pulled the arm64 image out of the index"
+    );
+    assert_eq!(fields[1], "arm64");
+    assert_eq!(
+        fields[2], multi.index.digest,
+        "podman records the digest of the index it pulled"
+    );
+    let repo_digests: Vec<String> = serde_json::from_str(fields[3]).expect("RepoDigests JSON");
+    let repo = format!("{}/e2e/multi", registry.host());
+    for digest in [&multi.index.digest, &arm64.manifest.digest] {
+        assert!(
+            repo_digests.contains(&format!("{repo}@{digest}")),
+            "{digest} not in RepoDigests {repo_digests:?}"
+        );
+    }
+}
+
+/// The digest `ctr images ls` lists for `reference`.
+fn ctr_image_digest(containerd: &Containerd, reference: &str) -> String {
+    let listing = run(containerd.ctr().args(["images", "ls"]));
+    listing
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(reference))
+        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("sha256:")))
+        .unwrap_or_else(|| panic!("{reference} not in `ctr images ls`:\n{listing}"))
+        .to_string()
+}
+
+#[tokio::test]
+async fn containerd_pulls_and_pushes_with_ctr() {
+    let registry = Registry::start();
+    let client = http_client();
+    let image = Image::generate(5, "amd64", &[150 * 1024, 300 * 1024, 90 * 1024]);
+    skopeo_push_image(&registry, &image, "e2e/app", "v1");
+    let multi = MultiArchImage::generate(6);
+    let multi_src = registry.scratch().join("multi-src");
+    write_oci_layout(&multi_src, "v1", &multi.index, &multi.blobs());
+    run(skopeo()
+        .args(["copy", "--all", "--dest-tls-verify=false"])
+        .arg(oci_ref(&multi_src, "v1"))
+        .arg(format!("docker://{}/e2e/multi:v1", registry.host())));
+
+    let containerd = Containerd::start();
+    let app = format!("{}/e2e/app:v1", registry.host());
+    run(containerd.ctr().args([
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "native",
+        &app,
+    ]));
+    assert_eq!(ctr_image_digest(&containerd, &app), image.manifest.digest);
+    for blob in std::iter::once(&image.manifest).chain(image.blobs()) {
+        let bytes = run_bytes(containerd.ctr().args(["content", "get", &blob.digest]));
+        assert_eq!(bytes, blob.bytes, "containerd's copy of {}", blob.digest);
+    }
+
+    let multi_ref = format!("{}/e2e/multi:v1", registry.host());
+    run(containerd.ctr().args([
+        "images",
+        "pull",
+        "--plain-http",
+        "--all-platforms",
+        "--snapshotter",
+        "native",
+        &multi_ref,
+    ]));
+    assert_eq!(
+        ctr_image_digest(&containerd, &multi_ref),
+        multi.index.digest
+    );
+    for blob in std::iter::once(&multi.index).chain(multi.blobs()) {
+        let bytes = run_bytes(containerd.ctr().args(["content", "get", &blob.digest]));
+        assert_eq!(bytes, blob.bytes, "containerd's copy of {}", blob.digest);
+    }
+
+    // ctr pushes what it pulled into other repositories of the same registry.
+    let copy = format!("{}/e2e/ctr-pushed:v1", registry.host());
+    run(containerd.ctr().args(["images", "tag", &app, &copy]));
+    run(containerd
+        .ctr()
+        .args(["images", "push", "--plain-http", &copy]));
+    assert_manifest_served(
+        &client,
+        &registry,
+        "e2e/ctr-pushed",
+        "v1",
+        &image.manifest.digest,
+        OCI_MANIFEST,
+    )
+    .await;
+
+    let multi_copy = format!("{}/e2e/ctr-multi:v1", registry.host());
+    run(containerd
+        .ctr()
+        .args(["images", "tag", &multi_ref, &multi_copy]));
+    run(containerd
+        .ctr()
+        .args(["images", "push", "--plain-http", &multi_copy]));
+    let index = get_manifest(&client, &registry, "e2e/ctr-multi", "v1").await;
+    assert_eq!(index.status, 200, "{index:?}");
+    assert_eq!(index.body, multi.index.bytes);
+    assert_eq!(index.digest.as_deref(), Some(multi.index.digest.as_str()));
+    for image in &multi.images {
+        assert_manifest_served(
+            &client,
+            &registry,
+            "e2e/ctr-multi",
+            &image.manifest.digest,
+            &image.manifest.digest,
+            OCI_MANIFEST,
+        )
+        .await;
+    }
+}
+
+/// Size of the blob the crash test uploads.
+const CRASH_BLOB: usize = 64 * 1024 * 1024;
+/// How much of it is streamed before the server is killed.
+const CRASH_SENT_BEFORE_KILL: usize = 24 * 1024 * 1024;
+const CHUNK: usize = 1024 * 1024;
+/// Piece size of the streamed body.
+const STREAM_PIECE: usize = 256 * 1024;
+
+/// Parses `Range: 0-N` into N.
+fn range_end(range: &str) -> u64 {
+    let (start, end) = range
+        .trim()
+        .split_once('-')
+        .unwrap_or_else(|| panic!("malformed Range {range:?}"));
+    assert_eq!(start, "0", "Range must start at 0: {range:?}");
+    end.parse()
+        .unwrap_or_else(|_| panic!("malformed Range {range:?}"))
+}
+
+async fn start_upload(client: &reqwest::Client, registry: &Registry, repo: &str) -> String {
+    let url = format!("{}/v2/{repo}/blobs/uploads/", registry.url());
+    let resp = client
+        .post(&url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    assert_eq!(resp.status(), 202, "POST {url}");
+    let location = resp
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .expect("Location on 202")
+        .to_string();
+    absolute(registry, &location)
+}
+
+/// PATCHes `data` (which starts at `offset` of the blob) with a Content-Range, returning the
+/// new upload location.
+async fn patch_range(
+    client: &reqwest::Client,
+    registry: &Registry,
+    location: &str,
+    offset: u64,
+    data: Vec<u8>,
+) -> String {
+    let end = offset + data.len() as u64 - 1;
+    let resp = client
+        .patch(location)
+        .header("Content-Type", "application/octet-stream")
+        .header("Content-Range", format!("{offset}-{end}"))
+        .header("Content-Length", data.len().to_string())
+        .body(data)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("PATCH {location}: {e}"));
+    let status = resp.status();
+    let headers = format!("{:?}", resp.headers());
+    let range = resp
+        .headers()
+        .get("range")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let next = resp
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .map(|l| absolute(registry, l));
+    let body = resp.text().await.unwrap_or_default();
+    assert_eq!(
+        status, 202,
+        "PATCH {location} Content-Range {offset}-{end}: {headers} {body}"
+    );
+    assert_eq!(
+        range.as_deref().map(range_end),
+        Some(end),
+        "Range after PATCH {offset}-{end}"
+    );
+    next.expect("Location after PATCH")
+}
+
+/// Closes upload `location` as `digest` and checks the blob reads back whole.
+async fn finish_upload(
+    client: &reqwest::Client,
+    registry: &Registry,
+    repo: &str,
+    location: &str,
+    digest: &str,
+    size: usize,
+) {
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let url = format!("{location}{sep}digest={digest}");
+    let resp = client
+        .put(&url)
+        .header("Content-Length", "0")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("PUT {url}: {e}"));
+    let status = resp.status();
+    let headers = format!("{:?}", resp.headers());
+    let header_digest = resp
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = resp.text().await.unwrap_or_default();
+    assert_eq!(status, 201, "PUT {url}: {headers} {body}");
+    assert_eq!(
+        header_digest.as_deref(),
+        Some(digest),
+        "Docker-Content-Digest after the PUT"
+    );
+
+    let blob_url = format!("{}/v2/{repo}/blobs/{digest}", registry.url());
+    let head = client.head(&blob_url).send().await.expect("HEAD the blob");
+    assert_eq!(head.status(), 200, "HEAD {blob_url}");
+    assert_eq!(
+        head.headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()),
+        Some(size.to_string().as_str())
+    );
+    let bytes = get_blob_checked(client, registry, repo, digest).await;
+    assert_eq!(bytes.len(), size);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_survives_a_hard_kill_mid_transfer() {
+    let mut registry = Registry::start();
+    let client = http_client();
+    let repo = "e2e/crash";
+    let data = std::sync::Arc::new(Rng::new(7).bytes(CRASH_BLOB));
+    let digest = sha256(&data);
+    let blob_url = format!("{}/v2/{repo}/blobs/{digest}", registry.url());
+
+    let location = start_upload(&client, &registry, repo).await;
+    eprintln!("upload session at {location}");
+
+    // Stream the blob through a channel as a chunked request body with no length, paced so the
+    // transfer is still flowing when the server is killed.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
+    let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|chunk| (Ok::<_, std::io::Error>(chunk), rx))
+    }));
+    let patch = client
+        .patch(&location)
+        .header("Content-Type", "application/octet-stream")
+        .body(body)
+        .send();
+    let request = tokio::spawn(patch);
+    let sent_counter = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let producer = {
+        let data = data.clone();
+        let sent_counter = sent_counter.clone();
+        tokio::spawn(async move {
+            let mut sent = 0;
+            while sent < CRASH_BLOB {
+                let end = (sent + STREAM_PIECE).min(CRASH_BLOB);
+                if tx.send(data[sent..end].to_vec()).await.is_err() {
+                    break;
+                }
+                sent = end;
+                sent_counter.store(sent, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while sent_counter.load(std::sync::atomic::Ordering::SeqCst) < CRASH_SENT_BEFORE_KILL {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the streamed PATCH stalled before {CRASH_SENT_BEFORE_KILL} bytes"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Pull the plug in the middle of the transfer, with bytes still flowing.
+    registry.kill_hard();
+    let _ = producer.await;
+    let sent = sent_counter.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        sent < CRASH_BLOB,
+        "the whole blob went out before the kill; the test proves nothing"
+    );
+    match request.await.expect("the request task") {
+        Ok(resp) => panic!(
+            "the interrupted PATCH got a response: {} {:?}",
+            resp.status(),
+            resp.headers()
+        ),
+        Err(e) => eprintln!(
+            "interrupted PATCH failed as expected; {sent} bytes had been handed to it: {e}"
+        ),
+    }
+
+    registry.restart();
+
+    // Nothing half-written is visible as a blob.
+    assert_eq!(
+        head_status(&client, &blob_url).await,
+        404,
+        "HEAD {blob_url} after the crash"
+    );
+    let get = client.get(&blob_url).send().await.expect("GET the blob");
+    assert_eq!(get.status(), 404, "GET {blob_url} after the crash");
+
+    let status = client
+        .get(&location)
+        .send()
+        .await
+        .expect("GET the upload status");
+    let code = status.status().as_u16();
+    let headers = format!("{:?}", status.headers());
+    let range = status
+        .headers()
+        .get("range")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    eprintln!("upload status after restart: {code} {headers}");
+    // Abandoning the interrupted session and starting over works (into another repository, so
+    // the resumed session below still has its blob to commit).
+    let repo2 = "e2e/crash-fresh";
+    let mut fresh = start_upload(&client, &registry, repo2).await;
+    let mut offset = 0;
+    while offset < CRASH_BLOB {
+        let end = (offset + 16 * CHUNK).min(CRASH_BLOB);
+        fresh = patch_range(
+            &client,
+            &registry,
+            &fresh,
+            offset as u64,
+            data[offset..end].to_vec(),
+        )
+        .await;
+        offset = end;
+    }
+    finish_upload(&client, &registry, repo2, &fresh, &digest, CRASH_BLOB).await;
+
+    // Resuming the interrupted session from what the server says it holds works as well.
+    match code {
+        204 => {
+            let range =
+                range.unwrap_or_else(|| panic!("204 upload status without Range: {headers}"));
+            let end = range_end(&range);
+            // "0-0" is the empty upload by convention; otherwise end+1 bytes are held.
+            let held = if end == 0 { 0 } else { end as usize + 1 };
+            assert!(
+                held <= sent,
+                "the server claims {held} bytes but only {sent} were sent (Range {range})"
+            );
+            eprintln!("server kept {held} of {sent} streamed bytes; resuming from there");
+            let mut location = status
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .map(|l| absolute(&registry, l))
+                .unwrap_or_else(|| location.clone());
+            let mut offset = held;
+            while offset < CRASH_BLOB {
+                let end = (offset + 8 * CHUNK).min(CRASH_BLOB);
+                location = patch_range(
+                    &client,
+                    &registry,
+                    &location,
+                    offset as u64,
+                    data[offset..end].to_vec(),
+                )
+                .await;
+                offset = end;
+            }
+            finish_upload(&client, &registry, repo, &location, &digest, CRASH_BLOB).await;
+            let after = client
+                .get(&location)
+                .send()
+                .await
+                .expect("GET the finished upload")
+                .status();
+            assert_eq!(after, 404, "GET {location} after the upload was committed");
+        }
+        404 => eprintln!(
+            "the upload session did not survive the crash (404); only the fresh upload is checked"
+        ),
+        other => panic!("GET upload status after the crash answered {other}: {headers}"),
+    }
+
+    // The committed blobs survive another hard restart.
+    registry.restart();
+    get_blob_checked(&client, &registry, repo2, &digest).await;
+    if code == 204 {
+        get_blob_checked(&client, &registry, repo, &digest).await;
+    }
+}
+
+#[test]
+fn sigterm_stops_the_server_cleanly() {
+    let mut registry = Registry::start();
+    let status = registry
+        .terminate(Duration::from_secs(10))
+        .expect("berth-registry must exit within 10 s of SIGTERM");
+    assert!(
+        status.success(),
+        "berth-registry exited with {status} on SIGTERM"
+    );
+    registry.restart();
+}

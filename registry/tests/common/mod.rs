@@ -1,0 +1,1232 @@
+//! Shared harness for the end-to-end tests: a berth-registry child process on a free loopback port
+//! with its own storage root, generated OCI images written as OCI image layouts, and private
+//! instances of the real clients' daemons (dockerd, containerd) and stores (podman).
+//!
+//! A missing tool is a test failure, never a skip: see [`require_tool`].
+//!
+//! Set `BERTH_E2E_REGISTRY_BIN` to run the tests against another executable that honours the same
+//! environment contract (`BERTH_LISTEN`, `BERTH_STORAGE_ROOT`, ...) instead of the binary Cargo
+//! built; useful to check the tests themselves against a reference registry.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use berth_oci::Digest;
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// The `Accept` header a manifest-aware client sends.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
+     application/vnd.oci.image.index.v1+json, \
+     application/vnd.docker.distribution.manifest.v2+json, \
+     application/vnd.docker.distribution.manifest.list.v2+json";
+
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+const LOG_TAIL_LINES: usize = 150;
+
+// ---------------------------------------------------------------------------------------------
+// Tools and processes
+// ---------------------------------------------------------------------------------------------
+
+/// The absolute path of `tool` found on `PATH`. Panics if it is missing: a test that cannot run
+/// its client fails, it never skips.
+pub fn require_tool(tool: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    // Daemons live in sbin, which a non-login PATH may lack.
+    let fallback = [PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")];
+    for dir in std::env::split_paths(&path).chain(fallback) {
+        let candidate = dir.join(tool);
+        if let Ok(meta) = fs::metadata(&candidate) {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+                return candidate;
+            }
+        }
+    }
+    panic!(
+        "required tool `{tool}` was not found on PATH. These end-to-end tests drive real clients \
+         and never skip: install it (Debian: apt-get install -y skopeo docker.io containerd podman) \
+         and run again."
+    );
+}
+
+/// Runs `cmd` to completion within `timeout`, returning its output whatever its exit status.
+/// Standard input is closed. Panics only if it cannot be started or overruns the timeout.
+pub fn run_output(cmd: &mut Command, timeout: Duration) -> Output {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {shown}: {e}"));
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut err = child.stderr.take().expect("piped stderr");
+    let out_reader = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = err.read_to_end(&mut buf);
+        buf
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() >= deadline => break None,
+            Ok(None) => thread::sleep(Duration::from_millis(25)),
+            Err(e) => panic!("waiting for {shown}: {e}"),
+        }
+    };
+    let status = match status {
+        Some(status) => status,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stdout = out_reader.join().unwrap_or_default();
+            let stderr = err_reader.join().unwrap_or_default();
+            panic!(
+                "{shown} did not finish within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+    };
+    Output {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    }
+}
+
+/// Runs `cmd` (5 minute limit) and panics with everything it printed unless it exits 0.
+/// Returns its standard output as bytes.
+pub fn run_bytes(cmd: &mut Command) -> Vec<u8> {
+    let shown = format!("{cmd:?}");
+    let output = run_output(cmd, Duration::from_secs(300));
+    if !output.status.success() {
+        panic!(
+            "{shown} failed with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    output.stdout
+}
+
+/// Like [`run_bytes`], as text (standard output only); also echoes the command and all it printed
+/// to the test's log.
+pub fn run(cmd: &mut Command) -> String {
+    let shown = format!("{cmd:?}");
+    let output = run_output(cmd, Duration::from_secs(300));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        panic!(
+            "{shown} failed with {}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+            output.status
+        );
+    }
+    eprintln!(
+        "$ {shown}\n{}{}",
+        stdout.trim_end(),
+        if stderr.trim().is_empty() {
+            String::new()
+        } else {
+            format!("\n[stderr] {}", stderr.trim_end())
+        }
+    );
+    stdout
+}
+
+/// Sends `signal` (a name such as `TERM`) to `pid` with the system's `kill`.
+fn send_signal(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Waits up to `timeout` for `child` to exit.
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(25)),
+            _ => return None,
+        }
+    }
+}
+
+/// Stops `child` with SIGTERM, then SIGKILL if it has not exited within `grace`.
+fn stop_child(child: &mut Child, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    send_signal(child.id(), "TERM");
+    if wait_timeout(child, grace).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// The last `lines` lines of the file at `path`, or a note that it cannot be read.
+pub fn tail_file(path: &Path, lines: usize) -> String {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+fn print_log_on_panic(what: &str, path: &Path) {
+    if thread::panicking() {
+        eprintln!(
+            "===== last {LOG_TAIL_LINES} lines of the {what} log ({}) =====\n{}\n===== end of the {what} log =====",
+            path.display(),
+            tail_file(path, LOG_TAIL_LINES)
+        );
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (free when this returns; the OS picks it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// A temporary directory with a short path under `/tmp`, for daemons whose unix socket paths must
+/// fit in `sun_path` (108 bytes).
+pub fn short_tempdir(prefix: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/tmp")
+        .expect("create a temporary directory under /tmp")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Minimal blocking HTTP, for the readiness probe (no async runtime needed)
+// ---------------------------------------------------------------------------------------------
+
+/// A raw HTTP/1.1 response: status, lowercased header names, body (whatever arrived before close).
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `GET path` on `addr` with `Connection: close`, reading until the server closes.
+pub fn blocking_get(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<RawResponse> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: */*\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no end of headers in the response"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(RawResponse {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The registry under test
+// ---------------------------------------------------------------------------------------------
+
+/// A running berth-registry child: its own storage root in a temporary directory, a fixed port on
+/// 127.0.0.1 kept across restarts, stdout and stderr appended to `server.log` in the temporary
+/// directory. Dropping it kills the process and removes the directory; if the test is panicking the
+/// tail of the log is printed first.
+pub struct Registry {
+    dir: TempDir,
+    addr: SocketAddr,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Registry {
+    fn binary() -> PathBuf {
+        std::env::var_os("BERTH_E2E_REGISTRY_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_berth-registry")))
+    }
+
+    /// Starts a registry on a free port with an empty storage root and waits until `GET /v2/`
+    /// answers 200.
+    pub fn start() -> Registry {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-e2e-")
+            .tempdir()
+            .expect("create a temporary directory");
+        fs::create_dir_all(dir.path().join("root")).expect("create the storage root");
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut registry = Registry {
+            dir,
+            addr,
+            child: None,
+            starts: 0,
+        };
+        registry.spawn();
+        registry
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "the registry is already running");
+        self.starts += 1;
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("open the server log");
+        writeln!(
+            log,
+            "===== berth-e2e: start #{} on {} =====",
+            self.starts, self.addr
+        )
+        .expect("write the server log");
+        let stderr = log.try_clone().expect("clone the log handle");
+        let level = std::env::var("BERTH_LOG").unwrap_or_else(|_| "info".to_string());
+        let binary = Self::binary();
+        let child = Command::new(&binary)
+            .arg("serve")
+            .env("BERTH_LISTEN", self.addr.to_string())
+            .env("BERTH_STORAGE_ROOT", self.root())
+            .env("BERTH_LOG_FORMAT", "plain")
+            .env("BERTH_LOG", level)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let child = self.child.as_mut().expect("a running child");
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                panic!(
+                    "berth-registry exited with {status} before answering GET /v2/ on {}\n--- server log ---\n{}",
+                    self.addr,
+                    tail_file(&self.log_path(), LOG_TAIL_LINES)
+                );
+            }
+            let last = match blocking_get(self.addr, "/v2/", Duration::from_secs(1)) {
+                Ok(resp) if resp.status == 200 => return,
+                Ok(resp) => format!("status {}", resp.status),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                self.kill_hard();
+                panic!(
+                    "berth-registry did not answer GET /v2/ with 200 on {} within {READY_TIMEOUT:?} (last: {last})\n--- server log ---\n{}",
+                    self.addr,
+                    tail_file(&self.log_path(), LOG_TAIL_LINES)
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `127.0.0.1:PORT`, the registry host as image references spell it.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The storage root (`BERTH_STORAGE_ROOT`).
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    /// A scratch directory that lives as long as the registry.
+    pub fn scratch(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the exit status. `None` if it did not exit (it is
+    /// then killed).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        send_signal(child.id(), "TERM");
+        let status = wait_timeout(&mut child, timeout);
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        status
+    }
+
+    /// Starts the registry again on the same storage root and port (killing it first if it runs).
+    pub fn restart(&mut self) {
+        self.kill_hard();
+        self.spawn();
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.kill_hard();
+        print_log_on_panic("berth-registry", &self.log_path());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generated content
+// ---------------------------------------------------------------------------------------------
+
+/// A small deterministic generator (xorshift64*): reproducible content from a seed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng((seed ^ 0x9E37_79B9_7F4A_7C15).wrapping_mul(0xBF58_476D_1CE4_E5B9) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut buf = vec![0; len];
+        self.fill(&mut buf);
+        buf
+    }
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub fn sha256(bytes: &[u8]) -> String {
+    Digest::sha256_of(bytes).to_string()
+}
+
+/// Content addressed by its digest, with the media type a descriptor gives it.
+#[derive(Clone, Debug)]
+pub struct Blob {
+    pub media_type: String,
+    pub digest: String,
+    pub bytes: Vec<u8>,
+}
+
+impl Blob {
+    pub fn new(media_type: &str, bytes: Vec<u8>) -> Blob {
+        Blob {
+            media_type: media_type.to_string(),
+            digest: sha256(&bytes),
+            bytes,
+        }
+    }
+
+    pub fn size(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The hex part of the digest.
+    pub fn hex(&self) -> &str {
+        self.digest
+            .split_once(':')
+            .map(|(_, h)| h)
+            .unwrap_or(&self.digest)
+    }
+
+    pub fn descriptor(&self) -> Value {
+        json!({ "mediaType": self.media_type, "digest": self.digest, "size": self.size() })
+    }
+}
+
+/// A gzipped tar layer and the digest of its uncompressed tar (the config's diff_id).
+#[derive(Clone, Debug)]
+pub struct Layer {
+    pub blob: Blob,
+    pub diff_id: String,
+}
+
+/// A tar archive holding a directory `layer-<tag>/` with three files of random bytes adding up to
+/// about `size` bytes and a small text file; deterministic for a given `rng` state.
+pub fn layer_tar(rng: &mut Rng, tag: &str, size: usize) -> Vec<u8> {
+    const MTIME: u64 = 1_700_000_000;
+    let mut builder = tar::Builder::new(Vec::new());
+    let dir = format!("layer-{tag}/");
+    let mut header = tar::Header::new_ustar();
+    header.set_entry_type(tar::EntryType::Directory);
+    header.set_mode(0o755);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(MTIME);
+    header.set_size(0);
+    builder
+        .append_data(&mut header, &dir, std::io::empty())
+        .expect("append a directory to the tar");
+    let mut file = |name: &str, data: &[u8]| {
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(MTIME);
+        header.set_size(data.len() as u64);
+        builder
+            .append_data(&mut header, format!("{dir}{name}"), data)
+            .expect("append a file to the tar");
+    };
+    let part = size / 3;
+    for k in 0..3 {
+        let len = if k == 2 { size - 2 * part } else { part };
+        file(&format!("random-{k}.bin"), &rng.bytes(len));
+    }
+    file(
+        "README",
+        format!("berth end-to-end test layer {tag}\n").as_bytes(),
+    );
+    builder.into_inner().expect("finish the tar")
+}
+
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = GzEncoder::new(Vec::new(), Compression::fast());
+    encoder.write_all(bytes).expect("gzip");
+    encoder.finish().expect("gzip")
+}
+
+pub fn make_layer(rng: &mut Rng, tag: &str, size: usize) -> Layer {
+    let tar = layer_tar(rng, tag, size);
+    Layer {
+        diff_id: sha256(&tar),
+        blob: Blob::new(OCI_LAYER_GZIP, gzip(&tar)),
+    }
+}
+
+/// A single-platform OCI image: layers, config and manifest.
+#[derive(Clone, Debug)]
+pub struct Image {
+    pub architecture: String,
+    pub os: String,
+    pub layers: Vec<Layer>,
+    pub config: Blob,
+    pub manifest: Blob,
+}
+
+impl Image {
+    /// An image for linux/`architecture` with one layer per entry of `layer_sizes` (approximate
+    /// uncompressed sizes), all content derived from `seed`.
+    pub fn generate(seed: u64, architecture: &str, layer_sizes: &[usize]) -> Image {
+        let mut rng = Rng::new(seed);
+        let layers = layer_sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| make_layer(&mut rng, &format!("{seed}-{architecture}-{i}"), size))
+            .collect();
+        Image::from_layers(seed, architecture, layers)
+    }
+
+    /// An image for linux/`architecture` over the given layers.
+    pub fn from_layers(seed: u64, architecture: &str, layers: Vec<Layer>) -> Image {
+        let diff_ids: Vec<&str> = layers.iter().map(|l| l.diff_id.as_str()).collect();
+        let history: Vec<Value> =
+            (0..layers.len()).map(|i| json!({ "created": "2024-01-01T00:00:00Z", "created_by": format!("berth e2e layer {i}") })).collect();
+        let config = json!({
+            "created": "2024-01-01T00:00:00Z",
+            "architecture": architecture,
+            "os": "linux",
+            "config": {
+                "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                "Cmd": ["/bin/sh"],
+                "Labels": { "org.berth.e2e.seed": seed.to_string() }
+            },
+            "rootfs": { "type": "layers", "diff_ids": diff_ids },
+            "history": history,
+        });
+        let config = Blob::new(
+            OCI_CONFIG,
+            serde_json::to_vec(&config).expect("serialize the config"),
+        );
+        let layer_descriptors: Vec<Value> = layers.iter().map(|l| l.blob.descriptor()).collect();
+        // Pretty-printed on purpose: a registry that re-serialises manifests would change the bytes.
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": config.descriptor(),
+            "layers": layer_descriptors,
+            "annotations": { "org.opencontainers.image.description": format!("berth e2e image {seed} {architecture}") }
+        });
+        let manifest = Blob::new(
+            OCI_MANIFEST,
+            serde_json::to_vec_pretty(&manifest).expect("serialize the manifest"),
+        );
+        Image {
+            architecture: architecture.to_string(),
+            os: "linux".to_string(),
+            layers,
+            config,
+            manifest,
+        }
+    }
+
+    /// Config and layers: every blob the manifest references.
+    pub fn blobs(&self) -> Vec<&Blob> {
+        let mut blobs = vec![&self.config];
+        blobs.extend(self.layers.iter().map(|l| &l.blob));
+        blobs
+    }
+
+    pub fn layer_digests(&self) -> Vec<String> {
+        self.layers.iter().map(|l| l.blob.digest.clone()).collect()
+    }
+}
+
+/// A multi-platform image: an OCI index over single-platform images.
+#[derive(Clone, Debug)]
+pub struct MultiArchImage {
+    pub index: Blob,
+    pub images: Vec<Image>,
+}
+
+impl MultiArchImage {
+    /// linux/amd64 and linux/arm64 images that share their first (base) layer, and the index over
+    /// them.
+    pub fn generate(seed: u64) -> MultiArchImage {
+        let mut rng = Rng::new(seed);
+        let base = make_layer(&mut rng, &format!("{seed}-base"), 200 * 1024);
+        let images: Vec<Image> = ["amd64", "arm64"]
+            .iter()
+            .enumerate()
+            .map(|(i, arch)| {
+                let own = make_layer(
+                    &mut rng,
+                    &format!("{seed}-{arch}"),
+                    100 * 1024 + i * 37 * 1024,
+                );
+                Image::from_layers(seed, arch, vec![base.clone(), own])
+            })
+            .collect();
+        let manifests: Vec<Value> = images
+            .iter()
+            .map(|img| {
+                let mut d = img.manifest.descriptor();
+                d["platform"] = json!({ "architecture": img.architecture, "os": img.os });
+                d
+            })
+            .collect();
+        let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests });
+        let index = Blob::new(
+            OCI_INDEX,
+            serde_json::to_vec_pretty(&index).expect("serialize the index"),
+        );
+        MultiArchImage { index, images }
+    }
+
+    /// Every blob below the index: manifests, configs, layers (deduplicated later by the writer).
+    pub fn blobs(&self) -> Vec<&Blob> {
+        let mut blobs = Vec::new();
+        for img in &self.images {
+            blobs.push(&img.manifest);
+            blobs.extend(img.blobs());
+        }
+        blobs
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// OCI image layouts on disk
+// ---------------------------------------------------------------------------------------------
+
+pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+fn blob_path(layout: &Path, digest: &str) -> PathBuf {
+    let (algorithm, hex) = digest
+        .split_once(':')
+        .unwrap_or_else(|| panic!("not a digest: {digest}"));
+    layout.join("blobs").join(algorithm).join(hex)
+}
+
+/// Writes an OCI image layout at `layout`: `oci-layout`, the blobs (including `top`), and an
+/// `index.json` whose only entry points at `top` (a manifest or an index) under the name `tag`.
+pub fn write_oci_layout(layout: &Path, tag: &str, top: &Blob, blobs: &[&Blob]) {
+    fs::create_dir_all(layout.join("blobs/sha256")).expect("create blobs/sha256");
+    fs::write(
+        layout.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .expect("write oci-layout");
+    for blob in blobs.iter().copied().chain(std::iter::once(top)) {
+        fs::write(blob_path(layout, &blob.digest), &blob.bytes).expect("write a blob");
+    }
+    let mut descriptor = top.descriptor();
+    descriptor["annotations"] = json!({ REF_NAME: tag });
+    let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [descriptor] });
+    fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec_pretty(&index).expect("serialize index.json"),
+    )
+    .expect("write index.json");
+}
+
+/// The descriptor named `tag` in the layout's `index.json`: (mediaType, digest, size).
+pub fn read_layout_ref(layout: &Path, tag: &str) -> (String, String, u64) {
+    let text = fs::read_to_string(layout.join("index.json")).expect("read index.json");
+    let index: Value = serde_json::from_str(&text).expect("index.json is JSON");
+    let found = index["manifests"]
+        .as_array()
+        .expect("index.json has manifests")
+        .iter()
+        .find(|d| d["annotations"][REF_NAME] == tag)
+        .unwrap_or_else(|| panic!("no entry named {tag:?} in index.json: {text}"));
+    (
+        found["mediaType"].as_str().unwrap_or_default().to_string(),
+        found["digest"]
+            .as_str()
+            .expect("descriptor digest")
+            .to_string(),
+        found["size"].as_u64().expect("descriptor size"),
+    )
+}
+
+/// A blob of the layout, checked to hash to its name.
+pub fn read_layout_blob(layout: &Path, digest: &str) -> Vec<u8> {
+    let path = blob_path(layout, digest);
+    let bytes = fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    assert_eq!(
+        sha256(&bytes),
+        digest,
+        "layout blob {} does not hash to its name",
+        path.display()
+    );
+    bytes
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registry API helpers (async, reqwest)
+// ---------------------------------------------------------------------------------------------
+
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("build an HTTP client")
+}
+
+/// A fetched manifest: status, Content-Type, Docker-Content-Digest, body.
+#[derive(Debug)]
+pub struct Fetched {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub digest: Option<String>,
+    pub body: Vec<u8>,
+}
+
+fn header(resp: &reqwest::Response, name: &str) -> Option<String> {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+pub async fn get_manifest(
+    client: &reqwest::Client,
+    registry: &Registry,
+    repo: &str,
+    reference: &str,
+) -> Fetched {
+    let url = format!("{}/v2/{repo}/manifests/{reference}", registry.url());
+    let resp = client
+        .get(&url)
+        .header("Accept", MANIFEST_ACCEPT)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    Fetched {
+        status: resp.status().as_u16(),
+        content_type: header(&resp, "content-type"),
+        digest: header(&resp, "docker-content-digest"),
+        body: resp.bytes().await.expect("read the manifest body").to_vec(),
+    }
+}
+
+/// GETs blob `digest` of `repo` and checks status 200 and that the bytes hash to the digest.
+pub async fn get_blob_checked(
+    client: &reqwest::Client,
+    registry: &Registry,
+    repo: &str,
+    digest: &str,
+) -> Vec<u8> {
+    let url = format!("{}/v2/{repo}/blobs/{digest}", registry.url());
+    let resp = client
+        .get(&url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status();
+    let body = resp.bytes().await.expect("read the blob body").to_vec();
+    assert_eq!(
+        status,
+        200,
+        "GET {url} answered {status}: {}",
+        String::from_utf8_lossy(&body[..body.len().min(500)])
+    );
+    assert_eq!(
+        sha256(&body),
+        digest,
+        "GET {url} returned bytes that hash to something else"
+    );
+    body
+}
+
+pub async fn head_status(client: &reqwest::Client, url: &str) -> u16 {
+    client
+        .head(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("HEAD {url}: {e}"))
+        .status()
+        .as_u16()
+}
+
+/// Resolves a `Location` header against the registry's base URL.
+pub fn absolute(registry: &Registry, location: &str) -> String {
+    if location.starts_with("http://") || location.starts_with("https://") {
+        location.to_string()
+    } else if location.starts_with('/') {
+        format!("{}{location}", registry.url())
+    } else {
+        format!("{}/{location}", registry.url())
+    }
+}
+
+/// Asserts a pushed manifest is served back byte for byte under `reference` with the digest
+/// header and the expected media type, and that every blob it references is there.
+pub async fn assert_manifest_served(
+    client: &reqwest::Client,
+    registry: &Registry,
+    repo: &str,
+    reference: &str,
+    expected_digest: &str,
+    expected_type: &str,
+) -> Value {
+    let fetched = get_manifest(client, registry, repo, reference).await;
+    assert_eq!(
+        fetched.status, 200,
+        "GET manifest {repo}:{reference}: {fetched:?}"
+    );
+    assert_eq!(
+        sha256(&fetched.body),
+        expected_digest,
+        "manifest {repo}:{reference} bytes hash to another digest"
+    );
+    assert_eq!(
+        fetched.digest.as_deref(),
+        Some(expected_digest),
+        "Docker-Content-Digest of {repo}:{reference}"
+    );
+    assert_eq!(
+        fetched.content_type.as_deref(),
+        Some(expected_type),
+        "Content-Type of {repo}:{reference}"
+    );
+    let manifest: Value = serde_json::from_slice(&fetched.body).expect("the manifest is JSON");
+    let mut referenced = Vec::new();
+    if let Some(config) = manifest["config"]["digest"].as_str() {
+        referenced.push(config.to_string());
+    }
+    for layer in manifest["layers"].as_array().into_iter().flatten() {
+        referenced.push(layer["digest"].as_str().expect("layer digest").to_string());
+    }
+    for digest in referenced {
+        get_blob_checked(client, registry, repo, &digest).await;
+    }
+    manifest
+}
+
+// ---------------------------------------------------------------------------------------------
+// Private client daemons
+// ---------------------------------------------------------------------------------------------
+
+/// A private dockerd (vfs storage, no iptables, no bridge) with its own data root, exec root and
+/// socket in a short temporary directory; it starts its own managed containerd. The `docker` CLI
+/// talks to it through `-H unix://…` with a private `DOCKER_CONFIG`. Dropping it stops dockerd
+/// (SIGTERM, then SIGKILL), kills its containerd if it outlived it, and removes the directory.
+pub struct Dockerd {
+    dir: TempDir,
+    child: Option<Child>,
+    docker: PathBuf,
+}
+
+impl Dockerd {
+    pub fn start(insecure_registry: &str) -> Dockerd {
+        let dockerd = require_tool("dockerd");
+        let docker = require_tool("docker");
+        let dir = short_tempdir("bd");
+        let d = dir.path();
+        fs::create_dir_all(d.join("cfg")).expect("create the docker config dir");
+        let log = File::create(d.join("dockerd.log")).expect("create the dockerd log");
+        let child = Command::new(&dockerd)
+            .arg("--storage-driver")
+            .arg("vfs")
+            .arg("--iptables=false")
+            .arg("--ip6tables=false")
+            .arg("--bridge=none")
+            .arg("--data-root")
+            .arg(d.join("data"))
+            .arg("--exec-root")
+            .arg(d.join("exec"))
+            .arg("--pidfile")
+            .arg(d.join("pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", d.join("d.sock").display()))
+            .arg("--insecure-registry")
+            .arg(insecure_registry)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone the log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", dockerd.display()));
+        let mut daemon = Dockerd {
+            dir,
+            child: Some(child),
+            docker,
+        };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!(
+                    "dockerd exited with {status} while starting\n--- dockerd log ---\n{}",
+                    tail_file(&self.log_path(), LOG_TAIL_LINES)
+                );
+            }
+            let out = run_output(
+                self.docker()
+                    .args(["info", "--format", "{{.ServerVersion}}"]),
+                Duration::from_secs(20),
+            );
+            if out.status.success() {
+                eprintln!(
+                    "private dockerd {} ready at {}",
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                    self.sock().display()
+                );
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "dockerd did not answer `docker info` within 60 s: {}\n--- dockerd log ---\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    tail_file(&self.log_path(), LOG_TAIL_LINES)
+                );
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn sock(&self) -> PathBuf {
+        self.dir.path().join("d.sock")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("dockerd.log")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A `docker` command aimed at this daemon.
+    pub fn docker(&self) -> Command {
+        let mut cmd = Command::new(&self.docker);
+        cmd.env("DOCKER_CONFIG", self.dir.path().join("cfg"))
+            .arg("-H")
+            .arg(format!("unix://{}", self.sock().display()));
+        cmd
+    }
+
+    /// The pid of the containerd that dockerd started for itself, if it wrote one.
+    fn managed_containerd_pid(&self) -> Option<u32> {
+        let text =
+            fs::read_to_string(self.dir.path().join("exec/containerd/containerd.pid")).ok()?;
+        text.trim().parse().ok()
+    }
+}
+
+/// Whether `pid` is alive and its command line mentions `marker` (so we only ever kill our own).
+fn process_mentions(pid: u32, marker: &Path) -> bool {
+    match fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmdline) => String::from_utf8_lossy(&cmdline).contains(&*marker.to_string_lossy()),
+        Err(_) => false,
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        print_log_on_panic("dockerd", &self.log_path());
+        let containerd = self.managed_containerd_pid();
+        if let Some(child) = self.child.as_mut() {
+            stop_child(child, Duration::from_secs(20));
+        }
+        if let Some(pid) = containerd {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while process_mentions(pid, self.dir.path()) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(100));
+            }
+            if process_mentions(pid, self.dir.path()) {
+                send_signal(pid, "KILL");
+            }
+        }
+    }
+}
+
+/// A private containerd with its own root, state, gRPC socket and config in a short temporary
+/// directory (CRI plugin disabled); `ctr()` is aimed at it. Dropping it stops it and removes the
+/// directory.
+pub struct Containerd {
+    dir: TempDir,
+    child: Option<Child>,
+    ctr: PathBuf,
+}
+
+impl Containerd {
+    pub fn start() -> Containerd {
+        let containerd = require_tool("containerd");
+        let ctr = require_tool("ctr");
+        let dir = short_tempdir("cd");
+        let d = dir.path();
+        let config = format!(
+            "version = 2\n\
+             root = \"{root}\"\n\
+             state = \"{state}\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{sock}\"\n\
+             [ttrpc]\n  address = \"{sock}.ttrpc\"\n\
+             [debug]\n  address = \"\"\n\
+             [metrics]\n  address = \"\"\n",
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = d.join("c.sock").display(),
+        );
+        fs::write(d.join("config.toml"), config).expect("write the containerd config");
+        let log = File::create(d.join("containerd.log")).expect("create the containerd log");
+        let child = Command::new(&containerd)
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone the log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", containerd.display()));
+        let mut daemon = Containerd {
+            dir,
+            child: Some(child),
+            ctr,
+        };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!(
+                    "containerd exited with {status} while starting\n--- containerd log ---\n{}",
+                    tail_file(&self.log_path(), LOG_TAIL_LINES)
+                );
+            }
+            let out = run_output(self.ctr().arg("version"), Duration::from_secs(10));
+            if out.status.success() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "containerd did not answer `ctr version` within 30 s: {}\n--- containerd log ---\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    tail_file(&self.log_path(), LOG_TAIL_LINES)
+                );
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn sock(&self) -> PathBuf {
+        self.dir.path().join("c.sock")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("containerd.log")
+    }
+
+    /// A `ctr` command aimed at this containerd.
+    pub fn ctr(&self) -> Command {
+        let mut cmd = Command::new(&self.ctr);
+        cmd.arg("--address").arg(self.sock());
+        cmd
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        print_log_on_panic("containerd", &self.log_path());
+        if let Some(child) = self.child.as_mut() {
+            stop_child(child, Duration::from_secs(15));
+        }
+    }
+}
+
+/// Podman with a private store (`--root`, `--runroot`, vfs) and temporary directory, so it never
+/// touches the host's images. No daemon: each command is a process of its own.
+pub struct Podman {
+    dir: TempDir,
+    podman: PathBuf,
+}
+
+impl Podman {
+    pub fn new() -> Podman {
+        let podman = require_tool("podman");
+        let dir = short_tempdir("pm");
+        fs::create_dir_all(dir.path().join("tmp")).expect("create podman's tmpdir");
+        Podman { dir, podman }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A `podman` command using the private store.
+    pub fn podman(&self) -> Command {
+        let d = self.dir.path();
+        let mut cmd = Command::new(&self.podman);
+        cmd.env("TMPDIR", d.join("tmp"))
+            .arg("--root")
+            .arg(d.join("root"))
+            .arg("--runroot")
+            .arg(d.join("run"))
+            .arg("--tmpdir")
+            .arg(d.join("libpod-tmp"))
+            .arg("--storage-driver")
+            .arg("vfs")
+            .arg("--cgroup-manager")
+            .arg("cgroupfs")
+            .arg("--events-backend")
+            .arg("file");
+        cmd
+    }
+}
+
+/// The first `sha256:<64 hex>` that follows `marker` in `text`.
+pub fn digest_after(text: &str, marker: &str) -> Option<String> {
+    let start = text.find(marker)? + marker.len();
+    let rest = text[start..].trim_start();
+    let candidate: String = rest.chars().take(71).collect();
+    let valid = candidate.len() == 71
+        && candidate.starts_with("sha256:")
+        && candidate[7..]
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
+    valid.then_some(candidate)
+}
