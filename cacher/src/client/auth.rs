@@ -1,0 +1,283 @@
+//! Registry authentication: `WWW-Authenticate` challenges, Basic credentials, and the Docker
+//! token flow with tokens cached per scope until they expire.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{HeaderMap, HeaderValue, WWW_AUTHENTICATE};
+use serde::Deserialize;
+
+use super::retry::RetryPolicy;
+use super::{ClientError, Credentials, Scope};
+use crate::secret::Secret;
+
+/// Lifetime assumed when a token service does not say, per the token specification.
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Challenge {
+    Basic,
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
+}
+
+struct CachedToken {
+    value: Secret,
+    refresh_at: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    challenge: Option<Challenge>,
+    tokens: HashMap<String, CachedToken>,
+}
+
+/// Authentication state for one registry. The lock is never held across an await.
+pub(super) struct Authenticator {
+    credentials: Option<Credentials>,
+    state: Mutex<State>,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    access_token: Option<String>,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+impl Authenticator {
+    pub(super) fn new(credentials: Option<Credentials>) -> Authenticator {
+        Authenticator {
+            credentials,
+            state: Mutex::default(),
+        }
+    }
+
+    pub(super) fn has_credentials(&self) -> bool {
+        self.credentials.is_some()
+    }
+
+    /// Remembers the challenge of a 401 and forgets the token that earned it.
+    pub(super) fn note_challenge(&self, headers: &HeaderMap, scope: &Scope) {
+        let challenge = headers
+            .get_all(WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .find_map(parse_challenge);
+        let mut state = self.state.lock().expect("auth state lock");
+        state.tokens.remove(&scope.key());
+        if challenge.is_some() {
+            state.challenge = challenge;
+        }
+    }
+
+    /// The `Authorization` header for a request needing `scope`, if the registry has asked for
+    /// one; fetches a token when there is no fresh one for this scope.
+    pub(super) async fn authorization(
+        &self,
+        http: &reqwest::Client,
+        retry: &RetryPolicy,
+        scope: &Scope,
+    ) -> Result<Option<HeaderValue>, ClientError> {
+        let challenge = self
+            .state
+            .lock()
+            .expect("auth state lock")
+            .challenge
+            .clone();
+        let value = match challenge {
+            None => return Ok(None),
+            Some(Challenge::Basic) => match &self.credentials {
+                Some(credentials) => basic_value(credentials),
+                None => return Ok(None),
+            },
+            Some(Challenge::Bearer { realm, service }) => {
+                let token = self
+                    .token(http, retry, &realm, service.as_deref(), scope)
+                    .await?;
+                format!("Bearer {}", token.expose())
+            }
+        };
+        let mut header = HeaderValue::from_str(&value).map_err(|_| {
+            ClientError::Auth("the credentials contain characters HTTP cannot carry".into())
+        })?;
+        header.set_sensitive(true);
+        Ok(Some(header))
+    }
+
+    async fn token(
+        &self,
+        http: &reqwest::Client,
+        retry: &RetryPolicy,
+        realm: &str,
+        service: Option<&str>,
+        scope: &Scope,
+    ) -> Result<Secret, ClientError> {
+        let key = scope.key();
+        {
+            let state = self.state.lock().expect("auth state lock");
+            if let Some(cached) = state.tokens.get(&key)
+                && cached.refresh_at > Instant::now()
+            {
+                return Ok(cached.value.clone());
+            }
+        }
+        let mut query: Vec<(&str, &str)> = Vec::new();
+        if let Some(service) = service {
+            query.push(("service", service));
+        }
+        for scope in scope.entries() {
+            query.push(("scope", scope));
+        }
+        let requested = Instant::now();
+        let response = retry
+            .send("token request", || {
+                let request = http.get(realm).query(&query);
+                match &self.credentials {
+                    Some(c) => request.basic_auth(&c.username, Some(c.password.expose())),
+                    None => request,
+                }
+            })
+            .await
+            .map_err(|e| ClientError::transport("requesting a token", e))?;
+        if !response.status().is_success() {
+            let status = response.status();
+            return Err(ClientError::Auth(
+                match (status.as_u16(), self.has_credentials()) {
+                    (401 | 403, true) => {
+                        format!("the token service refused the credentials ({status})")
+                    }
+                    (401 | 403, false) => {
+                        format!("the token service requires credentials for this image ({status})")
+                    }
+                    _ => format!("the token service answered {status}"),
+                },
+            ));
+        }
+        let body: TokenResponse = response
+            .json()
+            .await
+            .map_err(|e| ClientError::transport("reading the token response", e))?;
+        let value = body
+            .token
+            .or(body.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| ClientError::Auth("the token service returned no token".into()))?;
+        let lifetime = body
+            .expires_in
+            .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+        // Refresh a little early so a token never expires between check and use.
+        let refresh_at = requested + lifetime.mul_f64(0.9);
+        let value = Secret::new(value);
+        self.state.lock().expect("auth state lock").tokens.insert(
+            key,
+            CachedToken {
+                value: value.clone(),
+                refresh_at,
+            },
+        );
+        Ok(value)
+    }
+}
+
+fn basic_value(credentials: &Credentials) -> String {
+    use base64::Engine as _;
+    let raw = format!("{}:{}", credentials.username, credentials.password.expose());
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
+}
+
+/// Parses one `WWW-Authenticate` value: `Basic realm="x"` or
+/// `Bearer realm="https://auth",service="registry",scope="repository:a:pull,push"`.
+pub(super) fn parse_challenge(header: &str) -> Option<Challenge> {
+    let header = header.trim();
+    let (scheme, params) = header.split_once(' ').unwrap_or((header, ""));
+    match scheme.to_ascii_lowercase().as_str() {
+        "basic" => Some(Challenge::Basic),
+        "bearer" => {
+            let params = parse_params(params);
+            let realm = params.get("realm")?.clone();
+            Some(Challenge::Bearer {
+                realm,
+                service: params.get("service").cloned(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// `key="quoted, value",key2=token` pairs; quoted values may hold commas and `\"`.
+fn parse_params(input: &str) -> HashMap<String, String> {
+    let mut params = HashMap::new();
+    let mut chars = input.chars().peekable();
+    loop {
+        while chars.next_if(|c| *c == ',' || c.is_whitespace()).is_some() {}
+        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=')).collect();
+        if key.is_empty() || chars.next() != Some('=') {
+            return params;
+        }
+        let mut value = String::new();
+        if chars.next_if_eq(&'"').is_some() {
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            value.extend(std::iter::from_fn(|| chars.next_if(|c| *c != ',')));
+        }
+        params.insert(key.trim().to_ascii_lowercase(), value.trim().to_owned());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_docker_hub_style_bearer_challenges() {
+        let challenge = parse_challenge(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/ubuntu:pull,push""#,
+        );
+        assert_eq!(
+            challenge,
+            Some(Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into()),
+            })
+        );
+        let params = parse_params(r#"realm="a\"b", scope="x:y:pull,push",error=invalid_token"#);
+        assert_eq!(params["realm"], "a\"b");
+        assert_eq!(params["scope"], "x:y:pull,push");
+        assert_eq!(params["error"], "invalid_token");
+    }
+
+    #[test]
+    fn parses_basic_and_ignores_unknown_schemes() {
+        assert_eq!(
+            parse_challenge(r#"Basic realm="Registry""#),
+            Some(Challenge::Basic)
+        );
+        assert_eq!(parse_challenge("Negotiate abc"), None);
+        assert_eq!(parse_challenge("Bearer service=x"), None);
+    }
+
+    #[test]
+    fn basic_header_is_base64_of_user_colon_password() {
+        let credentials = Credentials {
+            username: "user".into(),
+            password: Secret::new("pass".into()),
+        };
+        assert_eq!(basic_value(&credentials), "Basic dXNlcjpwYXNz");
+    }
+}

@@ -1,0 +1,223 @@
+//! Reading a blob as a verified stream that survives dropped connections by resuming with
+//! `Range` requests.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use berth_oci::{Digest, DigestHasher, RepoName};
+use bytes::Bytes;
+use futures_util::stream::{BoxStream, Stream, StreamExt};
+use reqwest::StatusCode;
+use reqwest::header::CONTENT_RANGE;
+
+use super::{ClientError, RegistryClient};
+
+/// Bytes received from a source, shared by everything reporting progress.
+#[derive(Debug, Clone, Default)]
+pub struct TransferCounter(Arc<AtomicU64>);
+
+impl TransferCounter {
+    pub fn add(&self, bytes: u64) {
+        self.0.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A blob read from `client`, hashed and counted as it flows. The stream ends with an error,
+/// never with a clean end, if the bytes do not have the expected size and digest, so a
+/// destination that receives it as a request body never commits bad content.
+pub struct BlobReader {
+    client: Arc<RegistryClient>,
+    repo: RepoName,
+    digest: Digest,
+    size: u64,
+    hasher: DigestHasher,
+    /// Bytes delivered so far.
+    offset: u64,
+    /// Bytes to drop from the current response: a source that ignores `Range` starts over.
+    skip: u64,
+    body: Option<BoxStream<'static, reqwest::Result<Bytes>>>,
+    resumes_left: u32,
+    counter: TransferCounter,
+    /// Why the stream failed, kept because an HTTP client reports a failed body only vaguely.
+    failure: Arc<std::sync::Mutex<Option<String>>>,
+    finished: bool,
+}
+
+impl BlobReader {
+    pub fn new(
+        client: Arc<RegistryClient>,
+        repo: RepoName,
+        digest: Digest,
+        size: u64,
+        counter: TransferCounter,
+    ) -> BlobReader {
+        let resumes_left = client.retry_policy().attempts;
+        BlobReader {
+            client,
+            hasher: DigestHasher::new(digest.algorithm()),
+            repo,
+            digest,
+            size,
+            offset: 0,
+            skip: 0,
+            body: None,
+            resumes_left,
+            counter,
+            failure: Arc::default(),
+            finished: false,
+        }
+    }
+
+    /// A handle on the reason the stream failed, readable after it has been consumed.
+    pub fn failure(&self) -> Arc<std::sync::Mutex<Option<String>>> {
+        self.failure.clone()
+    }
+
+    pub fn into_stream(self) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        futures_util::stream::unfold(self, |mut reader| async move {
+            if reader.finished {
+                return None;
+            }
+            match reader.next_chunk().await {
+                Ok(Some(chunk)) => Some((Ok(chunk), reader)),
+                Ok(None) => None,
+                Err(err) => {
+                    reader.finished = true;
+                    *reader.failure.lock().expect("failure lock") = Some(err.to_string());
+                    Some((Err(err), reader))
+                }
+            }
+        })
+    }
+
+    async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            if self.body.is_none() {
+                self.open().await?;
+            }
+            let body = self.body.as_mut().expect("opened above");
+            match body.next().await {
+                Some(Ok(mut chunk)) => {
+                    self.counter.add(chunk.len() as u64);
+                    if self.skip > 0 {
+                        let dropped = self.skip.min(chunk.len() as u64);
+                        self.skip -= dropped;
+                        chunk = chunk.slice(dropped as usize..);
+                    }
+                    if chunk.is_empty() {
+                        continue;
+                    }
+                    self.offset += chunk.len() as u64;
+                    if self.offset > self.size {
+                        return Err(invalid(format!(
+                            "blob {} is larger than the {} bytes its descriptor says",
+                            self.digest, self.size
+                        )));
+                    }
+                    self.hasher.update(&chunk);
+                    return Ok(Some(chunk));
+                }
+                Some(Err(err)) if self.resumes_left > 0 => {
+                    self.resumes_left -= 1;
+                    self.body = None;
+                    eprintln!(
+                        "  blob {}: connection lost after {} bytes ({}); resuming",
+                        short(&self.digest),
+                        self.offset,
+                        super::retry::transport_reason(&err)
+                    );
+                    tokio::time::sleep(self.client.retry_policy().first_delay).await;
+                }
+                Some(Err(err)) => return Err(io::Error::other(err)),
+                None if self.offset < self.size && self.resumes_left > 0 => {
+                    // A body cut short without an error: resume like a dropped connection.
+                    self.resumes_left -= 1;
+                    self.body = None;
+                }
+                None => return self.verify().map(|()| None),
+            }
+        }
+    }
+
+    async fn open(&mut self) -> io::Result<()> {
+        let response = self
+            .client
+            .get_blob(&self.repo, &self.digest, self.offset)
+            .await
+            .map_err(client_to_io)?;
+        self.skip = 0;
+        if self.offset > 0 {
+            let resumed_at = response
+                .headers()
+                .get(CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(range_start);
+            if response.status() != StatusCode::PARTIAL_CONTENT || resumed_at != Some(self.offset) {
+                // The source sent the whole blob again: drop what was already delivered.
+                self.skip = self.offset;
+            }
+        }
+        self.body = Some(response.bytes_stream().boxed());
+        Ok(())
+    }
+
+    fn verify(&mut self) -> io::Result<()> {
+        if self.offset != self.size {
+            return Err(invalid(format!(
+                "blob {} ended after {} of its {} bytes",
+                self.digest, self.offset, self.size
+            )));
+        }
+        let hasher =
+            std::mem::replace(&mut self.hasher, DigestHasher::new(self.digest.algorithm()));
+        let actual = hasher.finish();
+        if actual != self.digest {
+            return Err(invalid(format!(
+                "blob {} arrived corrupted: its content hashes to {actual}",
+                self.digest
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn client_to_io(err: ClientError) -> io::Error {
+    io::Error::other(err.to_string())
+}
+
+fn invalid(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+/// `bytes START-END/TOTAL` → START.
+fn range_start(content_range: &str) -> Option<u64> {
+    content_range
+        .strip_prefix("bytes ")?
+        .split('-')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The first 12 hex digits, as Docker shows layer ids.
+pub fn short(digest: &Digest) -> &str {
+    &digest.hex()[..12]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_content_range_starts() {
+        assert_eq!(range_start("bytes 100-199/200"), Some(100));
+        assert_eq!(range_start("bytes */200"), None);
+        assert_eq!(range_start("items 1-2/3"), None);
+    }
+}

@@ -1,0 +1,600 @@
+//! A client for one remote registry's `/v2/` API: manifests, blobs, uploads and mounts, with
+//! challenge-driven authentication and retries on transient failures.
+
+mod auth;
+mod blob;
+mod retry;
+
+use std::time::Duration;
+
+use berth_oci::{Digest, RepoName, media_type};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RANGE};
+use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
+
+pub use blob::{BlobReader, TransferCounter, short};
+pub use retry::RetryPolicy;
+
+use crate::secret::Secret;
+
+/// Registries refuse manifests over 4 MiB; so does the client, before buffering one.
+pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// Every manifest type the client can copy, for content negotiation.
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+    application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, \
+    application/vnd.docker.distribution.manifest.v2+json, \
+    application/vnd.docker.distribution.manifest.v1+prettyjws;q=0.5";
+
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub password: Secret,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{context}: {reason}")]
+    Transport {
+        context: String,
+        reason: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{context}: the registry answered {status}{detail}")]
+    Status {
+        context: String,
+        status: StatusCode,
+        detail: String,
+    },
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("{context}: content does not match {expected} (got {actual})")]
+    DigestMismatch {
+        context: String,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ClientError {
+    fn transport(context: impl Into<String>, source: reqwest::Error) -> ClientError {
+        ClientError::Transport {
+            context: context.into(),
+            reason: retry::transport_reason(&source),
+            source,
+        }
+    }
+
+    /// Whether trying the same operation again may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Transport { .. } | ClientError::DigestMismatch { .. } => true,
+            ClientError::Status { status, .. } => retry::is_retryable_status(*status),
+            ClientError::Auth(_) | ClientError::Invalid(_) => false,
+        }
+    }
+}
+
+/// The access a request needs, as token-service scopes (`repository:NAME:pull,push`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope(Vec<String>);
+
+impl Scope {
+    pub fn pull(repo: &RepoName) -> Scope {
+        Scope(vec![format!("repository:{repo}:pull")])
+    }
+
+    pub fn push(repo: &RepoName) -> Scope {
+        Scope(vec![format!("repository:{repo}:pull,push")])
+    }
+
+    fn key(&self) -> String {
+        self.0.join(" ")
+    }
+
+    fn entries(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+}
+
+/// A manifest exactly as the registry served it.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub media_type: String,
+    pub bytes: Bytes,
+    pub digest: Digest,
+}
+
+/// How a push of a blob began.
+#[derive(Debug)]
+pub enum UploadStart {
+    /// The registry mounted the blob from another repository: nothing to send.
+    Mounted,
+    /// An upload session to send the blob to.
+    Session(Url),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    pub credentials: Option<Credentials>,
+    /// Accept any TLS certificate and fall back to plain HTTP, as Docker does for registries
+    /// listed as insecure.
+    pub insecure: bool,
+    /// PEM roots trusted in addition to the system's.
+    pub extra_roots: Vec<reqwest::Certificate>,
+    pub retry: RetryPolicy,
+}
+
+pub struct RegistryClient {
+    http: reqwest::Client,
+    base: Url,
+    auth: auth::Authenticator,
+    retry: RetryPolicy,
+}
+
+impl RegistryClient {
+    /// A client for `host[:port]`. HTTPS unless the host is insecure and does not speak it.
+    pub async fn connect(
+        host: &str,
+        options: ClientOptions,
+    ) -> Result<RegistryClient, ClientError> {
+        let insecure = options.insecure;
+        let https = RegistryClient::new(&format!("https://{host}"), options.clone())?;
+        match https.ping().await {
+            Ok(()) => Ok(https),
+            Err(ClientError::Transport { .. }) if insecure => {
+                let http = RegistryClient::new(&format!("http://{host}"), options)?;
+                http.ping().await?;
+                Ok(http)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// A client for a registry at a known base URL (`https://host:port`).
+    pub fn new(base: &str, options: ClientOptions) -> Result<RegistryClient, ClientError> {
+        let base = Url::parse(base)
+            .map_err(|e| ClientError::Invalid(format!("registry URL {base:?}: {e}")))?;
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("berth-cacher/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(15))
+            .read_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .danger_accept_invalid_certs(options.insecure);
+        for root in options.extra_roots {
+            builder = builder.add_root_certificate(root);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| ClientError::transport("building the HTTP client", e))?;
+        Ok(RegistryClient {
+            http,
+            base,
+            auth: auth::Authenticator::new(options.credentials),
+            retry: options.retry,
+        })
+    }
+
+    pub fn base(&self) -> &Url {
+        &self.base
+    }
+
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
+    }
+
+    fn url(&self, path: &str) -> Url {
+        self.base
+            .join(path)
+            .expect("registry paths are valid URL paths")
+    }
+
+    /// Sends a request with authentication and retries. A first 401 teaches the client the
+    /// registry's challenge and the request is sent once more with credentials or a token.
+    async fn send(
+        &self,
+        what: &str,
+        scope: &Scope,
+        build: impl Fn() -> RequestBuilder,
+    ) -> Result<Response, ClientError> {
+        for round in 0..2 {
+            let authorization = self
+                .auth
+                .authorization(&self.http, &self.retry, scope)
+                .await?;
+            let response = self
+                .retry
+                .send(what, || match &authorization {
+                    Some(value) => build().header(AUTHORIZATION, value.clone()),
+                    None => build(),
+                })
+                .await
+                .map_err(|e| ClientError::transport(what, e))?;
+            if response.status() == StatusCode::UNAUTHORIZED && round == 0 {
+                self.auth.note_challenge(response.headers(), scope);
+                continue;
+            }
+            if response.status() == StatusCode::UNAUTHORIZED {
+                return Err(ClientError::Auth(if self.auth.has_credentials() {
+                    format!("{what}: the registry rejected the credentials")
+                } else {
+                    format!("{what}: the registry requires credentials")
+                }));
+            }
+            return Ok(response);
+        }
+        unreachable!("the loop returns in its second round")
+    }
+
+    /// `GET /v2/`: checks the registry answers and learns its authentication challenge.
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        let url = self.url("/v2/");
+        let response = self
+            .retry
+            .send("checking the registry", || self.http.get(url.clone()))
+            .await
+            .map_err(|e| ClientError::transport(format!("reaching {}", self.base), e))?;
+        if response.status() == StatusCode::UNAUTHORIZED {
+            self.auth
+                .note_challenge(response.headers(), &Scope::default());
+            return Ok(());
+        }
+        expect(
+            response,
+            &[StatusCode::OK],
+            &format!("checking {}", self.base),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &str,
+    ) -> Result<Manifest, ClientError> {
+        let what = format!("fetching manifest {repo}:{reference}");
+        let url = self.url(&format!("/v2/{repo}/manifests/{reference}"));
+        let response = self
+            .send(&what, &Scope::pull(repo), || {
+                self.http.get(url.clone()).header(ACCEPT, MANIFEST_ACCEPT)
+            })
+            .await?;
+        let response = expect(response, &[StatusCode::OK], &what).await?;
+        let header_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned());
+        let bytes = read_limited(response, MAX_MANIFEST_BYTES, &what).await?;
+        let expected = reference.parse::<Digest>().ok();
+        let digest = match &expected {
+            Some(expected) => expected.same_algorithm_of(&bytes),
+            None => Digest::sha256_of(&bytes),
+        };
+        if let Some(expected) = expected
+            && expected != digest
+        {
+            return Err(ClientError::DigestMismatch {
+                context: what,
+                expected,
+                actual: digest,
+            });
+        }
+        let media_type = detect_media_type(header_type.as_deref(), &bytes);
+        Ok(Manifest {
+            media_type,
+            bytes,
+            digest,
+        })
+    }
+
+    /// Pushes manifest bytes unchanged under `reference` (a tag or the digest).
+    pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &str,
+        manifest: &Manifest,
+    ) -> Result<(), ClientError> {
+        let what = format!("pushing manifest {repo}:{reference}");
+        let url = self.url(&format!("/v2/{repo}/manifests/{reference}"));
+        let response = self
+            .send(&what, &Scope::push(repo), || {
+                self.http
+                    .put(url.clone())
+                    .header(CONTENT_TYPE, &manifest.media_type)
+                    .body(manifest.bytes.clone())
+            })
+            .await?;
+        expect(response, &[StatusCode::CREATED, StatusCode::OK], &what).await?;
+        Ok(())
+    }
+
+    /// The size of a blob in `repo`, or `None` if the repository does not have it.
+    pub async fn blob_size(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<u64>, ClientError> {
+        let what = format!("checking blob {digest} in {repo}");
+        let url = self.url(&format!("/v2/{repo}/blobs/{digest}"));
+        let response = self
+            .send(&what, &Scope::pull(repo), || self.http.head(url.clone()))
+            .await?;
+        match response.status() {
+            StatusCode::OK => Ok(response.content_length()),
+            StatusCode::NOT_FOUND => Ok(None),
+            _ => expect(response, &[], &what).await.map(|_| None),
+        }
+    }
+
+    /// Starts reading a blob at byte `offset`; the caller checks for 200 or 206.
+    pub async fn get_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<Response, ClientError> {
+        let what = format!("fetching blob {digest}");
+        let url = self.url(&format!("/v2/{repo}/blobs/{digest}"));
+        let response = self
+            .send(&what, &Scope::pull(repo), || {
+                let request = self.http.get(url.clone());
+                if offset > 0 {
+                    request.header(RANGE, format!("bytes={offset}-"))
+                } else {
+                    request
+                }
+            })
+            .await?;
+        expect(
+            response,
+            &[StatusCode::OK, StatusCode::PARTIAL_CONTENT],
+            &what,
+        )
+        .await
+    }
+
+    /// Reads a small blob (an image config) whole, verifying its digest.
+    pub async fn get_small_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        max: usize,
+    ) -> Result<Bytes, ClientError> {
+        let what = format!("fetching blob {digest}");
+        let response = self.get_blob(repo, digest, 0).await?;
+        let bytes = read_limited(response, max, &what).await?;
+        let actual = digest.same_algorithm_of(&bytes);
+        if &actual != digest {
+            return Err(ClientError::DigestMismatch {
+                context: what,
+                expected: digest.clone(),
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Starts pushing `digest` into `repo`, asking the registry to mount it from any repository
+    /// it already has it in (OCI distribution 1.1 `mount` without `from`); registries that do
+    /// not mount answer with an upload session instead.
+    pub async fn start_upload(
+        &self,
+        repo: &RepoName,
+        mount: Option<&Digest>,
+    ) -> Result<UploadStart, ClientError> {
+        let what = format!("starting an upload to {repo}");
+        let mut url = self.url(&format!("/v2/{repo}/blobs/uploads/"));
+        if let Some(digest) = mount {
+            url.query_pairs_mut()
+                .append_pair("mount", &digest.to_string());
+        }
+        let response = self
+            .send(&what, &Scope::push(repo), || {
+                self.http.post(url.clone()).header(CONTENT_LENGTH, 0)
+            })
+            .await?;
+        let status = response.status();
+        let response = expect(
+            response,
+            &[StatusCode::CREATED, StatusCode::ACCEPTED],
+            &what,
+        )
+        .await?;
+        if status == StatusCode::CREATED {
+            return Ok(UploadStart::Mounted);
+        }
+        let location = response
+            .headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| ClientError::Invalid(format!("{what}: no Location in the answer")))?;
+        let location = self
+            .base
+            .join(location)
+            .map_err(|e| ClientError::Invalid(format!("{what}: bad Location {location:?}: {e}")))?;
+        Ok(UploadStart::Session(location))
+    }
+
+    /// Sends the whole blob to an upload session and commits it as `digest`. The body is not
+    /// retried here: a stream can be sent only once, so the caller retries the whole blob.
+    pub async fn finish_upload(
+        &self,
+        repo: &RepoName,
+        mut location: Url,
+        digest: &Digest,
+        size: u64,
+        body: reqwest::Body,
+    ) -> Result<(), ClientError> {
+        let what = format!("uploading blob {digest}");
+        location
+            .query_pairs_mut()
+            .append_pair("digest", &digest.to_string());
+        let authorization = self
+            .auth
+            .authorization(&self.http, &self.retry, &Scope::push(repo))
+            .await?;
+        let mut request = self
+            .http
+            .put(location)
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .header(CONTENT_LENGTH, size)
+            .body(body);
+        if let Some(value) = authorization {
+            request = request.header(AUTHORIZATION, value);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| ClientError::transport(&what, e))?;
+        expect(response, &[StatusCode::CREATED], &what).await?;
+        Ok(())
+    }
+
+    /// Best-effort cancel of an upload session after a failed transfer.
+    pub async fn cancel_upload(&self, repo: &RepoName, location: Url) {
+        let _ = self
+            .send("cancelling an upload", &Scope::push(repo), || {
+                self.http.request(Method::DELETE, location.clone())
+            })
+            .await;
+    }
+}
+
+/// Returns `response` if its status is one of `ok`, else an error carrying the registry's own
+/// OCI error code and message when it sent one.
+async fn expect(
+    response: Response,
+    ok: &[StatusCode],
+    what: &str,
+) -> Result<Response, ClientError> {
+    let status = response.status();
+    if ok.contains(&status) {
+        return Ok(response);
+    }
+    let body = response.bytes().await.unwrap_or_default();
+    Err(ClientError::Status {
+        context: what.to_owned(),
+        status,
+        detail: oci_error_detail(&body),
+    })
+}
+
+/// `: CODE: message` from an OCI error body, or nothing.
+fn oci_error_detail(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Errors {
+        errors: Vec<ErrorEntry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ErrorEntry {
+        code: String,
+        #[serde(default)]
+        message: String,
+    }
+    match serde_json::from_slice::<Errors>(body) {
+        Ok(parsed) => parsed
+            .errors
+            .iter()
+            .map(|e| format!(": {}: {}", e.code, e.message))
+            .collect(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Reads a response body of at most `max` bytes.
+async fn read_limited(response: Response, max: usize, what: &str) -> Result<Bytes, ClientError> {
+    if response
+        .content_length()
+        .is_some_and(|len| len > max as u64)
+    {
+        return Err(ClientError::Invalid(format!(
+            "{what}: larger than {max} bytes"
+        )));
+    }
+    let mut body = BytesMut::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ClientError::transport(what, e))?;
+        if body.len() + chunk.len() > max {
+            return Err(ClientError::Invalid(format!(
+                "{what}: larger than {max} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// The manifest's media type: the `Content-Type` when it names a manifest type, else the
+/// document's own `mediaType`, else what its shape says (some registries serve `application/json`).
+fn detect_media_type(header: Option<&str>, bytes: &[u8]) -> String {
+    if let Some(header) = header
+        && (media_type::is_supported_manifest(header) || media_type::is_schema1(header))
+        && header != "application/json"
+    {
+        return header.to_owned();
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Shape {
+        #[serde(default)]
+        media_type: Option<String>,
+        #[serde(default)]
+        schema_version: Option<u32>,
+        #[serde(default)]
+        manifests: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<Shape>(bytes) {
+        Ok(Shape {
+            media_type: Some(declared),
+            ..
+        }) => declared,
+        Ok(Shape {
+            schema_version: Some(1),
+            ..
+        }) => media_type::DOCKER_SCHEMA1.to_owned(),
+        Ok(Shape {
+            manifests: Some(_), ..
+        }) => media_type::OCI_INDEX.to_owned(),
+        _ => media_type::OCI_MANIFEST.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_type_falls_back_to_the_document() {
+        assert_eq!(
+            detect_media_type(Some(media_type::DOCKER_MANIFEST), b"{}"),
+            media_type::DOCKER_MANIFEST
+        );
+        assert_eq!(
+            detect_media_type(Some("application/json"), br#"{"schemaVersion":1}"#),
+            media_type::DOCKER_SCHEMA1
+        );
+        assert_eq!(
+            detect_media_type(Some("text/plain"), br#"{"schemaVersion":2,"manifests":[]}"#),
+            media_type::OCI_INDEX
+        );
+        assert_eq!(
+            detect_media_type(None, br#"{"schemaVersion":2,"config":{}}"#),
+            media_type::OCI_MANIFEST
+        );
+    }
+
+    #[test]
+    fn oci_errors_are_summarised() {
+        let body = br#"{"errors":[{"code":"DENIED","message":"no push"}]}"#;
+        assert_eq!(oci_error_detail(body), ": DENIED: no push");
+        assert_eq!(oci_error_detail(b"<html>"), "");
+    }
+}

@@ -1,0 +1,193 @@
+//! The cacher's own configuration (provided by the operator, never by the app): where the internal
+//! registry is, how to reach and authenticate to it, and the caching policy.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::secret::Secret;
+
+/// Environment variable naming the configuration file.
+pub const CONFIG_ENV: &str = "BERTH_CACHER_CONFIG";
+/// File looked for next to the executable when [`CONFIG_ENV`] is unset: the BOSH job ships it in
+/// the lifecycle bundle beside the builder.
+pub const CONFIG_FILE_NAME: &str = "berth-cacher.yml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("parsing {0}: {1}")]
+    Parse(PathBuf, serde_yaml::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacherConfig {
+    pub registry: InternalRegistry,
+    /// First path component of every cache repository.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Hex key that makes each app's repository name unguessable but stable across stagings.
+    /// Without it every staging gets a fresh random repository.
+    #[serde(default)]
+    pub repository_key: Option<Secret>,
+    /// Cache every app unless it opts out, instead of only apps that opt in.
+    #[serde(default)]
+    pub cache_by_default: bool,
+    /// Platform picked from multi-platform images.
+    #[serde(default = "default_platform")]
+    pub platform: String,
+    /// Also copy every other platform and the index itself.
+    #[serde(default)]
+    pub keep_index: bool,
+    /// Blobs copied at the same time.
+    #[serde(default = "default_parallel")]
+    pub parallel_blobs: usize,
+    /// Attempts per request or blob before the copy fails.
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InternalRegistry {
+    /// `https://host:port` or, on a trusted network, `http://host:port`.
+    pub url: String,
+    /// `host[:port]` written into image references; defaults to the URL's.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Extra PEM roots to trust for the internal registry.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<Secret>,
+}
+
+fn default_namespace() -> String {
+    "cache".into()
+}
+fn default_platform() -> String {
+    "linux/amd64".into()
+}
+fn default_parallel() -> usize {
+    4
+}
+fn default_attempts() -> u32 {
+    5
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Secret, D::Error> {
+        String::deserialize(deserializer).map(Secret::new)
+    }
+}
+
+impl CacherConfig {
+    pub fn load(path: &Path) -> Result<CacherConfig, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
+        let config: CacherConfig =
+            serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Finds the configuration: `$BERTH_CACHER_CONFIG`, else the file beside the executable.
+    /// `None` means caching is not set up and the cacher acts as the plain builder.
+    pub fn discover() -> Result<Option<CacherConfig>, ConfigError> {
+        if let Some(path) = std::env::var_os(CONFIG_ENV) {
+            return CacherConfig::load(Path::new(&path)).map(Some);
+        }
+        let beside_exe = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|dir| dir.join(CONFIG_FILE_NAME)));
+        match beside_exe {
+            Some(path) if path.is_file() => CacherConfig::load(&path).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if !(self.registry.url.starts_with("https://") || self.registry.url.starts_with("http://"))
+        {
+            return invalid(format!(
+                "registry.url {:?} must start with https:// or http://",
+                self.registry.url
+            ));
+        }
+        if self.namespace.parse::<berth_oci::RepoName>().is_err() || self.namespace.contains('/') {
+            return invalid(format!(
+                "namespace {:?} must be one lowercase repository path component",
+                self.namespace
+            ));
+        }
+        if self.registry.username.is_some() != self.registry.password.is_some() {
+            return invalid("registry.username and registry.password go together".into());
+        }
+        if let Some(key) = &self.repository_key
+            && (key.expose().len() < 32 || hex::decode(key.expose()).is_err())
+        {
+            return invalid("repository_key must be at least 16 bytes of hex".into());
+        }
+        if self.parallel_blobs == 0 || self.attempts == 0 {
+            return invalid("parallel_blobs and attempts must be at least 1".into());
+        }
+        crate::copy::Platform::parse(&self.platform)
+            .map_err(|e| ConfigError::Invalid(format!("platform: {e}")))?;
+        Ok(())
+    }
+
+    /// The `host[:port]` used in image references to the internal registry.
+    pub fn registry_name(&self) -> String {
+        if let Some(name) = &self.registry.name {
+            return name.clone();
+        }
+        let without_scheme = self
+            .registry
+            .url
+            .split_once("://")
+            .map_or(self.registry.url.as_str(), |(_, rest)| rest);
+        without_scheme.trim_end_matches('/').to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<CacherConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yml");
+        std::fs::write(&path, yaml).unwrap();
+        CacherConfig::load(&path)
+    }
+
+    #[test]
+    fn defaults_and_registry_name() {
+        let config = parse("registry: {url: 'http://registry.internal:8080/'}").unwrap();
+        assert_eq!(config.namespace, "cache");
+        assert_eq!(config.platform, "linux/amd64");
+        assert_eq!(config.registry_name(), "registry.internal:8080");
+        assert!(!config.cache_by_default);
+    }
+
+    #[test]
+    fn rejects_what_would_fail_later() {
+        for bad in [
+            "registry: {url: 'registry:8080'}",
+            "registry: {url: 'http://r'}\nnamespace: Bad",
+            "registry: {url: 'http://r', username: u}",
+            "registry: {url: 'http://r'}\nrepository_key: short",
+            "registry: {url: 'http://r'}\nplatform: linux",
+            "registry: {url: 'http://r'}\nunknown_key: 1",
+        ] {
+            assert!(parse(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+}

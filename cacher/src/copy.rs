@@ -1,0 +1,431 @@
+//! Copying an image between registries: resolve the manifest (picking a platform from an index),
+//! then skip, mount or stream each blob, several at a time, and push manifests last.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use berth_oci::{Digest, RepoName, Tag, media_type};
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use serde::Deserialize;
+
+use crate::client::{BlobReader, ClientError, Manifest, RegistryClient, UploadStart, short};
+use crate::progress::{Progress, human_bytes, rate};
+
+/// Image configs are small JSON documents; anything bigger is not one.
+const MAX_CONFIG_BYTES: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(
+        "{0} uses the Docker schema 1 manifest format, which is deprecated and cannot be cached. \
+         Push the image again with a current docker, podman, buildah or skopeo: they write \
+         schema 2 or OCI manifests"
+    )]
+    Schema1(String),
+    #[error("{reference} has no image for {wanted}; it has: {available}")]
+    NoPlatform {
+        reference: String,
+        wanted: Platform,
+        available: String,
+    },
+    #[error("manifest {0}")]
+    Manifest(String),
+    #[error("blob {digest}: {reason}")]
+    Blob { digest: Digest, reason: String },
+}
+
+/// An `os/architecture[/variant]` platform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    pub fn parse(text: &str) -> Result<Platform, String> {
+        let parts: Vec<&str> = text.split('/').collect();
+        match parts.as_slice() {
+            [os, arch] | [os, arch, _] if !os.is_empty() && !arch.is_empty() => Ok(Platform {
+                os: (*os).to_owned(),
+                architecture: (*arch).to_owned(),
+                variant: parts.get(2).map(|v| (*v).to_owned()),
+            }),
+            _ => Err(format!("{text:?} is not os/architecture[/variant]")),
+        }
+    }
+
+    fn matches(&self, spec: &PlatformSpec) -> bool {
+        spec.os == self.os
+            && spec.architecture == self.architecture
+            && (self.variant.is_none() || self.variant == spec.variant)
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(variant) = &self.variant {
+            write!(f, "/{variant}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct PlatformSpec {
+    #[serde(default)]
+    os: String,
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    variant: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Descriptor {
+    media_type: String,
+    digest: Digest,
+    size: u64,
+    #[serde(default)]
+    platform: Option<PlatformSpec>,
+}
+
+impl Descriptor {
+    /// Non-distributable layers stay where their `urls` point: registries neither hold nor
+    /// require them, so the copy leaves them out.
+    fn is_foreign(&self) -> bool {
+        self.media_type.contains("foreign") || self.media_type.contains("nondistributable")
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ImageManifest {
+    config: Descriptor,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+}
+
+#[derive(Debug, Deserialize)]
+struct IndexManifest {
+    manifests: Vec<Descriptor>,
+}
+
+/// Where an image is read from.
+pub struct Source {
+    pub client: Arc<RegistryClient>,
+    pub repo: RepoName,
+    /// Tag or digest, for messages and the first manifest request.
+    pub reference: String,
+}
+
+/// An image whose manifest and config have been read from the source.
+pub struct ResolvedImage {
+    /// What the reference names: an image manifest or an index.
+    pub top: Manifest,
+    /// The image manifest for the chosen platform (`top` itself when it is not an index).
+    pub image: Manifest,
+    /// The raw image config, for the staging result's metadata.
+    pub config: Bytes,
+}
+
+impl ResolvedImage {
+    pub fn digest(&self) -> &Digest {
+        &self.image.digest
+    }
+}
+
+/// Reads the manifest `source` names and, for an index, the image for `platform`.
+pub async fn resolve(source: &Source, platform: &Platform) -> Result<ResolvedImage, CopyError> {
+    let name = format!("{}:{}", source.repo, source.reference);
+    let top = source
+        .client
+        .get_manifest(&source.repo, &source.reference)
+        .await?;
+    let image = if media_type::is_index(&top.media_type) {
+        let index: IndexManifest = parse(&top, &name)?;
+        let chosen = index
+            .manifests
+            .iter()
+            .find(|entry| entry.platform.as_ref().is_some_and(|p| platform.matches(p)))
+            .ok_or_else(|| CopyError::NoPlatform {
+                reference: name.clone(),
+                wanted: platform.clone(),
+                available: available_platforms(&index),
+            })?;
+        source
+            .client
+            .get_manifest(&source.repo, &chosen.digest.to_string())
+            .await?
+    } else {
+        top.clone()
+    };
+    let parsed: ImageManifest = parse(&image, &name)?;
+    let config = source
+        .client
+        .get_small_blob(&source.repo, &parsed.config.digest, MAX_CONFIG_BYTES)
+        .await?;
+    Ok(ResolvedImage { top, image, config })
+}
+
+fn available_platforms(index: &IndexManifest) -> String {
+    let names: Vec<String> = index
+        .manifests
+        .iter()
+        .filter_map(|m| m.platform.as_ref())
+        .map(|p| match &p.variant {
+            Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+            None => format!("{}/{}", p.os, p.architecture),
+        })
+        .collect();
+    if names.is_empty() {
+        "no platforms listed".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(manifest: &Manifest, name: &str) -> Result<T, CopyError> {
+    if media_type::is_schema1(&manifest.media_type) {
+        return Err(CopyError::Schema1(name.to_owned()));
+    }
+    if !media_type::is_supported_manifest(&manifest.media_type) {
+        return Err(CopyError::Manifest(format!(
+            "{name} has media type {:?}, which is not an image",
+            manifest.media_type
+        )));
+    }
+    serde_json::from_slice(&manifest.bytes)
+        .map_err(|e| CopyError::Manifest(format!("{name} ({}) is invalid: {e}", manifest.digest)))
+}
+
+/// Where an image is written to.
+pub struct Destination {
+    pub client: Arc<RegistryClient>,
+    pub repo: RepoName,
+}
+
+#[derive(Debug, Clone)]
+pub struct CopyOptions {
+    /// Copy every platform of an index and the index itself, not just the resolved image.
+    pub keep_index: bool,
+    /// Blobs in flight at once.
+    pub parallel: usize,
+    /// Tries per blob.
+    pub attempts: u32,
+    /// Tag the copied image with this besides its digest.
+    pub tag: Option<Tag>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CopyReport {
+    /// Blobs the destination repository already had.
+    pub present: usize,
+    /// Blobs mounted from another repository of the destination.
+    pub mounted: usize,
+    /// Blobs streamed from the source.
+    pub copied: usize,
+    /// Bytes read from the source, retries included.
+    pub bytes: u64,
+}
+
+enum BlobOutcome {
+    Present,
+    Mounted,
+    Copied,
+}
+
+/// Copies `image` (and with `keep_index`, the rest of its index) from `source` to `dest`.
+pub async fn copy(
+    source: &Source,
+    image: &ResolvedImage,
+    dest: &Destination,
+    options: &CopyOptions,
+    progress: &Progress,
+) -> Result<CopyReport, CopyError> {
+    let name = format!("{}:{}", source.repo, source.reference);
+    let mut manifests = vec![image.image.clone()];
+    if options.keep_index && image.top.digest != image.image.digest {
+        let index: IndexManifest = parse(&image.top, &name)?;
+        for entry in index
+            .manifests
+            .iter()
+            .filter(|e| e.digest != image.image.digest)
+        {
+            manifests.push(
+                source
+                    .client
+                    .get_manifest(&source.repo, &entry.digest.to_string())
+                    .await?,
+            );
+        }
+    }
+    let mut blobs = BTreeMap::new();
+    for manifest in &manifests {
+        let parsed: ImageManifest = parse(manifest, &name)?;
+        for blob in std::iter::once(parsed.config).chain(parsed.layers) {
+            if !blob.is_foreign() {
+                blobs.insert(blob.digest.clone(), blob);
+            }
+        }
+    }
+    let before = progress.counter().get();
+    let outcomes: Vec<BlobOutcome> = futures_util::stream::iter(blobs.values())
+        .map(|blob| copy_blob(source, dest, blob, options, progress))
+        .buffer_unordered(options.parallel.max(1))
+        .try_collect()
+        .await?;
+    // Children before the index, everything by digest before the tag: a registry accepts a
+    // manifest only when all it references is already there.
+    for manifest in &manifests {
+        dest.client
+            .put_manifest(&dest.repo, &manifest.digest.to_string(), manifest)
+            .await?;
+    }
+    if manifests.len() > 1 {
+        dest.client
+            .put_manifest(&dest.repo, &image.top.digest.to_string(), &image.top)
+            .await?;
+    }
+    if let Some(tag) = &options.tag {
+        dest.client
+            .put_manifest(&dest.repo, tag.as_str(), &image.image)
+            .await?;
+    }
+    let mut report = CopyReport {
+        bytes: progress.counter().get() - before,
+        ..CopyReport::default()
+    };
+    for outcome in outcomes {
+        match outcome {
+            BlobOutcome::Present => report.present += 1,
+            BlobOutcome::Mounted => report.mounted += 1,
+            BlobOutcome::Copied => report.copied += 1,
+        }
+    }
+    Ok(report)
+}
+
+async fn copy_blob(
+    source: &Source,
+    dest: &Destination,
+    blob: &Descriptor,
+    options: &CopyOptions,
+    progress: &Progress,
+) -> Result<BlobOutcome, CopyError> {
+    let label = format!("  {}  {:>10}", short(&blob.digest), human_bytes(blob.size));
+    if dest
+        .client
+        .blob_size(&dest.repo, &blob.digest)
+        .await?
+        .is_some()
+    {
+        progress.line(&format!("{label}  already cached"));
+        return Ok(BlobOutcome::Present);
+    }
+    let policy = source.client.retry_policy();
+    let mut attempt = 1;
+    loop {
+        let location = match dest
+            .client
+            .start_upload(&dest.repo, Some(&blob.digest))
+            .await?
+        {
+            UploadStart::Mounted => {
+                progress.line(&format!("{label}  mounted from the cache"));
+                return Ok(BlobOutcome::Mounted);
+            }
+            UploadStart::Session(location) => location,
+        };
+        let started = Instant::now();
+        let reader = BlobReader::new(
+            source.client.clone(),
+            source.repo.clone(),
+            blob.digest.clone(),
+            blob.size,
+            progress.counter(),
+        );
+        let failure = reader.failure();
+        let body = reqwest::Body::wrap_stream(reader.into_stream());
+        let sent = dest
+            .client
+            .finish_upload(&dest.repo, location.clone(), &blob.digest, blob.size, body)
+            .await;
+        let err = match sent {
+            Ok(()) => {
+                let elapsed = started.elapsed();
+                progress.line(&format!(
+                    "{label}  copied in {:.1} s ({})",
+                    elapsed.as_secs_f64(),
+                    rate(blob.size, elapsed)
+                ));
+                return Ok(BlobOutcome::Copied);
+            }
+            Err(err) => err,
+        };
+        dest.client.cancel_upload(&dest.repo, location).await;
+        let source_failure = failure.lock().expect("failure lock").take();
+        let transient = source_failure.is_some() || err.is_transient();
+        let reason = source_failure.unwrap_or_else(|| err.to_string());
+        if !transient || attempt >= options.attempts {
+            return Err(CopyError::Blob {
+                digest: blob.digest.clone(),
+                reason,
+            });
+        }
+        eprintln!(
+            "  blob {}: {reason}; starting it again (try {}/{})",
+            short(&blob.digest),
+            attempt + 1,
+            options.attempts
+        );
+        tokio::time::sleep(policy.backoff(attempt)).await;
+        attempt += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platforms_parse_and_match() {
+        let wanted = Platform::parse("linux/arm64/v8").unwrap();
+        assert_eq!(wanted.to_string(), "linux/arm64/v8");
+        let spec = |os: &str, arch: &str, variant: Option<&str>| PlatformSpec {
+            os: os.into(),
+            architecture: arch.into(),
+            variant: variant.map(Into::into),
+        };
+        assert!(wanted.matches(&spec("linux", "arm64", Some("v8"))));
+        assert!(!wanted.matches(&spec("linux", "arm64", None)));
+        let amd64 = Platform::parse("linux/amd64").unwrap();
+        assert!(amd64.matches(&spec("linux", "amd64", None)));
+        assert!(!amd64.matches(&spec("unknown", "unknown", None)));
+        assert!(Platform::parse("linux").is_err());
+        assert!(Platform::parse("/amd64").is_err());
+    }
+
+    #[test]
+    fn foreign_layers_are_recognised() {
+        let descriptor = |media_type: &str| Descriptor {
+            media_type: media_type.into(),
+            digest: Digest::sha256_of(b""),
+            size: 0,
+            platform: None,
+        };
+        assert!(
+            descriptor("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip").is_foreign()
+        );
+        assert!(
+            descriptor("application/vnd.oci.image.layer.nondistributable.v1.tar+gzip").is_foreign()
+        );
+        assert!(!descriptor("application/vnd.oci.image.layer.v1.tar+gzip").is_foreign());
+    }
+}
