@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import resource
 import socket
 import statistics
 import subprocess
@@ -33,6 +34,18 @@ CHUNK = 1 << 20
 
 # --------------------------------------------------------------------------
 # ports / processes
+
+
+def cmd_measure(args):
+    """Run a command; print its wall seconds and peak RSS in KiB (children included)."""
+    cmd = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
+    t0 = time.perf_counter()
+    with open(args.log, "ab") as log:
+        rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT).returncode
+    wall = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(f"{wall:.4f} {rss}")
+    sys.exit(rc)
 
 
 def cmd_freeport(_args):
@@ -466,6 +479,11 @@ def main():
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("cmd", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_spawn)
+
+    p = sub.add_parser("measure")
+    p.add_argument("--log", required=True)
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_measure)
 
     p = sub.add_parser("cpu")
     p.add_argument("pid", type=int)
