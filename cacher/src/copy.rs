@@ -133,6 +133,8 @@ pub struct ResolvedImage {
     pub image: Manifest,
     /// The raw image config, for the staging result's metadata.
     pub config: Bytes,
+    /// The digest `image` gives the config.
+    pub config_digest: Digest,
 }
 
 impl ResolvedImage {
@@ -141,8 +143,14 @@ impl ResolvedImage {
     }
 }
 
-/// Reads the manifest `source` names and, for an index, the image for `platform`.
-pub async fn resolve(source: &Source, platform: &Platform) -> Result<ResolvedImage, CopyError> {
+/// Reads the manifest `source` names and, for an index, the image for `platform`. The image
+/// config is read from `cache` when it holds it already, so re-caching an unchanged image reads
+/// no blob from the source.
+pub async fn resolve(
+    source: &Source,
+    platform: &Platform,
+    cache: Option<&Destination>,
+) -> Result<ResolvedImage, CopyError> {
     let name = format!("{}:{}", source.repo, source.reference);
     let top = source
         .client
@@ -166,12 +174,28 @@ pub async fn resolve(source: &Source, platform: &Platform) -> Result<ResolvedIma
     } else {
         top.clone()
     };
-    let parsed: ImageManifest = parse(&image, &name)?;
-    let config = source
-        .client
-        .get_small_blob(&source.repo, &parsed.config.digest, MAX_CONFIG_BYTES)
+    let config_digest = parse::<ImageManifest>(&image, &name)?.config.digest;
+    let cached = match cache {
+        Some(dest) => dest
+            .client
+            .blob_size(&dest.repo, &config_digest)
+            .await?
+            .map(|_| dest),
+        None => None,
+    };
+    let (client, repo) = match cached {
+        Some(dest) => (&dest.client, &dest.repo),
+        None => (&source.client, &source.repo),
+    };
+    let config = client
+        .get_small_blob(repo, &config_digest, MAX_CONFIG_BYTES)
         .await?;
-    Ok(ResolvedImage { top, image, config })
+    Ok(ResolvedImage {
+        top,
+        image,
+        config,
+        config_digest,
+    })
 }
 
 fn available_platforms(index: &IndexManifest) -> String {
@@ -277,7 +301,10 @@ pub async fn copy(
     }
     let before = progress.counter().get();
     let outcomes: Vec<BlobOutcome> = futures_util::stream::iter(blobs.values())
-        .map(|blob| copy_blob(source, dest, blob, options, progress))
+        .map(|blob| {
+            let known = (blob.digest == image.config_digest).then(|| image.config.clone());
+            copy_blob(source, dest, blob, known, options, progress)
+        })
         .buffer_unordered(options.parallel.max(1))
         .try_collect()
         .await?;
@@ -312,10 +339,12 @@ pub async fn copy(
     Ok(report)
 }
 
+/// Copies one blob unless `dest` has it; `known` is its content when it has been read already.
 async fn copy_blob(
     source: &Source,
     dest: &Destination,
     blob: &Descriptor,
+    known: Option<Bytes>,
     options: &CopyOptions,
     progress: &Progress,
 ) -> Result<BlobOutcome, CopyError> {
@@ -344,15 +373,23 @@ async fn copy_blob(
             UploadStart::Session(location) => location,
         };
         let started = Instant::now();
-        let reader = BlobReader::new(
-            source.client.clone(),
-            source.repo.clone(),
-            blob.digest.clone(),
-            blob.size,
-            progress.counter(),
-        );
-        let failure = reader.failure();
-        let body = reqwest::Body::wrap_stream(reader.into_stream());
+        let (body, failure) = match &known {
+            Some(bytes) => (reqwest::Body::from(bytes.clone()), None),
+            None => {
+                let reader = BlobReader::new(
+                    source.client.clone(),
+                    source.repo.clone(),
+                    blob.digest.clone(),
+                    blob.size,
+                    progress.counter(),
+                );
+                let failure = reader.failure();
+                (
+                    reqwest::Body::wrap_stream(reader.into_stream()),
+                    Some(failure),
+                )
+            }
+        };
         let sent = dest
             .client
             .finish_upload(&dest.repo, location.clone(), &blob.digest, blob.size, body)
@@ -370,7 +407,7 @@ async fn copy_blob(
             Err(err) => err,
         };
         dest.client.cancel_upload(&dest.repo, location).await;
-        let source_failure = failure.lock().expect("failure lock").take();
+        let source_failure = failure.and_then(|f| f.lock().expect("failure lock").take());
         let transient = source_failure.is_some() || err.is_transient();
         let reason = source_failure.unwrap_or_else(|| err.to_string());
         if !transient || attempt >= options.attempts {

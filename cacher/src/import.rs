@@ -203,27 +203,40 @@ async fn upload_from_archive(
         )
     });
     let mut uploaded = HashSet::new();
-    while let Some((digest, size, chunks)) = blob_rx.recv().await {
-        if !uploaded.insert(digest.clone()) {
-            continue;
-        }
-        let body =
-            reqwest::Body::wrap_stream(futures_util::stream::unfold(chunks, |mut rx| async {
-                rx.recv().await.map(|chunk| (chunk, rx))
-            }));
-        match client.start_upload(&dest.repository, Some(&digest)).await? {
-            UploadStart::Mounted => {}
-            UploadStart::Session(location) => {
-                client
-                    .finish_upload(&dest.repository, location, &digest, size, body)
-                    .await?;
-            }
-        }
+    let report = |digest: &Digest, size: u64, what: &str| {
         println!(
-            "  {}  {:>10}  pushed",
+            "  {}  {:>10}  {what}",
             &digest.hex()[..12],
             human_bytes(size)
         );
+    };
+    while let Some((digest, size, mut chunks)) = blob_rx.recv().await {
+        let start = if uploaded.insert(digest.clone()) {
+            Some(client.start_upload(&dest.repository, Some(&digest)).await?)
+        } else {
+            None
+        };
+        match start {
+            Some(UploadStart::Session(location)) => {
+                let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(
+                    chunks,
+                    |mut rx| async { rx.recv().await.map(|chunk| (chunk, rx)) },
+                ));
+                client
+                    .finish_upload(&dest.repository, location, &digest, size, body)
+                    .await?;
+                report(&digest, size, "pushed");
+            }
+            // Nothing to send (mounted, or a second path to a blob already sent), but the reader
+            // hands the content over anyway, since a tar is read front to back: drain it, or the
+            // reader takes the dropped channel for a failed upload.
+            mounted => {
+                while chunks.recv().await.is_some() {}
+                if mounted.is_some() {
+                    report(&digest, size, "mounted");
+                }
+            }
+        }
     }
     reader
         .await

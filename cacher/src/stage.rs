@@ -104,13 +104,22 @@ pub async fn run(
         Some(config) => Platform::parse(&config.platform).expect("validated with the config"),
         None => Platform::parse("linux/amd64").expect("valid platform"),
     };
-    let image = copy::resolve(&source, &platform).await?;
-    let metadata = ExecutionMetadata::from_image_config(&image.config)?;
-    let docker_image = match config {
+    let cache_into = match config {
         Some(config) if env.cache.unwrap_or(config.cache_by_default) => {
-            cache(&reference, &source, &image, config, env, roots, retry).await?
+            Some((config, destination(config, env, roots, retry)?))
         }
-        _ => reference.builder_form(),
+        _ => None,
+    };
+    let image = copy::resolve(
+        &source,
+        &platform,
+        cache_into.as_ref().map(|(_, dest)| dest),
+    )
+    .await?;
+    let metadata = ExecutionMetadata::from_image_config(&image.config)?;
+    let docker_image = match &cache_into {
+        Some((config, dest)) => cache(&reference, &source, &image, config, dest).await?,
+        None => reference.builder_form(),
     };
     let bytes = result::render(&docker_image, &metadata)?;
     result::write(&request.output, &bytes)
@@ -118,15 +127,13 @@ pub async fn run(
     Ok(docker_image)
 }
 
-async fn cache(
-    reference: &ImageReference,
-    source: &Source,
-    image: &copy::ResolvedImage,
+/// The app's repository in the internal registry.
+fn destination(
     config: &CacherConfig,
     env: &StagingEnv,
     mut roots: Vec<reqwest::Certificate>,
     retry: RetryPolicy,
-) -> Result<String, StageError> {
+) -> Result<Destination, StageError> {
     if let Some(ca_file) = &config.registry.ca_file {
         roots.extend(read_pem(ca_file)?);
     }
@@ -136,7 +143,7 @@ async fn cache(
         .clone()
         .zip(config.registry.password.clone())
         .map(|(username, password)| Credentials { username, password });
-    let dest = Destination {
+    Ok(Destination {
         client: Arc::new(RegistryClient::new(
             &config.registry.url,
             ClientOptions {
@@ -151,7 +158,16 @@ async fn cache(
             env.app_id.as_deref(),
             config.repository_key.as_ref(),
         ),
-    };
+    })
+}
+
+async fn cache(
+    reference: &ImageReference,
+    source: &Source,
+    image: &copy::ResolvedImage,
+    config: &CacherConfig,
+    dest: &Destination,
+) -> Result<String, StageError> {
     let registry = config.registry_name();
     println!(
         "Caching {reference} ({}) as {registry}/{}",
@@ -165,7 +181,7 @@ async fn cache(
         attempts: config.attempts,
         tag: Some(staging_tag()),
     };
-    let report = copy::copy(source, image, &dest, &options, &progress).await;
+    let report = copy::copy(source, image, dest, &options, &progress).await;
     progress.finish();
     let report = report?;
     println!(

@@ -75,10 +75,13 @@ impl RegistryError {
             ManifestTooLarge { .. } => ("SIZE_INVALID", StatusCode::PAYLOAD_TOO_LARGE),
             NameInvalid(_) => ("NAME_INVALID", StatusCode::BAD_REQUEST),
             NameUnknown(_) => ("NAME_UNKNOWN", StatusCode::NOT_FOUND),
-            TagInvalid(_) => ("TAG_INVALID", StatusCode::BAD_REQUEST),
+            // The OCI spec allows only its own codes and has none for a malformed tag; Docker's
+            // TAG_INVALID is outside them.
+            TagInvalid(_) => ("MANIFEST_INVALID", StatusCode::BAD_REQUEST),
             Unsupported(_) => ("UNSUPPORTED", StatusCode::BAD_REQUEST),
             MethodNotAllowed => ("UNSUPPORTED", StatusCode::METHOD_NOT_ALLOWED),
-            NotFound => ("NOT_FOUND", StatusCode::NOT_FOUND),
+            // A path outside the API: the spec has no code for it, UNSUPPORTED is the nearest.
+            NotFound => ("UNSUPPORTED", StatusCode::NOT_FOUND),
             Content(ContentError::UploadUnknown) => ("BLOB_UPLOAD_UNKNOWN", StatusCode::NOT_FOUND),
             Content(ContentError::BlobUnknown) => ("BLOB_UNKNOWN", StatusCode::NOT_FOUND),
             Content(ContentError::StorageFull) => ("UNKNOWN", StatusCode::INSUFFICIENT_STORAGE),

@@ -46,6 +46,8 @@ pub struct BlobReader {
     /// Why the stream failed, kept because an HTTP client reports a failed body only vaguely.
     failure: Arc<std::sync::Mutex<Option<String>>>,
     finished: bool,
+    /// Whether the content has been checked against the digest (with its last byte).
+    verified: bool,
 }
 
 impl BlobReader {
@@ -70,6 +72,7 @@ impl BlobReader {
             counter,
             failure: Arc::default(),
             finished: false,
+            verified: false,
         }
     }
 
@@ -120,6 +123,11 @@ impl BlobReader {
                         )));
                     }
                     self.hasher.update(&chunk);
+                    // Checked before the last chunk is handed on: a destination must never
+                    // receive the whole of a corrupted blob, or it could commit it.
+                    if self.offset == self.size {
+                        self.verify()?;
+                    }
                     return Ok(Some(chunk));
                 }
                 Some(Err(err)) if self.resumes_left > 0 => {
@@ -139,6 +147,7 @@ impl BlobReader {
                     self.resumes_left -= 1;
                     self.body = None;
                 }
+                None if self.verified => return Ok(None),
                 None => return self.verify().map(|()| None),
             }
         }
@@ -176,7 +185,8 @@ impl BlobReader {
         let hasher =
             std::mem::replace(&mut self.hasher, DigestHasher::new(self.digest.algorithm()));
         let actual = hasher.finish();
-        if actual != self.digest {
+        self.verified = actual == self.digest;
+        if !self.verified {
             return Err(invalid(format!(
                 "blob {} arrived corrupted: its content hashes to {actual}",
                 self.digest

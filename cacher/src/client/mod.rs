@@ -145,7 +145,13 @@ impl RegistryClient {
     ) -> Result<RegistryClient, ClientError> {
         let insecure = options.insecure;
         let https = RegistryClient::new(&format!("https://{host}"), options.clone())?;
-        match https.ping().await {
+        // An insecure registry gets one HTTPS try before plain HTTP, as Docker does: a plain
+        // HTTP server fails every TLS handshake, so retrying one only delays the fallback.
+        let probe = RetryPolicy {
+            attempts: if insecure { 1 } else { https.retry.attempts },
+            ..https.retry
+        };
+        match https.ping_with(&probe).await {
             Ok(()) => Ok(https),
             Err(ClientError::Transport { .. }) if insecure => {
                 let http = RegistryClient::new(&format!("http://{host}"), options)?;
@@ -233,9 +239,12 @@ impl RegistryClient {
 
     /// `GET /v2/`: checks the registry answers and learns its authentication challenge.
     pub async fn ping(&self) -> Result<(), ClientError> {
+        self.ping_with(&self.retry).await
+    }
+
+    async fn ping_with(&self, retry: &RetryPolicy) -> Result<(), ClientError> {
         let url = self.url("/v2/");
-        let response = self
-            .retry
+        let response = retry
             .send("checking the registry", || self.http.get(url.clone()))
             .await
             .map_err(|e| ClientError::transport(format!("reaching {}", self.base), e))?;

@@ -7,7 +7,7 @@ mod referrers;
 mod route;
 mod uploads;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::Router;
@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use berth_oci::Digest;
 use bytes::Bytes;
+use futures_util::StreamExt;
 
 use crate::config::Limits;
 use crate::content::ContentStore;
@@ -79,6 +80,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(|| async { RegistryError::NotFound })
+        .layer(middleware::from_fn(drain_request_body))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
@@ -190,6 +192,43 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
         bytes,
         duration_ms = started.elapsed().as_secs_f64() * 1e3,
     );
+    response
+}
+
+/// How much of a request body its handler left unread is still read, and thrown away, before
+/// answering.
+const DRAIN_LIMIT: u64 = 64 << 20;
+
+/// Reads what the handler left of the request body before the response goes out. An answer
+/// decided before the body was read (a 404, 413 or 416) would otherwise close the connection on
+/// unread data, and a client still sending would see a reset instead of the answer. A client
+/// waiting for `100 Continue` sends nothing until asked, so its body is left alone.
+async fn drain_request_body(request: Request, next: Next) -> Response {
+    let waits_for_continue = request
+        .headers()
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if waits_for_continue {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let unread = Arc::new(Mutex::new(body.into_data_stream()));
+    let handler_side = unread.clone();
+    let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| {
+        let mut stream = handler_side.lock().expect("body lock poisoned");
+        stream.poll_next_unpin(cx)
+    }));
+    let response = next.run(Request::from_parts(parts, body)).await;
+    // The handler has dropped its side by now; the rest of the body is ours.
+    if let Ok(rest) = Arc::try_unwrap(unread) {
+        let mut rest = rest.into_inner().expect("body lock poisoned");
+        let mut drained = 0;
+        while drained <= DRAIN_LIMIT
+            && let Some(Ok(chunk)) = rest.next().await
+        {
+            drained += chunk.len() as u64;
+        }
+    }
     response
 }
 

@@ -260,13 +260,29 @@ pub fn blocking_get(
     path: &str,
     timeout: Duration,
 ) -> std::io::Result<RawResponse> {
+    blocking_request(addr, "GET", path, &[], timeout)
+}
+
+/// `method target` with `body` on `addr` with `Connection: close`, reading until the server
+/// closes. `target` is sent exactly as given, so it can hold what an HTTP client would normalise
+/// away (`..` segments, encoded dots).
+pub fn blocking_request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> std::io::Result<RawResponse> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: */*\r\n\r\n"
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: */*\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
     )?;
+    stream.write_all(body)?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     let split = raw
@@ -305,6 +321,14 @@ pub struct Registry {
     addr: SocketAddr,
     child: Option<Child>,
     starts: u32,
+    tls: Option<Tls>,
+}
+
+/// The PEM certificate chain and private key a registry serves HTTPS with.
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
 }
 
 impl Registry {
@@ -317,6 +341,16 @@ impl Registry {
     /// Starts a registry on a free port with an empty storage root and waits until `GET /v2/`
     /// answers 200.
     pub fn start() -> Registry {
+        Registry::start_with(None)
+    }
+
+    /// Like [`Registry::start`], serving HTTPS with `tls`; ready once it accepts connections, as
+    /// the plain-HTTP probe cannot speak TLS.
+    pub fn start_tls(tls: Tls) -> Registry {
+        Registry::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<Tls>) -> Registry {
         let dir = tempfile::Builder::new()
             .prefix("berth-e2e-")
             .tempdir()
@@ -328,6 +362,7 @@ impl Registry {
             addr,
             child: None,
             starts: 0,
+            tls,
         };
         registry.spawn();
         registry
@@ -350,12 +385,19 @@ impl Registry {
         let stderr = log.try_clone().expect("clone the log handle");
         let level = std::env::var("BERTH_LOG").unwrap_or_else(|_| "info".to_string());
         let binary = Self::binary();
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        command
             .arg("serve")
             .env("BERTH_LISTEN", self.addr.to_string())
             .env("BERTH_STORAGE_ROOT", self.root())
             .env("BERTH_LOG_FORMAT", "plain")
-            .env("BERTH_LOG", level)
+            .env("BERTH_LOG", level);
+        if let Some(tls) = &self.tls {
+            command
+                .env("BERTH_TLS_CERTIFICATE", &tls.certificate)
+                .env("BERTH_TLS_PRIVATE_KEY", &tls.private_key);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(stderr)
@@ -377,20 +419,32 @@ impl Registry {
                     tail_file(&self.log_path(), LOG_TAIL_LINES)
                 );
             }
-            let last = match blocking_get(self.addr, "/v2/", Duration::from_secs(1)) {
-                Ok(resp) if resp.status == 200 => return,
-                Ok(resp) => format!("status {}", resp.status),
-                Err(e) => e.to_string(),
-            };
+            let Err(last) = self.probe() else { return };
             if Instant::now() >= deadline {
                 self.kill_hard();
                 panic!(
-                    "berth-registry did not answer GET /v2/ with 200 on {} within {READY_TIMEOUT:?} (last: {last})\n--- server log ---\n{}",
+                    "berth-registry was not ready on {} within {READY_TIMEOUT:?} (last: {last})\n--- server log ---\n{}",
                     self.addr,
                     tail_file(&self.log_path(), LOG_TAIL_LINES)
                 );
             }
             thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the registry serves yet: `GET /v2/` answers 200, or over TLS, which this probe
+    /// cannot speak, it accepts connections (it listens only once fully set up).
+    fn probe(&self) -> Result<(), String> {
+        let timeout = Duration::from_secs(1);
+        if self.tls.is_some() {
+            return TcpStream::connect_timeout(&self.addr, timeout)
+                .map(drop)
+                .map_err(|e| e.to_string());
+        }
+        match blocking_get(self.addr, "/v2/", timeout) {
+            Ok(resp) if resp.status == 200 => Ok(()),
+            Ok(resp) => Err(format!("status {}", resp.status)),
+            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -403,9 +457,10 @@ impl Registry {
         self.addr.to_string()
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT`, or `https://` when serving TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The storage root (`BERTH_STORAGE_ROOT`).

@@ -1,0 +1,1233 @@
+//! Harness for the cacher's end-to-end tests: berth-registry in-process as the internal registry,
+//! CNCF distribution (`docker-registry`) as the upstream, a counting and fault-injecting proxy in
+//! front of it, generated images, the cacher binary, and a private dockerd.
+//!
+//! A missing tool is a test failure, never a skip: see [`require_tool`].
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::future::Future;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use berth_oci::Digest;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
+     application/vnd.oci.image.index.v1+json, \
+     application/vnd.docker.distribution.manifest.v2+json, \
+     application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// The key the tests configure, so they can predict each app's repository.
+pub const REPOSITORY_KEY: &str = "00112233445566778899aabbccddeeff";
+
+const LOG_TAIL_LINES: usize = 100;
+
+// ---------------------------------------------------------------------------------------------
+// Tools and processes
+// ---------------------------------------------------------------------------------------------
+
+/// The absolute path of `tool` on `PATH` (or sbin). Panics if it is missing: these tests drive
+/// real peers and never skip.
+pub fn require_tool(tool: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let sbin = [PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")];
+    std::env::split_paths(&path)
+        .chain(sbin)
+        .map(|dir| dir.join(tool))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "required tool `{tool}` was not found on PATH; ci/install-deps installs it \
+                 (these end-to-end tests never skip)"
+            )
+        })
+}
+
+/// Runs `cmd` with standard input closed and returns its output whatever its exit status.
+pub fn run_output(cmd: &mut Command, timeout: Duration) -> Output {
+    let shown = format!("{cmd:?}");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {shown}: {e}"));
+    wait_output(child, timeout, &shown)
+}
+
+/// Collects a spawned child's piped output, killing it if it outlives `timeout`.
+pub fn wait_output(mut child: Child, timeout: Duration, shown: &str) -> Output {
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let finished = wait_timeout(&mut child, timeout).is_some();
+    if !finished {
+        let _ = child.kill();
+    }
+    let output = Output {
+        status: child.wait().expect("reap the child"),
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
+    assert!(
+        finished,
+        "{shown} did not finish within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Reads a pipe to its end on a thread of its own, so a chatty child never blocks on a full pipe.
+fn drain(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut buf);
+        }
+        buf
+    })
+}
+
+/// Runs `cmd` and panics with all it printed unless it exits 0; returns its standard output.
+pub fn run(cmd: &mut Command) -> String {
+    let shown = format!("{cmd:?}");
+    let output = run_output(cmd, Duration::from_secs(120));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{shown} failed with {}\n--- stdout ---\n{stdout}\n--- stderr ---\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            _ => return None,
+        }
+    }
+}
+
+/// SIGTERM, then SIGKILL if `child` has not exited within `grace`.
+fn stop_child(child: &mut Child, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let _ = Command::new("kill")
+        .arg(child.id().to_string())
+        .stderr(Stdio::null())
+        .status();
+    if wait_timeout(child, grace).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Polls `ready` until it holds, panicking with `what` and the log at `log` after `timeout`.
+fn wait_until(what: &str, timeout: Duration, log: &Path, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} was not ready within {timeout:?}\n--- log ---\n{}",
+            tail_file(log)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn tail_file(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+}
+
+fn print_log_on_panic(what: &str, path: &Path) {
+    if thread::panicking() {
+        eprintln!("===== {what} log =====\n{}", tail_file(path));
+    }
+}
+
+/// A temporary directory with a short path, for unix sockets (`sun_path` is 108 bytes).
+pub fn short_tempdir(prefix: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/tmp")
+        .expect("create a temporary directory under /tmp")
+}
+
+/// Every file below `dir`, however deep.
+pub fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(&dir).unwrap_or_else(|e| panic!("read {}: {e}", dir.display())) {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+/// Every file below `dir` whose bytes contain `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    files_below(dir)
+        .into_iter()
+        .filter(|path| {
+            fs::read(path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+        })
+        .collect()
+}
+
+fn block_on<F: Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(future)
+}
+
+pub struct HttpResponse {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// One plain request (manifest types accepted), for checking what a registry holds.
+pub fn http(method: reqwest::Method, url: &str) -> HttpResponse {
+    block_on(async {
+        let response = reqwest::Client::new()
+            .request(method, url)
+            .header(reqwest::header::ACCEPT, MANIFEST_ACCEPT)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        HttpResponse {
+            status: response.status().as_u16(),
+            body: response.bytes().await.expect("a response body").to_vec(),
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generated images
+// ---------------------------------------------------------------------------------------------
+
+/// xorshift64*: reproducible, incompressible content from a seed.
+struct Rng(u64);
+
+impl Rng {
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            out.extend_from_slice(&self.0.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+}
+
+pub fn sha256(bytes: &[u8]) -> String {
+    Digest::sha256_of(bytes).to_string()
+}
+
+/// Content addressed by its digest, with the media type its descriptor gives it.
+#[derive(Clone, Debug)]
+pub struct Blob {
+    pub media_type: String,
+    pub digest: String,
+    pub bytes: Vec<u8>,
+}
+
+impl Blob {
+    pub fn new(media_type: &str, bytes: Vec<u8>) -> Blob {
+        Blob {
+            media_type: media_type.into(),
+            digest: sha256(&bytes),
+            bytes,
+        }
+    }
+
+    pub fn descriptor(&self) -> Value {
+        json!({ "mediaType": self.media_type, "digest": self.digest, "size": self.bytes.len() })
+    }
+}
+
+/// A gzipped layer tar and the digest of the tar itself (its diff_id).
+#[derive(Clone, Debug)]
+pub struct Layer {
+    pub blob: Blob,
+    pub diff_id: String,
+}
+
+impl Layer {
+    /// One file of `size` random bytes derived from `seed`, under `layer-<seed>/`.
+    pub fn generate(seed: u64, size: usize) -> Layer {
+        let data = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1).bytes(size);
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_ustar();
+        header.set_mode(0o644);
+        header.set_mtime(1_700_000_000);
+        header.set_size(size as u64);
+        tar.append_data(&mut header, format!("layer-{seed}/data.bin"), &data[..])
+            .expect("append to a tar");
+        let tar = tar.into_inner().expect("finish a tar");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).expect("gzip");
+        Layer {
+            diff_id: sha256(&tar),
+            blob: Blob::new(OCI_LAYER_GZIP, gz.finish().expect("gzip")),
+        }
+    }
+}
+
+/// A single-platform OCI image.
+#[derive(Clone, Debug)]
+pub struct Image {
+    pub architecture: String,
+    pub layers: Vec<Layer>,
+    pub config: Blob,
+    pub manifest: Blob,
+}
+
+impl Image {
+    /// An image for linux/`architecture` whose config's `config` object is `runtime`
+    /// (`Entrypoint`, `Cmd`, `ExposedPorts`, ...).
+    pub fn new(architecture: &str, layers: Vec<Layer>, runtime: Value) -> Image {
+        let diff_ids: Vec<&str> = layers.iter().map(|l| l.diff_id.as_str()).collect();
+        let config = json!({
+            "created": "2024-01-01T00:00:00Z",
+            "architecture": architecture,
+            "os": "linux",
+            "config": runtime,
+            "rootfs": { "type": "layers", "diff_ids": diff_ids },
+        });
+        let config = Blob::new(
+            OCI_CONFIG,
+            serde_json::to_vec(&config).expect("config JSON"),
+        );
+        let layer_descriptors: Vec<Value> = layers.iter().map(|l| l.blob.descriptor()).collect();
+        // Pretty-printed: a copy that re-serialised the manifest would change its digest.
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": config.descriptor(),
+            "layers": layer_descriptors,
+        });
+        let manifest = Blob::new(
+            OCI_MANIFEST,
+            serde_json::to_vec_pretty(&manifest).expect("manifest JSON"),
+        );
+        Image {
+            architecture: architecture.into(),
+            layers,
+            config,
+            manifest,
+        }
+    }
+
+    /// Config and layers.
+    pub fn blobs(&self) -> Vec<&Blob> {
+        std::iter::once(&self.config)
+            .chain(self.layers.iter().map(|l| &l.blob))
+            .collect()
+    }
+
+    pub fn layer_digests(&self) -> Vec<String> {
+        self.layers.iter().map(|l| l.blob.digest.clone()).collect()
+    }
+}
+
+/// An OCI index over single-platform (linux) images.
+pub fn index_of(images: &[&Image]) -> Blob {
+    let manifests: Vec<Value> = images
+        .iter()
+        .map(|image| {
+            let mut descriptor = image.manifest.descriptor();
+            descriptor["platform"] = json!({ "architecture": image.architecture, "os": "linux" });
+            descriptor
+        })
+        .collect();
+    let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests });
+    Blob::new(
+        OCI_INDEX,
+        serde_json::to_vec_pretty(&index).expect("index JSON"),
+    )
+}
+
+/// Writes an OCI image layout at `layout` whose `index.json` names `top` as `tag`.
+pub fn write_oci_layout(layout: &Path, tag: &str, top: &Blob, blobs: &[&Blob]) {
+    let dir = layout.join("blobs/sha256");
+    fs::create_dir_all(&dir).expect("create blobs/sha256");
+    fs::write(
+        layout.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .expect("write oci-layout");
+    for blob in blobs.iter().copied().chain([top]) {
+        let hex = blob
+            .digest
+            .strip_prefix("sha256:")
+            .expect("a sha256 digest");
+        fs::write(dir.join(hex), &blob.bytes).expect("write a blob");
+    }
+    let mut descriptor = top.descriptor();
+    descriptor["annotations"] = json!({ "org.opencontainers.image.ref.name": tag });
+    let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [descriptor] });
+    fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&index).expect("index.json"),
+    )
+    .expect("write index.json");
+}
+
+/// The digests a manifest lists as layers.
+pub fn manifest_layers(manifest: &Value) -> Vec<String> {
+    manifest["layers"]
+        .as_array()
+        .expect("a manifest with layers")
+        .iter()
+        .map(|l| l["digest"].as_str().expect("a layer digest").to_owned())
+        .collect()
+}
+
+pub fn skopeo() -> Command {
+    let mut cmd = Command::new(require_tool("skopeo"));
+    // The host's signature policy is not under test.
+    cmd.arg("--insecure-policy");
+    cmd
+}
+
+/// Pulls `reference` from an insecure registry with skopeo, which verifies every blob, into a
+/// `dir:` copy under `dir` (blobs and manifest kept byte for byte); returns the manifest's digest
+/// and the manifest.
+pub fn skopeo_pull(reference: &str, dir: &Path) -> (String, Value) {
+    let out = dir.join(format!("pulled-{}", uuid::Uuid::new_v4().simple()));
+    run(skopeo()
+        .args(["copy", "--src-tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .arg(format!("dir:{}", out.display())));
+    let bytes = fs::read(out.join("manifest.json")).expect("the pulled manifest");
+    let manifest = serde_json::from_slice(&bytes).expect("manifest JSON");
+    (sha256(&bytes), manifest)
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-process HTTP servers: the internal registry and the proxy
+// ---------------------------------------------------------------------------------------------
+
+/// A router served on 127.0.0.1 by a runtime of its own on a background thread, so tests stay
+/// synchronous and a blocked test thread never stalls the server. Dropping it shuts it down.
+struct BackgroundServer {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl BackgroundServer {
+    fn start(name: &str, router: impl FnOnce() -> Router + Send + 'static) -> BackgroundServer {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("a server runtime");
+                runtime.block_on(async move {
+                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                        .await
+                        .expect("bind 127.0.0.1:0");
+                    addr_tx
+                        .send(listener.local_addr().expect("a local address"))
+                        .expect("report the address");
+                    let shutdown = async {
+                        let _ = stopped.await;
+                    };
+                    berth_registry::server::serve(
+                        listener,
+                        router(),
+                        None,
+                        shutdown,
+                        Duration::from_secs(1),
+                    )
+                    .await;
+                });
+            })
+            .expect("spawn a server thread");
+        BackgroundServer {
+            addr: addr_rx.recv().expect("the server's address"),
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for BackgroundServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// berth-registry, the internal registry the cacher copies into, with its own storage root.
+pub struct Berth {
+    dir: TempDir,
+    server: BackgroundServer,
+}
+
+impl Berth {
+    pub fn start() -> Berth {
+        use berth_registry::api::{AppState, router};
+        use berth_registry::config::Limits;
+        use berth_registry::content::FsContentStore;
+        use berth_registry::metadata::SqliteMetadataStore;
+
+        let dir = tempfile::Builder::new()
+            .prefix("berth-cacher-e2e-")
+            .tempdir()
+            .expect("a temporary directory");
+        let root = dir.path().join("root");
+        let server = BackgroundServer::start("berth-registry", move || {
+            let content = FsContentStore::open(&root).expect("open the content store");
+            let metadata = SqliteMetadataStore::open(&root.join("metadata.sqlite"))
+                .expect("open the metadata store");
+            router(Arc::new(AppState::new(
+                Arc::new(content),
+                Arc::new(metadata),
+                Limits::default(),
+            )))
+        });
+        Berth { dir, server }
+    }
+
+    /// `127.0.0.1:PORT`, as image references spell it.
+    pub fn host(&self) -> String {
+        self.server.addr.to_string()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.server.addr)
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    pub fn catalog(&self) -> Vec<String> {
+        let response = http(reqwest::Method::GET, &format!("{}/v2/_catalog", self.url()));
+        assert_eq!(response.status, 200, "GET /v2/_catalog");
+        let catalog: Value = serde_json::from_slice(&response.body).expect("catalog JSON");
+        serde_json::from_value(catalog["repositories"].clone()).expect("a repository list")
+    }
+
+    /// The tags of `repo`; none for a repository that does not exist.
+    pub fn tags(&self, repo: &str) -> Vec<String> {
+        let response = http(
+            reqwest::Method::GET,
+            &format!("{}/v2/{repo}/tags/list", self.url()),
+        );
+        if response.status == 404 {
+            return Vec::new();
+        }
+        assert_eq!(response.status, 200, "GET tags of {repo}");
+        let list: Value = serde_json::from_slice(&response.body).expect("tag list JSON");
+        serde_json::from_value(list["tags"].clone()).unwrap_or_default()
+    }
+
+    /// The bytes of manifest `reference` in `repo`, if it is there.
+    pub fn manifest(&self, repo: &str, reference: &str) -> Option<Vec<u8>> {
+        let url = format!("{}/v2/{repo}/manifests/{reference}", self.url());
+        let response = http(reqwest::Method::GET, &url);
+        match response.status {
+            200 => Some(response.body),
+            404 => None,
+            status => panic!("GET {url} answered {status}"),
+        }
+    }
+
+    pub fn has_blob(&self, repo: &str, digest: &str) -> bool {
+        let url = format!("{}/v2/{repo}/blobs/{digest}", self.url());
+        match http(reqwest::Method::HEAD, &url).status {
+            200 => true,
+            404 => false,
+            status => panic!("HEAD {url} answered {status}"),
+        }
+    }
+}
+
+/// What the proxy does to one matching request instead of relaying it faithfully.
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// Answer this status without asking upstream (`Retry-After: 1` with a 429).
+    Status(u16),
+    /// Relay this many bytes of the body, then drop the connection.
+    Cut(usize),
+    /// Flip the first byte of the body, keeping its length.
+    Corrupt,
+    /// Wait this long before relaying.
+    Delay(Duration),
+}
+
+struct Rule {
+    needle: String,
+    fault: Fault,
+    /// Matching requests still to fault; `None` for all of them.
+    left: Option<u32>,
+}
+
+/// One request the proxy answered.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    pub path: String,
+    pub range: Option<String>,
+    pub status: u16,
+}
+
+#[derive(Default)]
+struct ProxyLog {
+    rules: Vec<Rule>,
+    exchanges: Vec<Exchange>,
+    /// Blob body bytes relayed to the client, by digest.
+    blob_bytes: BTreeMap<String, u64>,
+}
+
+struct ProxyContext {
+    upstream: String,
+    client: reqwest::Client,
+    log: Mutex<ProxyLog>,
+}
+
+/// An HTTP proxy in front of a registry that counts the blob bytes it relays and injects faults
+/// into requests whose path contains a chosen string.
+pub struct Proxy {
+    context: Arc<ProxyContext>,
+    server: BackgroundServer,
+}
+
+impl Proxy {
+    pub fn start(upstream: &str) -> Proxy {
+        let context = Arc::new(ProxyContext {
+            upstream: format!("http://{upstream}"),
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("an HTTP client"),
+            log: Mutex::default(),
+        });
+        let state = context.clone();
+        let server = BackgroundServer::start("proxy", move || {
+            Router::new().fallback(relay).with_state(state)
+        });
+        Proxy { context, server }
+    }
+
+    pub fn host(&self) -> String {
+        self.server.addr.to_string()
+    }
+
+    /// Applies `fault` to the next `times` requests (all of them with `None`) whose path
+    /// contains `needle`.
+    pub fn inject(&self, needle: &str, fault: Fault, times: Option<u32>) {
+        self.log().rules.push(Rule {
+            needle: needle.into(),
+            fault,
+            left: times,
+        });
+    }
+
+    pub fn exchanges(&self) -> Vec<Exchange> {
+        self.log().exchanges.clone()
+    }
+
+    /// Blob bytes relayed since the last call, by digest.
+    pub fn take_blob_bytes(&self) -> BTreeMap<String, u64> {
+        std::mem::take(&mut self.log().blob_bytes)
+    }
+
+    /// Waits until every fault injected for `needle` has been applied.
+    pub fn wait_until_applied(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let pending = |log: &ProxyLog| {
+            log.rules
+                .iter()
+                .any(|r| r.needle == needle && r.left != Some(0))
+        };
+        while pending(&self.log()) {
+            assert!(Instant::now() < deadline, "no request for {needle} arrived");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> std::sync::MutexGuard<'_, ProxyLog> {
+        self.context.log.lock().expect("proxy log lock")
+    }
+}
+
+async fn relay(State(context): State<Arc<ProxyContext>>, request: Request) -> Response {
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/".to_owned(), ToString::to_string);
+    let range = header_text(request.headers(), "range");
+    let fault = {
+        let mut log = context.log.lock().expect("proxy log lock");
+        let rule = log
+            .rules
+            .iter_mut()
+            .find(|r| path.contains(&r.needle) && r.left != Some(0));
+        rule.map(|rule| {
+            rule.left = rule.left.map(|n| n - 1);
+            rule.fault
+        })
+    };
+    let response = match fault {
+        Some(Fault::Status(status)) => fault_status(status),
+        Some(Fault::Delay(delay)) => {
+            tokio::time::sleep(delay).await;
+            forward(&context, request, &path, None).await
+        }
+        fault => forward(&context, request, &path, fault).await,
+    };
+    let status = response.status().as_u16();
+    let mut log = context.log.lock().expect("proxy log lock");
+    log.exchanges.push(Exchange {
+        path,
+        range,
+        status,
+    });
+    response
+}
+
+fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn fault_status(status: u16) -> Response {
+    let mut response = Response::new(Body::from(
+        r#"{"errors":[{"code":"UNAVAILABLE","message":"injected by the test proxy"}]}"#,
+    ));
+    *response.status_mut() = StatusCode::from_u16(status).expect("a valid status");
+    if status == 429 {
+        response
+            .headers_mut()
+            .insert("retry-after", HeaderValue::from_static("1"));
+    }
+    response
+}
+
+async fn forward(
+    context: &Arc<ProxyContext>,
+    request: Request,
+    path: &str,
+    fault: Option<Fault>,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .expect("a request body");
+    let mut headers = parts.headers.clone();
+    headers.remove("host");
+    let upstream = context
+        .client
+        .request(parts.method.clone(), format!("{}{path}", context.upstream))
+        .headers(headers)
+        .body(body)
+        .send()
+        .await;
+    let upstream = match upstream {
+        Ok(upstream) => upstream,
+        Err(err) => {
+            let mut response = Response::new(Body::from(err.to_string()));
+            *response.status_mut() = StatusCode::BAD_GATEWAY;
+            return response;
+        }
+    };
+    let mut response = Response::builder().status(upstream.status());
+    for (name, value) in upstream.headers() {
+        if !matches!(name.as_str(), "transfer-encoding" | "connection") {
+            response = response.header(name, value);
+        }
+    }
+    let blob = match parts.method {
+        axum::http::Method::GET => path.split_once("/blobs/").map(|(_, d)| d.to_owned()),
+        _ => None,
+    };
+    let relayed = Relayed {
+        upstream: upstream.bytes_stream().boxed(),
+        sent: 0,
+        fault,
+        blob,
+        context: context.clone(),
+        fail_next: false,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(relayed, Relayed::next);
+    response
+        .body(Body::from_stream(stream))
+        .expect("a relayed response")
+}
+
+/// A response body on its way through the proxy: counted, and cut or corrupted on request.
+struct Relayed {
+    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    sent: usize,
+    fault: Option<Fault>,
+    blob: Option<String>,
+    context: Arc<ProxyContext>,
+    fail_next: bool,
+    done: bool,
+}
+
+impl Relayed {
+    async fn next(mut self) -> Option<(io::Result<Bytes>, Relayed)> {
+        if self.done {
+            return None;
+        }
+        if self.fail_next {
+            // Give the server time to flush what was relayed before the connection drops.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            self.done = true;
+            return Some((Err(io::Error::other("cut by the test proxy")), self));
+        }
+        let mut chunk = match self.upstream.next().await? {
+            Ok(chunk) => chunk,
+            Err(err) => {
+                self.done = true;
+                return Some((Err(io::Error::other(err)), self));
+            }
+        };
+        match self.fault {
+            Some(Fault::Cut(limit)) if self.sent + chunk.len() >= limit => {
+                chunk = chunk.slice(..limit - self.sent);
+                self.fail_next = true;
+            }
+            Some(Fault::Corrupt) if self.sent == 0 && !chunk.is_empty() => {
+                let mut bytes = chunk.to_vec();
+                bytes[0] ^= 0xff;
+                chunk = Bytes::from(bytes);
+            }
+            _ => {}
+        }
+        self.sent += chunk.len();
+        if let Some(digest) = &self.blob {
+            let mut log = self.context.log.lock().expect("proxy log lock");
+            *log.blob_bytes.entry(digest.clone()).or_default() += chunk.len() as u64;
+        }
+        Some((Ok(chunk), self))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The upstream registry
+// ---------------------------------------------------------------------------------------------
+
+/// CNCF distribution as the registry an app's image lives in, with Basic authentication
+/// (htpasswd) when given credentials. Dropping it stops it.
+pub struct Upstream {
+    dir: TempDir,
+    addr: SocketAddr,
+    credentials: Option<(String, String)>,
+    child: Option<Child>,
+}
+
+impl Upstream {
+    pub fn start(credentials: Option<(&str, &str)>) -> Upstream {
+        let binary = require_tool("docker-registry");
+        let dir = tempfile::Builder::new()
+            .prefix("upstream-")
+            .tempdir()
+            .expect("a temporary directory");
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let auth = match credentials {
+            Some((user, password)) => {
+                let htpasswd = dir.path().join("htpasswd");
+                let line =
+                    run(Command::new(require_tool("htpasswd")).args(["-Bbn", user, password]));
+                fs::write(&htpasswd, line.trim()).expect("write htpasswd");
+                format!(
+                    "auth:\n  htpasswd:\n    realm: upstream\n    path: {}\n",
+                    htpasswd.display()
+                )
+            }
+            None => String::new(),
+        };
+        let config = dir.path().join("config.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: {addr}\n  secret: berth-e2e\n{auth}",
+                dir.path().join("data").display()
+            ),
+        )
+        .expect("write the upstream config");
+        let log = File::create(dir.path().join("log")).expect("create the upstream log");
+        let child = Command::new(&binary)
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone the log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        let upstream = Upstream {
+            dir,
+            addr,
+            credentials: credentials.map(|(u, p)| (u.into(), p.into())),
+            child: Some(child),
+        };
+        wait_until(
+            "docker-registry",
+            Duration::from_secs(15),
+            &upstream.log_path(),
+            || std::net::TcpStream::connect(addr).is_ok(),
+        );
+        upstream
+    }
+
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("log")
+    }
+
+    /// Pushes `top` (an image manifest or an index) and `blobs` below it as `repo_tag` with
+    /// skopeo, as a developer would push their app's image.
+    pub fn push(&self, repo_tag: &str, top: &Blob, blobs: &[&Blob]) {
+        let (_, tag) = repo_tag.split_once(':').expect("repo:tag");
+        let layout = self
+            .dir
+            .path()
+            .join(format!("layout-{}", uuid::Uuid::new_v4().simple()));
+        write_oci_layout(&layout, tag, top, blobs);
+        let mut cmd = skopeo();
+        cmd.args(["copy", "--dest-tls-verify=false"]);
+        if top.media_type == OCI_INDEX {
+            cmd.arg("--all");
+        }
+        if let Some((user, password)) = &self.credentials {
+            cmd.arg(format!("--dest-creds={user}:{password}"));
+        }
+        run(cmd
+            .arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{}/{repo_tag}", self.host())));
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child, Duration::from_secs(5));
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        print_log_on_panic("docker-registry", &self.log_path());
+        self.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cacher
+// ---------------------------------------------------------------------------------------------
+
+/// The cacher binary as Cloud Controller starts it, with a directory of its own for the result
+/// file, its configuration and its TMPDIR. The environment is exactly what the test sets.
+pub struct Cacher {
+    dir: TempDir,
+    env: Vec<(String, String)>,
+}
+
+/// How a run of the cacher ended.
+#[derive(Debug)]
+pub struct Outcome {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Outcome {
+    fn from_output(output: Output) -> Outcome {
+        Outcome {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Panics, showing everything printed, unless the exit code is `code`.
+    pub fn expect_code(&self, code: i32) -> &Outcome {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "berth-cacher exit code\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+impl Cacher {
+    /// Without a cacher configuration: the plain builder.
+    pub fn new() -> Cacher {
+        let dir = tempfile::Builder::new()
+            .prefix("cacher-")
+            .tempdir()
+            .expect("a temporary directory");
+        for sub in ["tmp", "certs"] {
+            fs::create_dir(dir.path().join(sub)).expect("create a directory");
+        }
+        Cacher {
+            dir,
+            env: Vec::new(),
+        }
+    }
+
+    /// Configured to cache into `berth` under [`REPOSITORY_KEY`]; `extra` is more YAML.
+    pub fn caching_into(berth: &Berth, extra: &str) -> Cacher {
+        let cacher = Cacher::new();
+        let config = cacher.dir.path().join("berth-cacher.yml");
+        fs::write(
+            &config,
+            format!(
+                "registry:\n  url: {}\nrepository_key: {REPOSITORY_KEY}\n{extra}",
+                berth.url()
+            ),
+        )
+        .expect("write the cacher config");
+        cacher.env("BERTH_CACHER_CONFIG", &config.to_string_lossy())
+    }
+
+    pub fn env(mut self, name: &str, value: &str) -> Cacher {
+        self.env.push((name.into(), value.into()));
+        self
+    }
+
+    /// Staging for the app `guid`, as Diego describes it in the environment.
+    pub fn app(self, guid: &str) -> Cacher {
+        self.env(
+            "VCAP_APPLICATION",
+            &json!({ "application_id": guid, "name": "e2e" }).to_string(),
+        )
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn result_path(&self) -> PathBuf {
+        self.dir.path().join("out/result.json")
+    }
+
+    /// Cloud Controller's flags for `reference`, its registry listed as insecure, and `extra`.
+    pub fn builder_args(&self, reference: &str, extra: &[&str]) -> Vec<String> {
+        let host = reference.split('/').next().expect("a registry host");
+        let mut args = vec![
+            format!(
+                "-outputMetadataJSONFilename={}",
+                self.result_path().display()
+            ),
+            format!("-dockerRef={reference}"),
+            format!("-insecureDockerRegistries={host}"),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    pub fn command(&self, args: &[String]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth-cacher"));
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("TMPDIR", self.dir.path().join("tmp"))
+            .env("CF_SYSTEM_CERT_PATH", self.dir.path().join("certs"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .args(args);
+        cmd
+    }
+
+    pub fn run(&self, args: &[String]) -> Outcome {
+        Outcome::from_output(run_output(&mut self.command(args), Duration::from_secs(90)))
+    }
+
+    /// Starts the cacher without waiting; finish with [`Cacher::wait`].
+    pub fn spawn(&self, args: &[String]) -> Child {
+        self.command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start berth-cacher")
+    }
+
+    pub fn wait(&self, child: Child) -> Outcome {
+        Outcome::from_output(wait_output(child, Duration::from_secs(90), "berth-cacher"))
+    }
+
+    /// The staging result file, parsed.
+    pub fn result(&self) -> Value {
+        let bytes = fs::read(self.result_path()).expect("read the staging result");
+        serde_json::from_slice(&bytes).expect("the staging result is JSON")
+    }
+}
+
+/// The repository the cacher must pick for app `guid` under [`REPOSITORY_KEY`]:
+/// `cache/<guid>/<first 16 bytes of HMAC-SHA256(key, guid), hex>`.
+pub fn cache_repository(guid: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let key = hex::decode(REPOSITORY_KEY).expect("a hex key");
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).expect("any key length");
+    mac.update(guid.as_bytes());
+    format!(
+        "cache/{guid}/{}",
+        hex::encode(&mac.finalize().into_bytes()[..16])
+    )
+}
+
+pub fn new_guid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// A private dockerd
+// ---------------------------------------------------------------------------------------------
+
+/// A private dockerd (vfs, no iptables, no bridge) with its own roots and socket; `docker()` is
+/// aimed at it. Dropping it stops dockerd and the containerd it started.
+pub struct Dockerd {
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl Dockerd {
+    pub fn start(insecure_registry: &str) -> Dockerd {
+        let dockerd = require_tool("dockerd");
+        require_tool("docker");
+        let dir = short_tempdir("bd");
+        let d = dir.path();
+        fs::create_dir_all(d.join("cfg")).expect("create the docker config dir");
+        let log = File::create(d.join("dockerd.log")).expect("create the dockerd log");
+        let child = Command::new(&dockerd)
+            .args([
+                "--storage-driver=vfs",
+                "--iptables=false",
+                "--ip6tables=false",
+            ])
+            .arg("--bridge=none")
+            .arg("--data-root")
+            .arg(d.join("data"))
+            .arg("--exec-root")
+            .arg(d.join("exec"))
+            .arg("--pidfile")
+            .arg(d.join("pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", d.join("d.sock").display()))
+            .arg("--insecure-registry")
+            .arg(insecure_registry)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone the log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", dockerd.display()));
+        let daemon = Dockerd {
+            dir,
+            child: Some(child),
+        };
+        wait_until(
+            "dockerd",
+            Duration::from_secs(60),
+            &daemon.log_path(),
+            || {
+                run_output(daemon.docker().arg("version"), Duration::from_secs(20))
+                    .status
+                    .success()
+            },
+        );
+        daemon
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("dockerd.log")
+    }
+
+    pub fn docker(&self) -> Command {
+        let mut cmd = Command::new(require_tool("docker"));
+        cmd.env("DOCKER_CONFIG", self.dir.path().join("cfg"))
+            .arg("-H")
+            .arg(format!(
+                "unix://{}",
+                self.dir.path().join("d.sock").display()
+            ));
+        cmd
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        print_log_on_panic("dockerd", &self.log_path());
+        let containerd_pid =
+            fs::read_to_string(self.dir.path().join("exec/containerd/containerd.pid"))
+                .ok()
+                .and_then(|pid| pid.trim().parse::<u32>().ok());
+        if let Some(child) = self.child.as_mut() {
+            stop_child(child, Duration::from_secs(20));
+        }
+        // dockerd normally stops its containerd; kill it only if it is still ours and alive.
+        if let Some(pid) = containerd_pid {
+            let ours = fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c).contains(&*self.dir.path().to_string_lossy())
+            });
+            if ours {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}

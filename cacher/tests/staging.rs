@@ -1,0 +1,620 @@
+//! End-to-end staging runs of the berth-cacher binary as Cloud Controller starts it: CNCF
+//! distribution as the upstream (behind a counting, fault-injecting proxy where a test needs one),
+//! berth-registry as the internal registry, and skopeo and dockerd pulling the cached copy.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const KIB: usize = 1024;
+
+/// What a typical web app's image config says about how to run it. The ports are listed so that
+/// sorting them as strings ("10000/tcp" < "8080/tcp") would give the wrong order.
+fn web_runtime() -> Value {
+    json!({
+        "Entrypoint": ["/app/start", "--verbose"],
+        "Cmd": ["serve", "--port=8080"],
+        "WorkingDir": "/app",
+        "User": "vcap",
+        "Env": ["PATH=/usr/bin:/bin"],
+        "ExposedPorts": { "8080/tcp": {}, "10000/tcp": {} },
+    })
+}
+
+/// `execution_metadata` as Cloud Controller must receive it for [`web_runtime`].
+const WEB_EXECUTION_METADATA: &str = concat!(
+    r#"{"cmd":["serve","--port=8080"],"entrypoint":["/app/start","--verbose"],"workdir":"/app","#,
+    r#""ports":[{"Port":8080,"Protocol":"tcp"},{"Port":10000,"Protocol":"tcp"}],"user":"vcap"}"#
+);
+
+fn web_image(seed: u64, layer_sizes: &[usize]) -> Image {
+    let layers = layer_sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| Layer::generate(seed * 100 + i as u64, size))
+        .collect();
+    Image::new("amd64", layers, web_runtime())
+}
+
+/// A password nobody else could print by accident.
+fn unique_secret() -> String {
+    format!(
+        "Pw-{}-{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// Stages `reference` for app `guid` with caching on and checks it succeeded; returns the
+/// cacher (for its result) and what it printed.
+fn stage_cached(berth: &Berth, config: &str, reference: &str, guid: &str) -> (Cacher, Outcome) {
+    let cacher = Cacher::caching_into(berth, config)
+        .app(guid)
+        .env("BERTH_CACHE", "true");
+    let outcome = cacher.run(&cacher.builder_args(reference, &[]));
+    outcome.expect_code(0);
+    (cacher, outcome)
+}
+
+fn docker_image(result: &Value) -> &str {
+    result["lifecycle_metadata"]["docker_image"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no docker_image in {result}"))
+}
+
+#[test]
+fn private_image_is_cached_by_digest_and_pulls_without_the_upstream() {
+    let password = unique_secret();
+    let mut upstream = Upstream::start(Some(("team-user", &password)));
+    let berth = Berth::start();
+    let image = web_image(1, &[600 * KIB, 1024 * KIB, 64 * KIB]);
+    upstream.push("team/app:1.0", &image.manifest, &image.blobs());
+
+    let guid = new_guid();
+    let cacher = Cacher::caching_into(&berth, "")
+        .app(&guid)
+        .env("BERTH_CACHE", "true");
+    let reference = format!("{}/team/app:1.0", upstream.host());
+    let outcome = cacher.run(&cacher.builder_args(
+        &reference,
+        &[
+            "-dockerUser=team-user",
+            &format!("-dockerPassword={password}"),
+        ],
+    ));
+    outcome.expect_code(0);
+    assert_eq!(outcome.stderr, "", "a clean staging warns about nothing");
+    assert!(
+        outcome.stdout.starts_with("Staging process started ...\n"),
+        "{}",
+        outcome.stdout
+    );
+    assert!(
+        outcome.stdout.ends_with("Staging process finished\n"),
+        "{}",
+        outcome.stdout
+    );
+
+    let repo = cache_repository(&guid);
+    let cached = format!("{}/{repo}@{}", berth.host(), image.manifest.digest);
+    assert_eq!(
+        cacher.result(),
+        json!({
+            "lifecycle_type": "docker",
+            "lifecycle_metadata": { "docker_image": cached },
+            "process_types": { "web": "/app/start --verbose serve --port=8080" },
+            "execution_metadata": WEB_EXECUTION_METADATA,
+        })
+    );
+    // One repository for the app, one staging tag on the very bytes the upstream served.
+    assert_eq!(berth.catalog(), [repo.as_str()]);
+    let tags = berth.tags(&repo);
+    assert_eq!(tags.len(), 1, "{tags:?}");
+    let tag = &tags[0];
+    assert!(
+        tag.len() == 21
+            && tag.starts_with('s')
+            && tag[1..12].bytes().all(|b| b.is_ascii_digit())
+            && tag.as_bytes()[12] == b'-',
+        "staging tag {tag}"
+    );
+    assert_eq!(
+        berth.manifest(&repo, tag).as_deref(),
+        Some(&image.manifest.bytes[..])
+    );
+
+    // The foundation no longer needs the upstream: skopeo and docker pull the cached copy.
+    upstream.stop();
+    let (digest, manifest) = skopeo_pull(&cached, cacher.dir());
+    assert_eq!(digest, image.manifest.digest);
+    assert_eq!(manifest_layers(&manifest), image.layer_digests());
+    assert_eq!(manifest["config"]["digest"], image.config.digest.as_str());
+
+    let dockerd = Dockerd::start(&berth.host());
+    let output = run(dockerd.docker().args(["pull", &cached]));
+    assert!(
+        output.contains(&format!("Digest: {}", image.manifest.digest)),
+        "{output}"
+    );
+    let inspected = run(dockerd.docker().args([
+        "image",
+        "inspect",
+        "--format",
+        "{{.Id}} {{.Config.WorkingDir}} {{.Config.User}}",
+        &cached,
+    ]));
+    assert_eq!(
+        inspected.trim(),
+        format!("{} /app vcap", image.config.digest)
+    );
+}
+
+#[test]
+fn multi_arch_index_resolves_the_configured_platform() {
+    let upstream = Upstream::start(None);
+    let berth = Berth::start();
+    let base = Layer::generate(20, 300 * KIB);
+    let amd64 = Image::new(
+        "amd64",
+        vec![base.clone(), Layer::generate(21, 200 * KIB)],
+        json!({ "Cmd": ["/run-amd64"] }),
+    );
+    let arm64 = Image::new(
+        "arm64",
+        vec![base, Layer::generate(22, 150 * KIB)],
+        json!({ "Cmd": ["/run-arm64"] }),
+    );
+    let index = index_of(&[&amd64, &arm64]);
+    let mut blobs = vec![&amd64.manifest, &arm64.manifest];
+    blobs.extend(amd64.blobs());
+    blobs.extend(arm64.blobs());
+    upstream.push("team/multi:2.0", &index, &blobs);
+    let reference = format!("{}/team/multi:2.0", upstream.host());
+
+    let stage = |config: &str| {
+        let guid = new_guid();
+        let (cacher, _) = stage_cached(&berth, config, &reference, &guid);
+        (cacher.result(), cache_repository(&guid))
+    };
+    let has_image = |repo: &str, image: &Image| {
+        berth.manifest(repo, &image.manifest.digest).as_deref() == Some(&image.manifest.bytes[..])
+            && image
+                .blobs()
+                .iter()
+                .all(|b| berth.has_blob(repo, &b.digest))
+    };
+
+    let (result, repo) = stage("");
+    assert_eq!(
+        docker_image(&result),
+        format!("{}/{repo}@{}", berth.host(), amd64.manifest.digest)
+    );
+    assert_eq!(result["process_types"]["web"], "/run-amd64");
+    assert!(has_image(&repo, &amd64));
+    assert_eq!(berth.manifest(&repo, &arm64.manifest.digest), None);
+    assert!(!berth.has_blob(&repo, &arm64.layers[1].blob.digest));
+    assert_eq!(berth.manifest(&repo, &index.digest), None);
+
+    let (result, repo) = stage("platform: linux/arm64\n");
+    assert_eq!(
+        docker_image(&result),
+        format!("{}/{repo}@{}", berth.host(), arm64.manifest.digest)
+    );
+    assert_eq!(result["process_types"]["web"], "/run-arm64");
+    assert!(has_image(&repo, &arm64));
+    assert_eq!(berth.manifest(&repo, &amd64.manifest.digest), None);
+
+    // keep_index: the whole index is there, and apps still start the configured platform.
+    let (result, repo) = stage("keep_index: true\n");
+    assert_eq!(
+        docker_image(&result),
+        format!("{}/{repo}@{}", berth.host(), amd64.manifest.digest)
+    );
+    assert_eq!(
+        berth.manifest(&repo, &index.digest).as_deref(),
+        Some(&index.bytes[..])
+    );
+    assert!(has_image(&repo, &amd64));
+    assert!(has_image(&repo, &arm64));
+}
+
+#[test]
+fn caching_off_writes_the_builder_reference_and_pushes_nothing() {
+    let upstream = Upstream::start(None);
+    let berth = Berth::start();
+    let image = web_image(3, &[128 * KIB]);
+    upstream.push("team/app:1.0", &image.manifest, &image.blobs());
+    let reference = format!("{}/team/app:1.0", upstream.host());
+
+    // Not opted in; and opted out of a foundation that caches by default.
+    for cacher in [
+        Cacher::caching_into(&berth, "").app(&new_guid()),
+        Cacher::caching_into(&berth, "cache_by_default: true\n")
+            .app(&new_guid())
+            .env("BERTH_CACHE", "false"),
+    ] {
+        let outcome = cacher.run(&cacher.builder_args(&reference, &[]));
+        outcome.expect_code(0);
+        assert_eq!(outcome.stderr, "");
+        assert!(!outcome.stdout.contains("Caching"), "{}", outcome.stdout);
+        assert_eq!(
+            cacher.result(),
+            json!({
+                "lifecycle_type": "docker",
+                "lifecycle_metadata": { "docker_image": reference },
+                "process_types": { "web": "/app/start --verbose serve --port=8080" },
+                "execution_metadata": WEB_EXECUTION_METADATA,
+            })
+        );
+    }
+    assert_eq!(berth.catalog(), Vec::<String>::new());
+}
+
+#[test]
+fn a_second_app_on_the_same_base_transfers_only_its_own_layers() {
+    let upstream = Upstream::start(None);
+    let proxy = Proxy::start(&upstream.host());
+    let berth = Berth::start();
+    let base = vec![
+        Layer::generate(40, 512 * KIB),
+        Layer::generate(41, 256 * KIB),
+    ];
+    let with_own_layer = |seed: u64, cmd: &str| {
+        let mut layers = base.clone();
+        layers.push(Layer::generate(seed, 192 * KIB));
+        Image::new("amd64", layers, json!({ "Cmd": [cmd] }))
+    };
+    let app_a = with_own_layer(42, "/a");
+    let app_b = with_own_layer(43, "/b");
+    upstream.push("team/a:1", &app_a.manifest, &app_a.blobs());
+    upstream.push("team/b:1", &app_b.manifest, &app_b.blobs());
+
+    // Layer bytes the upstream served for one staging, and the copy summary it printed.
+    let stage = |repo_tag: &str, guid: &str| {
+        let reference = format!("{}/{repo_tag}", proxy.host());
+        let (_, outcome) = stage_cached(&berth, "", &reference, guid);
+        let served = proxy.take_blob_bytes();
+        let summary = outcome
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("Cached in"))
+            .unwrap_or_else(|| panic!("no summary in {}", outcome.stdout))
+            .to_owned();
+        (served, summary)
+    };
+    let sizes = |blobs: &[&Blob]| -> BTreeMap<String, u64> {
+        blobs
+            .iter()
+            .map(|b| (b.digest.clone(), b.bytes.len() as u64))
+            .collect()
+    };
+
+    let guid_a = new_guid();
+    let (served, summary) = stage("team/a:1", &guid_a);
+    assert_eq!(served, sizes(&app_a.blobs()), "first staging of app A");
+    assert!(
+        summary.contains("4 blobs copied") && summary.contains("0 mounted"),
+        "{summary}"
+    );
+
+    let (served, summary) = stage("team/b:1", &new_guid());
+    assert_eq!(
+        served,
+        sizes(&[&app_b.config, &app_b.layers[2].blob]),
+        "app B: only its config and own layer may come from upstream"
+    );
+    assert!(
+        summary.contains("2 blobs copied") && summary.contains("2 mounted"),
+        "{summary}"
+    );
+
+    let (served, summary) = stage("team/a:1", &guid_a);
+    assert_eq!(served, BTreeMap::new(), "re-staging app A");
+    assert!(
+        summary.contains("0 blobs copied") && summary.contains("4 already cached"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn dropped_connections_and_transient_errors_are_survived() {
+    let upstream = Upstream::start(None);
+    let proxy = Proxy::start(&upstream.host());
+    let berth = Berth::start();
+    let image = web_image(5, &[800 * KIB, 300 * KIB, 200 * KIB]);
+    upstream.push("team/app:1.0", &image.manifest, &image.blobs());
+    let [cut, failing, limited] = [0, 1, 2].map(|i| image.layers[i].blob.digest.clone());
+    const CUT_AT: usize = 256 * KIB;
+    proxy.inject(&cut, Fault::Cut(CUT_AT), Some(1));
+    proxy.inject(&failing, Fault::Status(500), Some(2));
+    proxy.inject(&limited, Fault::Status(429), Some(1));
+
+    let guid = new_guid();
+    let reference = format!("{}/team/app:1.0", proxy.host());
+    let (cacher, outcome) = stage_cached(&berth, "", &reference, &guid);
+    let repo = cache_repository(&guid);
+    assert_eq!(
+        docker_image(&cacher.result()),
+        format!("{}/{repo}@{}", berth.host(), image.manifest.digest)
+    );
+
+    let requests = |digest: &str| -> Vec<(Option<String>, u16)> {
+        proxy
+            .exchanges()
+            .into_iter()
+            .filter(|e| e.path.ends_with(digest))
+            .map(|e| (e.range, e.status))
+            .collect()
+    };
+    // The dropped transfer resumed where it broke off instead of starting over.
+    let resumed = requests(&cut);
+    assert_eq!(resumed.len(), 2, "{resumed:?}");
+    assert_eq!(resumed[0], (None, 200));
+    let range = resumed[1]
+        .0
+        .as_deref()
+        .expect("a Range on the second request");
+    let start: usize = range
+        .strip_prefix("bytes=")
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("Range {range}"));
+    assert!(start > 0 && start <= CUT_AT, "resumed at {start}");
+    assert_eq!(resumed[1].1, 206);
+    assert!(
+        outcome.stderr.contains("connection lost after"),
+        "{}",
+        outcome.stderr
+    );
+    assert_eq!(requests(&failing), [(None, 500), (None, 500), (None, 200)]);
+    assert_eq!(requests(&limited), [(None, 429), (None, 200)]);
+    assert!(
+        outcome
+            .stderr
+            .contains("429 Too Many Requests; retrying in 1.0 s"),
+        "Retry-After must be honoured: {}",
+        outcome.stderr
+    );
+
+    for blob in image.blobs() {
+        let response = http(
+            reqwest::Method::GET,
+            &format!("{}/v2/{repo}/blobs/{}", berth.url(), blob.digest),
+        );
+        assert_eq!(response.status, 200);
+        assert!(response.body == blob.bytes, "{} differs", blob.digest);
+    }
+    assert_eq!(
+        berth.manifest(&repo, &image.manifest.digest).as_deref(),
+        Some(&image.manifest.bytes[..])
+    );
+}
+
+#[test]
+fn a_corrupted_blob_fails_staging_and_commits_nothing() {
+    let upstream = Upstream::start(None);
+    let proxy = Proxy::start(&upstream.host());
+    let berth = Berth::start();
+    let image = web_image(6, &[300 * KIB, 200 * KIB]);
+    upstream.push("team/app:1.0", &image.manifest, &image.blobs());
+    let bad = &image.layers[1].blob;
+    proxy.inject(&bad.digest, Fault::Corrupt, None);
+    let mut corrupted = bad.bytes.clone();
+    corrupted[0] ^= 0xff;
+    let corrupted = sha256(&corrupted);
+
+    let cacher = Cacher::caching_into(&berth, "attempts: 2\n")
+        .app(&new_guid())
+        .env("BERTH_CACHE", "true");
+    let reference = format!("{}/team/app:1.0", proxy.host());
+    let outcome = cacher.run(&cacher.builder_args(&reference, &[]));
+    outcome.expect_code(2);
+    let failure = outcome
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("Staging process failed: "))
+        .unwrap_or_else(|| panic!("no failure line in {}", outcome.stderr));
+    // Blamed on the source, after the configured number of tries.
+    assert!(
+        failure.contains(&format!("blob {} arrived corrupted", bad.digest)),
+        "{failure}"
+    );
+    assert!(
+        outcome.stderr.contains("starting it again (try 2/2)"),
+        "{}",
+        outcome.stderr
+    );
+    let fetched = proxy
+        .exchanges()
+        .iter()
+        .filter(|e| e.path.ends_with(&bad.digest))
+        .count();
+    assert_eq!(fetched, 2);
+    assert!(!outcome.stdout.contains("Staging process finished"));
+    assert!(!cacher.result_path().exists());
+
+    let repos = berth.catalog();
+    for repo in &repos {
+        for digest in [&bad.digest, &corrupted] {
+            assert!(!berth.has_blob(repo, digest), "{repo} has {digest}");
+        }
+        assert_eq!(berth.tags(repo), Vec::<String>::new(), "{repo}");
+        assert_eq!(berth.manifest(repo, &image.manifest.digest), None, "{repo}");
+    }
+    // Nor anywhere in its storage, whatever the layout.
+    for digest in [&bad.digest, &corrupted] {
+        let hex = &digest["sha256:".len()..];
+        let named: Vec<PathBuf> = files_below(&berth.root())
+            .into_iter()
+            .filter(|path| path.file_name().is_some_and(|n| n == hex))
+            .collect();
+        assert_eq!(named, Vec::<PathBuf>::new());
+    }
+}
+
+#[test]
+fn credentials_never_leak() {
+    let user = "team-user";
+    let password = unique_secret();
+    let upstream = Upstream::start(Some((user, &password)));
+    let proxy = Proxy::start(&upstream.host());
+    let berth = Berth::start();
+    let image = web_image(7, &[200 * KIB, 100 * KIB]);
+    upstream.push("team/app:1.0", &image.manifest, &image.blobs());
+    let reference = format!("{}/team/app:1.0", proxy.host());
+    let basic = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    };
+    let user_flag = format!("-dockerUser={user}");
+    let password_flag = format!("-dockerPassword={password}");
+
+    for in_env in [false, true] {
+        let mut cacher = Cacher::caching_into(&berth, "")
+            .app(&new_guid())
+            .env("BERTH_CACHE", "true");
+        let mut extra = vec![user_flag.as_str()];
+        if in_env {
+            cacher = cacher.env("CF_DOCKER_PASSWORD", &password);
+        } else {
+            extra.push(&password_flag);
+        }
+        // Held back long enough to read the process table while the cacher is at work.
+        proxy.inject(
+            "/manifests/1.0",
+            Fault::Delay(Duration::from_secs(2)),
+            Some(1),
+        );
+        let child = cacher.spawn(&cacher.builder_args(&reference, &extra));
+        let pid = child.id();
+        proxy.wait_until_applied("/manifests/1.0", Duration::from_secs(30));
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).expect("read cmdline");
+        let environ = fs::read(format!("/proc/{pid}/environ")).expect("read environ");
+        let outcome = cacher.wait(child);
+        outcome.expect_code(0);
+
+        let masked = "*".repeat(password.len());
+        let (table, expected) = if in_env {
+            (&environ, format!("CF_DOCKER_PASSWORD={masked}"))
+        } else {
+            (&cmdline, format!("-dockerPassword={masked}"))
+        };
+        assert!(
+            table
+                .split(|&b| b == 0)
+                .any(|entry| entry == expected.as_bytes()),
+            "{expected} in {}",
+            String::from_utf8_lossy(table)
+        );
+        for (what, bytes) in [
+            ("cmdline", &cmdline),
+            ("environ", &environ),
+            ("stdout", &outcome.stdout.as_bytes().to_vec()),
+            ("stderr", &outcome.stderr.as_bytes().to_vec()),
+        ] {
+            for secret in [&password, &basic] {
+                assert!(
+                    !String::from_utf8_lossy(bytes).contains(secret.as_str()),
+                    "the password leaked into {what}"
+                );
+            }
+        }
+        for dir in [cacher.dir(), berth.root().as_path()] {
+            for secret in [&password, &basic] {
+                assert_eq!(
+                    files_containing(dir, secret.as_bytes()),
+                    Vec::<PathBuf>::new(),
+                    "files holding the password"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_wrong_password_fails_with_an_authentication_message() {
+    let upstream = Upstream::start(Some(("team-user", &unique_secret())));
+    let berth = Berth::start();
+    let wrong = unique_secret();
+    let cacher = Cacher::caching_into(&berth, "")
+        .app(&new_guid())
+        .env("BERTH_CACHE", "true");
+    let reference = format!("{}/team/app:1.0", upstream.host());
+    let outcome = cacher.run(&cacher.builder_args(
+        &reference,
+        &["-dockerUser=team-user", &format!("-dockerPassword={wrong}")],
+    ));
+    outcome.expect_code(2);
+    let failure = outcome
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("Staging process failed: "))
+        .unwrap_or_else(|| panic!("no failure line in {}", outcome.stderr));
+    assert!(
+        failure.contains("authentication failed") && failure.contains("rejected the credentials"),
+        "{failure}"
+    );
+    assert!(!outcome.stderr.contains(&wrong) && !outcome.stdout.contains(&wrong));
+    assert!(!cacher.result_path().exists());
+    assert_eq!(berth.catalog(), Vec::<String>::new());
+}
+
+#[test]
+fn a_missing_docker_ref_is_a_flag_error() {
+    let cacher = Cacher::new();
+    let outcome = cacher.run(&[format!(
+        "-outputMetadataJSONFilename={}",
+        cacher.result_path().display()
+    )]);
+    outcome.expect_code(1);
+    assert!(
+        outcome
+            .stderr
+            .starts_with("missing flag: dockerRef required\n"),
+        "{}",
+        outcome.stderr
+    );
+    assert!(!outcome.stdout.contains("Staging process started"));
+    assert!(!cacher.result_path().exists());
+}
+
+#[test]
+fn legacy_and_unknown_flags_are_ignored_with_a_warning() {
+    let upstream = Upstream::start(None);
+    let image = web_image(8, &[64 * KIB]);
+    upstream.push("team/app:1.0", &image.manifest, &image.blobs());
+    let reference = format!("{}/team/app:1.0", upstream.host());
+    let cacher = Cacher::new();
+    let outcome = cacher.run(&cacher.builder_args(
+        &reference,
+        &[
+            "-cacheDockerImage",
+            "-dockerRegistryHost=10.0.0.1",
+            "-dockerRegistryPort",
+            "8080",
+            "--someFutureFlag=on",
+        ],
+    ));
+    outcome.expect_code(0);
+    let warnings: Vec<&str> = outcome
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: "))
+        .collect();
+    assert_eq!(
+        warnings,
+        [
+            "warning: ignoring legacy flag -cacheDockerImage",
+            "warning: ignoring legacy flag -dockerRegistryHost",
+            "warning: ignoring legacy flag -dockerRegistryPort",
+            "warning: ignoring unknown flag -someFutureFlag",
+        ]
+    );
+    assert_eq!(docker_image(&cacher.result()), reference);
+}
