@@ -1,6 +1,7 @@
 //! End-to-end staging runs of the berth-cacher binary as Cloud Controller starts it: CNCF
-//! distribution as the upstream (behind a counting, fault-injecting proxy where a test needs one),
-//! berth-registry as the internal registry, and skopeo and dockerd pulling the cached copy.
+//! distribution, or berth-registry in token mode, as the upstream (behind a counting,
+//! fault-injecting proxy where a test needs one), berth-registry as the internal registry, and
+//! skopeo and dockerd pulling the cached copy.
 
 mod common;
 
@@ -617,4 +618,254 @@ fn legacy_and_unknown_flags_are_ignored_with_a_warning() {
         ]
     );
     assert_eq!(docker_image(&cacher.result()), reference);
+}
+
+// ---------------------------------------------------------------------------------------------
+// berth-registry in token mode as the upstream
+// ---------------------------------------------------------------------------------------------
+
+/// berth-registry as an upstream of the Docker Hub kind: the token flow, and `private/` readable
+/// by alice alone. Its tokens live `lifetime_seconds` (plus the registry's clock-skew leeway).
+fn token_mode_upstream(alice_password: &str, lifetime_seconds: u64) -> Berth {
+    Berth::start_with_auth(
+        &format!(
+            "mode: token\n\
+             access:\n  - repositories: private\n    grants: {{ \"user:alice\": [push] }}\n\
+             token: {{ service: berth-registry, issuer: berth-registry, \
+             lifetime_seconds: {lifetime_seconds} }}\n"
+        ),
+        &[("alice", alice_password)],
+    )
+}
+
+/// The `Staging process failed: ...` line of a failed run.
+fn failure_line(outcome: &Outcome) -> &str {
+    outcome
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("Staging process failed: "))
+        .unwrap_or_else(|| panic!("no failure line in {}", outcome.stderr))
+}
+
+/// Neither `secret` nor its Basic encoding as `user` was printed or written to a file in `dirs`.
+fn assert_never_shown(user: &str, secret: &str, outcome: &Outcome, dirs: &[&std::path::Path]) {
+    let basic = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"))
+    };
+    for secret in [secret, basic.as_str()] {
+        assert!(
+            !outcome.stdout.contains(secret),
+            "the password leaked into stdout"
+        );
+        assert!(
+            !outcome.stderr.contains(secret),
+            "the password leaked into stderr"
+        );
+        for dir in dirs {
+            assert_eq!(
+                files_containing(dir, secret.as_bytes()),
+                Vec::<PathBuf>::new(),
+                "files holding the password"
+            );
+        }
+    }
+}
+
+#[test]
+fn private_image_from_a_token_mode_berth_registry_is_cached_and_pulls_without_it() {
+    let password = unique_secret();
+    let mut upstream = token_mode_upstream(&password, 300);
+    let berth = Berth::start();
+    let image = web_image(11, &[600 * KIB, 1024 * KIB, 64 * KIB]);
+    upstream.push(
+        "private/app:1.0",
+        &image.manifest,
+        &image.blobs(),
+        Some(("alice", &password)),
+    );
+    // Private indeed: an anonymous pull is sent to the token service.
+    let anonymous = http(
+        reqwest::Method::GET,
+        &format!("{}/v2/private/app/manifests/1.0", upstream.url()),
+    );
+    assert_eq!(anonymous.status, 401);
+    let challenge = anonymous.headers["www-authenticate"]
+        .to_str()
+        .expect("an ASCII challenge");
+    assert_eq!(
+        challenge,
+        format!(
+            "Bearer realm=\"{}/auth/token\",service=\"berth-registry\",\
+             scope=\"repository:private/app:pull\"",
+            upstream.url()
+        )
+    );
+
+    let guid = new_guid();
+    let cacher = Cacher::caching_into(&berth, "")
+        .app(&guid)
+        .env("BERTH_CACHE", "true");
+    let reference = format!("{}/private/app:1.0", upstream.host());
+    let outcome = cacher.run(&cacher.builder_args(
+        &reference,
+        &["-dockerUser=alice", &format!("-dockerPassword={password}")],
+    ));
+    outcome.expect_code(0);
+    assert_eq!(outcome.stderr, "", "a clean staging warns about nothing");
+    assert!(
+        outcome.stdout.ends_with("Staging process finished\n"),
+        "{}",
+        outcome.stdout
+    );
+
+    let repo = cache_repository(&guid);
+    let cached = format!("{}/{repo}@{}", berth.host(), image.manifest.digest);
+    assert_eq!(
+        cacher.result(),
+        json!({
+            "lifecycle_type": "docker",
+            "lifecycle_metadata": { "docker_image": cached },
+            "process_types": { "web": "/app/start --verbose serve --port=8080" },
+            "execution_metadata": WEB_EXECUTION_METADATA,
+        })
+    );
+    assert_eq!(berth.catalog(), [repo.as_str()]);
+    let tags = berth.tags(&repo);
+    assert_eq!(tags.len(), 1, "{tags:?}");
+    assert_eq!(
+        berth.manifest(&repo, &tags[0]).as_deref(),
+        Some(&image.manifest.bytes[..])
+    );
+    assert_never_shown(
+        "alice",
+        &password,
+        &outcome,
+        &[cacher.dir(), berth.root().as_path()],
+    );
+
+    // Apps start from the internal copy alone.
+    upstream.stop();
+    let (digest, manifest) = skopeo_pull(&cached, cacher.dir());
+    assert_eq!(digest, image.manifest.digest);
+    assert_eq!(manifest_layers(&manifest), image.layer_digests());
+    assert_eq!(manifest["config"]["digest"], image.config.digest.as_str());
+}
+
+#[test]
+fn a_wrong_password_for_a_token_mode_upstream_fails_and_stores_nothing() {
+    let password = unique_secret();
+    let upstream = token_mode_upstream(&password, 300);
+    let berth = Berth::start();
+    let image = web_image(12, &[128 * KIB, 64 * KIB]);
+    upstream.push(
+        "private/app:1.0",
+        &image.manifest,
+        &image.blobs(),
+        Some(("alice", &password)),
+    );
+
+    let wrong = unique_secret();
+    let cacher = Cacher::caching_into(&berth, "")
+        .app(&new_guid())
+        .env("BERTH_CACHE", "true");
+    let reference = format!("{}/private/app:1.0", upstream.host());
+    let outcome = cacher.run(&cacher.builder_args(
+        &reference,
+        &["-dockerUser=alice", &format!("-dockerPassword={wrong}")],
+    ));
+    outcome.expect_code(2);
+    let failure = failure_line(&outcome);
+    assert!(
+        failure.contains("authentication failed")
+            && failure.contains("the token service refused the credentials"),
+        "{failure}"
+    );
+    assert!(!outcome.stdout.contains("Staging process finished"));
+    assert!(!cacher.result_path().exists());
+
+    assert_eq!(berth.catalog(), Vec::<String>::new());
+    for blob in image.blobs().into_iter().chain([&image.manifest]) {
+        let hex = &blob.digest["sha256:".len()..];
+        let named: Vec<PathBuf> = files_below(&berth.root())
+            .into_iter()
+            .filter(|path| path.file_name().is_some_and(|n| n == hex))
+            .collect();
+        assert_eq!(named, Vec::<PathBuf>::new());
+    }
+    assert_never_shown(
+        "alice",
+        &wrong,
+        &outcome,
+        &[cacher.dir(), berth.root().as_path()],
+    );
+}
+
+#[test]
+fn a_token_that_expires_mid_copy_is_fetched_again() {
+    // One-second tokens, which berth-registry still accepts for its 10 s clock-skew leeway.
+    const LIFETIME_AND_LEEWAY: Duration = Duration::from_secs(1 + 10);
+    let password = unique_secret();
+    let upstream = token_mode_upstream(&password, 1);
+    let proxy = Proxy::start(&upstream.host());
+    let berth = Berth::start();
+    let image = web_image(13, &[400 * KIB, 300 * KIB, 200 * KIB]);
+    upstream.push(
+        "private/app:1.0",
+        &image.manifest,
+        &image.blobs(),
+        Some(("alice", &password)),
+    );
+    // One blob at a time, the middle one held back until the token it was sent with has expired:
+    // it reaches the registry with a dead token, and every request after it needs a new one.
+    let held = image.layers[1].blob.digest.clone();
+    proxy.inject(
+        &held,
+        Fault::Delay(LIFETIME_AND_LEEWAY + Duration::from_secs(2)),
+        Some(1),
+    );
+
+    let guid = new_guid();
+    let cacher = Cacher::caching_into(&berth, "parallel_blobs: 1\n")
+        .app(&guid)
+        .env("BERTH_CACHE", "true");
+    let reference = format!("{}/private/app:1.0", proxy.host());
+    let outcome = cacher.run(&cacher.builder_args(
+        &reference,
+        &["-dockerUser=alice", &format!("-dockerPassword={password}")],
+    ));
+    outcome.expect_code(0);
+
+    // Refused as expired, then sent again with a fresh token.
+    let held_requests: Vec<(Option<String>, u16)> = proxy
+        .exchanges()
+        .into_iter()
+        .filter(|e| e.path.ends_with(&held))
+        .map(|e| (e.range, e.status))
+        .collect();
+    assert_eq!(held_requests, [(None, 401), (None, 200)]);
+
+    let repo = cache_repository(&guid);
+    assert_eq!(
+        docker_image(&cacher.result()),
+        format!("{}/{repo}@{}", berth.host(), image.manifest.digest)
+    );
+    for blob in image.blobs() {
+        let response = http(
+            reqwest::Method::GET,
+            &format!("{}/v2/{repo}/blobs/{}", berth.url(), blob.digest),
+        );
+        assert_eq!(response.status, 200);
+        assert!(response.body == blob.bytes, "{} differs", blob.digest);
+    }
+    assert_eq!(
+        berth.manifest(&repo, &image.manifest.digest).as_deref(),
+        Some(&image.manifest.bytes[..])
+    );
+    assert_never_shown(
+        "alice",
+        &password,
+        &outcome,
+        &[cacher.dir(), berth.root().as_path()],
+    );
 }

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::auth::AuthConfig;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
@@ -33,6 +35,8 @@ pub struct Config {
     pub storage: StorageConfig,
     pub log: LogConfig,
     pub limits: Limits,
+    /// Who may do what; open to everyone unless set.
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -87,6 +91,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             log: LogConfig::default(),
             limits: Limits::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -212,7 +217,7 @@ impl Config {
         if let Some(tls) = &self.tls {
             crate::server::tls_acceptor(tls)?;
         }
-        Ok(())
+        crate::auth::Auth::check(&self.auth)
     }
 }
 

@@ -44,6 +44,16 @@ pub enum RegistryError {
     MethodNotAllowed,
     #[error("not found")]
     NotFound,
+    #[error("{message}")]
+    Unauthorized {
+        /// The `WWW-Authenticate` value telling the client how to authenticate.
+        challenge: HeaderValue,
+        message: &'static str,
+    },
+    #[error("requested access to the resource is denied")]
+    Denied,
+    #[error("too many failed logins from this address; try again in a minute")]
+    TooManyRequests,
     #[error("storage: {0}")]
     Content(#[from] ContentError),
     #[error("metadata: {0}")]
@@ -82,6 +92,9 @@ impl RegistryError {
             MethodNotAllowed => ("UNSUPPORTED", StatusCode::METHOD_NOT_ALLOWED),
             // A path outside the API: the spec has no code for it, UNSUPPORTED is the nearest.
             NotFound => ("UNSUPPORTED", StatusCode::NOT_FOUND),
+            Unauthorized { .. } => ("UNAUTHORIZED", StatusCode::UNAUTHORIZED),
+            Denied => ("DENIED", StatusCode::FORBIDDEN),
+            TooManyRequests => ("TOOMANYREQUESTS", StatusCode::TOO_MANY_REQUESTS),
             Content(ContentError::UploadUnknown) => ("BLOB_UPLOAD_UNKNOWN", StatusCode::NOT_FOUND),
             Content(ContentError::BlobUnknown) => ("BLOB_UNKNOWN", StatusCode::NOT_FOUND),
             Content(ContentError::StorageFull) => ("UNKNOWN", StatusCode::INSUFFICIENT_STORAGE),
@@ -126,6 +139,11 @@ impl IntoResponse for RegistryError {
         );
         if status.is_server_error() {
             response.extensions_mut().insert(StorageFailure);
+        }
+        if let RegistryError::Unauthorized { challenge, .. } = self {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, challenge);
         }
         response
     }

@@ -3,6 +3,7 @@
 //! traits.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod content;
 pub mod error;

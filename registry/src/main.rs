@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use berth_registry::api::{self, AppState};
+use berth_registry::auth::Auth;
 use berth_registry::config::{Config, LogFormat};
 use berth_registry::content::FsContentStore;
 use berth_registry::metadata::SqliteMetadataStore;
@@ -61,7 +62,7 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(serve(config))
+                .block_on(serve(config, cli.config))
         }
     }
 }
@@ -78,18 +79,48 @@ fn init_logging(config: &Config) {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+/// Re-reads the access control part of the configuration on every SIGHUP `hangups` delivers. A
+/// broken file is reported and the running configuration kept.
+async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    state: Arc<AppState>,
+    file: Option<PathBuf>,
+) {
+    while hangups.recv().await.is_some() {
+        let Some(file) = &file else {
+            tracing::warn!("SIGHUP: started without a configuration file, nothing to reload");
+            continue;
+        };
+        let reloaded = match Config::load(Some(file)) {
+            Ok(config) => state.auth.reload(&config.auth).await,
+            Err(err) => Err(err),
+        };
+        match reloaded {
+            Ok(()) => tracing::info!(file = %file.display(), "access control reloaded"),
+            Err(err) => {
+                tracing::error!(file = %file.display(), error = %err, "reload failed; keeping the running configuration")
+            }
+        }
+    }
+}
+
+async fn serve(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
     let started = Instant::now();
     let root = &config.storage.root;
     let content = FsContentStore::open(root)
         .with_context(|| format!("opening storage at {}", root.display()))?;
     let metadata = SqliteMetadataStore::open(&root.join("metadata.sqlite"))
         .context("opening the metadata database")?;
-    let state = Arc::new(AppState::new(
-        Arc::new(content),
-        Arc::new(metadata),
-        config.limits.clone(),
-    ));
+    let auth = Auth::load(&config.auth)
+        .await
+        .context("loading access control")?;
+    let state = Arc::new(
+        AppState::new(Arc::new(content), Arc::new(metadata), config.limits.clone()).with_auth(auth),
+    );
+    // Installed before serving: a SIGHUP that arrived before the handler would end the process.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    tokio::spawn(reload_on_hangup(hangups, state.clone(), config_file));
     let tls = config.tls.as_ref().map(server::tls_acceptor).transpose()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -57,6 +57,13 @@ pub fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, ConfigError> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// Facts about the connection a request arrived on, attached to every request.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionInfo {
+    pub peer: std::net::SocketAddr,
+    pub tls: bool,
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and gives open
 /// connections up to `grace` to finish what they are doing.
 pub async fn serve(
@@ -83,7 +90,20 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let info = ConnectionInfo {
+            peer,
+            tls: tls.is_some(),
+        };
+        let service = TowerToHyperService::new(
+            tower::ServiceBuilder::new()
+                .map_request(
+                    move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                        request.extensions_mut().insert(info);
+                        request
+                    },
+                )
+                .service(app.clone()),
+        );
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();

@@ -4,23 +4,10 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-
-fn skopeo() -> Command {
-    let mut cmd = Command::new(require_tool("skopeo"));
-    // The host's signature policy is not what is under test.
-    cmd.arg("--insecure-policy");
-    cmd
-}
-
-fn oci_ref(layout: &Path, tag: &str) -> String {
-    format!("oci:{}:{tag}", layout.display())
-}
 
 /// The digests a manifest lists as layers.
 fn manifest_layers(manifest: &Value) -> Vec<String> {
@@ -42,18 +29,6 @@ fn skopeo_push_image(registry: &Registry, image: &Image, repo: &str, tag: &str) 
         .args(["copy", "--dest-tls-verify=false"])
         .arg(oci_ref(&layout, tag))
         .arg(format!("docker://{}/{repo}:{tag}", registry.host())));
-}
-
-/// Builds a `docker save`-style archive of `image` named `name` (via skopeo's docker-archive).
-fn docker_archive(registry: &Registry, image: &Image, name: &str) -> std::path::PathBuf {
-    let layout = registry.scratch().join("archive-src");
-    write_oci_layout(&layout, "v1", &image.manifest, &image.blobs());
-    let archive = registry.scratch().join("image.tar");
-    run(skopeo()
-        .arg("copy")
-        .arg(oci_ref(&layout, "v1"))
-        .arg(format!("docker-archive:{}:{name}", archive.display())));
-    archive
 }
 
 #[tokio::test]

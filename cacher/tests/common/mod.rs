@@ -209,6 +209,13 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
         .collect()
 }
 
+fn tempdir(prefix: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("a temporary directory")
+}
+
 fn block_on<F: Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -219,6 +226,7 @@ fn block_on<F: Future>(future: F) -> F::Output {
 
 pub struct HttpResponse {
     pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
     pub body: Vec<u8>,
 }
 
@@ -233,6 +241,7 @@ pub fn http(method: reqwest::Method, url: &str) -> HttpResponse {
             .unwrap_or_else(|e| panic!("{url}: {e}"));
         HttpResponse {
             status: response.status().as_u16(),
+            headers: response.headers().clone(),
             body: response.bytes().await.expect("a response body").to_vec(),
         }
     })
@@ -444,6 +453,32 @@ pub fn skopeo_pull(reference: &str, dir: &Path) -> (String, Value) {
     (sha256(&bytes), manifest)
 }
 
+/// Pushes `top` (an image manifest or an index) and `blobs` below it to `host` as `repo_tag` with
+/// skopeo, as a developer would push their app's image, from an OCI layout written under `dir`.
+fn skopeo_push(
+    dir: &Path,
+    host: &str,
+    repo_tag: &str,
+    top: &Blob,
+    blobs: &[&Blob],
+    credentials: Option<(&str, &str)>,
+) {
+    let (_, tag) = repo_tag.split_once(':').expect("repo:tag");
+    let layout = dir.join(format!("layout-{}", uuid::Uuid::new_v4().simple()));
+    write_oci_layout(&layout, tag, top, blobs);
+    let mut cmd = skopeo();
+    cmd.args(["copy", "--dest-tls-verify=false"]);
+    if top.media_type == OCI_INDEX {
+        cmd.arg("--all");
+    }
+    if let Some((user, password)) = credentials {
+        cmd.arg(format!("--dest-creds={user}:{password}"));
+    }
+    run(cmd
+        .arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(format!("docker://{host}/{repo_tag}")));
+}
+
 // ---------------------------------------------------------------------------------------------
 // In-process HTTP servers: the internal registry and the proxy
 // ---------------------------------------------------------------------------------------------
@@ -495,10 +530,9 @@ impl BackgroundServer {
             thread: Some(thread),
         }
     }
-}
 
-impl Drop for BackgroundServer {
-    fn drop(&mut self) {
+    /// Shuts the server down and waits for its thread; its address stays known.
+    fn stop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -508,33 +542,65 @@ impl Drop for BackgroundServer {
     }
 }
 
-/// berth-registry, the internal registry the cacher copies into, with its own storage root.
+impl Drop for BackgroundServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// berth-registry in-process with its own storage root: the internal registry the cacher copies
+/// into, or (with access control) an upstream of the kind the cacher pulls from.
 pub struct Berth {
     dir: TempDir,
     server: BackgroundServer,
 }
 
 impl Berth {
+    /// Open to everyone, as the internal registry on a trusted network.
     pub fn start() -> Berth {
+        Berth::serve(tempdir("berth-cacher-e2e-"), None)
+    }
+
+    /// With access control: `auth_yaml` is an `auth:` section (`mode`, `access`, `token`, ...);
+    /// `users` become the htpasswd file (bcrypt) its `htpasswd` is pointed at.
+    pub fn start_with_auth(auth_yaml: &str, users: &[(&str, &str)]) -> Berth {
+        let dir = tempdir("berth-cacher-e2e-auth-");
+        let mut config: berth_registry::auth::AuthConfig =
+            serde_yaml::from_str(auth_yaml).expect("an auth configuration");
+        if !users.is_empty() {
+            let htpasswd = dir.path().join("htpasswd");
+            let lines: Vec<String> = users
+                .iter()
+                .map(|(user, password)| {
+                    run(Command::new(require_tool("htpasswd")).args(["-Bbn", user, password]))
+                        .trim()
+                        .to_owned()
+                })
+                .collect();
+            fs::write(&htpasswd, lines.join("\n") + "\n").expect("write htpasswd");
+            config.htpasswd.get_or_insert(htpasswd);
+        }
+        Berth::serve(dir, Some(config))
+    }
+
+    fn serve(dir: TempDir, auth: Option<berth_registry::auth::AuthConfig>) -> Berth {
         use berth_registry::api::{AppState, router};
+        use berth_registry::auth::Auth;
         use berth_registry::config::Limits;
         use berth_registry::content::FsContentStore;
         use berth_registry::metadata::SqliteMetadataStore;
 
-        let dir = tempfile::Builder::new()
-            .prefix("berth-cacher-e2e-")
-            .tempdir()
-            .expect("a temporary directory");
+        let auth = auth.map(|config| block_on(Auth::load(&config)).expect("load the auth config"));
         let root = dir.path().join("root");
         let server = BackgroundServer::start("berth-registry", move || {
             let content = FsContentStore::open(&root).expect("open the content store");
             let metadata = SqliteMetadataStore::open(&root.join("metadata.sqlite"))
                 .expect("open the metadata store");
-            router(Arc::new(AppState::new(
-                Arc::new(content),
-                Arc::new(metadata),
-                Limits::default(),
-            )))
+            let state = AppState::new(Arc::new(content), Arc::new(metadata), Limits::default());
+            router(Arc::new(match auth {
+                Some(auth) => state.with_auth(auth),
+                None => state,
+            }))
         });
         Berth { dir, server }
     }
@@ -591,6 +657,30 @@ impl Berth {
             404 => false,
             status => panic!("HEAD {url} answered {status}"),
         }
+    }
+
+    /// Pushes `top` and `blobs` below it as `repo_tag` with skopeo, logging in with
+    /// `credentials` when given.
+    pub fn push(
+        &self,
+        repo_tag: &str,
+        top: &Blob,
+        blobs: &[&Blob],
+        credentials: Option<(&str, &str)>,
+    ) {
+        skopeo_push(
+            self.dir.path(),
+            &self.host(),
+            repo_tag,
+            top,
+            blobs,
+            credentials,
+        );
+    }
+
+    /// Stops serving; the storage stays until the value is dropped.
+    pub fn stop(&mut self) {
+        self.server.stop();
     }
 }
 
@@ -940,23 +1030,18 @@ impl Upstream {
     /// Pushes `top` (an image manifest or an index) and `blobs` below it as `repo_tag` with
     /// skopeo, as a developer would push their app's image.
     pub fn push(&self, repo_tag: &str, top: &Blob, blobs: &[&Blob]) {
-        let (_, tag) = repo_tag.split_once(':').expect("repo:tag");
-        let layout = self
-            .dir
-            .path()
-            .join(format!("layout-{}", uuid::Uuid::new_v4().simple()));
-        write_oci_layout(&layout, tag, top, blobs);
-        let mut cmd = skopeo();
-        cmd.args(["copy", "--dest-tls-verify=false"]);
-        if top.media_type == OCI_INDEX {
-            cmd.arg("--all");
-        }
-        if let Some((user, password)) = &self.credentials {
-            cmd.arg(format!("--dest-creds={user}:{password}"));
-        }
-        run(cmd
-            .arg(format!("oci:{}:{tag}", layout.display()))
-            .arg(format!("docker://{}/{repo_tag}", self.host())));
+        let credentials = self
+            .credentials
+            .as_ref()
+            .map(|(user, password)| (user.as_str(), password.as_str()));
+        skopeo_push(
+            self.dir.path(),
+            &self.host(),
+            repo_tag,
+            top,
+            blobs,
+            credentials,
+        );
     }
 
     pub fn stop(&mut self) {

@@ -8,6 +8,7 @@ use berth_oci::RepoName;
 use serde::Deserialize;
 
 use super::{AppState, HandlerResult};
+use crate::auth::Grant;
 use crate::error::RegistryError;
 use crate::metadata::{Page, PageRequest};
 
@@ -62,9 +63,29 @@ pub(super) async fn tags(state: &AppState, repo: &RepoName, uri: &Uri) -> Handle
     Ok(listing(uri, &request, &page, body))
 }
 
-pub(super) async fn catalog(state: &AppState, uri: &Uri) -> HandlerResult {
+/// The catalog, showing only repositories the caller may list. Filtering happens page by page, so
+/// a page may need several store pages to fill.
+pub(super) async fn catalog(state: &AppState, uri: &Uri, grant: &Grant) -> HandlerResult {
     let request = page_request(uri, state.limits.max_page_entries)?;
-    let page = state.metadata.repositories(&request).await?;
+    let mut entries = Vec::new();
+    let mut cursor = request.clone();
+    let more = loop {
+        let page = state.metadata.repositories(&cursor).await?;
+        cursor.last = page.entries.last().cloned().or(cursor.last);
+        for name in page.entries {
+            let listable = name
+                .parse::<RepoName>()
+                .is_ok_and(|repo| grant.lists(&repo));
+            if listable {
+                entries.push(name);
+            }
+        }
+        if entries.len() >= request.limit as usize || !page.more {
+            break page.more || entries.len() > request.limit as usize;
+        }
+    };
+    entries.truncate(request.limit as usize);
+    let page = Page { entries, more };
     let body = serde_json::json!({ "repositories": page.entries });
     Ok(listing(uri, &request, &page, body))
 }

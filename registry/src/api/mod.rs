@@ -5,6 +5,7 @@ mod listing;
 mod manifests;
 mod referrers;
 mod route;
+mod token;
 mod uploads;
 
 use std::sync::{Arc, Mutex};
@@ -13,14 +14,15 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use berth_oci::Digest;
+use berth_oci::{Digest, RepoName};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
+use crate::auth::{Actions, Auth, Need, RequestInfo};
 use crate::config::Limits;
 use crate::content::ContentStore;
 use crate::error::{RegistryError, Result, StorageFailure};
@@ -34,6 +36,7 @@ pub struct AppState {
     pub metadata: Arc<dyn MetadataStore>,
     pub limits: Limits,
     pub metrics: Metrics,
+    pub auth: Auth,
     /// Manifest bytes by digest. Content-addressed bytes never change, so entries never go stale;
     /// whether a repository may see a digest is still asked of the metadata store every time.
     manifest_bytes: quick_cache::sync::Cache<Digest, Bytes, ByteWeighter>,
@@ -64,8 +67,15 @@ impl AppState {
             metadata,
             limits,
             metrics: Metrics::default(),
+            auth: Auth::open(),
             manifest_bytes,
         }
+    }
+
+    /// Puts `auth` in charge of who may do what (the default lets everyone do everything).
+    pub fn with_auth(mut self, auth: Auth) -> Self {
+        self.auth = auth;
+        self
     }
 }
 
@@ -77,6 +87,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v2/", get(base))
         .route("/v2/{*path}", any(dispatch))
+        .route(crate::auth::TOKEN_PATH, get(token::issue))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(|| async { RegistryError::NotFound })
@@ -85,8 +96,64 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn base() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], "{}")
+async fn base(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (parts, _) = request.into_parts();
+    if let Err(err) = state
+        .auth
+        .authorize(&request_info(&parts), &[Need::Login])
+        .await
+    {
+        return err.into_response();
+    }
+    ([(header::CONTENT_TYPE, "application/json")], "{}").into_response()
+}
+
+/// What authorization needs to know about a request.
+fn request_info(parts: &axum::http::request::Parts) -> RequestInfo<'_> {
+    let connection = parts.extensions.get::<crate::server::ConnectionInfo>();
+    RequestInfo {
+        headers: &parts.headers,
+        host: parts
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| parts.headers.get(header::HOST)?.to_str().ok()),
+        peer: connection.map(|c| c.peer.ip()),
+        secure: connection.is_some_and(|c| c.tls),
+    }
+}
+
+/// What a request on `route` with `method` must be allowed to do.
+fn needs<'a>(route: &'a Route, method: &Method, mount_from: Option<&'a RepoName>) -> Vec<Need<'a>> {
+    let on = |repo, actions| vec![Need::Repository(repo, actions)];
+    match (route, method) {
+        (Route::Catalog, _) => vec![Need::Catalog],
+        (Route::Manifest(repo, _) | Route::Blob(repo, _), &Method::DELETE) => {
+            on(repo, Actions::DELETE)
+        }
+        (Route::Manifest(repo, _), &Method::PUT) => on(repo, Actions::PUSH),
+        (Route::Manifest(repo, _) | Route::Blob(repo, _) | Route::Referrers(repo, _), _) => {
+            on(repo, Actions::PULL)
+        }
+        (Route::Tags(repo), _) => on(repo, Actions::PULL.union(Actions::LIST)),
+        (Route::UploadStart(repo), _) => {
+            let mut needs = on(repo, Actions::PUSH);
+            needs.extend(mount_from.map(|from| Need::Repository(from, Actions::PULL)));
+            needs
+        }
+        (Route::Upload(repo, _), _) => on(repo, Actions::PUSH),
+    }
+}
+
+/// The repository a mount asks to take a blob from, if it names one.
+fn mount_source(uri: &Uri) -> Option<RepoName> {
+    let pairs = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(uri)
+        .ok()?
+        .0;
+    if !pairs.iter().any(|(k, _)| k == "mount") {
+        return None;
+    }
+    pairs.into_iter().find(|(k, _)| k == "from")?.1.parse().ok()
 }
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {
@@ -110,19 +177,34 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     )
 }
 
-async fn dispatch(
-    State(state): State<Arc<AppState>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let path = uri.path().strip_prefix("/v2/").unwrap_or_default();
+async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path().strip_prefix("/v2/").unwrap_or_default();
     let route = match route::parse(path) {
         Ok(route) => route,
         Err(err) => return err.into_response(),
     };
     let label = route.label();
+    let mount_from = match route {
+        Route::UploadStart(_) => mount_source(&parts.uri),
+        _ => None,
+    };
+    let grant = match state
+        .auth
+        .authorize(
+            &request_info(&parts),
+            &needs(&route, &parts.method, mount_from.as_ref()),
+        )
+        .await
+    {
+        Ok(grant) => grant,
+        Err(err) => {
+            let mut response = err.into_response();
+            response.extensions_mut().insert(RouteLabel(label));
+            return response;
+        }
+    };
+    let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
     let head = method == Method::HEAD;
     let state = &*state;
     let result = match (route, method) {
@@ -139,7 +221,9 @@ async fn dispatch(
             blobs::get(state, &repo, &digest, &headers, head).await
         }
         (Route::Blob(repo, digest), Method::DELETE) => blobs::delete(state, &repo, &digest).await,
-        (Route::UploadStart(repo), Method::POST) => uploads::start(state, &repo, &uri, body).await,
+        (Route::UploadStart(repo), Method::POST) => {
+            uploads::start(state, &repo, &uri, body, &grant).await
+        }
         (Route::Upload(repo, id), Method::PATCH) => {
             uploads::patch(state, &repo, id, &headers, body).await
         }
@@ -149,7 +233,7 @@ async fn dispatch(
         (Route::Upload(repo, id), Method::GET) => uploads::status(state, &repo, id).await,
         (Route::Upload(repo, id), Method::DELETE) => uploads::cancel(state, &repo, id).await,
         (Route::Tags(repo), Method::GET) => listing::tags(state, &repo, &uri).await,
-        (Route::Catalog, Method::GET) => listing::catalog(state, &uri).await,
+        (Route::Catalog, Method::GET) => listing::catalog(state, &uri, &grant).await,
         (Route::Referrers(repo, subject), Method::GET) => {
             referrers::list(state, &repo, &subject, &uri).await
         }

@@ -8,6 +8,7 @@ use futures_util::TryStreamExt;
 use serde::Deserialize;
 
 use super::{AppState, HandlerResult, empty, header_value, location};
+use crate::auth::{Actions, Grant};
 use crate::content::{ByteStream, ContentError, UploadId};
 use crate::error::RegistryError;
 
@@ -165,20 +166,34 @@ async fn commit(
     Ok(())
 }
 
-/// Mounts `digest` into `repo` from `from` (or, without `from`, from any repository holding it).
+/// Repositories a mount without `from` considers when looking for the blob.
+const MOUNT_CANDIDATES: u32 = 64;
+
+/// Mounts `digest` into `repo` from `from` or, without `from`, from any repository holding it that
+/// the caller may pull.
 async fn try_mount(
     state: &AppState,
     repo: &RepoName,
     digest: &Digest,
     from: Option<&str>,
+    grant: &Grant,
 ) -> Result<bool, RegistryError> {
-    let size = match from {
-        Some(from) => match from.parse::<RepoName>() {
-            Ok(from) => state.metadata.repository_blob(&from, digest).await?,
-            Err(_) => None,
-        },
-        None => state.metadata.any_blob(digest).await?,
-    };
+    let mut size = None;
+    match from {
+        Some(from) => {
+            if let Ok(from) = from.parse::<RepoName>() {
+                size = state.metadata.repository_blob(&from, digest).await?;
+            }
+        }
+        None => {
+            for owner in state.metadata.blob_owners(digest, MOUNT_CANDIDATES).await? {
+                if grant.allows(&owner, Actions::PULL) {
+                    size = state.metadata.repository_blob(&owner, digest).await?;
+                    break;
+                }
+            }
+        }
+    }
     let Some(size) = size else { return Ok(false) };
     if state.content.stat(digest).await?.is_none() {
         return Ok(false);
@@ -192,11 +207,12 @@ pub(super) async fn start(
     repo: &RepoName,
     uri: &Uri,
     body: Body,
+    grant: &Grant,
 ) -> HandlerResult {
     let query = query(uri)?;
     if let Some(mount) = &query.mount {
         let digest = parse_digest(mount)?;
-        if try_mount(state, repo, &digest, query.from.as_deref()).await? {
+        if try_mount(state, repo, &digest, query.from.as_deref(), grant).await? {
             return Ok(blob_created(repo, &digest));
         }
     }

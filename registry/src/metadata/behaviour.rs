@@ -52,12 +52,25 @@ async fn blobs_are_owned_per_repository(store: &dyn MetadataStore) {
         None,
         "b never received it"
     );
-    assert_eq!(store.any_blob(&digest).await.unwrap(), Some(5));
+    assert_eq!(
+        store.blob_owners(&digest, 10).await.unwrap(),
+        vec![a.clone()]
+    );
+    store.link_blob(&b, &digest, 5).await.unwrap();
+    assert_eq!(
+        store.blob_owners(&digest, 10).await.unwrap(),
+        vec![a.clone(), b.clone()]
+    );
+    assert_eq!(
+        store.blob_owners(&digest, 1).await.unwrap(),
+        vec![a.clone()]
+    );
+    assert!(store.unlink_blob(&b, &digest).await.unwrap());
     store.link_blob(&a, &digest, 5).await.unwrap();
     assert!(store.unlink_blob(&a, &digest).await.unwrap());
     assert!(!store.unlink_blob(&a, &digest).await.unwrap());
     assert_eq!(store.repository_blob(&a, &digest).await.unwrap(), None);
-    assert_eq!(store.any_blob(&digest).await.unwrap(), None);
+    assert!(store.blob_owners(&digest, 10).await.unwrap().is_empty());
 }
 
 async fn manifests_need_their_blobs_in_the_repository(store: &dyn MetadataStore) {

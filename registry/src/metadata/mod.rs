@@ -85,8 +85,12 @@ pub trait MetadataStore: Send + Sync + 'static {
         digest: &Digest,
     ) -> Result<Option<u64>, MetadataError>;
 
-    /// Size of `digest` if any repository owns it.
-    async fn any_blob(&self, digest: &Digest) -> Result<Option<u64>, MetadataError>;
+    /// Up to `limit` repositories owning the blob `digest`, in name order.
+    async fn blob_owners(
+        &self,
+        digest: &Digest,
+        limit: u32,
+    ) -> Result<Vec<RepoName>, MetadataError>;
 
     /// Records that `repo` owns the committed blob `digest` of `size` bytes.
     async fn link_blob(

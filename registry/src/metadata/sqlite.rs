@@ -129,17 +129,28 @@ impl MetadataStore for SqliteMetadataStore {
         .await
     }
 
-    async fn any_blob(&self, digest: &Digest) -> Result<Option<u64>, MetadataError> {
+    async fn blob_owners(
+        &self,
+        digest: &Digest,
+        limit: u32,
+    ) -> Result<Vec<RepoName>, MetadataError> {
         let digest = digest.to_string();
         self.with(move |conn| {
-            let size = conn
-                .prepare_cached(
-                    "SELECT b.size FROM blobs b WHERE b.digest = ?1 \
-                     AND EXISTS (SELECT 1 FROM repository_blobs rb WHERE rb.digest = b.digest)",
-                )?
-                .query_row([digest], |r| r.get::<_, i64>(0))
-                .optional()?;
-            Ok(size.map(|s| s as u64))
+            let mut statement = conn.prepare_cached(
+                "SELECT r.name FROM repository_blobs rb \
+                 JOIN repositories r ON r.id = rb.repository_id \
+                 WHERE rb.digest = ?1 ORDER BY r.name LIMIT ?2",
+            )?;
+            let names = statement
+                .query_map(params![digest, limit], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            names
+                .into_iter()
+                .map(|name| {
+                    name.parse()
+                        .map_err(|_| MetadataError::Corrupt(format!("repository name {name:?}")))
+                })
+                .collect()
         })
         .await
     }

@@ -322,6 +322,10 @@ pub struct Registry {
     child: Option<Child>,
     starts: u32,
     tls: Option<Tls>,
+    /// The configuration file passed with `--config`, if any.
+    config: Option<PathBuf>,
+    /// Extra environment, applied after the defaults (so it can override `BERTH_LOG`).
+    env: Vec<(String, String)>,
 }
 
 /// The PEM certificate chain and private key a registry serves HTTPS with.
@@ -350,22 +354,50 @@ impl Registry {
         Registry::start_with(Some(tls))
     }
 
+    /// Starts a registry with `yaml` as its configuration file (`--config`, kept in its temporary
+    /// directory as `config.yml`); ready once `GET /v2/` answers 200 or, as it does when access
+    /// control is on, 401.
+    pub fn start_with_config(yaml: &str) -> Registry {
+        Registry::start_configured(yaml, &[])
+    }
+
+    /// Like [`Registry::start_with_config`], with extra environment variables for the process
+    /// (`BERTH_LOG` among them overrides the default level).
+    pub fn start_configured(yaml: &str, env: &[(&str, &str)]) -> Registry {
+        let mut registry = Registry::prepare(None);
+        let path = registry.dir.path().join("config.yml");
+        fs::write(&path, yaml).expect("write the registry configuration");
+        registry.config = Some(path);
+        registry.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        registry.spawn();
+        registry
+    }
+
     fn start_with(tls: Option<Tls>) -> Registry {
+        let mut registry = Registry::prepare(tls);
+        registry.spawn();
+        registry
+    }
+
+    fn prepare(tls: Option<Tls>) -> Registry {
         let dir = tempfile::Builder::new()
             .prefix("berth-e2e-")
             .tempdir()
             .expect("create a temporary directory");
         fs::create_dir_all(dir.path().join("root")).expect("create the storage root");
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let mut registry = Registry {
+        Registry {
             dir,
             addr,
             child: None,
             starts: 0,
             tls,
-        };
-        registry.spawn();
-        registry
+            config: None,
+            env: Vec::new(),
+        }
     }
 
     fn spawn(&mut self) {
@@ -391,7 +423,11 @@ impl Registry {
             .env("BERTH_LISTEN", self.addr.to_string())
             .env("BERTH_STORAGE_ROOT", self.root())
             .env("BERTH_LOG_FORMAT", "plain")
-            .env("BERTH_LOG", level);
+            .env("BERTH_LOG", level)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Some(config) = &self.config {
+            command.arg("--config").arg(config);
+        }
         if let Some(tls) = &self.tls {
             command
                 .env("BERTH_TLS_CERTIFICATE", &tls.certificate)
@@ -432,8 +468,9 @@ impl Registry {
         }
     }
 
-    /// Whether the registry serves yet: `GET /v2/` answers 200, or over TLS, which this probe
-    /// cannot speak, it accepts connections (it listens only once fully set up).
+    /// Whether the registry serves yet: `GET /v2/` answers 200 (or 401 when it has a
+    /// configuration file, which may turn access control on), or over TLS, which this probe cannot
+    /// speak, it accepts connections (it listens only once fully set up).
     fn probe(&self) -> Result<(), String> {
         let timeout = Duration::from_secs(1);
         if self.tls.is_some() {
@@ -443,6 +480,7 @@ impl Registry {
         }
         match blocking_get(self.addr, "/v2/", timeout) {
             Ok(resp) if resp.status == 200 => Ok(()),
+            Ok(resp) if resp.status == 401 && self.config.is_some() => Ok(()),
             Ok(resp) => Err(format!("status {}", resp.status)),
             Err(e) => Err(e.to_string()),
         }
@@ -510,6 +548,50 @@ impl Registry {
     pub fn restart(&mut self) {
         self.kill_hard();
         self.spawn();
+    }
+
+    /// The configuration file it was started with.
+    pub fn config_path(&self) -> &Path {
+        self.config
+            .as_deref()
+            .expect("the registry was started with a configuration file")
+    }
+
+    /// Replaces the configuration file (the running process reads it again on SIGHUP).
+    pub fn write_config(&self, yaml: &str) {
+        fs::write(self.config_path(), yaml).expect("write the registry configuration");
+    }
+
+    /// Sends `signal` (a name such as `HUP`) to the running process.
+    pub fn signal(&self, signal: &str) {
+        send_signal(self.pid().expect("the registry is running"), signal);
+    }
+
+    /// Sends SIGHUP and waits until the log reports the outcome of the reload it triggers: `true`
+    /// if the access control was reloaded, `false` if the reload failed (the running configuration
+    /// is then kept).
+    pub fn reload(&self) -> bool {
+        const DONE: &str = "access control reloaded";
+        const FAILED: &str = "reload failed";
+        let count = |log: &str| (log.matches(DONE).count(), log.matches(FAILED).count());
+        let before = count(&self.log());
+        self.signal("HUP");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let now = count(&self.log());
+            if now.0 > before.0 {
+                return true;
+            }
+            if now.1 > before.1 {
+                return false;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "berth-registry logged no reload within {READY_TIMEOUT:?} of SIGHUP\n--- server log ---\n{}",
+                tail_file(&self.log_path(), LOG_TAIL_LINES)
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -997,6 +1079,35 @@ pub async fn assert_manifest_served(
 }
 
 // ---------------------------------------------------------------------------------------------
+// skopeo
+// ---------------------------------------------------------------------------------------------
+
+/// A `skopeo` command that ignores the host's signature policy (not what is under test).
+pub fn skopeo() -> Command {
+    let mut cmd = Command::new(require_tool("skopeo"));
+    cmd.arg("--insecure-policy");
+    cmd
+}
+
+/// The skopeo reference of image `tag` in the OCI layout at `layout`.
+pub fn oci_ref(layout: &Path, tag: &str) -> String {
+    format!("oci:{}:{tag}", layout.display())
+}
+
+/// Builds a `docker save`-style archive of `image` named `name` (via skopeo's docker-archive) in
+/// the registry's scratch directory.
+pub fn docker_archive(registry: &Registry, image: &Image, name: &str) -> PathBuf {
+    let layout = registry.scratch().join("archive-src");
+    write_oci_layout(&layout, "v1", &image.manifest, &image.blobs());
+    let archive = registry.scratch().join("image.tar");
+    run(skopeo()
+        .arg("copy")
+        .arg(oci_ref(&layout, "v1"))
+        .arg(format!("docker-archive:{}:{name}", archive.display())));
+    archive
+}
+
+// ---------------------------------------------------------------------------------------------
 // Private client daemons
 // ---------------------------------------------------------------------------------------------
 
@@ -1284,4 +1395,60 @@ pub fn digest_after(text: &str, marker: &str) -> Option<String> {
             .chars()
             .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
     valid.then_some(candidate)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Access control material
+// ---------------------------------------------------------------------------------------------
+
+/// One htpasswd line for `user` with a bcrypt hash of `password` at `cost`, made by Apache's
+/// `htpasswd -nbB -C cost`.
+pub fn htpasswd_line(user: &str, password: &str, cost: u32) -> String {
+    let line = run_bytes(
+        Command::new(require_tool("htpasswd"))
+            .arg("-nbB")
+            .arg("-C")
+            .arg(cost.to_string())
+            .arg(user)
+            .arg(password),
+    );
+    let line = String::from_utf8(line).expect("htpasswd prints text");
+    let line = line.trim();
+    assert!(
+        line.starts_with(&format!("{user}:$2")),
+        "htpasswd did not print a bcrypt entry for {user}"
+    );
+    line.to_string()
+}
+
+/// An EC P-256 key pair as PEM files: the PKCS#8 private key and a self-signed certificate of
+/// its public key (CN=berth-token, two days), made with openssl.
+#[derive(Clone, Debug)]
+pub struct KeyPair {
+    pub key: PathBuf,
+    pub certificate: PathBuf,
+}
+
+impl KeyPair {
+    /// Generates `NAME.key.pem` and `NAME.cert.pem` in `dir`.
+    pub fn generate(dir: &Path, name: &str) -> KeyPair {
+        let openssl = require_tool("openssl");
+        let key = dir.join(format!("{name}.key.pem"));
+        let certificate = dir.join(format!("{name}.cert.pem"));
+        run_bytes(
+            Command::new(&openssl)
+                .args(["genpkey", "-algorithm", "EC", "-pkeyopt"])
+                .arg("ec_paramgen_curve:P-256")
+                .arg("-out")
+                .arg(&key),
+        );
+        run_bytes(
+            Command::new(&openssl)
+                .args(["req", "-new", "-x509", "-key"])
+                .arg(&key)
+                .args(["-subj", "/CN=berth-token", "-days", "2", "-out"])
+                .arg(&certificate),
+        );
+        KeyPair { key, certificate }
+    }
 }

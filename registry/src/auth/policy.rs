@@ -1,0 +1,364 @@
+//! The access policy: which identity may pull, push, delete or list which repositories.
+
+use std::collections::HashMap;
+
+use berth_oci::RepoName;
+use serde::Deserialize;
+
+use super::config::{AccessRule, AnonymousAccess, AuthConfig};
+use crate::config::ConfigError;
+
+/// What a grant in the configuration names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Pull,
+    Push,
+    Delete,
+    /// Everything, including listing.
+    Admin,
+}
+
+/// A set of permissions on one repository.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Actions(u8);
+
+impl Actions {
+    pub const NONE: Actions = Actions(0);
+    /// Read manifests, blobs and referrers by name.
+    pub const PULL: Actions = Actions(1);
+    pub const PUSH: Actions = Actions(2);
+    pub const DELETE: Actions = Actions(4);
+    /// See the repository in the catalog and its tags: pull that is not by exact name only.
+    pub const LIST: Actions = Actions(8);
+    pub const ALL: Actions = Actions(15);
+
+    pub fn contains(self, other: Actions) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    pub fn union(self, other: Actions) -> Actions {
+        Actions(self.0 | other.0)
+    }
+
+    /// The token-scope words for these permissions (`pull`, `push`, `delete`).
+    pub fn scope_words(self) -> Vec<&'static str> {
+        [
+            (Actions::PULL, "pull"),
+            (Actions::PUSH, "push"),
+            (Actions::DELETE, "delete"),
+        ]
+        .into_iter()
+        .filter(|(a, _)| self.contains(*a))
+        .map(|(_, word)| word)
+        .collect()
+    }
+
+    /// Parses one token-scope action word; `*` means all of them.
+    pub fn from_scope_word(word: &str) -> Actions {
+        match word {
+            "pull" => Actions::PULL,
+            "push" => Actions::PUSH,
+            "delete" => Actions::DELETE,
+            "*" => Actions::PULL.union(Actions::PUSH).union(Actions::DELETE),
+            _ => Actions::NONE,
+        }
+    }
+}
+
+impl From<Action> for Actions {
+    fn from(action: Action) -> Actions {
+        match action {
+            // Pushing needs the reads every client does around it (blob HEAD, manifest GET).
+            Action::Pull => Actions::PULL.union(Actions::LIST),
+            Action::Push => Actions::PUSH.union(Actions::PULL).union(Actions::LIST),
+            Action::Delete => Actions::DELETE,
+            Action::Admin => Actions::ALL,
+        }
+    }
+}
+
+/// Who is asking: a user (with the groups it belongs to) or nobody in particular.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub user: Option<String>,
+    pub groups: Vec<String>,
+}
+
+impl Identity {
+    pub fn anonymous() -> Identity {
+        Identity::default()
+    }
+
+    pub fn is_anonymous(&self) -> bool {
+        self.user.is_none()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Principal {
+    User(String),
+    Group(String),
+    Authenticated,
+}
+
+impl Principal {
+    fn parse(text: &str) -> Result<Principal, ConfigError> {
+        let principal = match text.split_once(':') {
+            Some(("user", name)) if !name.is_empty() => Principal::User(name.into()),
+            Some(("robot", name)) if !name.is_empty() => Principal::User(format!("robot${name}")),
+            Some(("group", name)) if !name.is_empty() => Principal::Group(name.into()),
+            None if text == "authenticated" => Principal::Authenticated,
+            _ => {
+                return Err(ConfigError::Invalid(format!(
+                    "auth.access grant {text:?}: expected user:NAME, group:NAME, robot:NAME or authenticated"
+                )));
+            }
+        };
+        Ok(principal)
+    }
+
+    fn matches(&self, who: &Identity) -> bool {
+        match (self, &who.user) {
+            (_, None) => false,
+            (Principal::Authenticated, Some(_)) => true,
+            (Principal::User(name), Some(user)) => name == user,
+            (Principal::Group(group), Some(_)) => who.groups.iter().any(|g| g == group),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Rule {
+    /// Empty for every repository.
+    prefix: String,
+    anonymous: Actions,
+    foreign_credentials_as_anonymous: bool,
+    grants: Vec<(Principal, Actions)>,
+}
+
+impl Rule {
+    fn compile(rule: &AccessRule) -> Result<Rule, ConfigError> {
+        let prefix = match rule.repositories.as_str() {
+            "*" => String::new(),
+            prefix => {
+                prefix.parse::<RepoName>().map_err(|_| {
+                    ConfigError::Invalid(format!(
+                        "auth.access repositories {prefix:?}: expected * or a repository name prefix"
+                    ))
+                })?;
+                prefix.to_owned()
+            }
+        };
+        let anonymous = match rule.anonymous {
+            AnonymousAccess::None => Actions::NONE,
+            AnonymousAccess::Pull => Actions::from(Action::Pull),
+            AnonymousAccess::ByName => Actions::PULL,
+        };
+        let grants = rule
+            .grants
+            .iter()
+            .map(|(who, actions)| {
+                let actions = actions
+                    .iter()
+                    .fold(Actions::NONE, |all, a| all.union((*a).into()));
+                Ok((Principal::parse(who)?, actions))
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        Ok(Rule {
+            prefix,
+            anonymous,
+            foreign_credentials_as_anonymous: rule.foreign_credentials_as_anonymous,
+            grants,
+        })
+    }
+
+    fn covers(&self, repo: &str) -> bool {
+        self.prefix.is_empty()
+            || repo
+                .strip_prefix(&self.prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Policy {
+    /// Longest prefix first, so the first rule covering a repository is the one that decides.
+    rules: Vec<Rule>,
+    groups_of: HashMap<String, Vec<String>>,
+}
+
+impl Policy {
+    pub(super) fn new(config: &AuthConfig) -> Result<Policy, ConfigError> {
+        let mut rules = config
+            .access
+            .iter()
+            .map(Rule::compile)
+            .collect::<Result<Vec<_>, _>>()?;
+        if rules.is_empty() {
+            rules.push(Rule {
+                prefix: String::new(),
+                anonymous: Actions::NONE,
+                foreign_credentials_as_anonymous: false,
+                grants: vec![(Principal::Authenticated, Actions::ALL)],
+            });
+        }
+        let mut prefixes = std::collections::HashSet::new();
+        for rule in &rules {
+            if !prefixes.insert(rule.prefix.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "auth.access: two rules for repositories {:?}",
+                    if rule.prefix.is_empty() {
+                        "*"
+                    } else {
+                        &rule.prefix
+                    }
+                )));
+            }
+        }
+        rules.sort_by_key(|rule| std::cmp::Reverse(rule.prefix.len()));
+        let mut groups_of: HashMap<String, Vec<String>> = HashMap::new();
+        for (group, members) in &config.groups {
+            for member in members {
+                groups_of
+                    .entry(member.clone())
+                    .or_default()
+                    .push(group.clone());
+            }
+        }
+        Ok(Policy { rules, groups_of })
+    }
+
+    /// The identity of a user this registry authenticated, with its configured groups.
+    pub(super) fn identity(&self, user: &str) -> Identity {
+        Identity {
+            user: Some(user.to_owned()),
+            groups: self.groups_of.get(user).cloned().unwrap_or_default(),
+        }
+    }
+
+    fn rule(&self, repo: &str) -> Option<&Rule> {
+        self.rules.iter().find(|rule| rule.covers(repo))
+    }
+
+    /// Everything `who` may do in `repo`. Anonymous permissions apply to everyone.
+    pub(super) fn allowed(&self, who: &Identity, repo: &RepoName) -> Actions {
+        let Some(rule) = self.rule(repo.as_str()) else {
+            return Actions::NONE;
+        };
+        rule.grants
+            .iter()
+            .filter(|(principal, _)| principal.matches(who))
+            .fold(rule.anonymous, |all, (_, actions)| all.union(*actions))
+    }
+
+    /// Whether credentials this registry cannot verify count as anonymous when pulling `repo`.
+    pub(super) fn foreign_credentials_as_anonymous(&self, repo: &RepoName) -> bool {
+        self.rule(repo.as_str())
+            .is_some_and(|rule| rule.foreign_credentials_as_anonymous)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(yaml: &str) -> Policy {
+        let config: AuthConfig = serde_yaml::from_str(yaml).unwrap();
+        Policy::new(&config).unwrap()
+    }
+
+    fn repo(name: &str) -> RepoName {
+        name.parse().unwrap()
+    }
+
+    const RULES: &str = r#"
+groups:
+  platform: [alice]
+access:
+  - repositories: "*"
+    grants: { "group:platform": [admin] }
+  - repositories: cache
+    anonymous: by-name
+    foreign_credentials_as_anonymous: true
+    grants: { "robot:cacher": [push] }
+  - repositories: public
+    anonymous: pull
+  - repositories: team-a
+    grants: { "user:bob": [push], "authenticated": [pull] }
+  - repositories: team-a/prod
+    grants: { "user:bob": [pull] }
+"#;
+
+    #[test]
+    fn longest_prefix_decides() {
+        let p = policy(RULES);
+        let bob = p.identity("bob");
+        assert!(p.allowed(&bob, &repo("team-a/app")).contains(Actions::PUSH));
+        let prod = p.allowed(&bob, &repo("team-a/prod/app"));
+        assert!(prod.contains(Actions::PULL) && !prod.contains(Actions::PUSH));
+        // A prefix only matches whole path components.
+        assert_eq!(p.allowed(&bob, &repo("team-ab/app")), Actions::NONE);
+    }
+
+    #[test]
+    fn anonymous_and_by_name_access() {
+        let p = policy(RULES);
+        let nobody = Identity::anonymous();
+        let public = p.allowed(&nobody, &repo("public/x"));
+        assert!(public.contains(Actions::PULL) && public.contains(Actions::LIST));
+        assert!(!public.contains(Actions::PUSH));
+        let cache = p.allowed(&nobody, &repo("cache/app/abc"));
+        assert!(cache.contains(Actions::PULL) && !cache.contains(Actions::LIST));
+        assert!(p.foreign_credentials_as_anonymous(&repo("cache/app/abc")));
+        assert!(!p.foreign_credentials_as_anonymous(&repo("team-a/app")));
+        assert_eq!(p.allowed(&nobody, &repo("team-a/app")), Actions::NONE);
+    }
+
+    #[test]
+    fn robots_groups_and_the_catch_all() {
+        let p = policy(RULES);
+        let robot = p.identity("robot$cacher");
+        assert!(
+            p.allowed(&robot, &repo("cache/x/y"))
+                .contains(Actions::PUSH)
+        );
+        assert!(
+            !p.allowed(&robot, &repo("cache/x/y"))
+                .contains(Actions::DELETE)
+        );
+        assert_eq!(p.allowed(&robot, &repo("other/x")), Actions::NONE);
+        let alice = p.identity("alice");
+        assert_eq!(p.allowed(&alice, &repo("other/x")), Actions::ALL);
+        // The more specific cache rule decides for alice too, and grants her nothing extra.
+        assert!(!p.allowed(&alice, &repo("cache/x")).contains(Actions::PUSH));
+    }
+
+    #[test]
+    fn no_rules_means_authenticated_users_only() {
+        let p = policy("{}");
+        assert_eq!(p.allowed(&p.identity("x"), &repo("a/b")), Actions::ALL);
+        assert_eq!(
+            p.allowed(&Identity::anonymous(), &repo("a/b")),
+            Actions::NONE
+        );
+    }
+
+    #[test]
+    fn bad_rules_are_configuration_errors() {
+        for yaml in [
+            "access: [{repositories: '../x'}]",
+            "access: [{repositories: a, grants: {'team:x': [pull]}}]",
+            "access: [{repositories: a}, {repositories: a}]",
+        ] {
+            let config: AuthConfig = serde_yaml::from_str(yaml).unwrap();
+            assert!(Policy::new(&config).is_err(), "{yaml}");
+        }
+        assert!(
+            serde_yaml::from_str::<AuthConfig>(
+                "access: [{repositories: a, grants: {'user:x': [fly]}}]"
+            )
+            .is_err()
+        );
+    }
+}

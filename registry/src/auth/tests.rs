@@ -1,0 +1,248 @@
+//! Authorization decisions end to end: modes, challenges, tokens and the policy together.
+
+use super::*;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    auth: Auth,
+}
+
+async fn fixture(mode: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    let entries: String = [
+        ("alice", "alice-pw"),
+        ("bob", "bob-pw"),
+        ("robot$cacher", "robot-pw"),
+    ]
+    .iter()
+    .map(|(user, password)| format!("{user}:{}\n", bcrypt::hash(password, 4).unwrap()))
+    .collect();
+    std::fs::write(&htpasswd, entries).unwrap();
+    let yaml = format!(
+        r#"
+mode: {mode}
+htpasswd: {htpasswd}
+max_failures_per_minute: 3
+access:
+  - repositories: team
+    grants: {{ "user:alice": [push], "user:bob": [pull] }}
+  - repositories: cache
+    anonymous: by-name
+    foreign_credentials_as_anonymous: true
+    grants: {{ "robot:cacher": [push] }}
+  - repositories: public
+    anonymous: pull
+"#,
+        htpasswd = htpasswd.display()
+    );
+    let config: AuthConfig = serde_yaml::from_str(&yaml).unwrap();
+    Fixture {
+        _dir: dir,
+        auth: Auth::load(&config).await.unwrap(),
+    }
+}
+
+fn basic(user: &str, password: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    let value = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    headers.insert(
+        header::AUTHORIZATION,
+        format!("Basic {value}").parse().unwrap(),
+    );
+    headers
+}
+
+fn bearer(token: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    headers
+}
+
+fn info(headers: &HeaderMap) -> RequestInfo<'_> {
+    RequestInfo {
+        headers,
+        host: Some("registry.test:5000"),
+        peer: Some(IpAddr::from([192, 0, 2, 1])),
+        secure: true,
+    }
+}
+
+fn repo(name: &str) -> RepoName {
+    name.parse().unwrap()
+}
+
+fn challenge(err: &RegistryError) -> String {
+    match err {
+        RegistryError::Unauthorized { challenge, .. } => challenge.to_str().unwrap().to_owned(),
+        other => panic!("expected UNAUTHORIZED, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn basic_mode_challenges_denies_and_lets_foreign_credentials_pull_the_cache() {
+    let f = fixture("basic").await;
+    let team = repo("team/app");
+    let push = [Need::Repository(&team, Actions::PUSH)];
+    let none = HeaderMap::new();
+    let err = f.auth.authorize(&info(&none), &push).await.err().unwrap();
+    assert_eq!(challenge(&err), r#"Basic realm="berth-registry""#);
+    assert!(
+        f.auth
+            .authorize(&info(&basic("alice", "alice-pw")), &push)
+            .await
+            .is_ok()
+    );
+    let bob = f
+        .auth
+        .authorize(&info(&basic("bob", "bob-pw")), &push)
+        .await;
+    assert!(matches!(bob, Err(RegistryError::Denied)));
+    assert!(matches!(
+        f.auth
+            .authorize(&info(&basic("alice", "wrong")), &push)
+            .await,
+        Err(RegistryError::Unauthorized { .. })
+    ));
+
+    let cached = repo("cache/app/0123abcd");
+    let pull = [Need::Repository(&cached, Actions::PULL)];
+    let origin = basic("dockerhub-user", "dockerhub-pw");
+    let grant = f.auth.authorize(&info(&origin), &pull).await.unwrap();
+    assert!(
+        !grant.allows(&cached, Actions::LIST),
+        "by-name repositories are never listed"
+    );
+    let cache_push = [Need::Repository(&cached, Actions::PUSH)];
+    assert!(f.auth.authorize(&info(&origin), &cache_push).await.is_err());
+    assert!(
+        f.auth
+            .authorize(&info(&basic("robot$cacher", "robot-pw")), &cache_push)
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn basic_mode_turns_away_a_client_after_too_many_failures() {
+    let f = fixture("basic").await;
+    let team = repo("team/app");
+    let pull = [Need::Repository(&team, Actions::PULL)];
+    for _ in 0..3 {
+        assert!(matches!(
+            f.auth
+                .authorize(&info(&basic("alice", "guess")), &pull)
+                .await,
+            Err(RegistryError::Unauthorized { .. })
+        ));
+    }
+    assert!(matches!(
+        f.auth
+            .authorize(&info(&basic("alice", "alice-pw")), &pull)
+            .await,
+        Err(RegistryError::TooManyRequests)
+    ));
+}
+
+#[tokio::test]
+async fn token_mode_issues_only_what_the_policy_allows() {
+    let f = fixture("token").await;
+    let team = repo("team/app");
+    let none = HeaderMap::new();
+    let push = [Need::Repository(&team, Actions::PUSH)];
+    let err = f.auth.authorize(&info(&none), &push).await.err().unwrap();
+    assert_eq!(
+        challenge(&err),
+        r#"Bearer realm="https://registry.test:5000/auth/token",service="berth-registry",scope="repository:team/app:pull,push""#
+    );
+
+    let scope = vec!["repository:team/app:pull,push".to_owned()];
+    let issued = f
+        .auth
+        .issue_token(
+            &info(&basic("bob", "bob-pw")),
+            Some("berth-registry"),
+            &scope,
+        )
+        .await
+        .unwrap();
+    let bob = bearer(&issued.token);
+    let pull = [Need::Repository(&team, Actions::PULL)];
+    assert!(f.auth.authorize(&info(&bob), &pull).await.is_ok());
+    let err = f.auth.authorize(&info(&bob), &push).await.err().unwrap();
+    assert!(challenge(&err).ends_with(r#",error="insufficient_scope""#));
+    let public = repo("public/tool");
+    let public_pull = [Need::Repository(
+        &public,
+        Actions::PULL.union(Actions::LIST),
+    )];
+    assert!(
+        f.auth.authorize(&info(&bob), &public_pull).await.is_ok(),
+        "a token for one repository still reads what anyone may read"
+    );
+    let other = repo("team/other");
+    assert!(
+        f.auth
+            .authorize(&info(&bob), &[Need::Repository(&other, Actions::PULL)])
+            .await
+            .is_err()
+    );
+
+    // Wrong credentials get nothing, unless all they ask is a pull from the lenient cache.
+    assert!(
+        f.auth
+            .issue_token(&info(&basic("bob", "nope")), None, &scope)
+            .await
+            .is_err()
+    );
+    let cache_scope = vec!["repository:cache/app/0123abcd:pull".to_owned()];
+    let anonymous = f
+        .auth
+        .issue_token(&info(&basic("bob", "nope")), None, &cache_scope)
+        .await
+        .unwrap();
+    let cached = repo("cache/app/0123abcd");
+    let grant = f
+        .auth
+        .authorize(
+            &info(&bearer(&anonymous.token)),
+            &[Need::Repository(&cached, Actions::PULL)],
+        )
+        .await
+        .unwrap();
+    assert!(!grant.allows(&cached, Actions::LIST));
+    assert!(
+        f.auth
+            .issue_token(&info(&none), Some("elsewhere"), &scope)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn broken_tokens_are_invalid_not_insufficient() {
+    let f = fixture("token").await;
+    let team = repo("team/app");
+    let err = f
+        .auth
+        .authorize(
+            &info(&bearer("not.a.jwt")),
+            &[Need::Repository(&team, Actions::PULL)],
+        )
+        .await
+        .err()
+        .unwrap();
+    assert!(challenge(&err).ends_with(r#",error="invalid_token""#));
+    let mut huge = HeaderMap::new();
+    huge.insert(
+        header::AUTHORIZATION,
+        format!("Bearer {}", "a".repeat(20_000)).parse().unwrap(),
+    );
+    assert!(matches!(
+        f.auth.authorize(&info(&huge), &[Need::Login]).await,
+        Err(RegistryError::Unauthorized { .. })
+    ));
+}
