@@ -77,7 +77,7 @@ fn imports_oci_layouts_and_docker_save_archives() {
         assert_eq!(
             import(file, &target),
             (
-                format!("{}/{repo}@{}", berth.host(), image.manifest.digest),
+                berth.pinned(repo, &image.manifest.digest),
                 vec![blobs.to_owned(); 3]
             ),
             "import of {}",
@@ -106,7 +106,7 @@ fn imports_oci_layouts_and_docker_save_archives() {
     let target = format!("{}/imported/saved:1", berth.host());
     let (pushed, _) = import(&saved, &target);
     let (digest, manifest) = skopeo_pull(&target, work.path());
-    assert_eq!(pushed, format!("{}/imported/saved@{digest}", berth.host()));
+    assert_eq!(pushed, berth.pinned("imported/saved", &digest));
     assert_eq!(manifest["config"]["digest"], image.config.digest.as_str());
     let diff_ids: Vec<String> = image.layers.iter().map(|l| l.diff_id.clone()).collect();
     assert_eq!(manifest_layers(&manifest), diff_ids);

@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
@@ -34,6 +34,16 @@ const WEB_EXECUTION_METADATA: &str = concat!(
     r#""ports":[{"Port":8080,"Protocol":"tcp"},{"Port":10000,"Protocol":"tcp"}],"user":"vcap"}"#
 );
 
+/// The whole staging result for an image with [`web_runtime`], apps starting `docker_image`.
+fn web_staging_result(docker_image: &str) -> Value {
+    json!({
+        "lifecycle_type": "docker",
+        "lifecycle_metadata": { "docker_image": docker_image },
+        "process_types": { "web": "/app/start --verbose serve --port=8080" },
+        "execution_metadata": WEB_EXECUTION_METADATA,
+    })
+}
+
 fn web_image(seed: u64, layer_sizes: &[usize]) -> Image {
     let layers = layer_sizes
         .iter()
@@ -52,14 +62,69 @@ fn unique_secret() -> String {
     )
 }
 
-/// Stages `reference` for app `guid` with caching on and checks it succeeded; returns the
-/// cacher (for its result) and what it printed.
-fn stage_cached(berth: &Berth, config: &str, reference: &str, guid: &str) -> (Cacher, Outcome) {
-    let cacher = Cacher::caching_into(berth, config)
+/// `user:secret` as Basic authentication encodes it.
+fn basic_encoded(user: &str, secret: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"))
+}
+
+/// Neither `secret` nor its Basic encoding as `user` was printed or written to a file in `dirs`.
+fn assert_never_shown(user: &str, secret: &str, outcome: &Outcome, dirs: &[&Path]) {
+    let basic = basic_encoded(user, secret);
+    for secret in [secret, basic.as_str()] {
+        assert!(
+            !outcome.stdout.contains(secret),
+            "the password leaked into stdout"
+        );
+        assert!(
+            !outcome.stderr.contains(secret),
+            "the password leaked into stderr"
+        );
+        for dir in dirs {
+            assert_eq!(
+                files_containing(dir, secret.as_bytes()),
+                Vec::<PathBuf>::new(),
+                "files holding the password"
+            );
+        }
+    }
+}
+
+/// A cacher staging app `guid` into `berth` with caching opted in; `config` is more of its
+/// configuration.
+fn opted_in(berth: &Berth, config: &str, guid: &str) -> Cacher {
+    Cacher::caching_into(berth, config)
         .app(guid)
-        .env("BERTH_CACHE", "true");
-    let outcome = cacher.run(&cacher.builder_args(reference, &[]));
+        .env("BERTH_CACHE", "true")
+}
+
+/// Stages `reference` for app `guid` with caching on and the `extra` flags, and checks it
+/// succeeded; returns the cacher (for its result) and what it printed.
+fn stage_cached(
+    berth: &Berth,
+    config: &str,
+    reference: &str,
+    guid: &str,
+    extra: &[&str],
+) -> (Cacher, Outcome) {
+    let cacher = opted_in(berth, config, guid);
+    let outcome = cacher.run(&cacher.builder_args(reference, extra));
     outcome.expect_code(0);
+    (cacher, outcome)
+}
+
+/// Like [`stage_cached`] with a new app, for a staging that must fail: exit code 2, and no
+/// staging result.
+fn stage_failing(
+    berth: &Berth,
+    config: &str,
+    reference: &str,
+    extra: &[&str],
+) -> (Cacher, Outcome) {
+    let cacher = opted_in(berth, config, &new_guid());
+    let outcome = cacher.run(&cacher.builder_args(reference, extra));
+    outcome.expect_code(2);
+    assert!(!cacher.result_path().exists());
     (cacher, outcome)
 }
 
@@ -67,6 +132,88 @@ fn docker_image(result: &Value) -> &str {
     result["lifecycle_metadata"]["docker_image"]
         .as_str()
         .unwrap_or_else(|| panic!("no docker_image in {result}"))
+}
+
+/// Asserts a clean staging of `image` for app `guid` cached it by digest: nothing on stderr, the
+/// closing line on stdout, a result that starts apps from the cached copy, and one repository
+/// for the app with one staging tag on the very bytes the upstream served. Returns the cached
+/// reference and the staging tag.
+#[track_caller]
+fn assert_cached_staging(
+    berth: &Berth,
+    cacher: &Cacher,
+    outcome: &Outcome,
+    guid: &str,
+    image: &Image,
+) -> (String, String) {
+    assert_eq!(outcome.stderr, "", "a clean staging warns about nothing");
+    assert!(
+        outcome.stdout.ends_with("Staging process finished\n"),
+        "{}",
+        outcome.stdout
+    );
+    let repo = cache_repository(guid);
+    let cached = berth.pinned(&repo, &image.manifest.digest);
+    assert_eq!(cacher.result(), web_staging_result(&cached));
+    assert_eq!(berth.catalog(), [repo.as_str()]);
+    let mut tags = berth.tags(&repo);
+    assert_eq!(tags.len(), 1, "{tags:?}");
+    let tag = tags.remove(0);
+    assert_eq!(
+        berth.manifest(&repo, &tag).as_deref(),
+        Some(&image.manifest.bytes[..])
+    );
+    (cached, tag)
+}
+
+/// Asserts skopeo pulls `image` as `reference`, verifying every blob, into a copy under `dir`.
+#[track_caller]
+fn assert_skopeo_pulls(reference: &str, dir: &Path, image: &Image) {
+    let (digest, manifest) = skopeo_pull(reference, dir);
+    assert_eq!(digest, image.manifest.digest);
+    assert_eq!(manifest_layers(&manifest), image.layer_digests());
+    assert_eq!(manifest["config"]["digest"], image.config.digest.as_str());
+}
+
+/// Asserts `repo` of `berth` serves every blob of `image`, and its manifest by digest, byte for
+/// byte.
+#[track_caller]
+fn assert_image_served(berth: &Berth, repo: &str, image: &Image) {
+    for blob in image.blobs() {
+        let response = http(
+            reqwest::Method::GET,
+            &format!("{}/v2/{repo}/blobs/{}", berth.url(), blob.digest),
+        );
+        assert_eq!(response.status, 200);
+        assert!(response.body == blob.bytes, "{} differs", blob.digest);
+    }
+    assert_eq!(
+        berth.manifest(repo, &image.manifest.digest).as_deref(),
+        Some(&image.manifest.bytes[..])
+    );
+}
+
+/// Asserts no file anywhere in `berth`'s storage is named after one of `digests`, whatever the
+/// layout.
+#[track_caller]
+fn assert_not_stored(berth: &Berth, digests: &[&str]) {
+    for digest in digests {
+        let hex = &digest["sha256:".len()..];
+        let named: Vec<PathBuf> = files_below(&berth.root())
+            .into_iter()
+            .filter(|path| path.file_name().is_some_and(|n| n == hex))
+            .collect();
+        assert_eq!(named, Vec::<PathBuf>::new());
+    }
+}
+
+/// The `Staging process failed: ...` line of a failed run.
+fn failure_line(outcome: &Outcome) -> &str {
+    outcome
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("Staging process failed: "))
+        .unwrap_or_else(|| panic!("no failure line in {}", outcome.stderr))
 }
 
 #[test]
@@ -78,46 +225,19 @@ fn private_image_is_cached_by_digest_and_pulls_without_the_upstream() {
     upstream.push("team/app:1.0", &image.manifest, &image.blobs());
 
     let guid = new_guid();
-    let cacher = Cacher::caching_into(&berth, "")
-        .app(&guid)
-        .env("BERTH_CACHE", "true");
     let reference = format!("{}/team/app:1.0", upstream.host());
-    let outcome = cacher.run(&cacher.builder_args(
-        &reference,
-        &[
-            "-dockerUser=team-user",
-            &format!("-dockerPassword={password}"),
-        ],
-    ));
-    outcome.expect_code(0);
-    assert_eq!(outcome.stderr, "", "a clean staging warns about nothing");
+    let login = [
+        "-dockerUser=team-user",
+        &format!("-dockerPassword={password}"),
+    ];
+    let (cacher, outcome) = stage_cached(&berth, "", &reference, &guid, &login);
     assert!(
         outcome.stdout.starts_with("Staging process started ...\n"),
         "{}",
         outcome.stdout
     );
-    assert!(
-        outcome.stdout.ends_with("Staging process finished\n"),
-        "{}",
-        outcome.stdout
-    );
-
-    let repo = cache_repository(&guid);
-    let cached = format!("{}/{repo}@{}", berth.host(), image.manifest.digest);
-    assert_eq!(
-        cacher.result(),
-        json!({
-            "lifecycle_type": "docker",
-            "lifecycle_metadata": { "docker_image": cached },
-            "process_types": { "web": "/app/start --verbose serve --port=8080" },
-            "execution_metadata": WEB_EXECUTION_METADATA,
-        })
-    );
     // One repository for the app, one staging tag on the very bytes the upstream served.
-    assert_eq!(berth.catalog(), [repo.as_str()]);
-    let tags = berth.tags(&repo);
-    assert_eq!(tags.len(), 1, "{tags:?}");
-    let tag = &tags[0];
+    let (cached, tag) = assert_cached_staging(&berth, &cacher, &outcome, &guid, &image);
     assert!(
         tag.len() == 21
             && tag.starts_with('s')
@@ -125,17 +245,10 @@ fn private_image_is_cached_by_digest_and_pulls_without_the_upstream() {
             && tag.as_bytes()[12] == b'-',
         "staging tag {tag}"
     );
-    assert_eq!(
-        berth.manifest(&repo, tag).as_deref(),
-        Some(&image.manifest.bytes[..])
-    );
 
     // The foundation no longer needs the upstream: skopeo and docker pull the cached copy.
     upstream.stop();
-    let (digest, manifest) = skopeo_pull(&cached, cacher.dir());
-    assert_eq!(digest, image.manifest.digest);
-    assert_eq!(manifest_layers(&manifest), image.layer_digests());
-    assert_eq!(manifest["config"]["digest"], image.config.digest.as_str());
+    assert_skopeo_pulls(&cached, cacher.dir(), &image);
 
     let dockerd = Dockerd::start(&berth.host());
     let output = run(dockerd.docker().args(["pull", &cached]));
@@ -180,7 +293,7 @@ fn multi_arch_index_resolves_the_configured_platform() {
 
     let stage = |config: &str| {
         let guid = new_guid();
-        let (cacher, _) = stage_cached(&berth, config, &reference, &guid);
+        let (cacher, _) = stage_cached(&berth, config, &reference, &guid, &[]);
         (cacher.result(), cache_repository(&guid))
     };
     let has_image = |repo: &str, image: &Image| {
@@ -194,7 +307,7 @@ fn multi_arch_index_resolves_the_configured_platform() {
     let (result, repo) = stage("");
     assert_eq!(
         docker_image(&result),
-        format!("{}/{repo}@{}", berth.host(), amd64.manifest.digest)
+        berth.pinned(&repo, &amd64.manifest.digest)
     );
     assert_eq!(result["process_types"]["web"], "/run-amd64");
     assert!(has_image(&repo, &amd64));
@@ -205,7 +318,7 @@ fn multi_arch_index_resolves_the_configured_platform() {
     let (result, repo) = stage("platform: linux/arm64\n");
     assert_eq!(
         docker_image(&result),
-        format!("{}/{repo}@{}", berth.host(), arm64.manifest.digest)
+        berth.pinned(&repo, &arm64.manifest.digest)
     );
     assert_eq!(result["process_types"]["web"], "/run-arm64");
     assert!(has_image(&repo, &arm64));
@@ -215,7 +328,7 @@ fn multi_arch_index_resolves_the_configured_platform() {
     let (result, repo) = stage("keep_index: true\n");
     assert_eq!(
         docker_image(&result),
-        format!("{}/{repo}@{}", berth.host(), amd64.manifest.digest)
+        berth.pinned(&repo, &amd64.manifest.digest)
     );
     assert_eq!(
         berth.manifest(&repo, &index.digest).as_deref(),
@@ -244,15 +357,7 @@ fn caching_off_writes_the_builder_reference_and_pushes_nothing() {
         outcome.expect_code(0);
         assert_eq!(outcome.stderr, "");
         assert!(!outcome.stdout.contains("Caching"), "{}", outcome.stdout);
-        assert_eq!(
-            cacher.result(),
-            json!({
-                "lifecycle_type": "docker",
-                "lifecycle_metadata": { "docker_image": reference },
-                "process_types": { "web": "/app/start --verbose serve --port=8080" },
-                "execution_metadata": WEB_EXECUTION_METADATA,
-            })
-        );
+        assert_eq!(cacher.result(), web_staging_result(&reference));
     }
     assert_eq!(berth.catalog(), Vec::<String>::new());
 }
@@ -279,7 +384,7 @@ fn a_second_app_on_the_same_base_transfers_only_its_own_layers() {
     // Layer bytes the upstream served for one staging, and the copy summary it printed.
     let stage = |repo_tag: &str, guid: &str| {
         let reference = format!("{}/{repo_tag}", proxy.host());
-        let (_, outcome) = stage_cached(&berth, "", &reference, guid);
+        let (_, outcome) = stage_cached(&berth, "", &reference, guid, &[]);
         let served = proxy.take_blob_bytes();
         let summary = outcome
             .stdout
@@ -338,11 +443,11 @@ fn dropped_connections_and_transient_errors_are_survived() {
 
     let guid = new_guid();
     let reference = format!("{}/team/app:1.0", proxy.host());
-    let (cacher, outcome) = stage_cached(&berth, "", &reference, &guid);
+    let (cacher, outcome) = stage_cached(&berth, "", &reference, &guid, &[]);
     let repo = cache_repository(&guid);
     assert_eq!(
         docker_image(&cacher.result()),
-        format!("{}/{repo}@{}", berth.host(), image.manifest.digest)
+        berth.pinned(&repo, &image.manifest.digest)
     );
 
     let requests = |digest: &str| -> Vec<(Option<String>, u16)> {
@@ -383,18 +488,7 @@ fn dropped_connections_and_transient_errors_are_survived() {
         outcome.stderr
     );
 
-    for blob in image.blobs() {
-        let response = http(
-            reqwest::Method::GET,
-            &format!("{}/v2/{repo}/blobs/{}", berth.url(), blob.digest),
-        );
-        assert_eq!(response.status, 200);
-        assert!(response.body == blob.bytes, "{} differs", blob.digest);
-    }
-    assert_eq!(
-        berth.manifest(&repo, &image.manifest.digest).as_deref(),
-        Some(&image.manifest.bytes[..])
-    );
+    assert_image_served(&berth, &repo, &image);
 }
 
 #[test]
@@ -410,17 +504,9 @@ fn a_corrupted_blob_fails_staging_and_commits_nothing() {
     corrupted[0] ^= 0xff;
     let corrupted = sha256(&corrupted);
 
-    let cacher = Cacher::caching_into(&berth, "attempts: 2\n")
-        .app(&new_guid())
-        .env("BERTH_CACHE", "true");
     let reference = format!("{}/team/app:1.0", proxy.host());
-    let outcome = cacher.run(&cacher.builder_args(&reference, &[]));
-    outcome.expect_code(2);
-    let failure = outcome
-        .stderr
-        .lines()
-        .find(|l| l.starts_with("Staging process failed: "))
-        .unwrap_or_else(|| panic!("no failure line in {}", outcome.stderr));
+    let (_, outcome) = stage_failing(&berth, "attempts: 2\n", &reference, &[]);
+    let failure = failure_line(&outcome);
     // Blamed on the source, after the configured number of tries.
     assert!(
         failure.contains(&format!("blob {} arrived corrupted", bad.digest)),
@@ -438,7 +524,6 @@ fn a_corrupted_blob_fails_staging_and_commits_nothing() {
         .count();
     assert_eq!(fetched, 2);
     assert!(!outcome.stdout.contains("Staging process finished"));
-    assert!(!cacher.result_path().exists());
 
     let repos = berth.catalog();
     for repo in &repos {
@@ -449,14 +534,7 @@ fn a_corrupted_blob_fails_staging_and_commits_nothing() {
         assert_eq!(berth.manifest(repo, &image.manifest.digest), None, "{repo}");
     }
     // Nor anywhere in its storage, whatever the layout.
-    for digest in [&bad.digest, &corrupted] {
-        let hex = &digest["sha256:".len()..];
-        let named: Vec<PathBuf> = files_below(&berth.root())
-            .into_iter()
-            .filter(|path| path.file_name().is_some_and(|n| n == hex))
-            .collect();
-        assert_eq!(named, Vec::<PathBuf>::new());
-    }
+    assert_not_stored(&berth, &[&bad.digest, &corrupted]);
 }
 
 #[test]
@@ -469,17 +547,12 @@ fn credentials_never_leak() {
     let image = web_image(7, &[200 * KIB, 100 * KIB]);
     upstream.push("team/app:1.0", &image.manifest, &image.blobs());
     let reference = format!("{}/team/app:1.0", proxy.host());
-    let basic = {
-        use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-    };
+    let basic = basic_encoded(user, &password);
     let user_flag = format!("-dockerUser={user}");
     let password_flag = format!("-dockerPassword={password}");
 
     for in_env in [false, true] {
-        let mut cacher = Cacher::caching_into(&berth, "")
-            .app(&new_guid())
-            .env("BERTH_CACHE", "true");
+        let mut cacher = opted_in(&berth, "", &new_guid());
         let mut extra = vec![user_flag.as_str()];
         if in_env {
             cacher = cacher.env("CF_DOCKER_PASSWORD", &password);
@@ -513,12 +586,7 @@ fn credentials_never_leak() {
             "{expected} in {}",
             String::from_utf8_lossy(table)
         );
-        for (what, bytes) in [
-            ("cmdline", &cmdline),
-            ("environ", &environ),
-            ("stdout", &outcome.stdout.as_bytes().to_vec()),
-            ("stderr", &outcome.stderr.as_bytes().to_vec()),
-        ] {
+        for (what, bytes) in [("cmdline", &cmdline), ("environ", &environ)] {
             for secret in [&password, &basic] {
                 assert!(
                     !String::from_utf8_lossy(bytes).contains(secret.as_str()),
@@ -526,15 +594,12 @@ fn credentials_never_leak() {
                 );
             }
         }
-        for dir in [cacher.dir(), berth.root().as_path()] {
-            for secret in [&password, &basic] {
-                assert_eq!(
-                    files_containing(dir, secret.as_bytes()),
-                    Vec::<PathBuf>::new(),
-                    "files holding the password"
-                );
-            }
-        }
+        assert_never_shown(
+            user,
+            &password,
+            &outcome,
+            &[cacher.dir(), berth.root().as_path()],
+        );
     }
 }
 
@@ -543,26 +608,15 @@ fn a_wrong_password_fails_with_an_authentication_message() {
     let upstream = Upstream::start(Some(("team-user", &unique_secret())));
     let berth = Berth::start();
     let wrong = unique_secret();
-    let cacher = Cacher::caching_into(&berth, "")
-        .app(&new_guid())
-        .env("BERTH_CACHE", "true");
     let reference = format!("{}/team/app:1.0", upstream.host());
-    let outcome = cacher.run(&cacher.builder_args(
-        &reference,
-        &["-dockerUser=team-user", &format!("-dockerPassword={wrong}")],
-    ));
-    outcome.expect_code(2);
-    let failure = outcome
-        .stderr
-        .lines()
-        .find(|l| l.starts_with("Staging process failed: "))
-        .unwrap_or_else(|| panic!("no failure line in {}", outcome.stderr));
+    let login = ["-dockerUser=team-user", &format!("-dockerPassword={wrong}")];
+    let (_, outcome) = stage_failing(&berth, "", &reference, &login);
+    let failure = failure_line(&outcome);
     assert!(
         failure.contains("authentication failed") && failure.contains("rejected the credentials"),
         "{failure}"
     );
     assert!(!outcome.stderr.contains(&wrong) && !outcome.stdout.contains(&wrong));
-    assert!(!cacher.result_path().exists());
     assert_eq!(berth.catalog(), Vec::<String>::new());
 }
 
@@ -626,8 +680,9 @@ fn legacy_and_unknown_flags_are_ignored_with_a_warning() {
 
 /// berth-registry as an upstream of the Docker Hub kind: the token flow, and `private/` readable
 /// by alice alone. Its tokens live `lifetime_seconds` (plus the registry's clock-skew leeway).
-fn token_mode_upstream(alice_password: &str, lifetime_seconds: u64) -> Berth {
-    Berth::start_with_auth(
+/// Alice has pushed `image` as `private/app:1.0`.
+fn token_mode_upstream(alice_password: &str, lifetime_seconds: u64, image: &Image) -> Berth {
+    let upstream = Berth::start_with_auth(
         &format!(
             "mode: token\n\
              access:\n  - repositories: private\n    grants: {{ \"user:alice\": [push] }}\n\
@@ -635,55 +690,18 @@ fn token_mode_upstream(alice_password: &str, lifetime_seconds: u64) -> Berth {
              lifetime_seconds: {lifetime_seconds} }}\n"
         ),
         &[("alice", alice_password)],
-    )
-}
-
-/// The `Staging process failed: ...` line of a failed run.
-fn failure_line(outcome: &Outcome) -> &str {
-    outcome
-        .stderr
-        .lines()
-        .find(|l| l.starts_with("Staging process failed: "))
-        .unwrap_or_else(|| panic!("no failure line in {}", outcome.stderr))
-}
-
-/// Neither `secret` nor its Basic encoding as `user` was printed or written to a file in `dirs`.
-fn assert_never_shown(user: &str, secret: &str, outcome: &Outcome, dirs: &[&std::path::Path]) {
-    let basic = {
-        use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"))
-    };
-    for secret in [secret, basic.as_str()] {
-        assert!(
-            !outcome.stdout.contains(secret),
-            "the password leaked into stdout"
-        );
-        assert!(
-            !outcome.stderr.contains(secret),
-            "the password leaked into stderr"
-        );
-        for dir in dirs {
-            assert_eq!(
-                files_containing(dir, secret.as_bytes()),
-                Vec::<PathBuf>::new(),
-                "files holding the password"
-            );
-        }
-    }
+    );
+    let login = Some(("alice", alice_password));
+    upstream.push("private/app:1.0", &image.manifest, &image.blobs(), login);
+    upstream
 }
 
 #[test]
 fn private_image_from_a_token_mode_berth_registry_is_cached_and_pulls_without_it() {
     let password = unique_secret();
-    let mut upstream = token_mode_upstream(&password, 300);
-    let berth = Berth::start();
     let image = web_image(11, &[600 * KIB, 1024 * KIB, 64 * KIB]);
-    upstream.push(
-        "private/app:1.0",
-        &image.manifest,
-        &image.blobs(),
-        Some(("alice", &password)),
-    );
+    let mut upstream = token_mode_upstream(&password, 300, &image);
+    let berth = Berth::start();
     // Private indeed: an anonymous pull is sent to the token service.
     let anonymous = http(
         reqwest::Method::GET,
@@ -703,40 +721,10 @@ fn private_image_from_a_token_mode_berth_registry_is_cached_and_pulls_without_it
     );
 
     let guid = new_guid();
-    let cacher = Cacher::caching_into(&berth, "")
-        .app(&guid)
-        .env("BERTH_CACHE", "true");
     let reference = format!("{}/private/app:1.0", upstream.host());
-    let outcome = cacher.run(&cacher.builder_args(
-        &reference,
-        &["-dockerUser=alice", &format!("-dockerPassword={password}")],
-    ));
-    outcome.expect_code(0);
-    assert_eq!(outcome.stderr, "", "a clean staging warns about nothing");
-    assert!(
-        outcome.stdout.ends_with("Staging process finished\n"),
-        "{}",
-        outcome.stdout
-    );
-
-    let repo = cache_repository(&guid);
-    let cached = format!("{}/{repo}@{}", berth.host(), image.manifest.digest);
-    assert_eq!(
-        cacher.result(),
-        json!({
-            "lifecycle_type": "docker",
-            "lifecycle_metadata": { "docker_image": cached },
-            "process_types": { "web": "/app/start --verbose serve --port=8080" },
-            "execution_metadata": WEB_EXECUTION_METADATA,
-        })
-    );
-    assert_eq!(berth.catalog(), [repo.as_str()]);
-    let tags = berth.tags(&repo);
-    assert_eq!(tags.len(), 1, "{tags:?}");
-    assert_eq!(
-        berth.manifest(&repo, &tags[0]).as_deref(),
-        Some(&image.manifest.bytes[..])
-    );
+    let login = ["-dockerUser=alice", &format!("-dockerPassword={password}")];
+    let (cacher, outcome) = stage_cached(&berth, "", &reference, &guid, &login);
+    let (cached, _) = assert_cached_staging(&berth, &cacher, &outcome, &guid, &image);
     assert_never_shown(
         "alice",
         &password,
@@ -746,35 +734,20 @@ fn private_image_from_a_token_mode_berth_registry_is_cached_and_pulls_without_it
 
     // Apps start from the internal copy alone.
     upstream.stop();
-    let (digest, manifest) = skopeo_pull(&cached, cacher.dir());
-    assert_eq!(digest, image.manifest.digest);
-    assert_eq!(manifest_layers(&manifest), image.layer_digests());
-    assert_eq!(manifest["config"]["digest"], image.config.digest.as_str());
+    assert_skopeo_pulls(&cached, cacher.dir(), &image);
 }
 
 #[test]
 fn a_wrong_password_for_a_token_mode_upstream_fails_and_stores_nothing() {
     let password = unique_secret();
-    let upstream = token_mode_upstream(&password, 300);
-    let berth = Berth::start();
     let image = web_image(12, &[128 * KIB, 64 * KIB]);
-    upstream.push(
-        "private/app:1.0",
-        &image.manifest,
-        &image.blobs(),
-        Some(("alice", &password)),
-    );
+    let upstream = token_mode_upstream(&password, 300, &image);
+    let berth = Berth::start();
 
     let wrong = unique_secret();
-    let cacher = Cacher::caching_into(&berth, "")
-        .app(&new_guid())
-        .env("BERTH_CACHE", "true");
     let reference = format!("{}/private/app:1.0", upstream.host());
-    let outcome = cacher.run(&cacher.builder_args(
-        &reference,
-        &["-dockerUser=alice", &format!("-dockerPassword={wrong}")],
-    ));
-    outcome.expect_code(2);
+    let login = ["-dockerUser=alice", &format!("-dockerPassword={wrong}")];
+    let (cacher, outcome) = stage_failing(&berth, "", &reference, &login);
     let failure = failure_line(&outcome);
     assert!(
         failure.contains("authentication failed")
@@ -782,17 +755,11 @@ fn a_wrong_password_for_a_token_mode_upstream_fails_and_stores_nothing() {
         "{failure}"
     );
     assert!(!outcome.stdout.contains("Staging process finished"));
-    assert!(!cacher.result_path().exists());
 
     assert_eq!(berth.catalog(), Vec::<String>::new());
-    for blob in image.blobs().into_iter().chain([&image.manifest]) {
-        let hex = &blob.digest["sha256:".len()..];
-        let named: Vec<PathBuf> = files_below(&berth.root())
-            .into_iter()
-            .filter(|path| path.file_name().is_some_and(|n| n == hex))
-            .collect();
-        assert_eq!(named, Vec::<PathBuf>::new());
-    }
+    let mut digests: Vec<&str> = image.blobs().iter().map(|b| b.digest.as_str()).collect();
+    digests.push(&image.manifest.digest);
+    assert_not_stored(&berth, &digests);
     assert_never_shown(
         "alice",
         &wrong,
@@ -806,16 +773,10 @@ fn a_token_that_expires_mid_copy_is_fetched_again() {
     // One-second tokens, which berth-registry still accepts for its 10 s clock-skew leeway.
     const LIFETIME_AND_LEEWAY: Duration = Duration::from_secs(1 + 10);
     let password = unique_secret();
-    let upstream = token_mode_upstream(&password, 1);
+    let image = web_image(13, &[400 * KIB, 300 * KIB, 200 * KIB]);
+    let upstream = token_mode_upstream(&password, 1, &image);
     let proxy = Proxy::start(&upstream.host());
     let berth = Berth::start();
-    let image = web_image(13, &[400 * KIB, 300 * KIB, 200 * KIB]);
-    upstream.push(
-        "private/app:1.0",
-        &image.manifest,
-        &image.blobs(),
-        Some(("alice", &password)),
-    );
     // One blob at a time, the middle one held back until the token it was sent with has expired:
     // it reaches the registry with a dead token, and every request after it needs a new one.
     let held = image.layers[1].blob.digest.clone();
@@ -826,15 +787,9 @@ fn a_token_that_expires_mid_copy_is_fetched_again() {
     );
 
     let guid = new_guid();
-    let cacher = Cacher::caching_into(&berth, "parallel_blobs: 1\n")
-        .app(&guid)
-        .env("BERTH_CACHE", "true");
     let reference = format!("{}/private/app:1.0", proxy.host());
-    let outcome = cacher.run(&cacher.builder_args(
-        &reference,
-        &["-dockerUser=alice", &format!("-dockerPassword={password}")],
-    ));
-    outcome.expect_code(0);
+    let login = ["-dockerUser=alice", &format!("-dockerPassword={password}")];
+    let (cacher, outcome) = stage_cached(&berth, "parallel_blobs: 1\n", &reference, &guid, &login);
 
     // Refused as expired, then sent again with a fresh token.
     let held_requests: Vec<(Option<String>, u16)> = proxy
@@ -848,20 +803,9 @@ fn a_token_that_expires_mid_copy_is_fetched_again() {
     let repo = cache_repository(&guid);
     assert_eq!(
         docker_image(&cacher.result()),
-        format!("{}/{repo}@{}", berth.host(), image.manifest.digest)
+        berth.pinned(&repo, &image.manifest.digest)
     );
-    for blob in image.blobs() {
-        let response = http(
-            reqwest::Method::GET,
-            &format!("{}/v2/{repo}/blobs/{}", berth.url(), blob.digest),
-        );
-        assert_eq!(response.status, 200);
-        assert!(response.body == blob.bytes, "{} differs", blob.digest);
-    }
-    assert_eq!(
-        berth.manifest(&repo, &image.manifest.digest).as_deref(),
-        Some(&image.manifest.bytes[..])
-    );
+    assert_image_served(&berth, &repo, &image);
     assert_never_shown(
         "alice",
         &password,

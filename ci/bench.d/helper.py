@@ -352,6 +352,8 @@ METRICS = [
     ("bget_c16_gbs", "blob GET {blob}, 16 clients", "GB/s", True, [("base", ">=", 0.9)]),
     ("push_gbs", "monolithic push {blob} (baseline: openssl sha256)", "GB/s", True,
      [("base", ">=", 0.8)]),
+    ("push_durable_gbs", "monolithic push {blob} (baseline: dd conv=fdatasync)", "GB/s", True,
+     [("base", ">=", 0.8)]),
     ("skopeo_push_big_s", "skopeo push {big}", "s", False, [("dist", "<=", 0.8)]),
     ("skopeo_push_small_s", "skopeo push {small}", "s", False, [("dist", "<=", 0.8)]),
     ("skopeo_pull_big_s", "skopeo pull {big}", "s", False, [("dist", "<=", 1.0)]),

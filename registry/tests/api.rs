@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::fmt;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -28,26 +27,8 @@ const MANIFEST_LIMIT: usize = 4 << 20;
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// A response read whole.
-struct Reply {
-    method: Method,
-    url: String,
-    status: u16,
-    headers: HeaderMap,
-    body: Vec<u8>,
-}
-
-impl fmt::Display for Reply {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let body = String::from_utf8_lossy(&self.body[..self.body.len().min(800)]);
-        write!(
-            f,
-            "{} {} answered {} {:?} {body}",
-            self.method, self.url, self.status, self.headers
-        )
-    }
-}
-
+/// This suite's checks on top of the shared [`Reply`]: the framing every answer of the API must
+/// get right, OCI errors and headers, `Link` pagination and JSON lists.
 impl Reply {
     /// Checks what every response must get right, whatever the endpoint: the API version header,
     /// and a Content-Length that frames the body (none at all on 204, as HTTP requires; on HEAD,
@@ -73,20 +54,6 @@ impl Reply {
         self
     }
 
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self}"))
-    }
-
-    #[track_caller]
-    fn expect(&self, status: u16) -> &Reply {
-        assert_eq!(self.status, status, "{self}");
-        self
-    }
-
     /// Asserts an OCI error: `status` and, but on HEAD which has no body, `code` first in
     /// `{"errors":[...]}`.
     #[track_caller]
@@ -107,13 +74,6 @@ impl Reply {
     fn expect_header(&self, name: &str, value: &str) -> &Reply {
         assert_eq!(self.header(name), Some(value), "{name}: {self}");
         self
-    }
-
-    #[track_caller]
-    fn location(&self) -> String {
-        self.header("location")
-            .unwrap_or_else(|| panic!("no Location: {self}"))
-            .to_string()
     }
 
     /// The target of `Link: <target>; rel="next"`, if the reply has one.
@@ -141,29 +101,9 @@ impl Reply {
     }
 }
 
+/// Sends `request` and checks what every reply must get right.
 async fn send(request: RequestBuilder) -> Reply {
-    let (client, request) = request.build_split();
-    let request = request.expect("a well-formed request");
-    let (method, url) = (request.method().clone(), request.url().to_string());
-    let response = client
-        .execute(request)
-        .await
-        .unwrap_or_else(|e| panic!("{method} {url}: {e:?}"));
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let body = response
-        .bytes()
-        .await
-        .unwrap_or_else(|e| panic!("{method} {url}: reading the body: {e}"))
-        .to_vec();
-    Reply {
-        method,
-        url,
-        status,
-        headers,
-        body,
-    }
-    .checked()
+    send_request(request).await.checked()
 }
 
 /// `uri` with `key=value` added to its query.
@@ -356,8 +296,8 @@ impl Api {
             headers.append(name, value.parse().expect("a header value"));
         }
         Reply {
+            what: format!("{method} {target}"),
             method: method.parse().expect("a method"),
-            url: target.to_string(),
             status: raw.status,
             headers,
             body: raw.body,
@@ -434,12 +374,23 @@ impl Api {
         reply
     }
 
-    /// Pushes `image`'s blobs, then its manifest as `repo:reference`.
-    async fn push_image(&self, repo: &str, reference: &str, image: &Image) {
+    /// Pushes the blobs `image`'s manifest references (config and layers) to `repo`.
+    async fn push_blobs(&self, repo: &str, image: &Image) {
         for blob in image.blobs() {
             self.push_blob(repo, &blob.bytes).await;
         }
+    }
+
+    /// Pushes `image`'s blobs, then its manifest as `repo:reference`.
+    async fn push_image(&self, repo: &str, reference: &str, image: &Image) {
+        self.push_blobs(repo, image).await;
         self.push_manifest(repo, reference, &image.manifest).await;
+    }
+
+    /// Asserts `repo` serves blob `digest` as exactly `bytes`.
+    async fn expect_blob(&self, repo: &str, digest: &str, bytes: &[u8]) {
+        let blob = self.get(&format!("{repo}/blobs/{digest}")).await;
+        assert!(blob.expect(200).body == bytes, "{blob}");
     }
 
     /// Asserts GET and HEAD of `repo:reference` serve `manifest` byte for byte, with its type,
@@ -661,8 +612,7 @@ async fn post_then_put_uploads_a_blob_and_ends_the_session() {
 
     let reply = api.finish(&location, &digest, &bytes).await;
     expect_blob_created(&reply, "push/put", &digest);
-    let blob = api.get(&format!("push/put/blobs/{digest}")).await;
-    assert!(blob.expect(200).body == bytes);
+    api.expect_blob("push/put", &digest, &bytes).await;
     api.get(&location)
         .await
         .expect_error(404, "BLOB_UPLOAD_UNKNOWN");
@@ -683,8 +633,7 @@ async fn chunks_in_order_then_put_without_body() {
     }
     let reply = api.finish(&location, &digest, b"").await;
     expect_blob_created(&reply, "push/chunked", &digest);
-    let blob = api.get(&format!("push/chunked/blobs/{digest}")).await;
-    assert!(blob.expect(200).body == bytes);
+    api.expect_blob("push/chunked", &digest, &bytes).await;
 }
 
 #[tokio::test]
@@ -722,8 +671,7 @@ async fn an_out_of_order_chunk_is_416_and_the_upload_resumes_where_it_was() {
         "push/order",
         &digest,
     );
-    let blob = api.get(&format!("push/order/blobs/{digest}")).await;
-    assert!(blob.expect(200).body == bytes);
+    api.expect_blob("push/order", &digest, &bytes).await;
 }
 
 #[tokio::test]
@@ -752,8 +700,7 @@ async fn patches_without_content_range_stream_onto_the_end() {
     // The last chunk rides on the closing PUT.
     let reply = api.finish(&location, &digest, &bytes[60_000..]).await;
     expect_blob_created(&reply, "push/stream", &digest);
-    let blob = api.get(&format!("push/stream/blobs/{digest}")).await;
-    assert!(blob.expect(200).body == bytes);
+    api.expect_blob("push/stream", &digest, &bytes).await;
 }
 
 #[tokio::test]
@@ -924,8 +871,7 @@ async fn mounting_needs_a_source_that_owns_the_blob() {
         "mount/dst",
         &digest,
     );
-    let blob = api.get(&format!("mount/dst/blobs/{digest}")).await;
-    assert!(blob.expect(200).body == bytes);
+    api.expect_blob("mount/dst", &digest, bytes).await;
 
     // A source that does not own the blob, or is no repository at all: an upload session instead.
     for from in ["mount/src", "Not/A/Name", "mount/none"] {
@@ -1025,9 +971,7 @@ async fn every_manifest_kind_round_trips_by_tag_and_digest() {
 async fn content_type_parameters_are_ignored() {
     let api = Api::start();
     let image = small_image(12);
-    for blob in image.blobs() {
-        api.push_blob("params", &blob.bytes).await;
-    }
+    api.push_blobs("params", &image).await;
     let reply = send(
         api.request(Method::PUT, "params/manifests/v1")
             .header(CONTENT_TYPE, format!("{OCI_MANIFEST}; charset=utf-8"))
@@ -1193,9 +1137,7 @@ async fn a_manifest_referencing_a_missing_blob_or_child_is_rejected_and_not_stor
 async fn a_manifest_whose_digest_differs_from_the_url_is_digest_invalid() {
     let api = Api::start();
     let image = small_image(15);
-    for blob in image.blobs() {
-        api.push_blob("mismatch", &blob.bytes).await;
-    }
+    api.push_blobs("mismatch", &image).await;
     let claimed = sha256(b"another manifest");
     api.put_manifest("mismatch", &claimed, &image.manifest)
         .await
@@ -1211,9 +1153,7 @@ async fn a_manifest_whose_digest_differs_from_the_url_is_digest_invalid() {
 async fn manifests_up_to_4_mib_are_accepted_and_larger_ones_get_413() {
     let api = Api::start();
     let image = small_image(16);
-    for blob in image.blobs() {
-        api.push_blob("big", &blob.bytes).await;
-    }
+    api.push_blobs("big", &image).await;
     // An annotation pads the manifest to exactly `size` bytes.
     let padded = |size: usize| {
         let value = |pad: usize| {
@@ -1509,9 +1449,7 @@ async fn invalid_names_are_rejected_and_create_nothing() {
 async fn invalid_tags_are_rejected() {
     let api = Api::start();
     let image = small_image(23);
-    for blob in image.blobs() {
-        api.push_blob("tagged", &blob.bytes).await;
-    }
+    api.push_blobs("tagged", &image).await;
     let too_long = "t".repeat(129);
     for tag in [
         too_long.as_str(),
@@ -1551,9 +1489,7 @@ async fn invalid_tags_are_rejected() {
 async fn concurrent_pushes_to_one_tag_leave_one_whole_manifest() {
     let api = Api::start();
     let image = small_image(24);
-    for blob in image.blobs() {
-        api.push_blob("race", &blob.bytes).await;
-    }
+    api.push_blobs("race", &image).await;
     let manifests: Vec<Blob> = (0..16)
         .map(|i| {
             manifest(
@@ -1618,8 +1554,7 @@ async fn concurrent_uploads_of_one_blob_store_it_once() {
     }
     for (repo, upload) in uploads {
         expect_blob_created(&upload.await.expect("the upload task"), &repo, &digest);
-        let blob = api.get(&format!("{repo}/blobs/{digest}")).await;
-        assert!(blob.expect(200).body == bytes);
+        api.expect_blob(&repo, &digest, &bytes).await;
     }
 
     let stored: Vec<PathBuf> = tree(&api.registry.root().join("blobs"))
@@ -1729,8 +1664,7 @@ async fn a_truncated_upload_body_leaves_nothing_visible() {
         "trunc/put",
         &digest,
     );
-    let blob = api.get(&format!("trunc/put/blobs/{digest}")).await;
-    assert!(blob.expect(200).body == bytes);
+    api.expect_blob("trunc/put", &digest, &bytes).await;
 
     api.get("").await.expect(200);
     let catalog = api.get("_catalog").await;

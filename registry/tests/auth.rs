@@ -11,13 +11,12 @@ use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use common::*;
 use reqwest::Method;
-use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
@@ -58,6 +57,23 @@ const POLICY: &str = r#"  groups: { platform: [admin] }
       grants: { "user:bob": [push], "group:platform": [admin] }
 "#;
 
+/// Which mode a registry runs in.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Basic,
+    Token,
+}
+
+impl Mode {
+    /// As `auth.mode` spells it.
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Basic => "basic",
+            Mode::Token => "token",
+        }
+    }
+}
+
 /// The files the `auth:` section points at: an htpasswd file and the token signing key with its
 /// self-signed certificate.
 struct Material {
@@ -93,9 +109,10 @@ impl Material {
     }
 
     /// A registry configuration in `mode` with [`POLICY`] and `extra` lines under `auth:`.
-    fn config(&self, mode: &str, extra: &str) -> String {
+    fn config(&self, mode: Mode, extra: &str) -> String {
         format!(
-            "auth:\n  mode: {mode}\n  htpasswd: {}\n{POLICY}  token:\n    signing_key: {}\n{extra}",
+            "auth:\n  mode: {}\n  htpasswd: {}\n{POLICY}  token:\n    signing_key: {}\n{extra}",
+            mode.name(),
             self.htpasswd.display(),
             self.keys.key.display(),
         )
@@ -127,44 +144,22 @@ impl Cred {
     }
 }
 
-/// A response read whole.
-struct Reply {
-    what: String,
-    status: u16,
-    headers: HeaderMap,
-    body: Vec<u8>,
+/// `user:password` as Basic authentication encodes it.
+fn basic_encoded((user, password): (&str, &str)) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
 }
 
-impl std::fmt::Display for Reply {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let body = String::from_utf8_lossy(&self.body[..self.body.len().min(600)]);
-        write!(
-            f,
-            "{} answered {} {:?} {body}",
-            self.what, self.status, self.headers
-        )
-    }
+/// The `Authorization` header value of a Basic login.
+fn basic_authorization(login: (&str, &str)) -> String {
+    format!("Basic {}", basic_encoded(login))
 }
 
+/// The challenges and OCI errors access control answers with.
 impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self}"))
-    }
-
     /// The first OCI error code of the body, if it has one.
     fn code(&self) -> Option<String> {
         let value: Value = serde_json::from_slice(&self.body).ok()?;
         value["errors"][0]["code"].as_str().map(str::to_string)
-    }
-
-    #[track_caller]
-    fn expect(&self, status: u16) -> &Reply {
-        assert_eq!(self.status, status, "{self}");
-        self
     }
 
     #[track_caller]
@@ -208,13 +203,6 @@ impl Reply {
         }
         self
     }
-
-    #[track_caller]
-    fn location(&self) -> String {
-        self.header("location")
-            .unwrap_or_else(|| panic!("no Location: {self}"))
-            .to_string()
-    }
 }
 
 async fn send(
@@ -242,16 +230,7 @@ async fn send(
         .send()
         .await
         .unwrap_or_else(|e| panic!("{what}: {e}"));
-    Reply {
-        what,
-        status: response.status().as_u16(),
-        headers: response.headers().clone(),
-        body: response
-            .bytes()
-            .await
-            .unwrap_or_else(|e| panic!("reading the body: {e}"))
-            .to_vec(),
-    }
+    Reply::read(method, what, response).await
 }
 
 /// How a credential is shown in assertion messages: never the secret.
@@ -266,43 +245,6 @@ fn cred_label(cred: &Cred) -> String {
 
 async fn get(client: &reqwest::Client, url: &str, cred: &Cred) -> Reply {
     send(client, Method::GET, url, cred, None).await
-}
-
-/// `GET /auth/token` with `scope`s, Basic `basic` credentials if given and `service`.
-async fn token_reply(
-    client: &reqwest::Client,
-    registry: &Registry,
-    basic: Option<(&'static str, &'static str)>,
-    service: &str,
-    scopes: &[&str],
-) -> Reply {
-    let mut url = reqwest::Url::parse(&format!("{}/auth/token", registry.url())).expect("URL");
-    url.query_pairs_mut().append_pair("service", service);
-    for scope in scopes {
-        url.query_pairs_mut().append_pair("scope", scope);
-    }
-    let cred = basic.map_or(Cred::Anonymous, Cred::basic);
-    get(client, url.as_str(), &cred).await
-}
-
-/// A token from the registry's token endpoint, which must issue one.
-async fn token(
-    client: &reqwest::Client,
-    registry: &Registry,
-    basic: Option<(&'static str, &'static str)>,
-    scopes: &[&str],
-) -> String {
-    let reply = token_reply(client, registry, basic, SERVICE, scopes).await;
-    reply.expect(200);
-    let body = reply.json();
-    let token = body["token"].as_str().expect("a token").to_string();
-    assert_eq!(body["access_token"], token.as_str(), "{reply}");
-    assert!(
-        body["expires_in"].as_u64().is_some_and(|s| s > 0),
-        "{reply}"
-    );
-    assert_eq!(reply.header("cache-control"), Some("no-store"), "{reply}");
-    token
 }
 
 fn b64url() -> base64::engine::GeneralPurpose {
@@ -358,165 +300,6 @@ fn unix_now() -> u64 {
         .as_secs()
 }
 
-/// Which mode a registry runs in, to get an administrator's credentials for checks.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Mode {
-    Basic,
-    Token,
-}
-
-/// Credentials the administrator uses on `repo` (all actions): Basic, or a token for them.
-async fn admin_on(client: &reqwest::Client, registry: &Registry, mode: Mode, repo: &str) -> Cred {
-    match mode {
-        Mode::Basic => Cred::basic(ADMIN),
-        Mode::Token => Cred::Bearer(
-            token(
-                client,
-                registry,
-                Some(ADMIN),
-                &[&format!("repository:{repo}:pull,push,delete")],
-            )
-            .await,
-        ),
-    }
-}
-
-/// Uploads `blob` to `repo` (POST, then PUT with the bytes); returns the first reply that is not
-/// the expected 202 or the final one.
-async fn upload_blob(
-    client: &reqwest::Client,
-    registry: &Registry,
-    cred: &Cred,
-    repo: &str,
-    blob: &Blob,
-) -> Reply {
-    let url = format!("{}/v2/{repo}/blobs/uploads/", registry.url());
-    let started = send(client, Method::POST, &url, cred, None).await;
-    if started.status != 202 {
-        return started;
-    }
-    let location = absolute(registry, &started.location());
-    let separator = if location.contains('?') { '&' } else { '?' };
-    let url = format!("{location}{separator}digest={}", blob.digest);
-    send(
-        client,
-        Method::PUT,
-        &url,
-        cred,
-        Some(("application/octet-stream", blob.bytes.clone())),
-    )
-    .await
-}
-
-/// Pushes `image` as `repo:tag` over HTTP with `cred`, which must be allowed to.
-async fn push_image(
-    client: &reqwest::Client,
-    registry: &Registry,
-    cred: &Cred,
-    repo: &str,
-    tag: &str,
-    image: &Image,
-) {
-    for blob in image.blobs() {
-        upload_blob(client, registry, cred, repo, blob)
-            .await
-            .expect(201);
-    }
-    let url = format!("{}/v2/{repo}/manifests/{tag}", registry.url());
-    send(
-        client,
-        Method::PUT,
-        &url,
-        cred,
-        Some((OCI_MANIFEST, image.manifest.bytes.clone())),
-    )
-    .await
-    .expect(201);
-}
-
-/// The tags of `repo` as the administrator sees them; `None` if the repository does not exist.
-async fn tags_as_admin(
-    client: &reqwest::Client,
-    registry: &Registry,
-    mode: Mode,
-    repo: &str,
-) -> Option<Vec<String>> {
-    let cred = admin_on(client, registry, mode, repo).await;
-    let reply = get(
-        client,
-        &format!("{}/v2/{repo}/tags/list", registry.url()),
-        &cred,
-    )
-    .await;
-    if reply.status == 404 {
-        reply.expect_error(404, "NAME_UNKNOWN");
-        return None;
-    }
-    reply.expect(200);
-    let mut tags: Vec<String> = reply.json()["tags"]
-        .as_array()
-        .map(|tags| {
-            tags.iter()
-                .map(|t| t.as_str().expect("a tag").to_string())
-                .collect()
-        })
-        .unwrap_or_default();
-    tags.sort();
-    Some(tags)
-}
-
-/// Whether the administrator finds `digest` in `repo`.
-async fn blob_in_repo(
-    client: &reqwest::Client,
-    registry: &Registry,
-    mode: Mode,
-    repo: &str,
-    digest: &str,
-) -> bool {
-    let cred = admin_on(client, registry, mode, repo).await;
-    let url = format!("{}/v2/{repo}/blobs/{digest}", registry.url());
-    let reply = send(client, Method::HEAD, &url, &cred, None).await;
-    assert!(matches!(reply.status, 200 | 404), "{reply}");
-    reply.status == 200
-}
-
-/// Every repository of the catalog `cred` sees, following `Link` pages of `page_size`.
-async fn catalog(
-    client: &reqwest::Client,
-    registry: &Registry,
-    cred: &Cred,
-    page_size: u32,
-) -> Reply {
-    let mut url = format!("{}/v2/_catalog?n={page_size}", registry.url());
-    let mut all = Vec::new();
-    let mut last;
-    loop {
-        last = get(client, &url, cred).await;
-        if last.status != 200 {
-            return last;
-        }
-        let page = last.json()["repositories"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        assert!(page.len() <= page_size as usize, "page too long: {last}");
-        all.extend(page);
-        match last.header("link") {
-            Some(link) => {
-                let target = link
-                    .strip_prefix('<')
-                    .and_then(|l| l.split_once('>'))
-                    .map(|(t, _)| t.to_string())
-                    .unwrap_or_else(|| panic!("bad Link: {last}"));
-                url = absolute(registry, &target);
-            }
-            None => break,
-        }
-    }
-    last.body = serde_json::to_vec(&json!({ "repositories": all })).expect("JSON");
-    last
-}
-
 fn repositories(reply: &Reply) -> Vec<String> {
     let mut names: Vec<String> = reply.json()["repositories"]
         .as_array()
@@ -528,17 +311,9 @@ fn repositories(reply: &Reply) -> Vec<String> {
     names
 }
 
-/// The catalog the administrator sees.
-async fn admin_catalog(client: &reqwest::Client, registry: &Registry, mode: Mode) -> Vec<String> {
-    let cred = match mode {
-        Mode::Basic => Cred::basic(ADMIN),
-        Mode::Token => {
-            Cred::Bearer(token(client, registry, Some(ADMIN), &["registry:catalog:*"]).await)
-        }
-    };
-    let reply = catalog(client, registry, &cred, 100).await;
-    reply.expect(200);
-    repositories(&reply)
+/// What [`Api::tags_as_admin`] finds in a repository that holds `tags` (sorted).
+fn tag_list(tags: &[&str]) -> Option<Vec<String>> {
+    Some(tags.iter().map(|t| t.to_string()).collect())
 }
 
 /// A small image of one layer.
@@ -546,40 +321,284 @@ fn small_image(seed: u64) -> Image {
     Image::generate(seed, "amd64", &[3 * 1024])
 }
 
-/// Asserts that none of `secrets` appears in the server log or in `/metrics`.
-async fn assert_no_secrets(client: &reqwest::Client, registry: &Registry, secrets: &[String]) {
-    let metrics = get(
-        client,
-        &format!("{}/metrics", registry.url()),
-        &Cred::Anonymous,
-    )
-    .await;
-    metrics.expect(200);
-    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
-    let log = registry.log();
-    assert!(
-        log.lines().count() > 20,
-        "the server log is suspiciously short:\n{log}"
-    );
-    for secret in secrets {
-        assert!(secret.len() >= 8, "a secret too short to search for");
+// ---------------------------------------------------------------------------------------------
+// The registry under test
+// ---------------------------------------------------------------------------------------------
+
+/// A registry with access control, the mode it runs in, and a client for it.
+struct Api {
+    registry: Registry,
+    client: reqwest::Client,
+    mode: Mode,
+}
+
+impl Api {
+    /// A registry in `mode` with `material`'s files, [`POLICY`] and `extra` lines under `auth:`.
+    fn start(material: &Material, mode: Mode, extra: &str) -> Api {
+        let registry = Registry::start_with_config(&material.config(mode, extra));
+        Api::serving(registry, mode)
+    }
+
+    /// Like [`Api::start`], logging at trace level, where a leaked secret would show first.
+    fn start_traced(material: &Material, mode: Mode) -> Api {
+        let config = material.config(mode, "");
+        let registry = Registry::start_configured(&config, &[("BERTH_LOG", "trace")]);
+        Api::serving(registry, mode)
+    }
+
+    fn serving(registry: Registry, mode: Mode) -> Api {
+        Api {
+            registry,
+            client: http_client(),
+            mode,
+        }
+    }
+
+    /// `method target`, `target` being a path of the registry such as `/v2/`.
+    async fn send(
+        &self,
+        method: Method,
+        target: &str,
+        cred: &Cred,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Reply {
+        let url = absolute(&self.registry, target);
+        send(&self.client, method, &url, cred, body).await
+    }
+
+    async fn get(&self, target: &str, cred: &Cred) -> Reply {
+        self.send(Method::GET, target, cred, None).await
+    }
+
+    /// A POST without a body: it starts an upload, or mounts a blob.
+    async fn post(&self, target: &str, cred: &Cred) -> Reply {
+        self.send(Method::POST, target, cred, None).await
+    }
+
+    /// Asks to mount blob `digest` into `repo`, naming the repository it comes `from` if given.
+    async fn mount(&self, cred: &Cred, repo: &str, digest: &str, from: Option<&str>) -> Reply {
+        let mut target = format!("/v2/{repo}/blobs/uploads/?mount={digest}");
+        if let Some(from) = from {
+            target.push_str(&format!("&from={from}"));
+        }
+        self.post(&target, cred).await
+    }
+
+    /// Mounts blob `digest` into `repo` from `from`, which `cred` may pull: it is there at once.
+    async fn expect_mounted(&self, cred: &Cred, repo: &str, digest: &str, from: &str) {
+        self.mount(cred, repo, digest, Some(from)).await.expect(201);
+        assert!(self.blob_in_repo(repo, digest).await, "{digest} in {repo}");
+    }
+
+    /// Asks to mount blob `digest` into `repo` without naming a source, where `cred` may not
+    /// pull it: an upload session is offered instead, and the blob stays out.
+    async fn expect_not_mounted(&self, cred: &Cred, repo: &str, digest: &str) {
+        self.mount(cred, repo, digest, None).await.expect(202);
         assert!(
-            !log.contains(secret.as_str()),
-            "a secret ({}…) appears in the server log",
-            &secret[..4]
+            !self.blob_in_repo(repo, digest).await,
+            "a mount brought a blob the caller may not pull into {repo}"
         );
+    }
+
+    /// `GET target` with `huge`, a 64 KiB `Authorization` header: refused without harm, as
+    /// unauthorized or as too large.
+    async fn oversized_authorization(&self, target: &str, huge: &Cred) -> Reply {
+        let reply = self.get(target, huge).await;
         assert!(
-            !metrics.contains(secret.as_str()),
-            "a secret ({}…) appears in /metrics",
-            &secret[..4]
+            reply.status == 401 || reply.status == 431,
+            "64 KiB Authorization: {reply}"
         );
+        reply
+    }
+
+    async fn put_manifest(&self, cred: &Cred, repo: &str, tag: &str, manifest: &Blob) -> Reply {
+        let target = format!("/v2/{repo}/manifests/{tag}");
+        let body = Some((OCI_MANIFEST, manifest.bytes.clone()));
+        self.send(Method::PUT, &target, cred, body).await
+    }
+
+    async fn delete_manifest(&self, cred: &Cred, repo: &str, digest: &str) -> Reply {
+        let target = format!("/v2/{repo}/manifests/{digest}");
+        self.send(Method::DELETE, &target, cred, None).await
+    }
+
+    /// `GET /auth/token` with `scope`s, Basic `basic` credentials if given and `service`.
+    async fn token_reply(
+        &self,
+        basic: Option<(&'static str, &'static str)>,
+        service: &str,
+        scopes: &[&str],
+    ) -> Reply {
+        let mut url =
+            reqwest::Url::parse(&format!("{}/auth/token", self.registry.url())).expect("URL");
+        url.query_pairs_mut().append_pair("service", service);
+        for scope in scopes {
+            url.query_pairs_mut().append_pair("scope", scope);
+        }
+        let cred = basic.map_or(Cred::Anonymous, Cred::basic);
+        get(&self.client, url.as_str(), &cred).await
+    }
+
+    /// A token from the registry's token endpoint, which must issue one.
+    async fn token(&self, basic: Option<(&'static str, &'static str)>, scopes: &[&str]) -> String {
+        let reply = self.token_reply(basic, SERVICE, scopes).await;
+        reply.expect(200);
+        let body = reply.json();
+        let token = body["token"].as_str().expect("a token").to_string();
+        assert_eq!(body["access_token"], token.as_str(), "{reply}");
+        assert!(
+            body["expires_in"].as_u64().is_some_and(|s| s > 0),
+            "{reply}"
+        );
+        assert_eq!(reply.header("cache-control"), Some("no-store"), "{reply}");
+        token
+    }
+
+    /// Credentials the administrator uses on `repo` (all actions): Basic, or a token for them.
+    async fn admin_on(&self, repo: &str) -> Cred {
+        match self.mode {
+            Mode::Basic => Cred::basic(ADMIN),
+            Mode::Token => {
+                let scope = format!("repository:{repo}:pull,push,delete");
+                Cred::Bearer(self.token(Some(ADMIN), &[&scope]).await)
+            }
+        }
+    }
+
+    /// Uploads `blob` to `repo` (POST, then PUT with the bytes); returns the first reply that is
+    /// not the expected 202 or the final one.
+    async fn upload_blob(&self, cred: &Cred, repo: &str, blob: &Blob) -> Reply {
+        let started = self.post(&format!("/v2/{repo}/blobs/uploads/"), cred).await;
+        if started.status != 202 {
+            return started;
+        }
+        let location = started.location();
+        let separator = if location.contains('?') { '&' } else { '?' };
+        let target = format!("{location}{separator}digest={}", blob.digest);
+        let body = Some(("application/octet-stream", blob.bytes.clone()));
+        self.send(Method::PUT, &target, cred, body).await
+    }
+
+    /// Pushes `image` as `repo:tag` over HTTP with `cred`, which must be allowed to.
+    async fn push_image(&self, cred: &Cred, repo: &str, tag: &str, image: &Image) {
+        for blob in image.blobs() {
+            self.upload_blob(cred, repo, blob).await.expect(201);
+        }
+        self.put_manifest(cred, repo, tag, &image.manifest)
+            .await
+            .expect(201);
+    }
+
+    /// Pushes `image` as `repo:tag` as the administrator.
+    async fn push_as_admin(&self, repo: &str, tag: &str, image: &Image) {
+        let cred = self.admin_on(repo).await;
+        self.push_image(&cred, repo, tag, image).await;
+    }
+
+    /// The tags of `repo` as the administrator sees them; `None` if the repository does not exist.
+    async fn tags_as_admin(&self, repo: &str) -> Option<Vec<String>> {
+        let cred = self.admin_on(repo).await;
+        let reply = self.get(&format!("/v2/{repo}/tags/list"), &cred).await;
+        if reply.status == 404 {
+            reply.expect_error(404, "NAME_UNKNOWN");
+            return None;
+        }
+        reply.expect(200);
+        let mut tags: Vec<String> = reply.json()["tags"]
+            .as_array()
+            .map(|tags| {
+                tags.iter()
+                    .map(|t| t.as_str().expect("a tag").to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        tags.sort();
+        Some(tags)
+    }
+
+    /// Whether the administrator finds `digest` in `repo`.
+    async fn blob_in_repo(&self, repo: &str, digest: &str) -> bool {
+        let cred = self.admin_on(repo).await;
+        let target = format!("/v2/{repo}/blobs/{digest}");
+        let reply = self.send(Method::HEAD, &target, &cred, None).await;
+        assert!(matches!(reply.status, 200 | 404), "{reply}");
+        reply.status == 200
+    }
+
+    /// Every repository of the catalog `cred` sees, following `Link` pages of `page_size`.
+    async fn catalog(&self, cred: &Cred, page_size: u32) -> Reply {
+        let mut target = format!("/v2/_catalog?n={page_size}");
+        let mut all = Vec::new();
+        let mut last;
+        loop {
+            last = self.get(&target, cred).await;
+            if last.status != 200 {
+                return last;
+            }
+            let page = last.json()["repositories"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            assert!(page.len() <= page_size as usize, "page too long: {last}");
+            all.extend(page);
+            match last.header("link") {
+                Some(link) => {
+                    target = link
+                        .strip_prefix('<')
+                        .and_then(|l| l.split_once('>'))
+                        .map(|(t, _)| t.to_string())
+                        .unwrap_or_else(|| panic!("bad Link: {last}"));
+                }
+                None => break,
+            }
+        }
+        last.body = serde_json::to_vec(&json!({ "repositories": all })).expect("JSON");
+        last
+    }
+
+    /// The catalog the administrator sees.
+    async fn admin_catalog(&self) -> Vec<String> {
+        let cred = match self.mode {
+            Mode::Basic => Cred::basic(ADMIN),
+            Mode::Token => Cred::Bearer(self.token(Some(ADMIN), &["registry:catalog:*"]).await),
+        };
+        let reply = self.catalog(&cred, 100).await;
+        reply.expect(200);
+        repositories(&reply)
+    }
+
+    /// Asserts that none of `secrets` appears in the server log or in `/metrics`.
+    async fn assert_no_secrets(&self, secrets: &[String]) {
+        let metrics = self.get("/metrics", &Cred::Anonymous).await;
+        metrics.expect(200);
+        let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+        let log = self.registry.log();
+        assert!(
+            log.lines().count() > 20,
+            "the server log is suspiciously short:\n{log}"
+        );
+        for secret in secrets {
+            assert!(secret.len() >= 8, "a secret too short to search for");
+            assert!(
+                !log.contains(secret.as_str()),
+                "a secret ({}…) appears in the server log",
+                &secret[..4]
+            );
+            assert!(
+                !metrics.contains(secret.as_str()),
+                "a secret ({}…) appears in /metrics",
+                &secret[..4]
+            );
+        }
     }
 }
 
-/// The secrets a Basic login exposes: the password and the header value carrying it.
-fn basic_secrets((user, password): (&str, &str)) -> Vec<String> {
-    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-    vec![password.to_string(), encoded]
+/// The secrets Basic logins expose: each password and the header value carrying it.
+fn basic_secrets(logins: &[(&str, &str)]) -> Vec<String> {
+    logins
+        .iter()
+        .flat_map(|&(user, password)| [password.to_string(), basic_encoded((user, password))])
+        .collect()
 }
 
 /// The secrets in a token: all of it, and its signature alone.
@@ -587,6 +606,10 @@ fn token_secrets(token: &str) -> Vec<String> {
     let signature = token.rsplit('.').next().expect("a signature").to_string();
     vec![token.to_string(), signature]
 }
+
+// ---------------------------------------------------------------------------------------------
+// Real clients
+// ---------------------------------------------------------------------------------------------
 
 fn output_text(output: &Output) -> String {
     format!(
@@ -625,6 +648,13 @@ fn run_failing(cmd: &mut Command) -> String {
     text.to_lowercase()
 }
 
+/// Runs a client command that the registry must refuse; `what` names it in the message.
+#[track_caller]
+fn assert_refused(cmd: &mut Command, what: &str) {
+    let refused = run_failing(cmd);
+    assert!(is_refusal(&refused), "{what}: {refused}");
+}
+
 fn skopeo_copy_to(
     layout: &Path,
     host: &str,
@@ -639,6 +669,11 @@ fn skopeo_copy_to(
     cmd.arg(oci_ref(layout, "v1"))
         .arg(format!("docker://{host}/{repo_tag}"));
     cmd
+}
+
+/// Pushes the image in `layout` to `host` as `repo_tag` with skopeo, which must succeed.
+fn skopeo_push(layout: &Path, host: &str, repo_tag: &str, creds: Option<(&str, &str)>) {
+    run(&mut skopeo_copy_to(layout, host, repo_tag, creds));
 }
 
 fn skopeo_copy_from(
@@ -678,35 +713,20 @@ fn skopeo_pull_digest(
 /// pushes outside a user's grants; then docker login, push and pull through a private dockerd.
 async fn clients_round_trip(mode: Mode) {
     let material = usual_material();
-    let mode_name = if mode == Mode::Basic {
-        "basic"
-    } else {
-        "token"
-    };
-    let registry = Registry::start_with_config(&material.config(mode_name, ""));
-    let client = http_client();
+    let api = Api::start(&material, mode, "");
+    let registry = &api.registry;
     let host = registry.host();
     let image = Image::generate(31, "amd64", &[300 * 1024, 60 * 1024]);
     let layout = registry.scratch().join("layout");
     write_oci_layout(&layout, "v1", &image.manifest, &image.blobs());
 
     // skopeo with credentials, both ways.
-    run(&mut skopeo_copy_to(
-        &layout,
-        &host,
-        "public/app:v1",
-        Some(ALICE),
-    ));
+    skopeo_push(&layout, &host, "public/app:v1", Some(ALICE));
     assert_eq!(
         skopeo_pull_digest(registry.scratch(), &host, "public/app:v1", Some(ALICE)),
         image.manifest.digest
     );
-    run(&mut skopeo_copy_to(
-        &layout,
-        &host,
-        "team-a/app:v1",
-        Some(ALICE),
-    ));
+    skopeo_push(&layout, &host, "team-a/app:v1", Some(ALICE));
     assert_eq!(
         skopeo_pull_digest(registry.scratch(), &host, "team-a/app:v1", Some(BOB)),
         image.manifest.digest,
@@ -720,75 +740,60 @@ async fn clients_round_trip(mode: Mode) {
     );
     // But not team-a.
     let out = registry.scratch().join("anonymous-team-a");
-    let refused = run_failing(&mut skopeo_copy_from(&host, "team-a/app:v1", None, &out));
-    assert!(is_refusal(&refused), "anonymous pull of team-a: {refused}");
+    assert_refused(
+        &mut skopeo_copy_from(&host, "team-a/app:v1", None, &out),
+        "anonymous pull of team-a",
+    );
 
     // An anonymous push is refused and writes nothing.
-    let refused = run_failing(&mut skopeo_copy_to(&layout, &host, "public/anon:v1", None));
-    assert!(is_refusal(&refused), "anonymous push: {refused}");
+    assert_refused(
+        &mut skopeo_copy_to(&layout, &host, "public/anon:v1", None),
+        "anonymous push",
+    );
     // A push outside alice's grants is denied and writes nothing.
-    let refused = run_failing(&mut skopeo_copy_to(
-        &layout,
-        &host,
-        "team-b/app:v1",
-        Some(ALICE),
-    ));
-    assert!(is_refusal(&refused), "alice pushing to team-b: {refused}");
+    assert_refused(
+        &mut skopeo_copy_to(&layout, &host, "team-b/app:v1", Some(ALICE)),
+        "alice pushing to team-b",
+    );
     // Bob may pull team-a but not push there.
-    let refused = run_failing(&mut skopeo_copy_to(
-        &layout,
-        &host,
-        "team-a/app:bob",
-        Some(BOB),
-    ));
-    assert!(is_refusal(&refused), "bob pushing to team-a: {refused}");
+    assert_refused(
+        &mut skopeo_copy_to(&layout, &host, "team-a/app:bob", Some(BOB)),
+        "bob pushing to team-a",
+    );
     for repo in ["public/anon", "team-b/app"] {
         assert_eq!(
-            tags_as_admin(&client, &registry, mode, repo).await,
+            api.tags_as_admin(repo).await,
             None,
             "{repo} must not exist after a refused push"
         );
         for blob in image.blobs() {
             assert!(
-                !blob_in_repo(&client, &registry, mode, repo, &blob.digest).await,
+                !api.blob_in_repo(repo, &blob.digest).await,
                 "a blob reached {repo} in a refused push"
             );
         }
     }
     assert_eq!(
-        tags_as_admin(&client, &registry, mode, "team-a/app").await,
-        Some(vec!["v1".to_string()]),
+        api.tags_as_admin("team-a/app").await,
+        tag_list(&["v1"]),
         "bob's refused push must not tag team-a/app"
     );
     if mode == Mode::Basic {
         assert_eq!(
-            admin_catalog(&client, &registry, mode).await,
+            api.admin_catalog().await,
             vec!["public/app".to_string(), "team-a/app".to_string()]
         );
     }
 
     // The same refusals over HTTP, with the status codes the modes promise.
-    let upload = |repo: &str| format!("{}/v2/{repo}/blobs/uploads/", registry.url());
-    let anonymous = send(
-        &client,
-        Method::POST,
-        &upload("public/anon"),
-        &Cred::Anonymous,
-        None,
-    )
-    .await;
+    let upload = |repo: &str| format!("/v2/{repo}/blobs/uploads/");
+    let anonymous = api.post(&upload("public/anon"), &Cred::Anonymous).await;
     match mode {
         Mode::Basic => {
             anonymous.expect_basic_challenge();
-            send(
-                &client,
-                Method::POST,
-                &upload("team-b/app"),
-                &Cred::basic(ALICE),
-                None,
-            )
-            .await
-            .expect_error(403, "DENIED");
+            api.post(&upload("team-b/app"), &Cred::basic(ALICE))
+                .await
+                .expect_error(403, "DENIED");
         }
         Mode::Token => {
             anonymous.expect_bearer_challenge(None);
@@ -801,116 +806,70 @@ async fn clients_round_trip(mode: Mode) {
                 ),
                 "{anonymous}"
             );
-            let alice = token(
-                &client,
-                &registry,
-                Some(ALICE),
-                &["repository:team-b/app:pull,push"],
-            )
-            .await;
+            let alice = api
+                .token(Some(ALICE), &["repository:team-b/app:pull,push"])
+                .await;
             assert!(access_of(&alice).is_empty(), "alice got access to team-b");
-            send(
-                &client,
-                Method::POST,
-                &upload("team-b/app"),
-                &Cred::Bearer(alice),
-                None,
-            )
-            .await
-            .expect_bearer_challenge(Some("insufficient_scope"));
+            api.post(&upload("team-b/app"), &Cred::Bearer(alice))
+                .await
+                .expect_bearer_challenge(Some("insufficient_scope"));
         }
     }
 
     // docker: login, push, pull.
-    let archive = docker_archive(&registry, &image, "e2e/local:v1");
+    let archive = docker_archive(registry, &image, "e2e/local:v1");
     let dockerd = Dockerd::start(&host);
     run(dockerd.docker().arg("load").arg("-i").arg(&archive));
-    let login = run(dockerd
-        .docker()
-        .args(["login", "-u", ALICE.0, "-p", ALICE.1])
-        .arg(&host));
-    assert!(login.contains("Login Succeeded"), "docker login: {login}");
-    let failed_login = run_failing(
-        dockerd
-            .docker()
-            .args(["login", "-u", ALICE.0, "-p", MALLORY.1])
-            .arg(&host),
+    let login = |password: &str| {
+        let mut cmd = dockerd.docker();
+        cmd.args(["login", "-u", ALICE.0, "-p", password])
+            .arg(&host);
+        cmd
+    };
+    let logged_in = run(&mut login(ALICE.1));
+    assert!(
+        logged_in.contains("Login Succeeded"),
+        "docker login: {logged_in}"
     );
+    let failed_login = run_failing(&mut login(MALLORY.1));
     assert!(
         failed_login.contains("unauthorized") || failed_login.contains("401"),
         "docker login with a wrong password: {failed_login}"
     );
     // The failed attempt must not have replaced the stored credentials.
-    let login = run(dockerd
-        .docker()
-        .args(["login", "-u", ALICE.0, "-p", ALICE.1])
-        .arg(&host));
-    assert!(login.contains("Login Succeeded"), "docker login: {login}");
+    let logged_in = run(&mut login(ALICE.1));
+    assert!(
+        logged_in.contains("Login Succeeded"),
+        "docker login: {logged_in}"
+    );
 
-    let remote = format!("{host}/public/docker");
-    run(dockerd
-        .docker()
-        .args(["tag", "e2e/local:v1", &format!("{remote}:v1")]));
-    let pushed = run(dockerd.docker().args(["push", &format!("{remote}:v1")]));
+    let remote = format!("{host}/public/docker:v1");
+    let pushed = dockerd.tag_and_push("e2e/local:v1", &remote);
     let pushed_digest = digest_after(&pushed, "digest:")
         .unwrap_or_else(|| panic!("no digest in docker push output: {pushed}"));
-    assert_eq!(
-        tags_as_admin(&client, &registry, mode, "public/docker").await,
-        Some(vec!["v1".to_string()])
-    );
-    let private_remote = format!("{host}/team-a/docker");
-    run(dockerd
-        .docker()
-        .args(["tag", "e2e/local:v1", &format!("{private_remote}:v1")]));
-    run(dockerd
-        .docker()
-        .args(["push", &format!("{private_remote}:v1")]));
+    assert_eq!(api.tags_as_admin("public/docker").await, tag_list(&["v1"]));
+    let private_remote = format!("{host}/team-a/docker:v1");
+    dockerd.tag_and_push("e2e/local:v1", &private_remote);
 
     // Outside alice's grants, docker push is refused.
-    let denied_remote = format!("{host}/team-b/docker");
+    let denied_remote = format!("{host}/team-b/docker:v1");
     run(dockerd
         .docker()
-        .args(["tag", "e2e/local:v1", &format!("{denied_remote}:v1")]));
-    let refused = run_failing(
-        dockerd
-            .docker()
-            .args(["push", &format!("{denied_remote}:v1")]),
+        .args(["tag", "e2e/local:v1", &denied_remote]));
+    assert_refused(
+        dockerd.docker().args(["push", &denied_remote]),
+        "docker push to team-b",
     );
-    assert!(is_refusal(&refused), "docker push to team-b: {refused}");
-    assert_eq!(
-        tags_as_admin(&client, &registry, mode, "team-b/docker").await,
-        None
-    );
+    assert_eq!(api.tags_as_admin("team-b/docker").await, None);
 
-    run(dockerd.docker().args([
-        "rmi",
-        "e2e/local:v1",
-        &format!("{remote}:v1"),
-        &format!("{private_remote}:v1"),
-        &format!("{denied_remote}:v1"),
-    ]));
-    let left = run(dockerd.docker().args(["images", "-q", "--no-trunc"]));
-    assert_eq!(left.trim(), "", "the image must be gone before pulling");
-
-    let pulled = run(dockerd
-        .docker()
-        .args(["pull", &format!("{private_remote}:v1")]));
+    dockerd.remove_all_images(&["e2e/local:v1", &remote, &private_remote, &denied_remote]);
+    dockerd.pull_expecting(&private_remote, &pushed_digest);
     assert_eq!(
-        digest_after(&pulled, "Digest:").as_deref(),
-        Some(pushed_digest.as_str()),
-        "docker pull output: {pulled}"
+        dockerd.image_id(&private_remote),
+        image.config.digest,
+        "image id after pull"
     );
-    let id = run(dockerd.docker().args([
-        "image",
-        "inspect",
-        "--format",
-        "{{.Id}}",
-        &format!("{private_remote}:v1"),
-    ]));
-    assert_eq!(id.trim(), image.config.digest, "image id after pull");
-    run(dockerd
-        .docker()
-        .args(["rmi", &format!("{private_remote}:v1")]));
+    run(dockerd.docker().args(["rmi", &private_remote]));
 
     // Logged out, in token mode: public content pulls, team-a does not. (In Basic mode `GET /v2/`
     // challenges for Basic credentials, and docker then sends no request at all without them:
@@ -918,29 +877,15 @@ async fn clients_round_trip(mode: Mode) {
     // pulls were checked above.)
     if mode == Mode::Token {
         run(dockerd.docker().arg("logout").arg(&host));
-        let pulled = run(dockerd.docker().args(["pull", &format!("{remote}:v1")]));
-        assert_eq!(
-            digest_after(&pulled, "Digest:").as_deref(),
-            Some(pushed_digest.as_str()),
-            "anonymous docker pull of public content: {pulled}"
-        );
-        let refused = run_failing(
-            dockerd
-                .docker()
-                .args(["pull", &format!("{private_remote}:v1")]),
-        );
-        assert!(
-            is_refusal(&refused),
-            "anonymous docker pull of team-a: {refused}"
+        dockerd.pull_expecting(&remote, &pushed_digest);
+        assert_refused(
+            dockerd.docker().args(["pull", &private_remote]),
+            "anonymous docker pull of team-a",
         );
     }
 
-    let mut secrets = Vec::new();
-    for user in [ALICE, BOB] {
-        secrets.extend(basic_secrets(user));
-    }
-    secrets.extend(basic_secrets(ADMIN));
-    assert_no_secrets(&client, &registry, &secrets).await;
+    api.assert_no_secrets(&basic_secrets(&[ALICE, BOB, ADMIN]))
+        .await;
 }
 
 #[tokio::test]
@@ -986,15 +931,10 @@ impl Distribution {
             ),
         )
         .expect("write the distribution config");
-        let log = fs::File::create(dir.path().join("log")).expect("create the distribution log");
-        let child = Command::new(&binary)
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone the log handle"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        let child = spawn_logged(
+            Command::new(&binary).arg("serve").arg(&config),
+            &dir.path().join("log"),
+        );
         let mut distribution = Distribution {
             dir,
             addr,
@@ -1031,21 +971,18 @@ impl Distribution {
         format!("http://{}", self.addr)
     }
 
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("log")
+    }
+
     fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+        fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 }
 
 impl Drop for Distribution {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = self.log();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!(
-                "===== docker-registry log =====\n{}\n===== end of the docker-registry log =====",
-                lines[lines.len().saturating_sub(150)..].join("\n")
-            );
-        }
+        print_log_on_panic("docker-registry", &self.log_path());
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -1056,51 +993,49 @@ impl Drop for Distribution {
 #[tokio::test]
 async fn distribution_accepts_berth_tokens() {
     let material = usual_material();
-    let berth = Registry::start_with_config(&material.config("token", ""));
+    let berth = Api::start(&material, Mode::Token, "");
     let distribution = Distribution::start(
-        &format!("{}/auth/token", berth.url()),
+        &format!("{}/auth/token", berth.registry.url()),
         &material.keys.certificate,
     );
-    let client = http_client();
+    let client = &berth.client;
     let host = distribution.host();
 
     // distribution challenges for a token from berth.
     let challenge = get(
-        &client,
+        client,
         &format!("{}/v2/public/app/tags/list", distribution.url()),
         &Cred::Anonymous,
     )
     .await;
     challenge.expect(401);
     assert!(
-        challenge
-            .challenge()
-            .starts_with(&format!("Bearer realm=\"{}/auth/token\"", berth.url())),
+        challenge.challenge().starts_with(&format!(
+            "Bearer realm=\"{}/auth/token\"",
+            berth.registry.url()
+        )),
         "{challenge}"
     );
 
     let image = Image::generate(41, "amd64", &[200 * 1024]);
-    let layout = berth.scratch().join("layout");
+    let scratch = berth.registry.scratch();
+    let layout = scratch.join("layout");
     write_oci_layout(&layout, "v1", &image.manifest, &image.blobs());
     let issued = || {
         berth
+            .registry
             .log()
             .matches("path=\"/auth/token\" status=200")
             .count()
     };
     let tokens_before = issued();
-    run(&mut skopeo_copy_to(
-        &layout,
-        &host,
-        "public/app:v1",
-        Some(ALICE),
-    ));
+    skopeo_push(&layout, &host, "public/app:v1", Some(ALICE));
     assert_eq!(
-        skopeo_pull_digest(berth.scratch(), &host, "public/app:v1", Some(ALICE)),
+        skopeo_pull_digest(scratch, &host, "public/app:v1", Some(ALICE)),
         image.manifest.digest
     );
     assert_eq!(
-        skopeo_pull_digest(berth.scratch(), &host, "public/app:v1", None),
+        skopeo_pull_digest(scratch, &host, "public/app:v1", None),
         image.manifest.digest,
         "an anonymous berth token pulls public content from distribution"
     );
@@ -1111,30 +1046,20 @@ async fn distribution_accepts_berth_tokens() {
     );
 
     // berth grants alice nothing in team-b, so distribution refuses her push there.
-    let refused = run_failing(&mut skopeo_copy_to(
-        &layout,
-        &host,
-        "team-b/app:v1",
-        Some(ALICE),
-    ));
-    assert!(
-        is_refusal(&refused),
-        "alice pushing to team-b on distribution: {refused}"
+    assert_refused(
+        &mut skopeo_copy_to(&layout, &host, "team-b/app:v1", Some(ALICE)),
+        "alice pushing to team-b on distribution",
     );
 
     // A token for public/app works there, and nowhere else.
-    let pull_app = token(
-        &client,
-        &berth,
-        Some(ALICE),
-        &["repository:public/app:pull"],
-    )
-    .await;
+    let pull_app = berth
+        .token(Some(ALICE), &["repository:public/app:pull"])
+        .await;
     let (header, _) = jwt_parts(&pull_app);
     assert_eq!(header["alg"], "ES256");
     let manifest_url = |repo: &str| format!("{}/v2/{repo}/manifests/v1", distribution.url());
     let ok = get(
-        &client,
+        client,
         &manifest_url("public/app"),
         &Cred::Bearer(pull_app.clone()),
     )
@@ -1142,19 +1067,9 @@ async fn distribution_accepts_berth_tokens() {
     ok.expect(200);
     assert_eq!(sha256(&ok.body), image.manifest.digest);
     // Another repository, even one alice may pull from berth and that exists on distribution.
-    run(&mut skopeo_copy_to(
-        &layout,
-        &host,
-        "public/other:v1",
-        Some(ALICE),
-    ));
+    skopeo_push(&layout, &host, "public/other:v1", Some(ALICE));
     for repo in ["public/other", "team-a/app", "team-b/app"] {
-        let refused = get(
-            &client,
-            &manifest_url(repo),
-            &Cred::Bearer(pull_app.clone()),
-        )
-        .await;
+        let refused = get(client, &manifest_url(repo), &Cred::Bearer(pull_app.clone())).await;
         refused.expect(401);
         assert!(
             refused.challenge().contains("insufficient_scope")
@@ -1166,7 +1081,7 @@ async fn distribution_accepts_berth_tokens() {
     }
     // And a pull token does not push.
     let post = send(
-        &client,
+        client,
         Method::POST,
         &format!("{}/v2/public/app/blobs/uploads/", distribution.url()),
         &Cred::Bearer(pull_app),
@@ -1183,28 +1098,17 @@ async fn distribution_accepts_berth_tokens() {
 #[tokio::test]
 async fn basic_mode_refuses_bad_credentials_and_writes_nothing() {
     let material = usual_material();
-    let registry =
-        Registry::start_configured(&material.config("basic", ""), &[("BERTH_LOG", "trace")]);
-    let client = http_client();
-    let url = |path: &str| format!("{}{path}", registry.url());
+    let api = Api::start_traced(&material, Mode::Basic);
     let image = small_image(51);
-    push_image(
-        &client,
-        &registry,
-        &Cred::basic(ALICE),
-        "team-a/app",
-        "v1",
-        &image,
-    )
-    .await;
+    api.push_image(&Cred::basic(ALICE), "team-a/app", "v1", &image)
+        .await;
+    let manifest_v1 = "/v2/team-a/app/manifests/v1";
 
     // GET /v2/: a login is needed, and checked.
-    get(&client, &url("/v2/"), &Cred::Anonymous)
+    api.get("/v2/", &Cred::Anonymous)
         .await
         .expect_basic_challenge();
-    get(&client, &url("/v2/"), &Cred::basic(ALICE))
-        .await
-        .expect(200);
+    api.get("/v2/", &Cred::basic(ALICE)).await.expect(200);
     for cred in [
         Cred::Basic(ALICE.0, MALLORY.1),
         Cred::basic(MALLORY),
@@ -1218,198 +1122,78 @@ async fn basic_mode_refuses_bad_credentials_and_writes_nothing() {
         Cred::Raw("Digest username=\"alice\"".into()),
         Cred::Bearer("eyJhbGciOiJub25lIn0.e30.".into()),
     ] {
-        get(&client, &url("/v2/"), &cred)
-            .await
-            .expect_basic_challenge();
-        get(&client, &url("/v2/team-a/app/manifests/v1"), &cred)
-            .await
-            .expect_basic_challenge();
+        api.get("/v2/", &cred).await.expect_basic_challenge();
+        api.get(manifest_v1, &cred).await.expect_basic_challenge();
     }
 
     // Wrong password, unknown user, anonymous: no upload starts, nothing is written.
     let other = small_image(52);
+    let other_layer = &other.layers[0].blob;
+    let digest = &image.manifest.digest;
     for cred in [
         Cred::Basic(ALICE.0, MALLORY.1),
         Cred::basic(MALLORY),
         Cred::Anonymous,
     ] {
-        upload_blob(
-            &client,
-            &registry,
-            &cred,
-            "team-a/app",
-            &other.layers[0].blob,
-        )
-        .await
-        .expect_basic_challenge();
-        let put = send(
-            &client,
-            Method::PUT,
-            &url("/v2/team-a/app/manifests/v2"),
-            &cred,
-            Some((OCI_MANIFEST, image.manifest.bytes.clone())),
-        )
-        .await;
-        put.expect_basic_challenge();
-        let delete = send(
-            &client,
-            Method::DELETE,
-            &url(&format!(
-                "/v2/team-a/app/manifests/{}",
-                image.manifest.digest
-            )),
-            &cred,
-            None,
-        )
-        .await;
-        delete.expect_basic_challenge();
+        api.upload_blob(&cred, "team-a/app", other_layer)
+            .await
+            .expect_basic_challenge();
+        api.put_manifest(&cred, "team-a/app", "v2", &image.manifest)
+            .await
+            .expect_basic_challenge();
+        api.delete_manifest(&cred, "team-a/app", digest)
+            .await
+            .expect_basic_challenge();
     }
     // Known users outside their grants: 403 DENIED.
-    send(
-        &client,
-        Method::PUT,
-        &url("/v2/team-a/app/manifests/v2"),
-        &Cred::basic(BOB),
-        Some((OCI_MANIFEST, image.manifest.bytes.clone())),
-    )
-    .await
-    .expect_error(403, "DENIED");
-    send(
-        &client,
-        Method::DELETE,
-        &url(&format!(
-            "/v2/team-a/app/manifests/{}",
-            image.manifest.digest
-        )),
-        &Cred::basic(ALICE),
-        None,
-    )
-    .await
-    .expect_error(403, "DENIED");
-    upload_blob(
-        &client,
-        &registry,
-        &Cred::basic(ALICE),
-        "team-b/app",
-        &other.layers[0].blob,
-    )
-    .await
-    .expect_error(403, "DENIED");
-    get(
-        &client,
-        &url("/v2/team-b/app/tags/list"),
-        &Cred::basic(ALICE),
-    )
-    .await
-    .expect_error(403, "DENIED");
-    assert_eq!(
-        tags_as_admin(&client, &registry, Mode::Basic, "team-a/app").await,
-        Some(vec!["v1".to_string()])
-    );
-    assert_eq!(
-        tags_as_admin(&client, &registry, Mode::Basic, "team-b/app").await,
-        None
-    );
-    assert!(
-        !blob_in_repo(
-            &client,
-            &registry,
-            Mode::Basic,
-            "team-a/app",
-            &other.layers[0].blob.digest
-        )
+    api.put_manifest(&Cred::basic(BOB), "team-a/app", "v2", &image.manifest)
         .await
-    );
-    assert_eq!(
-        admin_catalog(&client, &registry, Mode::Basic).await,
-        vec!["team-a/app".to_string()]
-    );
+        .expect_error(403, "DENIED");
+    api.delete_manifest(&Cred::basic(ALICE), "team-a/app", digest)
+        .await
+        .expect_error(403, "DENIED");
+    api.upload_blob(&Cred::basic(ALICE), "team-b/app", other_layer)
+        .await
+        .expect_error(403, "DENIED");
+    api.get("/v2/team-b/app/tags/list", &Cred::basic(ALICE))
+        .await
+        .expect_error(403, "DENIED");
+    assert_eq!(api.tags_as_admin("team-a/app").await, tag_list(&["v1"]));
+    assert_eq!(api.tags_as_admin("team-b/app").await, None);
+    assert!(!api.blob_in_repo("team-a/app", &other_layer.digest).await);
+    assert_eq!(api.admin_catalog().await, vec!["team-a/app".to_string()]);
     // The manifest was not deleted.
-    get(
-        &client,
-        &url("/v2/team-a/app/manifests/v1"),
-        &Cred::basic(BOB),
-    )
-    .await
-    .expect(200);
+    api.get(manifest_v1, &Cred::basic(BOB)).await.expect(200);
 
     // Mounts: bob may push team-b but not read private; neither naming the source nor leaving
     // it out brings the blob over.
     let secret = small_image(53);
-    push_image(
-        &client,
-        &registry,
-        &Cred::basic(ADMIN),
-        "private/secret",
-        "v1",
-        &secret,
-    )
-    .await;
+    api.push_as_admin("private/secret", "v1", &secret).await;
     let secret_layer = &secret.layers[0].blob.digest;
-    let mount = |query: &str| url(&format!("/v2/team-b/app/blobs/uploads/?{query}"));
-    send(
-        &client,
-        Method::POST,
-        &mount(&format!("mount={secret_layer}&from=private/secret")),
-        &Cred::basic(BOB),
-        None,
-    )
-    .await
-    .expect_error(403, "DENIED");
-    send(
-        &client,
-        Method::POST,
-        &mount(&format!("mount={secret_layer}")),
-        &Cred::basic(BOB),
-        None,
-    )
-    .await
-    .expect(202);
-    assert!(
-        !blob_in_repo(&client, &registry, Mode::Basic, "team-b/app", secret_layer).await,
-        "a mount brought a blob bob may not pull into team-b"
-    );
-    get(
-        &client,
-        &url(&format!("/v2/team-b/app/blobs/{secret_layer}")),
-        &Cred::basic(BOB),
-    )
-    .await
-    .expect_error(404, "BLOB_UNKNOWN");
+    let bob = Cred::basic(BOB);
+    api.mount(&bob, "team-b/app", secret_layer, Some("private/secret"))
+        .await
+        .expect_error(403, "DENIED");
+    api.expect_not_mounted(&bob, "team-b/app", secret_layer)
+        .await;
+    api.get(&format!("/v2/team-b/app/blobs/{secret_layer}"), &bob)
+        .await
+        .expect_error(404, "BLOB_UNKNOWN");
     // A blob bob may pull (from team-a) does mount, with or without naming the source.
     let shared = &image.layers[0].blob.digest;
-    send(
-        &client,
-        Method::POST,
-        &mount(&format!("mount={shared}&from=team-a/app")),
-        &Cred::basic(BOB),
-        None,
-    )
-    .await
-    .expect(201);
-    assert!(blob_in_repo(&client, &registry, Mode::Basic, "team-b/app", shared).await);
+    api.expect_mounted(&bob, "team-b/app", shared, "team-a/app")
+        .await;
 
     // An oversized Authorization header is refused without harm.
     let huge = Cred::Raw(format!("Basic {}", "QUFB".repeat(16 * 1024)));
-    let reply = get(&client, &url("/v2/team-a/app/manifests/v1"), &huge).await;
-    assert!(
-        reply.status == 401 || reply.status == 431,
-        "64 KiB Authorization: {reply}"
-    );
+    let reply = api.oversized_authorization(manifest_v1, &huge).await;
     if reply.status == 401 {
         reply.expect_basic_challenge();
     }
-    get(&client, &url("/v2/"), &Cred::basic(ALICE))
-        .await
-        .expect(200);
+    api.get("/v2/", &Cred::basic(ALICE)).await.expect(200);
 
-    let mut secrets = Vec::new();
-    for user in [ADMIN, ALICE, BOB] {
-        secrets.extend(basic_secrets(user));
-    }
-    secrets.extend(basic_secrets((ALICE.0, MALLORY.1)));
-    secrets.extend(basic_secrets(MALLORY));
-    assert_no_secrets(&client, &registry, &secrets).await;
+    let secrets = basic_secrets(&[ADMIN, ALICE, BOB, (ALICE.0, MALLORY.1), MALLORY]);
+    api.assert_no_secrets(&secrets).await;
 }
 
 /// Signs `claims` with the PEM key at `key` as ES256 with `kid`.
@@ -1434,28 +1218,20 @@ fn claims_for(user: &str, audience: &str, exp: u64, access: Value) -> Value {
 #[tokio::test]
 async fn token_mode_refuses_forged_expired_and_misused_tokens() {
     let material = usual_material();
-    let registry =
-        Registry::start_configured(&material.config("token", ""), &[("BERTH_LOG", "trace")]);
-    let client = http_client();
-    let url = |path: &str| format!("{}{path}", registry.url());
+    let api = Api::start_traced(&material, Mode::Token);
     let image = small_image(61);
-    let admin_a = admin_on(&client, &registry, Mode::Token, "team-a/app").await;
-    push_image(&client, &registry, &admin_a, "team-a/app", "v1", &image).await;
-    let manifest_a = url("/v2/team-a/app/manifests/v1");
+    api.push_as_admin("team-a/app", "v1", &image).await;
+    let manifest_a = "/v2/team-a/app/manifests/v1";
 
     // A genuine token works, and tells the key id berth signs with.
-    let genuine = token(
-        &client,
-        &registry,
-        Some(ALICE),
-        &["repository:team-a/app:pull,push"],
-    )
-    .await;
+    let genuine = api
+        .token(Some(ALICE), &["repository:team-a/app:pull,push"])
+        .await;
     assert_eq!(
         access_of(&genuine),
         vec![repo_access("team-a/app", &["pull", "push"])]
     );
-    get(&client, &manifest_a, &Cred::Bearer(genuine.clone()))
+    api.get(manifest_a, &Cred::Bearer(genuine.clone()))
         .await
         .expect(200);
     let (header, claims) = jwt_parts(&genuine);
@@ -1464,38 +1240,25 @@ async fn token_mode_refuses_forged_expired_and_misused_tokens() {
     assert_eq!(claims["aud"], SERVICE);
     assert_eq!(claims["sub"], ALICE.0);
     let kid = header["kid"].as_str().expect("a kid").to_string();
-    // A token crafted like berth's own is accepted: the refusals below are about what changed.
+    // Claims of alice's on team-a, and berth's key with its kid to sign them.
     let all_on_a =
         json!([{ "type": "repository", "name": "team-a/app", "actions": ["pull", "push"] }]);
-    let crafted = sign_es256(
-        &material.keys.key,
-        Some(&kid),
-        &claims_for(ALICE.0, SERVICE, unix_now() + 300, all_on_a.clone()),
-    );
-    get(&client, &manifest_a, &Cred::Bearer(crafted))
+    let alice_claims =
+        |audience: &str, exp: u64| claims_for(ALICE.0, audience, exp, all_on_a.clone());
+    let sign = |claims: &Value| sign_es256(&material.keys.key, Some(&kid), claims);
+    // A token crafted like berth's own is accepted: the refusals below are about what changed.
+    let crafted = sign(&alice_claims(SERVICE, unix_now() + 300));
+    api.get(manifest_a, &Cred::Bearer(crafted))
         .await
         .expect(200);
 
     let stranger = KeyPair::generate(material.dir.path(), "stranger");
-    let valid_claims = claims_for(ALICE.0, SERVICE, unix_now() + 300, all_on_a.clone());
-    let expired = sign_es256(
-        &material.keys.key,
-        Some(&kid),
-        &claims_for(ALICE.0, SERVICE, unix_now() - 3600, all_on_a.clone()),
-    );
-    let other_audience = sign_es256(
-        &material.keys.key,
-        Some(&kid),
-        &claims_for(
-            ALICE.0,
-            "another-registry",
-            unix_now() + 300,
-            all_on_a.clone(),
-        ),
-    );
+    let valid_claims = alice_claims(SERVICE, unix_now() + 300);
+    let expired = sign(&alice_claims(SERVICE, unix_now() - 3600));
+    let other_audience = sign(&alice_claims("another-registry", unix_now() + 300));
     let mut other_issuer_claims = valid_claims.clone();
     other_issuer_claims["iss"] = json!("someone-else");
-    let other_issuer = sign_es256(&material.keys.key, Some(&kid), &other_issuer_claims);
+    let other_issuer = sign(&other_issuer_claims);
     let unknown_key_same_kid = sign_es256(&stranger.key, Some(&kid), &valid_claims);
     let unknown_key_no_kid = sign_es256(&stranger.key, None, &valid_claims);
     let unknown_kid = sign_es256(
@@ -1523,13 +1286,7 @@ async fn token_mode_refuses_forged_expired_and_misused_tokens() {
     )
     .expect("sign HS256");
     // A genuine token whose claims were edited after signing.
-    let genuine_pull = token(
-        &client,
-        &registry,
-        Some(BOB),
-        &["repository:team-a/app:pull"],
-    )
-    .await;
+    let genuine_pull = api.token(Some(BOB), &["repository:team-a/app:pull"]).await;
     let parts: Vec<&str> = genuine_pull.split('.').collect();
     let mut edited: Value = serde_json::from_slice(&b64url().decode(parts[1]).unwrap()).unwrap();
     edited["access"][0]["actions"] = json!(["pull", "push"]);
@@ -1555,46 +1312,27 @@ async fn token_mode_refuses_forged_expired_and_misused_tokens() {
     let push_blob = &small_image(62).layers[0].blob;
     for (what, forged) in &forged {
         let cred = Cred::Bearer(forged.clone());
-        let reply = get(&client, &manifest_a, &cred).await;
+        let reply = api.get(manifest_a, &cred).await;
         assert_eq!(reply.status, 401, "{what}: {reply}");
         reply.expect_bearer_challenge(Some("invalid_token"));
-        let reply = upload_blob(&client, &registry, &cred, "team-a/app", push_blob).await;
+        let reply = api.upload_blob(&cred, "team-a/app", push_blob).await;
         assert_eq!(reply.status, 401, "{what}: {reply}");
         reply.expect_bearer_challenge(Some("invalid_token"));
-        let reply = get(&client, &url("/v2/"), &cred).await;
+        let reply = api.get("/v2/", &cred).await;
         assert_eq!(reply.status, 401, "{what}: {reply}");
     }
     assert!(
-        !blob_in_repo(
-            &client,
-            &registry,
-            Mode::Token,
-            "team-a/app",
-            &push_blob.digest
-        )
-        .await,
+        !api.blob_in_repo("team-a/app", &push_blob.digest).await,
         "a forged token wrote a blob"
     );
 
     // The token endpoint: other services, wrong and unknown credentials.
-    token_reply(
-        &client,
-        &registry,
-        Some(ALICE),
-        "another-registry",
-        &["repository:team-a/app:pull"],
-    )
-    .await
-    .expect(400);
+    let pull_a = ["repository:team-a/app:pull"];
+    api.token_reply(Some(ALICE), "another-registry", &pull_a)
+        .await
+        .expect(400);
     for basic in [(ALICE.0, MALLORY.1), MALLORY] {
-        let reply = token_reply(
-            &client,
-            &registry,
-            Some(basic),
-            SERVICE,
-            &["repository:team-a/app:pull"],
-        )
-        .await;
+        let reply = api.token_reply(Some(basic), SERVICE, &pull_a).await;
         reply.expect_error(401, "UNAUTHORIZED");
         assert!(reply.header("www-authenticate").is_some(), "{reply}");
         assert!(
@@ -1603,18 +1341,17 @@ async fn token_mode_refuses_forged_expired_and_misused_tokens() {
         );
     }
     // Asking for more than the policy allows gets only what it allows.
-    let bob = token(
-        &client,
-        &registry,
-        Some(BOB),
-        &[
-            "repository:team-a/app:pull,push,delete",
-            "repository:team-b/app:pull,push",
-            "repository:private/secret:pull",
-            "repository:../etc:pull",
-        ],
-    )
-    .await;
+    let bob = api
+        .token(
+            Some(BOB),
+            &[
+                "repository:team-a/app:pull,push,delete",
+                "repository:team-b/app:pull,push",
+                "repository:private/secret:pull",
+                "repository:../etc:pull",
+            ],
+        )
+        .await;
     assert_eq!(
         access_of(&bob),
         vec![
@@ -1622,215 +1359,119 @@ async fn token_mode_refuses_forged_expired_and_misused_tokens() {
             repo_access("team-b/app", &["pull", "push"]),
         ]
     );
-    let anonymous = token(
-        &client,
-        &registry,
-        None,
-        &[
-            "repository:team-a/app:pull",
-            "repository:public/x:pull,push",
-        ],
-    )
-    .await;
+    let anonymous = api
+        .token(
+            None,
+            &[
+                "repository:team-a/app:pull",
+                "repository:public/x:pull,push",
+            ],
+        )
+        .await;
     assert_eq!(
         access_of(&anonymous),
         vec![repo_access("public/x", &["pull"])]
     );
-    get(&client, &manifest_a, &Cred::Bearer(anonymous))
+    api.get(manifest_a, &Cred::Bearer(anonymous))
         .await
         .expect_bearer_challenge(Some("insufficient_scope"));
 
     // Basic credentials on the API count as none in token mode, even right ones.
-    let reply = upload_blob(
-        &client,
-        &registry,
-        &Cred::basic(ADMIN),
-        "team-a/app",
-        push_blob,
-    )
-    .await;
-    reply.expect_bearer_challenge(None);
-    get(&client, &manifest_a, &Cred::basic(ALICE))
+    api.upload_blob(&Cred::basic(ADMIN), "team-a/app", push_blob)
+        .await
+        .expect_bearer_challenge(None);
+    api.get(manifest_a, &Cred::basic(ALICE))
         .await
         .expect_bearer_challenge(None);
 
     // A pull token does not push.
-    let pull_only = token(
-        &client,
-        &registry,
-        Some(ALICE),
-        &["repository:team-a/app:pull"],
-    )
-    .await;
+    let pull_only = api.token(Some(ALICE), &pull_a).await;
     assert_eq!(
         access_of(&pull_only),
         vec![repo_access("team-a/app", &["pull"])]
     );
     let pull_cred = Cred::Bearer(pull_only.clone());
-    get(&client, &manifest_a, &pull_cred).await.expect(200);
-    upload_blob(&client, &registry, &pull_cred, "team-a/app", push_blob)
+    api.get(manifest_a, &pull_cred).await.expect(200);
+    api.upload_blob(&pull_cred, "team-a/app", push_blob)
         .await
         .expect_bearer_challenge(Some("insufficient_scope"));
-    send(
-        &client,
-        Method::PUT,
-        &url("/v2/team-a/app/manifests/v2"),
-        &pull_cred,
-        Some((OCI_MANIFEST, image.manifest.bytes.clone())),
-    )
-    .await
-    .expect_bearer_challenge(Some("insufficient_scope"));
-    send(
-        &client,
-        Method::DELETE,
-        &url(&format!(
-            "/v2/team-a/app/manifests/{}",
-            image.manifest.digest
-        )),
-        &Cred::Bearer(genuine.clone()),
-        None,
-    )
-    .await
-    .expect_bearer_challenge(Some("insufficient_scope"));
+    api.put_manifest(&pull_cred, "team-a/app", "v2", &image.manifest)
+        .await
+        .expect_bearer_challenge(Some("insufficient_scope"));
+    let genuine_cred = Cred::Bearer(genuine.clone());
+    api.delete_manifest(&genuine_cred, "team-a/app", &image.manifest.digest)
+        .await
+        .expect_bearer_challenge(Some("insufficient_scope"));
 
     // A token for one repository is worth nothing in another, even one the user may use.
-    let admin_pub = admin_on(&client, &registry, Mode::Token, "public/app").await;
-    push_image(&client, &registry, &admin_pub, "public/app", "v1", &image).await;
-    let genuine_cred = Cred::Bearer(genuine.clone());
+    api.push_as_admin("public/app", "v1", &image).await;
     for repo in ["team-a/app2", "team-a", "team-a/app/sub", "public/app"] {
-        upload_blob(&client, &registry, &genuine_cred, repo, push_blob)
+        api.upload_blob(&genuine_cred, repo, push_blob)
             .await
             .expect_bearer_challenge(Some("insufficient_scope"));
     }
-    assert_eq!(
-        tags_as_admin(&client, &registry, Mode::Token, "team-a/app").await,
-        Some(vec!["v1".to_string()])
-    );
+    assert_eq!(api.tags_as_admin("team-a/app").await, tag_list(&["v1"]));
     for repo in ["team-a/app2", "team-a", "team-a/app/sub"] {
-        assert_eq!(
-            tags_as_admin(&client, &registry, Mode::Token, repo).await,
-            None
-        );
+        assert_eq!(api.tags_as_admin(repo).await, None);
     }
-    assert!(
-        !blob_in_repo(
-            &client,
-            &registry,
-            Mode::Token,
-            "public/app",
-            &push_blob.digest
-        )
-        .await
-    );
+    assert!(!api.blob_in_repo("public/app", &push_blob.digest).await);
 
     // Mounts. A blob only the admin may read, in private/secret.
     let secret = small_image(63);
-    let admin_secret = admin_on(&client, &registry, Mode::Token, "private/secret").await;
-    push_image(
-        &client,
-        &registry,
-        &admin_secret,
-        "private/secret",
-        "v1",
-        &secret,
-    )
-    .await;
-    let secret_layer = secret.layers[0].blob.digest.clone();
-    let mount = |repo: &str, query: &str| url(&format!("/v2/{repo}/blobs/uploads/?{query}"));
+    api.push_as_admin("private/secret", "v1", &secret).await;
+    let secret_layer = &secret.layers[0].blob.digest;
     // Pull on team-a (alice's pull token) used to mount into public/app, where the token has
     // no push: refused, even though alice may push there.
-    let a_layer = image.layers[0].blob.digest.clone();
-    send(
-        &client,
-        Method::POST,
-        &mount(
-            "public/mounted",
-            &format!("mount={a_layer}&from=team-a/app"),
-        ),
-        &pull_cred,
-        None,
-    )
-    .await
-    .expect_bearer_challenge(Some("insufficient_scope"));
-    assert_eq!(
-        tags_as_admin(&client, &registry, Mode::Token, "public/mounted").await,
-        None
-    );
-    assert!(!blob_in_repo(&client, &registry, Mode::Token, "public/mounted", &a_layer).await);
+    let a_layer = &image.layers[0].blob.digest;
+    api.mount(&pull_cred, "public/mounted", a_layer, Some("team-a/app"))
+        .await
+        .expect_bearer_challenge(Some("insufficient_scope"));
+    assert_eq!(api.tags_as_admin("public/mounted").await, None);
+    assert!(!api.blob_in_repo("public/mounted", a_layer).await);
     // Bob's token: push on team-b, nothing on private/secret.
     let bob_cred = Cred::Bearer(bob.clone());
-    send(
-        &client,
-        Method::POST,
-        &mount(
-            "team-b/app",
-            &format!("mount={secret_layer}&from=private/secret"),
-        ),
+    api.mount(
         &bob_cred,
-        None,
+        "team-b/app",
+        secret_layer,
+        Some("private/secret"),
     )
     .await
     .expect_bearer_challenge(Some("insufficient_scope"));
-    send(
-        &client,
-        Method::POST,
-        &mount("team-b/app", &format!("mount={secret_layer}")),
-        &bob_cred,
-        None,
-    )
-    .await
-    .expect(202);
-    assert!(
-        !blob_in_repo(&client, &registry, Mode::Token, "team-b/app", &secret_layer).await,
-        "a mount brought a blob bob may not pull into team-b"
-    );
+    api.expect_not_mounted(&bob_cred, "team-b/app", secret_layer)
+        .await;
     // With pull on the source in the token, the same kind of mount works: the refusals above
     // are about access, not about mounting.
-    send(
-        &client,
-        Method::POST,
-        &mount("team-b/app", &format!("mount={a_layer}&from=team-a/app")),
-        &bob_cred,
-        None,
-    )
-    .await
-    .expect(201);
-    assert!(blob_in_repo(&client, &registry, Mode::Token, "team-b/app", &a_layer).await);
+    api.expect_mounted(&bob_cred, "team-b/app", a_layer, "team-a/app")
+        .await;
 
     // An oversized bearer token is refused without harm.
     let huge = Cred::Raw(format!("Bearer {}", "A".repeat(64 * 1024)));
-    let reply = get(&client, &manifest_a, &huge).await;
-    assert!(
-        reply.status == 401 || reply.status == 431,
-        "64 KiB Authorization: {reply}"
-    );
-    get(&client, &manifest_a, &pull_cred).await.expect(200);
+    api.oversized_authorization(manifest_a, &huge).await;
+    api.get(manifest_a, &pull_cred).await.expect(200);
 
-    let mut secrets = Vec::new();
+    let mut secrets = basic_secrets(&[ADMIN, ALICE, BOB, MALLORY, (ALICE.0, MALLORY.1)]);
     for t in [&genuine, &genuine_pull, &bob, &pull_only] {
         secrets.extend(token_secrets(t));
     }
-    for user in [ADMIN, ALICE, BOB, MALLORY] {
-        secrets.extend(basic_secrets(user));
-    }
-    secrets.extend(basic_secrets((ALICE.0, MALLORY.1)));
-    assert_no_secrets(&client, &registry, &secrets).await;
+    api.assert_no_secrets(&secrets).await;
 }
 
-/// Pushes the repositories the catalog tests look at, as the administrator.
-async fn populate(client: &reqwest::Client, registry: &Registry, mode: Mode) -> Image {
-    let image = small_image(71);
-    for repo in [
-        "public/app",
-        "team-a/app",
-        "team-b/app",
-        "cache/app/abc",
-        "private/secret",
-    ] {
-        let cred = admin_on(client, registry, mode, repo).await;
-        push_image(client, registry, &cred, repo, "v1", &image).await;
+impl Api {
+    /// Pushes the repositories the catalog tests look at, as the administrator.
+    async fn populate(&self) -> Image {
+        let image = small_image(71);
+        for repo in [
+            "public/app",
+            "team-a/app",
+            "team-b/app",
+            "cache/app/abc",
+            "private/secret",
+        ] {
+            self.push_as_admin(repo, "v1", &image).await;
+        }
+        image
     }
-    image
 }
 
 const EVERY_REPOSITORY: [&str; 5] = [
@@ -1839,6 +1480,15 @@ const EVERY_REPOSITORY: [&str; 5] = [
     "public/app",
     "team-a/app",
     "team-b/app",
+];
+
+/// Who sees what in the catalog of a [populated](Api::populate) registry: a name for messages,
+/// the login, and the repositories listed.
+const CATALOG_VIEWS: [(&str, (&str, &str), &[&str]); 4] = [
+    ("admin", ADMIN, &EVERY_REPOSITORY),
+    ("alice", ALICE, &["public/app", "team-a/app"]),
+    ("bob", BOB, &["public/app", "team-a/app", "team-b/app"]),
+    ("robot", ROBOT, &["cache/app/abc", "public/app"]),
 ];
 
 /// An anonymous catalog is refused, or shows only what anyone may list.
@@ -1861,27 +1511,19 @@ fn assert_anonymous_catalog(reply: &Reply, challenge: Mode) {
 #[tokio::test]
 async fn basic_mode_catalog_shows_only_what_the_caller_may_list() {
     let material = usual_material();
-    let registry = Registry::start_with_config(&material.config("basic", ""));
-    let client = http_client();
-    let url = |path: &str| format!("{}{path}", registry.url());
-    let image = populate(&client, &registry, Mode::Basic).await;
+    let api = Api::start(&material, Mode::Basic, "");
+    let image = api.populate().await;
 
-    let anonymous = catalog(&client, &registry, &Cred::Anonymous, 100).await;
+    let anonymous = api.catalog(&Cred::Anonymous, 100).await;
     assert_anonymous_catalog(&anonymous, Mode::Basic);
     // Unknown credentials are no way into the catalog either.
-    get(&client, &url("/v2/_catalog"), &Cred::basic(MALLORY))
+    api.get("/v2/_catalog", &Cred::basic(MALLORY))
         .await
         .expect_basic_challenge();
 
-    let expected: [(&str, (&'static str, &'static str), Vec<&str>); 4] = [
-        ("admin", ADMIN, EVERY_REPOSITORY.to_vec()),
-        ("alice", ALICE, vec!["public/app", "team-a/app"]),
-        ("bob", BOB, vec!["public/app", "team-a/app", "team-b/app"]),
-        ("robot", ROBOT, vec!["cache/app/abc", "public/app"]),
-    ];
-    for (who, user, repos) in expected {
+    for (who, user, repos) in CATALOG_VIEWS {
         for page in [1, 2, 100] {
-            let reply = catalog(&client, &registry, &Cred::basic(user), page).await;
+            let reply = api.catalog(&Cred::basic(user), page).await;
             reply.expect(200);
             assert_eq!(
                 repositories(&reply),
@@ -1893,81 +1535,46 @@ async fn basic_mode_catalog_shows_only_what_the_caller_may_list() {
 
     // The by-name namespace: pullable by exact name, never listed, also with credentials this
     // registry does not know or a wrong password.
-    let manifest = url("/v2/cache/app/abc/manifests/v1");
-    let layer = url(&format!(
-        "/v2/cache/app/abc/blobs/{}",
-        image.layers[0].blob.digest
-    ));
+    let manifest = "/v2/cache/app/abc/manifests/v1";
+    let layer = format!("/v2/cache/app/abc/blobs/{}", image.layers[0].blob.digest);
     for cred in [
         Cred::Anonymous,
         Cred::basic(MALLORY),
         Cred::Basic(ALICE.0, MALLORY.1),
         Cred::basic(BOB),
     ] {
-        let reply = get(&client, &manifest, &cred).await;
+        let reply = api.get(manifest, &cred).await;
         reply.expect(200);
         assert_eq!(sha256(&reply.body), image.manifest.digest);
-        get(&client, &layer, &cred).await.expect(200);
-        let tags = get(&client, &url("/v2/cache/app/abc/tags/list"), &cred).await;
+        api.get(&layer, &cred).await.expect(200);
+        let tags = api.get("/v2/cache/app/abc/tags/list", &cred).await;
         match cred {
             Cred::Basic("bob", _) => tags.expect_error(403, "DENIED"),
             _ => tags.expect_basic_challenge(),
         };
     }
     // A name that is not there is just unknown, not a hint.
-    get(
-        &client,
-        &url("/v2/cache/app/nope/manifests/v1"),
-        &Cred::Anonymous,
-    )
-    .await
-    .expect_error(404, "MANIFEST_UNKNOWN");
-    // Unknown credentials are no way into anything else, nor into pushing to the cache.
-    get(
-        &client,
-        &url("/v2/team-a/app/manifests/v1"),
-        &Cred::basic(MALLORY),
-    )
-    .await
-    .expect_basic_challenge();
-    get(
-        &client,
-        &url("/v2/public/app/manifests/v1"),
-        &Cred::basic(MALLORY),
-    )
-    .await
-    .expect_basic_challenge();
-    let other = small_image(72);
-    upload_blob(
-        &client,
-        &registry,
-        &Cred::basic(MALLORY),
-        "cache/app/abc",
-        &other.config,
-    )
-    .await
-    .expect_basic_challenge();
-    upload_blob(
-        &client,
-        &registry,
-        &Cred::Anonymous,
-        "cache/app/abc",
-        &other.config,
-    )
-    .await
-    .expect_basic_challenge();
-    assert!(
-        !blob_in_repo(
-            &client,
-            &registry,
-            Mode::Basic,
-            "cache/app/abc",
-            &other.config.digest
-        )
+    api.get("/v2/cache/app/nope/manifests/v1", &Cred::Anonymous)
         .await
+        .expect_error(404, "MANIFEST_UNKNOWN");
+    // Unknown credentials are no way into anything else, nor into pushing to the cache.
+    for target in ["/v2/team-a/app/manifests/v1", "/v2/public/app/manifests/v1"] {
+        api.get(target, &Cred::basic(MALLORY))
+            .await
+            .expect_basic_challenge();
+    }
+    let other = small_image(72);
+    for cred in [Cred::basic(MALLORY), Cred::Anonymous] {
+        api.upload_blob(&cred, "cache/app/abc", &other.config)
+            .await
+            .expect_basic_challenge();
+    }
+    assert!(
+        !api.blob_in_repo("cache/app/abc", &other.config.digest)
+            .await
     );
     // The public namespace lists for everyone.
-    get(&client, &url("/v2/public/app/tags/list"), &Cred::Anonymous)
+    api.get("/v2/public/app/tags/list", &Cred::Anonymous)
         .await
         .expect(200);
 }
@@ -1975,43 +1582,25 @@ async fn basic_mode_catalog_shows_only_what_the_caller_may_list() {
 #[tokio::test]
 async fn token_mode_catalog_and_by_name_pulls() {
     let material = usual_material();
-    let registry = Registry::start_with_config(&material.config("token", ""));
-    let client = http_client();
-    let url = |path: &str| format!("{}{path}", registry.url());
-    let image = populate(&client, &registry, Mode::Token).await;
+    let api = Api::start(&material, Mode::Token, "");
+    let image = api.populate().await;
 
     // Anonymous: no catalog, with or without an (anonymous) token.
-    let anonymous_token = token(&client, &registry, None, &["registry:catalog:*"]).await;
+    let anonymous_token = api.token(None, &["registry:catalog:*"]).await;
     for cred in [Cred::Anonymous, Cred::Bearer(anonymous_token)] {
-        let reply = catalog(&client, &registry, &cred, 100).await;
+        let reply = api.catalog(&cred, 100).await;
         assert_anonymous_catalog(&reply, Mode::Token);
     }
-    token_reply(
-        &client,
-        &registry,
-        Some(MALLORY),
-        SERVICE,
-        &["registry:catalog:*"],
-    )
-    .await
-    .expect_error(401, "UNAUTHORIZED");
+    api.token_reply(Some(MALLORY), SERVICE, &["registry:catalog:*"])
+        .await
+        .expect_error(401, "UNAUTHORIZED");
 
-    let expected: [(&str, (&'static str, &'static str), Vec<&str>); 4] = [
-        ("admin", ADMIN, EVERY_REPOSITORY.to_vec()),
-        ("alice", ALICE, vec!["public/app", "team-a/app"]),
-        ("bob", BOB, vec!["public/app", "team-a/app", "team-b/app"]),
-        ("robot", ROBOT, vec!["cache/app/abc", "public/app"]),
-    ];
-    for (who, user, repos) in expected {
-        let catalog_token = token(&client, &registry, Some(user), &["registry:catalog:*"]).await;
+    for (who, user, repos) in CATALOG_VIEWS {
+        let catalog_token = api.token(Some(user), &["registry:catalog:*"]).await;
         for page in [1, 100] {
-            let reply = catalog(
-                &client,
-                &registry,
-                &Cred::Bearer(catalog_token.clone()),
-                page,
-            )
-            .await;
+            let reply = api
+                .catalog(&Cred::Bearer(catalog_token.clone()), page)
+                .await;
             reply.expect(200);
             assert_eq!(
                 repositories(&reply),
@@ -2024,9 +1613,9 @@ async fn token_mode_catalog_and_by_name_pulls() {
     // The by-name namespace, through the token endpoint: anonymous, unknown credentials and a
     // wrong password all get a pull token for an exact cache repository.
     let scope = "repository:cache/app/abc:pull";
-    let manifest = url("/v2/cache/app/abc/manifests/v1");
+    let manifest = "/v2/cache/app/abc/manifests/v1";
     for basic in [None, Some(MALLORY), Some((ALICE.0, MALLORY.1))] {
-        let pull = token(&client, &registry, basic, &[scope]).await;
+        let pull = api.token(basic, &[scope]).await;
         assert_eq!(
             access_of(&pull),
             vec![repo_access("cache/app/abc", &["pull"])]
@@ -2034,21 +1623,16 @@ async fn token_mode_catalog_and_by_name_pulls() {
         let (_, claims) = jwt_parts(&pull);
         assert_eq!(claims["sub"], "", "a lenient token is anonymous");
         let cred = Cred::Bearer(pull);
-        let reply = get(&client, &manifest, &cred).await;
+        let reply = api.get(manifest, &cred).await;
         reply.expect(200);
         assert_eq!(sha256(&reply.body), image.manifest.digest);
-        get(&client, &url("/v2/cache/app/abc/tags/list"), &cred)
+        api.get("/v2/cache/app/abc/tags/list", &cred)
             .await
             .expect_bearer_challenge(Some("insufficient_scope"));
         // Push is never granted that way.
-        let push = token_reply(
-            &client,
-            &registry,
-            basic,
-            SERVICE,
-            &["repository:cache/app/abc:pull,push"],
-        )
-        .await;
+        let push = api
+            .token_reply(basic, SERVICE, &["repository:cache/app/abc:pull,push"])
+            .await;
         match basic {
             None => {
                 push.expect(200);
@@ -2063,33 +1647,18 @@ async fn token_mode_catalog_and_by_name_pulls() {
         }
         // Nor does it reach beyond the cache.
         if basic.is_some() {
-            token_reply(
-                &client,
-                &registry,
-                basic,
-                SERVICE,
-                &[scope, "repository:team-a/app:pull"],
-            )
-            .await
-            .expect_error(401, "UNAUTHORIZED");
+            api.token_reply(basic, SERVICE, &[scope, "repository:team-a/app:pull"])
+                .await
+                .expect_error(401, "UNAUTHORIZED");
         }
     }
     // Without any token, the by-name pull works too (the policy allows it), listing does not.
-    get(&client, &manifest, &Cred::Anonymous).await.expect(200);
-    get(
-        &client,
-        &url("/v2/cache/app/abc/tags/list"),
-        &Cred::Anonymous,
-    )
-    .await
-    .expect_bearer_challenge(None);
-    get(
-        &client,
-        &url("/v2/team-a/app/manifests/v1"),
-        &Cred::Anonymous,
-    )
-    .await
-    .expect_bearer_challenge(None);
+    api.get(manifest, &Cred::Anonymous).await.expect(200);
+    for target in ["/v2/cache/app/abc/tags/list", "/v2/team-a/app/manifests/v1"] {
+        api.get(target, &Cred::Anonymous)
+            .await
+            .expect_bearer_challenge(None);
+    }
 }
 
 #[tokio::test]
@@ -2101,31 +1670,16 @@ async fn dot_dot_names_are_refused_before_anything_else() {
 
 async fn dot_dot_names(mode: Mode) {
     let material = usual_material();
-    let mode_name = if mode == Mode::Basic {
-        "basic"
-    } else {
-        "token"
-    };
-    let registry = Registry::start_with_config(&material.config(mode_name, ""));
-    let client = http_client();
-    let image = populate(&client, &registry, mode).await;
+    let api = Api::start(&material, mode, "");
+    let image = api.populate().await;
     let digest = &image.layers[0].blob.digest;
     // Alice's credentials, with push on public/app in token mode.
     let alice = match mode {
-        Mode::Basic => format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", ALICE.0, ALICE.1))
-        ),
-        Mode::Token => format!(
-            "Bearer {}",
-            token(
-                &client,
-                &registry,
-                Some(ALICE),
-                &["repository:public/app:pull,push"]
-            )
-            .await
-        ),
+        Mode::Basic => basic_authorization(ALICE),
+        Mode::Token => {
+            let scopes = ["repository:public/app:pull,push"];
+            format!("Bearer {}", api.token(Some(ALICE), &scopes).await)
+        }
     };
     let targets = [
         "/v2/../private/secret/manifests/v1".to_string(),
@@ -2150,7 +1704,7 @@ async fn dot_dot_names(mode: Mode) {
             ("POST", &b""[..]),
         ] {
             for authorization in [None, Some(alice.as_str())] {
-                let reply = raw_request(&registry, method, target, authorization, body);
+                let reply = raw_request(&api.registry, method, target, authorization, body);
                 let code = serde_json::from_slice::<Value>(&reply.body)
                     .ok()
                     .and_then(|v| v["errors"][0]["code"].as_str().map(str::to_string));
@@ -2175,15 +1729,9 @@ async fn dot_dot_names(mode: Mode) {
         }
     }
     // Nothing was written anywhere, and the server still serves.
-    assert_eq!(
-        admin_catalog(&client, &registry, mode).await,
-        EVERY_REPOSITORY.to_vec()
-    );
+    assert_eq!(api.admin_catalog().await, EVERY_REPOSITORY.to_vec());
     for repo in EVERY_REPOSITORY {
-        assert_eq!(
-            tags_as_admin(&client, &registry, mode, repo).await,
-            Some(vec!["v1".to_string()])
-        );
+        assert_eq!(api.tags_as_admin(repo).await, tag_list(&["v1"]));
     }
 }
 
@@ -2195,132 +1743,72 @@ fn raw_request(
     authorization: Option<&str>,
     body: &[u8],
 ) -> RawResponse {
-    let mut stream = TcpStream::connect(registry.addr()).expect("connect to the registry");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("set a timeout");
-    let mut head = format!(
-        "{method} {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n\
-         Content-Type: {OCI_MANIFEST}\r\n",
-        registry.host(),
-        body.len()
-    );
+    let mut headers = vec![("Content-Type", OCI_MANIFEST)];
     if let Some(value) = authorization {
-        head.push_str(&format!("Authorization: {value}\r\n"));
+        headers.push(("Authorization", value));
     }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).expect("send the head");
-    stream.write_all(body).expect("send the body");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("read the response");
-    parse_response(&raw).unwrap_or_else(|| {
-        panic!(
-            "{method} {target}: not an HTTP response: {:?}",
-            String::from_utf8_lossy(&raw)
-        )
-    })
-}
-
-fn parse_response(raw: &[u8]) -> Option<RawResponse> {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    Some(RawResponse {
-        status,
-        headers,
-        body: raw[split + 4..].to_vec(),
-    })
+    let timeout = Duration::from_secs(30);
+    blocking_request_with(registry.addr(), method, target, &headers, body, timeout)
+        .unwrap_or_else(|e| panic!("{method} {target}: {e}"))
 }
 
 #[tokio::test]
 async fn failed_logins_are_limited_per_client() {
     let material = usual_material();
     let extra = "  max_failures_per_minute: 5\n";
-    let client = http_client();
     let image = small_image(81);
 
     // Basic mode.
-    let registry = Registry::start_with_config(&material.config("basic", extra));
-    push_image(
-        &client,
-        &registry,
-        &Cred::basic(ALICE),
-        "public/app",
-        "v1",
-        &image,
-    )
-    .await;
-    let base = format!("{}/v2/", registry.url());
+    let api = Api::start(&material, Mode::Basic, extra);
+    api.push_image(&Cred::basic(ALICE), "public/app", "v1", &image)
+        .await;
     for attempt in 0..5 {
         let cred = if attempt % 2 == 0 {
             Cred::Basic(ALICE.0, MALLORY.1)
         } else {
             Cred::basic(MALLORY)
         };
-        get(&client, &base, &cred).await.expect_basic_challenge();
+        api.get("/v2/", &cred).await.expect_basic_challenge();
     }
     for cred in [
         Cred::Basic(ALICE.0, MALLORY.1),
         Cred::basic(ALICE),
         Cred::basic(ADMIN),
     ] {
-        get(&client, &base, &cred)
+        api.get("/v2/", &cred)
             .await
             .expect_error(429, "TOOMANYREQUESTS");
     }
-    upload_blob(
-        &client,
-        &registry,
-        &Cred::basic(ALICE),
-        "public/app",
-        &small_image(82).config,
-    )
-    .await
-    .expect_error(429, "TOOMANYREQUESTS");
+    api.upload_blob(&Cred::basic(ALICE), "public/app", &small_image(82).config)
+        .await
+        .expect_error(429, "TOOMANYREQUESTS");
     // Pulls that need no login are not held up.
-    get(
-        &client,
-        &format!("{}/v2/public/app/manifests/v1", registry.url()),
-        &Cred::Anonymous,
-    )
-    .await
-    .expect(200);
+    api.get("/v2/public/app/manifests/v1", &Cred::Anonymous)
+        .await
+        .expect(200);
 
     // Token mode: the token endpoint counts failures the same way.
-    let registry = Registry::start_with_config(&material.config("token", extra));
+    let api = Api::start(&material, Mode::Token, extra);
     let scope = ["repository:public/app:pull"];
     for _ in 0..5 {
-        token_reply(
-            &client,
-            &registry,
-            Some((ALICE.0, MALLORY.1)),
-            SERVICE,
-            &scope,
-        )
-        .await
-        .expect_error(401, "UNAUTHORIZED");
+        api.token_reply(Some((ALICE.0, MALLORY.1)), SERVICE, &scope)
+            .await
+            .expect_error(401, "UNAUTHORIZED");
     }
-    token_reply(&client, &registry, Some(ALICE), SERVICE, &scope)
+    api.token_reply(Some(ALICE), SERVICE, &scope)
         .await
         .expect_error(429, "TOOMANYREQUESTS");
     // Anonymous tokens still come.
-    token(&client, &registry, None, &scope).await;
+    api.token(None, &scope).await;
 }
 
 #[tokio::test]
 async fn unknown_users_take_as_long_to_refuse_as_wrong_passwords() {
     // The cost htpasswd uses by default and operators keep.
     let material = Material::new(&[ADMIN, ALICE], 10);
-    let registry = Registry::start_with_config(&material.config("basic", ""));
-    let client = http_client();
-    let base = format!("{}/v2/", registry.url());
+    let api = Api::start(&material, Mode::Basic, "");
     // Warm the connection pool up.
-    get(&client, &base, &Cred::Anonymous).await.expect(401);
+    api.get("/v2/", &Cred::Anonymous).await.expect(401);
     let mut known = Vec::new();
     let mut unknown = Vec::new();
     for _ in 0..10 {
@@ -2329,7 +1817,7 @@ async fn unknown_users_take_as_long_to_refuse_as_wrong_passwords() {
             (&mut unknown, Cred::basic(MALLORY)),
         ] {
             let started = Instant::now();
-            get(&client, &base, &cred).await.expect_basic_challenge();
+            api.get("/v2/", &cred).await.expect_basic_challenge();
             times.push(started.elapsed().as_secs_f64());
         }
     }
@@ -2429,40 +1917,47 @@ impl KeepAlive {
             body,
         }
     }
+
+    /// Reads one response, which must have `status`.
+    #[track_caller]
+    fn expect_response(&mut self, status: u16) -> RawResponse {
+        let response = self.read_response();
+        assert_eq!(
+            response.status,
+            status,
+            "{:?}",
+            String::from_utf8_lossy(&response.body)
+        );
+        response
+    }
+
+    /// `GET /v2/` as `login`, which must be let in.
+    #[track_caller]
+    fn expect_logged_in(&mut self, login: (&str, &str)) {
+        self.send_head("GET", "/v2/", &basic_authorization(login), 0);
+        assert_eq!(self.read_response().status, 200);
+    }
 }
 
 #[tokio::test]
 async fn sighup_reloads_users_and_rules_without_dropping_connections() {
     let material = Material::new(&[ADMIN, ALICE], 4);
-    let registry = Registry::start_with_config(&material.config("basic", ""));
-    let client = http_client();
-    let url = |path: &str| format!("{}{path}", registry.url());
-    let basic = |(user, password): (&str, &str)| {
-        format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-        )
-    };
+    let api = Api::start(&material, Mode::Basic, "");
+    let registry = &api.registry;
 
     // Carol is unknown so far.
-    get(&client, &url("/v2/"), &Cred::basic(CAROL))
+    api.get("/v2/", &Cred::basic(CAROL))
         .await
         .expect_basic_challenge();
     let blob = Blob::new(OCI_LAYER_GZIP, Rng::new(91).bytes(256 * 1024));
 
     // A kept-alive connection with a request in flight across the reload: alice uploads a blob
     // whose body is half sent when the signal arrives.
-    let mut connection = KeepAlive::connect(&registry);
-    connection.send_head("GET", "/v2/", &basic(ALICE), 0);
-    assert_eq!(connection.read_response().status, 200);
-    connection.send_head("POST", "/v2/public/hup/blobs/uploads/", &basic(ALICE), 0);
-    let started = connection.read_response();
-    assert_eq!(
-        started.status,
-        202,
-        "{:?}",
-        String::from_utf8_lossy(&started.body)
-    );
+    let alice = basic_authorization(ALICE);
+    let mut connection = KeepAlive::connect(registry);
+    connection.expect_logged_in(ALICE);
+    connection.send_head("POST", "/v2/public/hup/blobs/uploads/", &alice, 0);
+    let started = connection.expect_response(202);
     let location = started.header("location").expect("a Location").to_string();
     let location = location
         .strip_prefix(&registry.url())
@@ -2470,13 +1965,13 @@ async fn sighup_reloads_users_and_rules_without_dropping_connections() {
         .to_string();
     let separator = if location.contains('?') { '&' } else { '?' };
     let target = format!("{location}{separator}digest={}", blob.digest);
-    connection.send_head("PUT", &target, &basic(ALICE), blob.size());
+    connection.send_head("PUT", &target, &alice, blob.size());
     let half = blob.size() / 2;
     connection.send_body(&blob.bytes[..half]);
 
     // Add carol, with push on public/carol, and reload.
     material.write_users(&[ADMIN, ALICE, CAROL], 4);
-    let mut config = material.config("basic", "");
+    let mut config = material.config(Mode::Basic, "");
     config = config.replace(
         "    - repositories: team-b\n",
         "    - repositories: public/carol\n      grants: { \"user:carol\": [push] }\n    - repositories: team-b\n",
@@ -2486,61 +1981,33 @@ async fn sighup_reloads_users_and_rules_without_dropping_connections() {
 
     // The request in flight completes, and the connection keeps serving.
     connection.send_body(&blob.bytes[half..]);
-    let finished = connection.read_response();
-    assert_eq!(
-        finished.status,
-        201,
-        "{:?}",
-        String::from_utf8_lossy(&finished.body)
-    );
-    connection.send_head("GET", "/v2/", &basic(ALICE), 0);
-    assert_eq!(connection.read_response().status, 200);
+    connection.expect_response(201);
+    connection.expect_logged_in(ALICE);
     // On the old connection too, the new user is known.
-    connection.send_head("GET", "/v2/", &basic(CAROL), 0);
-    assert_eq!(connection.read_response().status, 200);
-    assert!(blob_in_repo(&client, &registry, Mode::Basic, "public/hup", &blob.digest).await);
+    connection.expect_logged_in(CAROL);
+    assert!(api.blob_in_repo("public/hup", &blob.digest).await);
 
     // Carol logs in and pushes where the new rule lets her, and only there.
-    get(&client, &url("/v2/"), &Cred::basic(CAROL))
-        .await
-        .expect(200);
+    let carol = Cred::basic(CAROL);
+    api.get("/v2/", &carol).await.expect(200);
     let image = small_image(92);
-    push_image(
-        &client,
-        &registry,
-        &Cred::basic(CAROL),
-        "public/carol",
-        "v1",
-        &image,
-    )
-    .await;
-    upload_blob(
-        &client,
-        &registry,
-        &Cred::basic(CAROL),
-        "public/other",
-        &image.config,
-    )
-    .await
-    .expect_error(403, "DENIED");
+    api.push_image(&carol, "public/carol", "v1", &image).await;
+    api.upload_blob(&carol, "public/other", &image.config)
+        .await
+        .expect_error(403, "DENIED");
 
     // A broken configuration is refused and the running one kept.
     registry.write_config("auth:\n  mode: basic\n  htpasswd: /nonexistent/htpasswd\n");
     assert!(!registry.reload(), "a broken configuration must not load");
-    get(&client, &url("/v2/"), &Cred::basic(CAROL))
-        .await
-        .expect(200);
-    get(&client, &url("/v2/"), &Cred::Anonymous)
+    api.get("/v2/", &carol).await.expect(200);
+    api.get("/v2/", &Cred::Anonymous)
         .await
         .expect_basic_challenge();
 
     // Removing a user takes effect at once, remembered logins included.
     material.write_users(&[ADMIN, ALICE], 4);
-    registry.write_config(&material.config("basic", ""));
+    registry.write_config(&material.config(Mode::Basic, ""));
     assert!(registry.reload());
-    get(&client, &url("/v2/"), &Cred::basic(CAROL))
-        .await
-        .expect_basic_challenge();
-    connection.send_head("GET", "/v2/", &basic(ALICE), 0);
-    assert_eq!(connection.read_response().status, 200);
+    api.get("/v2/", &carol).await.expect_basic_challenge();
+    connection.expect_logged_in(ALICE);
 }

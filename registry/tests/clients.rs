@@ -19,16 +19,43 @@ fn manifest_layers(manifest: &Value) -> Vec<String> {
         .collect()
 }
 
-/// Pushes `image` to `registry` as `repo:tag` with skopeo from a generated OCI layout.
-fn skopeo_push_image(registry: &Registry, image: &Image, repo: &str, tag: &str) {
+/// Pushes `top` (an image manifest, or an index with all its platforms) and the `blobs` below it
+/// to `registry` as `repo:tag` with skopeo, from a generated OCI layout.
+fn skopeo_push(registry: &Registry, repo: &str, tag: &str, top: &Blob, blobs: &[&Blob]) {
     let layout = registry
         .scratch()
         .join(format!("src-{}", repo.replace('/', "-")));
-    write_oci_layout(&layout, tag, &image.manifest, &image.blobs());
-    run(skopeo()
-        .args(["copy", "--dest-tls-verify=false"])
+    write_oci_layout(&layout, tag, top, blobs);
+    let mut copy = skopeo();
+    copy.args(["copy", "--dest-tls-verify=false"]);
+    if top.media_type == OCI_INDEX {
+        copy.arg("--all");
+    }
+    run(copy
         .arg(oci_ref(&layout, tag))
         .arg(format!("docker://{}/{repo}:{tag}", registry.host())));
+}
+
+/// The manifest bytes skopeo reads for `reference` (`docker://…`), as the registry serves them.
+fn skopeo_inspect_raw(reference: &str) -> Vec<u8> {
+    run_bytes(
+        skopeo()
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(reference),
+    )
+}
+
+/// Asserts the OCI layout at `layout` holds each of `blobs` byte for byte.
+#[track_caller]
+fn assert_layout_holds(layout: &std::path::Path, blobs: &[&Blob]) {
+    for blob in blobs {
+        assert_eq!(
+            read_layout_blob(layout, &blob.digest),
+            blob.bytes,
+            "blob {} changed in the round trip",
+            blob.digest
+        );
+    }
 }
 
 #[tokio::test]
@@ -55,21 +82,11 @@ async fn skopeo_round_trips_a_four_layer_image() {
         "amd64",
         &[300 * 1024, 1024 * 1024, 64 * 1024, 2 * 1024 * 1024 + 17],
     );
-    let src = registry.scratch().join("src");
-    write_oci_layout(&src, "v1", &image.manifest, &image.blobs());
+    skopeo_push(&registry, "e2e/app", "v1", &image.manifest, &image.blobs());
     let dest = format!("docker://{}/e2e/app:v1", registry.host());
 
-    run(skopeo()
-        .args(["copy", "--dest-tls-verify=false"])
-        .arg(oci_ref(&src, "v1"))
-        .arg(&dest));
-
     // The exact bytes come back, from skopeo and over plain HTTP.
-    let raw = run_bytes(
-        skopeo()
-            .args(["inspect", "--raw", "--tls-verify=false"])
-            .arg(&dest),
-    );
+    let raw = skopeo_inspect_raw(&dest);
     assert_eq!(
         String::from_utf8_lossy(&raw),
         String::from_utf8_lossy(&image.manifest.bytes),
@@ -133,14 +150,7 @@ async fn skopeo_round_trips_a_four_layer_image() {
     let manifest: Value =
         serde_json::from_slice(&read_layout_blob(&back, &digest)).expect("manifest JSON");
     assert_eq!(manifest_layers(&manifest), image.layer_digests());
-    for blob in image.blobs() {
-        assert_eq!(
-            read_layout_blob(&back, &blob.digest),
-            blob.bytes,
-            "blob {} changed in the round trip",
-            blob.digest
-        );
-    }
+    assert_layout_holds(&back, &image.blobs());
 
     let listed: Value = serde_json::from_str(&run(skopeo()
         .args(["list-tags", "--tls-verify=false"])
@@ -167,20 +177,10 @@ async fn skopeo_round_trips_a_multi_arch_index() {
     let registry = Registry::start();
     let client = http_client();
     let multi = MultiArchImage::generate(2);
-    let src = registry.scratch().join("src");
-    write_oci_layout(&src, "v1", &multi.index, &multi.blobs());
+    skopeo_push(&registry, "e2e/multi", "v1", &multi.index, &multi.blobs());
     let dest = format!("docker://{}/e2e/multi:v1", registry.host());
 
-    run(skopeo()
-        .args(["copy", "--all", "--dest-tls-verify=false"])
-        .arg(oci_ref(&src, "v1"))
-        .arg(&dest));
-
-    let raw = run_bytes(
-        skopeo()
-            .args(["inspect", "--raw", "--tls-verify=false"])
-            .arg(&dest),
-    );
+    let raw = skopeo_inspect_raw(&dest);
     assert_eq!(
         raw, multi.index.bytes,
         "skopeo inspect --raw must return the index bytes that were pushed"
@@ -241,12 +241,11 @@ async fn skopeo_round_trips_a_multi_arch_index() {
             registry.host(),
             image.manifest.digest
         );
-        let raw = run_bytes(
-            skopeo()
-                .args(["inspect", "--raw", "--tls-verify=false"])
-                .arg(&child),
+        assert_eq!(
+            skopeo_inspect_raw(&child),
+            image.manifest.bytes,
+            "skopeo inspect --raw {child}"
         );
-        assert_eq!(raw, image.manifest.bytes, "skopeo inspect --raw {child}");
     }
 
     let back = registry.scratch().join("back");
@@ -261,14 +260,7 @@ async fn skopeo_round_trips_a_multi_arch_index() {
     );
     assert_eq!(media_type, OCI_INDEX);
     assert_eq!(read_layout_blob(&back, &digest), multi.index.bytes);
-    for blob in multi.blobs() {
-        assert_eq!(
-            read_layout_blob(&back, &blob.digest),
-            blob.bytes,
-            "blob {} changed in the round trip",
-            blob.digest
-        );
-    }
+    assert_layout_holds(&back, &multi.blobs());
 }
 
 #[tokio::test]
@@ -279,12 +271,7 @@ async fn docker_pushes_and_pulls_through_a_private_dockerd() {
     let archive = docker_archive(&registry, &image, "e2e/local:v1");
 
     let multi = MultiArchImage::generate(8);
-    let multi_src = registry.scratch().join("multi-src");
-    write_oci_layout(&multi_src, "v1", &multi.index, &multi.blobs());
-    run(skopeo()
-        .args(["copy", "--all", "--dest-tls-verify=false"])
-        .arg(oci_ref(&multi_src, "v1"))
-        .arg(format!("docker://{}/e2e/multi:v1", registry.host())));
+    skopeo_push(&registry, "e2e/multi", "v1", &multi.index, &multi.blobs());
 
     let dockerd = Dockerd::start(&registry.host());
     let loaded = run(dockerd.docker().arg("load").arg("-i").arg(&archive));
@@ -292,21 +279,15 @@ async fn docker_pushes_and_pulls_through_a_private_dockerd() {
         loaded.contains("e2e/local:v1"),
         "docker load output: {loaded}"
     );
-    let id =
-        run(dockerd
-            .docker()
-            .args(["image", "inspect", "--format", "{{.Id}}", "e2e/local:v1"]));
     assert_eq!(
-        id.trim(),
+        dockerd.image_id("e2e/local:v1"),
         image.config.digest,
         "docker's image id is the config digest"
     );
 
     let remote = format!("{}/e2e/docker", registry.host());
-    run(dockerd
-        .docker()
-        .args(["tag", "e2e/local:v1", &format!("{remote}:v1")]));
-    let pushed = run(dockerd.docker().args(["push", &format!("{remote}:v1")]));
+    let (v1, v2) = (format!("{remote}:v1"), format!("{remote}:v2"));
+    let pushed = dockerd.tag_and_push("e2e/local:v1", &v1);
     let pushed_digest = digest_after(&pushed, "digest:")
         .unwrap_or_else(|| panic!("no digest in docker push output: {pushed}"));
 
@@ -324,10 +305,7 @@ async fn docker_pushes_and_pulls_through_a_private_dockerd() {
     assert_eq!(manifest_layers(&manifest).len(), image.layers.len());
 
     // A second tag of the same image: every layer is found already present.
-    run(dockerd
-        .docker()
-        .args(["tag", "e2e/local:v1", &format!("{remote}:v2")]));
-    let again = run(dockerd.docker().args(["push", &format!("{remote}:v2")]));
+    let again = dockerd.tag_and_push("e2e/local:v1", &v2);
     assert_eq!(
         digest_after(&again, "digest:").as_deref(),
         Some(pushed_digest.as_str()),
@@ -339,27 +317,14 @@ async fn docker_pushes_and_pulls_through_a_private_dockerd() {
         "push of v2: {again}"
     );
 
-    run(dockerd.docker().args([
-        "rmi",
-        "e2e/local:v1",
-        &format!("{remote}:v1"),
-        &format!("{remote}:v2"),
-    ]));
-    let left = run(dockerd.docker().args(["images", "-q", "--no-trunc"]));
-    assert_eq!(left.trim(), "", "the image must be gone before pulling");
-
-    let pulled = run(dockerd.docker().args(["pull", &format!("{remote}:v1")]));
-    assert_eq!(
-        digest_after(&pulled, "Digest:").as_deref(),
-        Some(pushed_digest.as_str()),
-        "docker pull output: {pulled}"
-    );
+    dockerd.remove_all_images(&["e2e/local:v1", &v1, &v2]);
+    dockerd.pull_expecting(&v1, &pushed_digest);
     let inspected = run(dockerd.docker().args([
         "image",
         "inspect",
         "--format",
         "{{.Id}} {{json .RepoDigests}}",
-        &format!("{remote}:v1"),
+        &v1,
     ]));
     let (id, repo_digests) = inspected
         .trim()
@@ -370,34 +335,14 @@ async fn docker_pushes_and_pulls_through_a_private_dockerd() {
     assert_eq!(repo_digests, vec![format!("{remote}@{pushed_digest}")]);
 
     // By digest too.
-    run(dockerd.docker().args(["rmi", &format!("{remote}:v1")]));
-    let by_digest = run(dockerd
-        .docker()
-        .args(["pull", &format!("{remote}@{pushed_digest}")]));
-    assert_eq!(
-        digest_after(&by_digest, "Digest:").as_deref(),
-        Some(pushed_digest.as_str()),
-        "pull by digest: {by_digest}"
-    );
-    let id = run(dockerd.docker().args([
-        "image",
-        "inspect",
-        "--format",
-        "{{.Id}}",
-        &format!("{remote}@{pushed_digest}"),
-    ]));
-    assert_eq!(id.trim(), image.config.digest);
+    run(dockerd.docker().args(["rmi", &v1]));
+    let by_digest = format!("{remote}@{pushed_digest}");
+    dockerd.pull_expecting(&by_digest, &pushed_digest);
+    assert_eq!(dockerd.image_id(&by_digest), image.config.digest);
 
     // An OCI index: docker picks linux/amd64 from it and records the index digest.
     let multi_remote = format!("{}/e2e/multi", registry.host());
-    let pulled = run(dockerd
-        .docker()
-        .args(["pull", &format!("{multi_remote}:v1")]));
-    assert_eq!(
-        digest_after(&pulled, "Digest:").as_deref(),
-        Some(multi.index.digest.as_str()),
-        "docker pull of the index: {pulled}"
-    );
+    dockerd.pull_expecting(&format!("{multi_remote}:v1"), &multi.index.digest);
     let inspected = run(dockerd.docker().args([
         "image",
         "inspect",
@@ -522,13 +467,8 @@ async fn podman_pushes_and_pulls_with_a_private_store() {
 
     // The arm64 image out of an OCI index.
     let multi = MultiArchImage::generate(9);
-    let multi_src = registry.scratch().join("multi-src");
-    write_oci_layout(&multi_src, "v1", &multi.index, &multi.blobs());
+    skopeo_push(&registry, "e2e/multi", "v1", &multi.index, &multi.blobs());
     let multi_remote = format!("{}/e2e/multi:v1", registry.host());
-    run(skopeo()
-        .args(["copy", "--all", "--dest-tls-verify=false"])
-        .arg(oci_ref(&multi_src, "v1"))
-        .arg(format!("docker://{multi_remote}")));
     run(podman.podman().args([
         "pull",
         "--tls-verify=false",
@@ -585,14 +525,9 @@ async fn containerd_pulls_and_pushes_with_ctr() {
     let registry = Registry::start();
     let client = http_client();
     let image = Image::generate(5, "amd64", &[150 * 1024, 300 * 1024, 90 * 1024]);
-    skopeo_push_image(&registry, &image, "e2e/app", "v1");
+    skopeo_push(&registry, "e2e/app", "v1", &image.manifest, &image.blobs());
     let multi = MultiArchImage::generate(6);
-    let multi_src = registry.scratch().join("multi-src");
-    write_oci_layout(&multi_src, "v1", &multi.index, &multi.blobs());
-    run(skopeo()
-        .args(["copy", "--all", "--dest-tls-verify=false"])
-        .arg(oci_ref(&multi_src, "v1"))
-        .arg(format!("docker://{}/e2e/multi:v1", registry.host())));
+    skopeo_push(&registry, "e2e/multi", "v1", &multi.index, &multi.blobs());
 
     let containerd = Containerd::start();
     let app = format!("{}/e2e/app:v1", registry.host());
@@ -690,19 +625,8 @@ fn range_end(range: &str) -> u64 {
 
 async fn start_upload(client: &reqwest::Client, registry: &Registry, repo: &str) -> String {
     let url = format!("{}/v2/{repo}/blobs/uploads/", registry.url());
-    let resp = client
-        .post(&url)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
-    assert_eq!(resp.status(), 202, "POST {url}");
-    let location = resp
-        .headers()
-        .get("location")
-        .and_then(|v| v.to_str().ok())
-        .expect("Location on 202")
-        .to_string();
-    absolute(registry, &location)
+    let reply = send_request(client.post(&url)).await;
+    absolute(registry, &reply.expect(202).location())
 }
 
 /// PATCHes `data` (which starts at `offset` of the blob) with a Content-Range, returning the
@@ -715,38 +639,41 @@ async fn patch_range(
     data: Vec<u8>,
 ) -> String {
     let end = offset + data.len() as u64 - 1;
-    let resp = client
-        .patch(location)
-        .header("Content-Type", "application/octet-stream")
-        .header("Content-Range", format!("{offset}-{end}"))
-        .header("Content-Length", data.len().to_string())
-        .body(data)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("PATCH {location}: {e}"));
-    let status = resp.status();
-    let headers = format!("{:?}", resp.headers());
-    let range = resp
-        .headers()
-        .get("range")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let next = resp
-        .headers()
-        .get("location")
-        .and_then(|v| v.to_str().ok())
-        .map(|l| absolute(registry, l));
-    let body = resp.text().await.unwrap_or_default();
+    let reply = send_request(
+        client
+            .patch(location)
+            .header("Content-Type", "application/octet-stream")
+            .header("Content-Range", format!("{offset}-{end}"))
+            .header("Content-Length", data.len().to_string())
+            .body(data),
+    )
+    .await;
+    reply.expect(202);
     assert_eq!(
-        status, 202,
-        "PATCH {location} Content-Range {offset}-{end}: {headers} {body}"
-    );
-    assert_eq!(
-        range.as_deref().map(range_end),
+        reply.header("range").map(range_end),
         Some(end),
-        "Range after PATCH {offset}-{end}"
+        "Range after PATCH {offset}-{end}: {reply}"
     );
-    next.expect("Location after PATCH")
+    absolute(registry, &reply.location())
+}
+
+/// PATCHes what follows `offset` in `data` to upload `location` in pieces of `piece` bytes,
+/// returning the upload's location after the last one.
+async fn patch_from(
+    client: &reqwest::Client,
+    registry: &Registry,
+    mut location: String,
+    data: &[u8],
+    mut offset: usize,
+    piece: usize,
+) -> String {
+    while offset < data.len() {
+        let end = (offset + piece).min(data.len());
+        let bytes = data[offset..end].to_vec();
+        location = patch_range(client, registry, &location, offset as u64, bytes).await;
+        offset = end;
+    }
+    location
 }
 
 /// Closes upload `location` as `digest` and checks the blob reads back whole.
@@ -760,35 +687,21 @@ async fn finish_upload(
 ) {
     let sep = if location.contains('?') { '&' } else { '?' };
     let url = format!("{location}{sep}digest={digest}");
-    let resp = client
-        .put(&url)
-        .header("Content-Length", "0")
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("PUT {url}: {e}"));
-    let status = resp.status();
-    let headers = format!("{:?}", resp.headers());
-    let header_digest = resp
-        .headers()
-        .get("docker-content-digest")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let body = resp.text().await.unwrap_or_default();
-    assert_eq!(status, 201, "PUT {url}: {headers} {body}");
+    let reply = send_request(client.put(&url).header("Content-Length", "0")).await;
+    reply.expect(201);
     assert_eq!(
-        header_digest.as_deref(),
+        reply.header("docker-content-digest"),
         Some(digest),
-        "Docker-Content-Digest after the PUT"
+        "Docker-Content-Digest after the PUT: {reply}"
     );
 
     let blob_url = format!("{}/v2/{repo}/blobs/{digest}", registry.url());
-    let head = client.head(&blob_url).send().await.expect("HEAD the blob");
-    assert_eq!(head.status(), 200, "HEAD {blob_url}");
+    let head = send_request(client.head(&blob_url)).await;
+    head.expect(200);
     assert_eq!(
-        head.headers()
-            .get("content-length")
-            .and_then(|v| v.to_str().ok()),
-        Some(size.to_string().as_str())
+        head.header("content-length"),
+        Some(size.to_string().as_str()),
+        "{head}"
     );
     let bytes = get_blob_checked(client, registry, repo, digest).await;
     assert_eq!(bytes.len(), size);
@@ -891,20 +804,8 @@ async fn upload_survives_a_hard_kill_mid_transfer() {
     // Abandoning the interrupted session and starting over works (into another repository, so
     // the resumed session below still has its blob to commit).
     let repo2 = "e2e/crash-fresh";
-    let mut fresh = start_upload(&client, &registry, repo2).await;
-    let mut offset = 0;
-    while offset < CRASH_BLOB {
-        let end = (offset + 16 * CHUNK).min(CRASH_BLOB);
-        fresh = patch_range(
-            &client,
-            &registry,
-            &fresh,
-            offset as u64,
-            data[offset..end].to_vec(),
-        )
-        .await;
-        offset = end;
-    }
+    let fresh = start_upload(&client, &registry, repo2).await;
+    let fresh = patch_from(&client, &registry, fresh, &data, 0, 16 * CHUNK).await;
     finish_upload(&client, &registry, repo2, &fresh, &digest, CRASH_BLOB).await;
 
     // Resuming the interrupted session from what the server says it holds works as well.
@@ -920,25 +821,13 @@ async fn upload_survives_a_hard_kill_mid_transfer() {
                 "the server claims {held} bytes but only {sent} were sent (Range {range})"
             );
             eprintln!("server kept {held} of {sent} streamed bytes; resuming from there");
-            let mut location = status
+            let location = status
                 .headers()
                 .get("location")
                 .and_then(|v| v.to_str().ok())
                 .map(|l| absolute(&registry, l))
                 .unwrap_or_else(|| location.clone());
-            let mut offset = held;
-            while offset < CRASH_BLOB {
-                let end = (offset + 8 * CHUNK).min(CRASH_BLOB);
-                location = patch_range(
-                    &client,
-                    &registry,
-                    &location,
-                    offset as u64,
-                    data[offset..end].to_vec(),
-                )
-                .await;
-                offset = end;
-            }
+            let location = patch_from(&client, &registry, location, &data, held, 8 * CHUNK).await;
             finish_upload(&client, &registry, repo, &location, &digest, CRASH_BLOB).await;
             let after = client
                 .get(&location)

@@ -76,6 +76,17 @@ pub fn run_output(cmd: &mut Command, timeout: Duration) -> Output {
     wait_output(child, timeout, &shown)
 }
 
+/// Starts `cmd` with standard input closed and all it prints written to a new file at `log`.
+fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
+    let file = File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    cmd.stdin(Stdio::null())
+        .stdout(file.try_clone().expect("clone the log handle"))
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program}: {e}"))
+}
+
 /// Collects a spawned child's piped output, killing it if it outlives `timeout`.
 pub fn wait_output(mut child: Child, timeout: Duration, shown: &str) -> Output {
     let stdout = drain(child.stdout.take());
@@ -180,6 +191,20 @@ pub fn short_tempdir(prefix: &str) -> TempDir {
         .prefix(prefix)
         .tempdir_in("/tmp")
         .expect("create a temporary directory under /tmp")
+}
+
+/// Writes an htpasswd file at `path` with a bcrypt entry for each of `users` (user, password),
+/// made by Apache's `htpasswd`.
+fn write_htpasswd(path: &Path, users: &[(&str, &str)]) {
+    let lines: Vec<String> = users
+        .iter()
+        .map(|(user, password)| {
+            run(Command::new(require_tool("htpasswd")).args(["-Bbn", user, password]))
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    fs::write(path, lines.join("\n") + "\n").expect("write htpasswd");
 }
 
 /// Every file below `dir`, however deep.
@@ -453,17 +478,17 @@ pub fn skopeo_pull(reference: &str, dir: &Path) -> (String, Value) {
     (sha256(&bytes), manifest)
 }
 
-/// Pushes `top` (an image manifest or an index) and `blobs` below it to `host` as `repo_tag` with
-/// skopeo, as a developer would push their app's image, from an OCI layout written under `dir`.
+/// Pushes `top` (an image manifest or an index) and `blobs` below it to `destination`
+/// (`host/repo:tag`) with skopeo, as a developer would push their app's image, from an OCI layout
+/// written under `dir`.
 fn skopeo_push(
     dir: &Path,
-    host: &str,
-    repo_tag: &str,
+    destination: &str,
     top: &Blob,
     blobs: &[&Blob],
     credentials: Option<(&str, &str)>,
 ) {
-    let (_, tag) = repo_tag.split_once(':').expect("repo:tag");
+    let (_, tag) = destination.rsplit_once(':').expect("host/repo:tag");
     let layout = dir.join(format!("layout-{}", uuid::Uuid::new_v4().simple()));
     write_oci_layout(&layout, tag, top, blobs);
     let mut cmd = skopeo();
@@ -476,7 +501,7 @@ fn skopeo_push(
     }
     run(cmd
         .arg(format!("oci:{}:{tag}", layout.display()))
-        .arg(format!("docker://{host}/{repo_tag}")));
+        .arg(format!("docker://{destination}")));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -569,15 +594,7 @@ impl Berth {
             serde_yaml::from_str(auth_yaml).expect("an auth configuration");
         if !users.is_empty() {
             let htpasswd = dir.path().join("htpasswd");
-            let lines: Vec<String> = users
-                .iter()
-                .map(|(user, password)| {
-                    run(Command::new(require_tool("htpasswd")).args(["-Bbn", user, password]))
-                        .trim()
-                        .to_owned()
-                })
-                .collect();
-            fs::write(&htpasswd, lines.join("\n") + "\n").expect("write htpasswd");
+            write_htpasswd(&htpasswd, users);
             config.htpasswd.get_or_insert(htpasswd);
         }
         Berth::serve(dir, Some(config))
@@ -612,6 +629,11 @@ impl Berth {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.server.addr)
+    }
+
+    /// `host/repo@digest`: the reference pinning manifest `digest` of `repo` here.
+    pub fn pinned(&self, repo: &str, digest: &str) -> String {
+        format!("{}/{repo}@{digest}", self.host())
     }
 
     pub fn root(&self) -> PathBuf {
@@ -668,14 +690,8 @@ impl Berth {
         blobs: &[&Blob],
         credentials: Option<(&str, &str)>,
     ) {
-        skopeo_push(
-            self.dir.path(),
-            &self.host(),
-            repo_tag,
-            top,
-            blobs,
-            credentials,
-        );
+        let destination = format!("{}/{repo_tag}", self.host());
+        skopeo_push(self.dir.path(), &destination, top, blobs, credentials);
     }
 
     /// Stops serving; the storage stays until the value is dropped.
@@ -973,11 +989,9 @@ impl Upstream {
             .and_then(|l| l.local_addr())
             .expect("a free port");
         let auth = match credentials {
-            Some((user, password)) => {
+            Some(login) => {
                 let htpasswd = dir.path().join("htpasswd");
-                let line =
-                    run(Command::new(require_tool("htpasswd")).args(["-Bbn", user, password]));
-                fs::write(&htpasswd, line.trim()).expect("write htpasswd");
+                write_htpasswd(&htpasswd, &[login]);
                 format!(
                     "auth:\n  htpasswd:\n    realm: upstream\n    path: {}\n",
                     htpasswd.display()
@@ -995,15 +1009,10 @@ impl Upstream {
             ),
         )
         .expect("write the upstream config");
-        let log = File::create(dir.path().join("log")).expect("create the upstream log");
-        let child = Command::new(&binary)
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone the log handle"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        let child = spawn_logged(
+            Command::new(&binary).arg("serve").arg(&config),
+            &dir.path().join("log"),
+        );
         let upstream = Upstream {
             dir,
             addr,
@@ -1030,18 +1039,12 @@ impl Upstream {
     /// Pushes `top` (an image manifest or an index) and `blobs` below it as `repo_tag` with
     /// skopeo, as a developer would push their app's image.
     pub fn push(&self, repo_tag: &str, top: &Blob, blobs: &[&Blob]) {
+        let destination = format!("{}/{repo_tag}", self.host());
         let credentials = self
             .credentials
             .as_ref()
             .map(|(user, password)| (user.as_str(), password.as_str()));
-        skopeo_push(
-            self.dir.path(),
-            &self.host(),
-            repo_tag,
-            top,
-            blobs,
-            credentials,
-        );
+        skopeo_push(self.dir.path(), &destination, top, blobs, credentials);
     }
 
     pub fn stop(&mut self) {
@@ -1237,29 +1240,26 @@ impl Dockerd {
         let dir = short_tempdir("bd");
         let d = dir.path();
         fs::create_dir_all(d.join("cfg")).expect("create the docker config dir");
-        let log = File::create(d.join("dockerd.log")).expect("create the dockerd log");
-        let child = Command::new(&dockerd)
-            .args([
-                "--storage-driver=vfs",
-                "--iptables=false",
-                "--ip6tables=false",
-            ])
-            .arg("--bridge=none")
-            .arg("--data-root")
-            .arg(d.join("data"))
-            .arg("--exec-root")
-            .arg(d.join("exec"))
-            .arg("--pidfile")
-            .arg(d.join("pid"))
-            .arg("-H")
-            .arg(format!("unix://{}", d.join("d.sock").display()))
-            .arg("--insecure-registry")
-            .arg(insecure_registry)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone the log handle"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", dockerd.display()));
+        let child = spawn_logged(
+            Command::new(&dockerd)
+                .args([
+                    "--storage-driver=vfs",
+                    "--iptables=false",
+                    "--ip6tables=false",
+                ])
+                .arg("--bridge=none")
+                .arg("--data-root")
+                .arg(d.join("data"))
+                .arg("--exec-root")
+                .arg(d.join("exec"))
+                .arg("--pidfile")
+                .arg(d.join("pid"))
+                .arg("-H")
+                .arg(format!("unix://{}", d.join("d.sock").display()))
+                .arg("--insecure-registry")
+                .arg(insecure_registry),
+            &d.join("dockerd.log"),
+        );
         let daemon = Dockerd {
             dir,
             child: Some(child),

@@ -28,6 +28,9 @@ pub struct AuthConfig {
     pub htpasswd: Option<PathBuf>,
     /// Group name to member user names.
     pub groups: BTreeMap<String, Vec<String>>,
+    /// Principals (`user:NAME`, `group:NAME`, `robot:NAME`) that may do everything everywhere,
+    /// whatever the access rules say.
+    pub admins: Vec<String>,
     /// Access rules by repository prefix; the longest matching prefix decides. Without any rule,
     /// every authenticated user may do everything and anonymous callers nothing.
     pub access: Vec<AccessRule>,

@@ -111,7 +111,7 @@ impl Principal {
             None if text == "authenticated" => Principal::Authenticated,
             _ => {
                 return Err(ConfigError::Invalid(format!(
-                    "auth.access grant {text:?}: expected user:NAME, group:NAME, robot:NAME or authenticated"
+                    "auth principal {text:?}: expected user:NAME, group:NAME, robot:NAME or authenticated"
                 )));
             }
         };
@@ -183,6 +183,7 @@ impl Rule {
 
 #[derive(Debug)]
 pub(super) struct Policy {
+    admins: Vec<Principal>,
     /// Longest prefix first, so the first rule covering a repository is the one that decides.
     rules: Vec<Rule>,
     groups_of: HashMap<String, Vec<String>>,
@@ -226,7 +227,16 @@ impl Policy {
                     .push(group.clone());
             }
         }
-        Ok(Policy { rules, groups_of })
+        let admins = config
+            .admins
+            .iter()
+            .map(|who| Principal::parse(who))
+            .collect::<Result<_, _>>()?;
+        Ok(Policy {
+            admins,
+            rules,
+            groups_of,
+        })
     }
 
     /// The identity of a user this registry authenticated, with its configured groups.
@@ -243,6 +253,9 @@ impl Policy {
 
     /// Everything `who` may do in `repo`. Anonymous permissions apply to everyone.
     pub(super) fn allowed(&self, who: &Identity, repo: &RepoName) -> Actions {
+        if self.admins.iter().any(|admin| admin.matches(who)) {
+            return Actions::ALL;
+        }
         let Some(rule) = self.rule(repo.as_str()) else {
             return Actions::NONE;
         };
@@ -275,6 +288,8 @@ mod tests {
     const RULES: &str = r#"
 groups:
   platform: [alice]
+  operators: [olga]
+admins: ["group:operators"]
 access:
   - repositories: "*"
     grants: { "group:platform": [admin] }
@@ -332,6 +347,11 @@ access:
         assert_eq!(p.allowed(&alice, &repo("other/x")), Actions::ALL);
         // The more specific cache rule decides for alice too, and grants her nothing extra.
         assert!(!p.allowed(&alice, &repo("cache/x")).contains(Actions::PUSH));
+        // Admins are above the rules.
+        let olga = p.identity("olga");
+        for name in ["cache/x", "team-a/prod/app", "anything/else"] {
+            assert_eq!(p.allowed(&olga, &repo(name)), Actions::ALL, "{name}");
+        }
     }
 
     #[test]

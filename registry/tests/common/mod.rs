@@ -159,6 +159,17 @@ pub fn run(cmd: &mut Command) -> String {
     stdout
 }
 
+/// Starts `cmd` with standard input closed and all it prints written to a new file at `log`.
+pub fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
+    let file = File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    cmd.stdin(Stdio::null())
+        .stdout(file.try_clone().expect("clone the log handle"))
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program}: {e}"))
+}
+
 /// Sends `signal` (a name such as `TERM`) to `pid` with the system's `kill`.
 fn send_signal(pid: u32, signal: &str) {
     let _ = Command::new("kill")
@@ -206,7 +217,8 @@ pub fn tail_file(path: &Path, lines: usize) -> String {
     }
 }
 
-fn print_log_on_panic(what: &str, path: &Path) {
+/// Prints the tail of the `what` log at `path` if the test is failing.
+pub fn print_log_on_panic(what: &str, path: &Path) {
     if thread::panicking() {
         eprintln!(
             "===== last {LOG_TAIL_LINES} lines of the {what} log ({}) =====\n{}\n===== end of the {what} log =====",
@@ -273,15 +285,32 @@ pub fn blocking_request(
     body: &[u8],
     timeout: Duration,
 ) -> std::io::Result<RawResponse> {
+    blocking_request_with(addr, method, target, &[("Accept", "*/*")], body, timeout)
+}
+
+/// Like [`blocking_request`], with `headers` (after `Host`, `Connection` and `Content-Length`)
+/// in place of the `Accept: */*` it sends.
+pub fn blocking_request_with(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: Duration,
+) -> std::io::Result<RawResponse> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: */*\r\n\
-         Content-Length: {}\r\n\r\n",
+    let mut head = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Length: {}\r\n",
         body.len()
-    )?;
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
     stream.write_all(body)?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
@@ -947,6 +976,81 @@ pub fn http_client() -> reqwest::Client {
         .expect("build an HTTP client")
 }
 
+/// A response read whole, and the request that got it, for assertion messages.
+pub struct Reply {
+    /// The request as messages show it: method and URL, and more if the caller likes.
+    pub what: String,
+    pub method: reqwest::Method,
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl std::fmt::Display for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let body = String::from_utf8_lossy(&self.body[..self.body.len().min(800)]);
+        write!(
+            f,
+            "{} answered {} {:?} {body}",
+            self.what, self.status, self.headers
+        )
+    }
+}
+
+impl Reply {
+    /// Reads `response` (to a `method` request described as `what`) to its end.
+    pub async fn read(method: reqwest::Method, what: String, response: reqwest::Response) -> Reply {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response
+            .bytes()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: reading the body: {e}"))
+            .to_vec();
+        Reply {
+            what,
+            method,
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self}"))
+    }
+
+    #[track_caller]
+    pub fn expect(&self, status: u16) -> &Reply {
+        assert_eq!(self.status, status, "{self}");
+        self
+    }
+
+    #[track_caller]
+    pub fn location(&self) -> String {
+        self.header("location")
+            .unwrap_or_else(|| panic!("no Location: {self}"))
+            .to_string()
+    }
+}
+
+/// Sends `request` and reads the reply whole; messages name it by method and URL.
+pub async fn send_request(request: reqwest::RequestBuilder) -> Reply {
+    let (client, request) = request.build_split();
+    let request = request.expect("a well-formed request");
+    let method = request.method().clone();
+    let what = format!("{method} {}", request.url());
+    let response = client
+        .execute(request)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+    Reply::read(method, what, response).await
+}
+
 /// A fetched manifest: status, Content-Type, Docker-Content-Digest, body.
 #[derive(Debug)]
 pub struct Fetched {
@@ -992,25 +1096,14 @@ pub async fn get_blob_checked(
     digest: &str,
 ) -> Vec<u8> {
     let url = format!("{}/v2/{repo}/blobs/{digest}", registry.url());
-    let resp = client
-        .get(&url)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    let status = resp.status();
-    let body = resp.bytes().await.expect("read the blob body").to_vec();
+    let reply = send_request(client.get(&url)).await;
+    reply.expect(200);
     assert_eq!(
-        status,
-        200,
-        "GET {url} answered {status}: {}",
-        String::from_utf8_lossy(&body[..body.len().min(500)])
-    );
-    assert_eq!(
-        sha256(&body),
+        sha256(&reply.body),
         digest,
         "GET {url} returned bytes that hash to something else"
     );
-    body
+    reply.body
 }
 
 pub async fn head_status(client: &reqwest::Client, url: &str) -> u16 {
@@ -1128,28 +1221,25 @@ impl Dockerd {
         let dir = short_tempdir("bd");
         let d = dir.path();
         fs::create_dir_all(d.join("cfg")).expect("create the docker config dir");
-        let log = File::create(d.join("dockerd.log")).expect("create the dockerd log");
-        let child = Command::new(&dockerd)
-            .arg("--storage-driver")
-            .arg("vfs")
-            .arg("--iptables=false")
-            .arg("--ip6tables=false")
-            .arg("--bridge=none")
-            .arg("--data-root")
-            .arg(d.join("data"))
-            .arg("--exec-root")
-            .arg(d.join("exec"))
-            .arg("--pidfile")
-            .arg(d.join("pid"))
-            .arg("-H")
-            .arg(format!("unix://{}", d.join("d.sock").display()))
-            .arg("--insecure-registry")
-            .arg(insecure_registry)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone the log handle"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", dockerd.display()));
+        let child = spawn_logged(
+            Command::new(&dockerd)
+                .arg("--storage-driver")
+                .arg("vfs")
+                .arg("--iptables=false")
+                .arg("--ip6tables=false")
+                .arg("--bridge=none")
+                .arg("--data-root")
+                .arg(d.join("data"))
+                .arg("--exec-root")
+                .arg(d.join("exec"))
+                .arg("--pidfile")
+                .arg(d.join("pid"))
+                .arg("-H")
+                .arg(format!("unix://{}", d.join("d.sock").display()))
+                .arg("--insecure-registry")
+                .arg(insecure_registry),
+            &d.join("dockerd.log"),
+        );
         let mut daemon = Dockerd {
             dir,
             child: Some(child),
@@ -1211,6 +1301,39 @@ impl Dockerd {
             .arg("-H")
             .arg(format!("unix://{}", self.sock().display()));
         cmd
+    }
+
+    /// Tags local image `local` as `remote` and pushes it; returns what docker printed.
+    pub fn tag_and_push(&self, local: &str, remote: &str) -> String {
+        run(self.docker().args(["tag", local, remote]));
+        run(self.docker().args(["push", remote]))
+    }
+
+    /// Removes `images` and checks that none is left, so that a pull that follows must fetch
+    /// everything from the registry.
+    pub fn remove_all_images(&self, images: &[&str]) {
+        run(self.docker().arg("rmi").args(images));
+        let left = run(self.docker().args(["images", "-q", "--no-trunc"]));
+        assert_eq!(left.trim(), "", "the image must be gone before pulling");
+    }
+
+    /// Pulls `reference` and asserts docker reports the manifest (or index) `digest` for it.
+    #[track_caller]
+    pub fn pull_expecting(&self, reference: &str, digest: &str) {
+        let pulled = run(self.docker().args(["pull", reference]));
+        assert_eq!(
+            digest_after(&pulled, "Digest:").as_deref(),
+            Some(digest),
+            "docker pull {reference}: {pulled}"
+        );
+    }
+
+    /// The id of the local image `reference`: the digest of its config.
+    pub fn image_id(&self, reference: &str) -> String {
+        let id = run(self
+            .docker()
+            .args(["image", "inspect", "--format", "{{.Id}}", reference]));
+        id.trim().to_string()
     }
 
     /// The pid of the containerd that dockerd started for itself, if it wrote one.
@@ -1277,15 +1400,12 @@ impl Containerd {
             sock = d.join("c.sock").display(),
         );
         fs::write(d.join("config.toml"), config).expect("write the containerd config");
-        let log = File::create(d.join("containerd.log")).expect("create the containerd log");
-        let child = Command::new(&containerd)
-            .arg("--config")
-            .arg(d.join("config.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone the log handle"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", containerd.display()));
+        let child = spawn_logged(
+            Command::new(&containerd)
+                .arg("--config")
+                .arg(d.join("config.toml")),
+            &d.join("containerd.log"),
+        );
         let mut daemon = Containerd {
             dir,
             child: Some(child),
