@@ -292,7 +292,8 @@ async fn drain_request_body(request: Request, next: Next) -> Response {
         .headers()
         .get(header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if waits_for_continue {
+    // Most requests (every GET and HEAD) have no body at all: nothing to drain, nothing to wrap.
+    if waits_for_continue || axum::body::HttpBody::is_end_stream(request.body()) {
         return next.run(request).await;
     }
     let (parts, body) = request.into_parts();
