@@ -39,22 +39,21 @@ const SERVICE: &str = "berth-registry";
 /// group); `alice` pushes to `public` and `team-a`; `bob` pulls `team-a` and pushes `team-b`; the
 /// cacher robot pushes to `cache`, which anyone may pull by exact name only, even with credentials
 /// this registry does not know; anyone may pull `public`; `private` is the admin's alone.
-/// The longest matching prefix decides alone, so the platform group is named in every rule.
+/// The platform group are `admins`, above every rule.
 const POLICY: &str = r#"  groups: { platform: [admin] }
+  admins: ["group:platform"]
   access:
-    - repositories: "*"
-      grants: { "group:platform": [admin] }
     - repositories: cache
       anonymous: by-name
       foreign_credentials_as_anonymous: true
-      grants: { "robot:cacher": [push], "group:platform": [admin] }
+      grants: { "robot:cacher": [push] }
     - repositories: public
       anonymous: pull
-      grants: { "user:alice": [push], "group:platform": [admin] }
+      grants: { "user:alice": [push] }
     - repositories: team-a
-      grants: { "user:alice": [push], "user:bob": [pull], "group:platform": [admin] }
+      grants: { "user:alice": [push], "user:bob": [pull] }
     - repositories: team-b
-      grants: { "user:bob": [push], "group:platform": [admin] }
+      grants: { "user:bob": [push] }
 "#;
 
 /// Which mode a registry runs in.
@@ -896,6 +895,113 @@ async fn basic_mode_with_docker_and_skopeo() {
 #[tokio::test]
 async fn token_mode_with_docker_and_skopeo() {
     clients_round_trip(Mode::Token).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// containerd: the OAuth2 password form of the token endpoint
+// ---------------------------------------------------------------------------------------------
+
+/// `POST /auth/token` with an OAuth2 form, as containerd sends it.
+async fn oauth_token_reply(api: &Api, fields: &[(&str, &str)]) -> Reply {
+    let response = api
+        .client
+        .post(format!("{}/auth/token", api.registry.url()))
+        .form(fields)
+        .send()
+        .await
+        .expect("POST /auth/token");
+    Reply::read(Method::POST, "POST /auth/token (form)".into(), response).await
+}
+
+/// containerd with credentials asks for tokens with the OAuth2 password grant (`POST`), and
+/// falls back to `GET` only for a few known registries: berth must answer the form.
+#[tokio::test]
+async fn containerd_uses_the_oauth_form_in_token_mode() {
+    let material = usual_material();
+    let api = Api::start(&material, Mode::Token, "");
+    let image = small_image(71);
+    api.push_as_admin("team-a/app", "v1", &image).await;
+
+    let granted = oauth_token_reply(
+        &api,
+        &[
+            ("grant_type", "password"),
+            ("username", ALICE.0),
+            ("password", ALICE.1),
+            ("service", SERVICE),
+            ("client_id", "containerd-client"),
+            (
+                "scope",
+                "repository:team-a/app:pull,push repository:team-b/app:pull",
+            ),
+        ],
+    )
+    .await;
+    granted.expect(200);
+    let token = granted.json()["access_token"]
+        .as_str()
+        .expect("an access token")
+        .to_string();
+    assert_eq!(
+        access_of(&token),
+        [repo_access("team-a/app", &["pull", "push"])],
+        "alice gets team-a, not team-b"
+    );
+    let wrong = [
+        ("grant_type", "password"),
+        ("username", ALICE.0),
+        ("password", "not-her-password"),
+        ("service", SERVICE),
+        ("scope", "repository:team-a/app:pull"),
+    ];
+    oauth_token_reply(&api, &wrong)
+        .await
+        .expect_error(401, "UNAUTHORIZED");
+    let refresh = [("grant_type", "refresh_token"), ("refresh_token", "x")];
+    oauth_token_reply(&api, &refresh)
+        .await
+        .expect_error(400, "UNSUPPORTED");
+
+    let containerd = Containerd::start();
+    let host = api.registry.host();
+    let app = format!("{host}/team-a/app:v1");
+    let alice = format!("{}:{}", ALICE.0, ALICE.1);
+    run(containerd.ctr().args([
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "native",
+        "--user",
+        &alice,
+        &app,
+    ]));
+    assert_eq!(ctr_image_digest(&containerd, &app), image.manifest.digest);
+    let copy = format!("{host}/team-a/ctr:v1");
+    run(containerd.ctr().args(["images", "tag", &app, &copy]));
+    run(containerd
+        .ctr()
+        .args(["images", "push", "--plain-http", "--user", &alice, &copy]));
+    assert_eq!(api.tags_as_admin("team-a/ctr").await, tag_list(&["v1"]));
+    let used_the_form = api.registry.log().lines().any(|line| {
+        line.contains("method=POST") && line.contains("/auth/token") && line.contains("status=200")
+    });
+    assert!(
+        used_the_form,
+        "containerd should have used POST /auth/token:\n{}",
+        api.registry.log()
+    );
+
+    let refused = format!("{host}/team-a/refused:v1");
+    run(containerd.ctr().args(["images", "tag", &app, &refused]));
+    let bad = format!("{}:not-her-password", ALICE.0);
+    assert_refused(
+        containerd
+            .ctr()
+            .args(["images", "push", "--plain-http", "--user", &bad, &refused]),
+        "ctr push with a wrong password",
+    );
+    assert_eq!(api.tags_as_admin("team-a/refused").await, None);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -510,16 +510,6 @@ async fn podman_pushes_and_pulls_with_a_private_store() {
 }
 
 /// The digest `ctr images ls` lists for `reference`.
-fn ctr_image_digest(containerd: &Containerd, reference: &str) -> String {
-    let listing = run(containerd.ctr().args(["images", "ls"]));
-    listing
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(reference))
-        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("sha256:")))
-        .unwrap_or_else(|| panic!("{reference} not in `ctr images ls`:\n{listing}"))
-        .to_string()
-}
-
 #[tokio::test]
 async fn containerd_pulls_and_pushes_with_ctr() {
     let registry = Registry::start();

@@ -87,7 +87,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v2/", get(base))
         .route("/v2/{*path}", any(dispatch))
-        .route(crate::auth::TOKEN_PATH, get(token::issue))
+        .route(
+            crate::auth::TOKEN_PATH,
+            get(token::issue).post(token::issue_oauth),
+        )
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(|| async { RegistryError::NotFound })

@@ -444,6 +444,25 @@ fn parse_scopes(scopes: &[String]) -> Vec<Scope> {
         .collect()
 }
 
+/// The credentials a token request brings: in its Authorization header (`GET`) or its OAuth2
+/// password-grant form (`POST`).
+pub enum TokenCredentials {
+    Anonymous,
+    Password { user: String, password: String },
+    Malformed,
+}
+
+impl TokenCredentials {
+    pub fn from_headers(headers: &HeaderMap) -> TokenCredentials {
+        match presented(headers) {
+            Presented::Basic { user, password } => TokenCredentials::Password { user, password },
+            // A bearer token proves nothing to the endpoint that issues them.
+            Presented::Nothing | Presented::Bearer(_) => TokenCredentials::Anonymous,
+            Presented::Malformed => TokenCredentials::Malformed,
+        }
+    }
+}
+
 /// The registry's access control, reloadable while serving.
 pub struct Auth {
     state: RwLock<Arc<AuthState>>,
@@ -578,6 +597,7 @@ impl Auth {
     pub async fn issue_token(
         &self,
         info: &RequestInfo<'_>,
+        credentials: TokenCredentials,
         service: Option<&str>,
         scopes: &[String],
     ) -> Result<IssuedToken, RegistryError> {
@@ -603,8 +623,8 @@ impl Auth {
                 Some((repo, actions))
             })
             .collect();
-        let who = match presented(info.headers) {
-            Presented::Basic { user, password } => {
+        let who = match credentials {
+            TokenCredentials::Password { user, password } => {
                 let needs: Vec<Need<'_>> = if repos.len() == requested.len() {
                     repos.iter().map(|(r, a)| Need::Repository(r, *a)).collect()
                 } else {
@@ -614,8 +634,8 @@ impl Auth {
                     .basic_login(&user, &password, info.peer, &needs)
                     .await?
             }
-            Presented::Nothing | Presented::Bearer(_) => Identity::anonymous(),
-            Presented::Malformed => {
+            TokenCredentials::Anonymous => Identity::anonymous(),
+            TokenCredentials::Malformed => {
                 return Err(RegistryError::Unauthorized {
                     challenge: state.basic_challenge(),
                     message: "malformed Authorization header",

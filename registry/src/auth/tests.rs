@@ -163,7 +163,11 @@ async fn token_mode_issues_only_what_the_policy_allows() {
     let issued = f
         .auth
         .issue_token(
-            &info(&basic("bob", "bob-pw")),
+            &info(&none),
+            TokenCredentials::Password {
+                user: "bob".into(),
+                password: "bob-pw".into(),
+            },
             Some("berth-registry"),
             &scope,
         )
@@ -194,14 +198,24 @@ async fn token_mode_issues_only_what_the_policy_allows() {
     // Wrong credentials get nothing, unless all they ask is a pull from the lenient cache.
     assert!(
         f.auth
-            .issue_token(&info(&basic("bob", "nope")), None, &scope)
+            .issue_token(
+                &info(&none),
+                TokenCredentials::from_headers(&basic("bob", "nope")),
+                None,
+                &scope
+            )
             .await
             .is_err()
     );
     let cache_scope = vec!["repository:cache/app/0123abcd:pull".to_owned()];
     let anonymous = f
         .auth
-        .issue_token(&info(&basic("bob", "nope")), None, &cache_scope)
+        .issue_token(
+            &info(&none),
+            TokenCredentials::from_headers(&basic("bob", "nope")),
+            None,
+            &cache_scope,
+        )
         .await
         .unwrap();
     let cached = repo("cache/app/0123abcd");
@@ -216,7 +230,12 @@ async fn token_mode_issues_only_what_the_policy_allows() {
     assert!(!grant.allows(&cached, Actions::LIST));
     assert!(
         f.auth
-            .issue_token(&info(&none), Some("elsewhere"), &scope)
+            .issue_token(
+                &info(&none),
+                TokenCredentials::from_headers(&none),
+                Some("elsewhere"),
+                &scope
+            )
             .await
             .is_err()
     );

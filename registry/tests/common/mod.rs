@@ -1455,6 +1455,17 @@ impl Containerd {
     }
 }
 
+/// The digest `ctr images ls` lists for `reference`.
+pub fn ctr_image_digest(containerd: &Containerd, reference: &str) -> String {
+    let listing = run(containerd.ctr().args(["images", "ls"]));
+    listing
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(reference))
+        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("sha256:")))
+        .unwrap_or_else(|| panic!("{reference} not in `ctr images ls`:\n{listing}"))
+        .to_string()
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
         print_log_on_panic("containerd", &self.log_path());
