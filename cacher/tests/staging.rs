@@ -813,3 +813,70 @@ fn a_token_that_expires_mid_copy_is_fetched_again() {
         &[cacher.dir(), berth.root().as_path()],
     );
 }
+
+/// The internal registry as a foundation runs it: token mode, the cache namespace pushable by the
+/// cacher's robot account only, pullable by exact name by anyone, even with credentials it does
+/// not know, listed to nobody.
+const INTERNAL_TOKEN_MODE: &str = "mode: token\n\
+     access:\n  - repositories: cache\n    anonymous: by-name\n    \
+     foreign_credentials_as_anonymous: true\n    grants: { \"robot:berth-cacher\": [push] }\n";
+
+#[test]
+fn cacher_pushes_as_its_robot_and_cells_pull_by_name_with_origin_credentials() {
+    let robot = ("robot$berth-cacher", unique_secret());
+    let berth = Berth::start_with_auth(INTERNAL_TOKEN_MODE, &[(robot.0, &robot.1)]);
+    let upstream = Upstream::start(None);
+    let image = web_image(15, &[300 * KIB, 100 * KIB]);
+    upstream.push("library/web:1.0", &image.manifest, &image.blobs());
+
+    let guid = new_guid();
+    let cacher = Cacher::caching_into_as(&berth, (robot.0, &robot.1), "")
+        .app(&guid)
+        .env("BERTH_CACHE", "true");
+    let reference = format!("{}/library/web:1.0", upstream.host());
+    let outcome = cacher.run(&cacher.builder_args(&reference, &[]));
+    outcome.expect_code(0);
+    let cached = berth.pinned(&cache_repository(&guid), &image.manifest.digest);
+    assert_eq!(
+        cacher.result()["lifecycle_metadata"]["docker_image"],
+        cached.as_str()
+    );
+    // The robot's password lives in the cacher's configuration, and nowhere the cacher writes.
+    let written = cacher
+        .result_path()
+        .parent()
+        .expect("a result directory")
+        .to_path_buf();
+    assert_never_shown(robot.0, &robot.1, &outcome, &[&written, &berth.root()]);
+
+    // A cell presents the origin registry's credentials, or none: both pull the exact name.
+    let origin = ("dockerhub-user", "origin-password");
+    for credentials in [Some(origin), None] {
+        let (digest, manifest) = skopeo_pull_as(&cached, cacher.dir(), credentials);
+        assert_eq!(digest, image.manifest.digest, "{credentials:?}");
+        assert_eq!(manifest_layers(&manifest), image.layer_digests());
+    }
+    // Nobody without a grant lists the cache.
+    for listing in [
+        "_catalog".to_string(),
+        format!("{}/tags/list", cache_repository(&guid)),
+    ] {
+        let response = http(
+            reqwest::Method::GET,
+            &format!("{}/v2/{listing}", berth.url()),
+        );
+        assert_eq!(response.status, 401, "{listing}");
+    }
+
+    // Without the robot's password the cacher cannot push, and nothing lands.
+    let other = web_image(16, &[64 * KIB]);
+    upstream.push("library/other:1.0", &other.manifest, &other.blobs());
+    let cacher = Cacher::caching_into_as(&berth, (robot.0, "not-the-robot-password"), "")
+        .app(&new_guid())
+        .env("BERTH_CACHE", "true");
+    let reference = format!("{}/library/other:1.0", upstream.host());
+    let outcome = cacher.run(&cacher.builder_args(&reference, &[]));
+    outcome.expect_code(2);
+    let digests: Vec<&str> = other.blobs().iter().map(|b| b.digest.as_str()).collect();
+    assert_not_stored(&berth, &digests);
+}

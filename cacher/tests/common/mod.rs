@@ -468,9 +468,22 @@ pub fn skopeo() -> Command {
 /// `dir:` copy under `dir` (blobs and manifest kept byte for byte); returns the manifest's digest
 /// and the manifest.
 pub fn skopeo_pull(reference: &str, dir: &Path) -> (String, Value) {
+    skopeo_pull_as(reference, dir, None)
+}
+
+/// Like [`skopeo_pull`], presenting `credentials`.
+pub fn skopeo_pull_as(
+    reference: &str,
+    dir: &Path,
+    credentials: Option<(&str, &str)>,
+) -> (String, Value) {
     let out = dir.join(format!("pulled-{}", uuid::Uuid::new_v4().simple()));
-    run(skopeo()
-        .args(["copy", "--src-tls-verify=false"])
+    let mut cmd = skopeo();
+    cmd.args(["copy", "--src-tls-verify=false"]);
+    if let Some((user, password)) = credentials {
+        cmd.arg(format!("--src-creds={user}:{password}"));
+    }
+    run(cmd
         .arg(format!("docker://{reference}"))
         .arg(format!("dir:{}", out.display())));
     let bytes = fs::read(out.join("manifest.json")).expect("the pulled manifest");
@@ -1120,12 +1133,23 @@ impl Cacher {
 
     /// Configured to cache into `berth` under [`REPOSITORY_KEY`]; `extra` is more YAML.
     pub fn caching_into(berth: &Berth, extra: &str) -> Cacher {
+        Cacher::configured(berth, "", extra)
+    }
+
+    /// Like [`Cacher::caching_into`], pushing as `user` with `password`, as the BOSH job
+    /// configures the cacher's robot account.
+    pub fn caching_into_as(berth: &Berth, (user, password): (&str, &str), extra: &str) -> Cacher {
+        let login = format!("  username: {user:?}\n  password: {password:?}\n");
+        Cacher::configured(berth, &login, extra)
+    }
+
+    fn configured(berth: &Berth, registry_lines: &str, extra: &str) -> Cacher {
         let cacher = Cacher::new();
         let config = cacher.dir.path().join("berth-cacher.yml");
         fs::write(
             &config,
             format!(
-                "registry:\n  url: {}\nrepository_key: {REPOSITORY_KEY}\n{extra}",
+                "registry:\n  url: {}\n{registry_lines}repository_key: {REPOSITORY_KEY}\n{extra}",
                 berth.url()
             ),
         )
