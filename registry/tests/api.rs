@@ -8,7 +8,6 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -1678,37 +1677,11 @@ async fn a_truncated_upload_body_leaves_nothing_visible() {
 #[tokio::test]
 async fn serves_https_with_the_configured_certificate() {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let tls = Tls {
-        certificate: dir.path().join("cert.pem"),
-        private_key: dir.path().join("key.pem"),
-    };
-    // A leaf for 127.0.0.1 that is its own trust anchor (CA:FALSE, or rustls refuses it as a leaf).
-    run(Command::new(require_tool("openssl"))
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "2", "-subj", "/CN=berth-test"])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .args(["-addext", "extendedKeyUsage=serverAuth"])
-        .arg("-keyout")
-        .arg(&tls.private_key)
-        .arg("-out")
-        .arg(&tls.certificate));
+    let tls = Tls::generate(dir.path());
     let registry = Registry::start_tls(tls.clone());
     assert!(registry.url().starts_with("https://"), "{}", registry.url());
 
-    let pem = std::fs::read(&tls.certificate).expect("read the certificate");
-    let trusting = reqwest::Client::builder()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("a PEM certificate"))
-        .build()
-        .expect("an HTTPS client");
+    let trusting = tls.client();
     let reply = send(trusting.get(format!("{}/v2/", registry.url()))).await;
     reply.expect(200);
 

@@ -1004,6 +1004,75 @@ async fn containerd_uses_the_oauth_form_in_token_mode() {
     assert_eq!(api.tags_as_admin("team-a/refused").await, None);
 }
 
+/// Token mode over TLS: the challenge names an https realm on the host the client addressed;
+/// skopeo logs in, pushes and pulls through it; curl fetches a token and the manifest over HTTP/2,
+/// where the host comes from the `:authority` pseudo-header instead of `Host`.
+#[tokio::test]
+async fn token_mode_over_tls_and_http2() {
+    let material = usual_material();
+    let tls = Tls::generate(material.dir.path());
+    let registry = Registry::start_tls_configured(tls.clone(), &material.config(Mode::Token, ""));
+    let url = format!("{}/v2/team-a/app/manifests/v1", registry.url());
+    let reply = send(&tls.client(), Method::GET, &url, &Cred::Anonymous, None).await;
+    reply.expect(401);
+    let realm = format!("https://{}/auth/token", registry.host());
+    assert_eq!(
+        reply.challenge(),
+        format!(
+            "Bearer realm=\"{realm}\",service=\"{SERVICE}\",scope=\"repository:team-a/app:pull\""
+        )
+    );
+
+    let image = small_image(72);
+    let layout = registry.scratch().join("tls-layout");
+    write_oci_layout(&layout, "v1", &image.manifest, &image.blobs());
+    skopeo_push(&layout, &registry.host(), "team-a/app:v1", Some(ALICE));
+    let pulled = skopeo_pull_digest(
+        registry.scratch(),
+        &registry.host(),
+        "team-a/app:v1",
+        Some(BOB),
+    );
+    assert_eq!(pulled, image.manifest.digest);
+
+    let curl = |args: &[&str]| {
+        run(Command::new(require_tool("curl"))
+            .args(["-sS", "--fail", "--http2", "--cacert"])
+            .arg(&tls.certificate)
+            .args(args))
+    };
+    let token_url = format!("{realm}?service={SERVICE}&scope=repository:team-a/app:pull");
+    let login = format!("{}:{}", BOB.0, BOB.1);
+    let answer: Value =
+        serde_json::from_str(&curl(&["-u", &login, &token_url])).expect("a token response");
+    let bearer = format!(
+        "Authorization: Bearer {}",
+        answer["token"].as_str().expect("a token")
+    );
+    let served = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_version} %{http_code}",
+        "-H",
+        &bearer,
+        "-H",
+        &format!("Accept: {OCI_MANIFEST}"),
+        &url,
+    ]);
+    assert_eq!(served.trim(), "2 200");
+    let log = registry.log();
+    let over_http2 = |path: &str| {
+        log.lines()
+            .any(|l| l.contains("version=HTTP/2.0") && l.contains(path) && l.contains("status=200"))
+    };
+    assert!(over_http2("/auth/token"), "a token over HTTP/2:\n{log}");
+    assert!(
+        over_http2("/v2/team-a/app/manifests/v1"),
+        "a manifest over HTTP/2:\n{log}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3: CNCF distribution trusts berth's tokens
 // ---------------------------------------------------------------------------------------------
@@ -1131,7 +1200,8 @@ async fn distribution_accepts_berth_tokens() {
         berth
             .registry
             .log()
-            .matches("path=\"/auth/token\" status=200")
+            .lines()
+            .filter(|l| l.contains("path=\"/auth/token\"") && l.contains("status=200"))
             .count()
     };
     let tokens_before = issued();

@@ -251,6 +251,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
 async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
+    let version = request.version();
     let path = request.uri().path().to_owned();
     let mut response = next.run(request).await;
     response.headers_mut().insert(
@@ -275,6 +276,7 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
         target: "berth_registry::request",
         method = %method,
         path,
+        version = ?version,
         status,
         bytes,
         duration_ms = started.elapsed().as_secs_f64() * 1e3,

@@ -364,6 +364,45 @@ pub struct Tls {
     pub private_key: PathBuf,
 }
 
+impl Tls {
+    /// A self-signed leaf for 127.0.0.1 in `dir`, its own trust anchor (CA:FALSE, or rustls
+    /// refuses it as a leaf).
+    pub fn generate(dir: &Path) -> Tls {
+        let tls = Tls {
+            certificate: dir.join("cert.pem"),
+            private_key: dir.join("key.pem"),
+        };
+        run(Command::new(require_tool("openssl"))
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args(["-nodes", "-days", "2", "-subj", "/CN=berth-test"])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .args(["-addext", "extendedKeyUsage=serverAuth"])
+            .arg("-keyout")
+            .arg(&tls.private_key)
+            .arg("-out")
+            .arg(&tls.certificate));
+        tls
+    }
+
+    /// A client that trusts this certificate and nothing else.
+    pub fn client(&self) -> reqwest::Client {
+        let pem = fs::read(&self.certificate).expect("read the certificate");
+        reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("a PEM certificate"))
+            .build()
+            .expect("an HTTPS client")
+    }
+}
+
 impl Registry {
     fn binary() -> PathBuf {
         std::env::var_os("BERTH_E2E_REGISTRY_BIN")
@@ -393,7 +432,16 @@ impl Registry {
     /// Like [`Registry::start_with_config`], with extra environment variables for the process
     /// (`BERTH_LOG` among them overrides the default level).
     pub fn start_configured(yaml: &str, env: &[(&str, &str)]) -> Registry {
-        let mut registry = Registry::prepare(None);
+        Registry::start_configured_with(None, yaml, env)
+    }
+
+    /// Like [`Registry::start_with_config`], serving HTTPS with `tls`.
+    pub fn start_tls_configured(tls: Tls, yaml: &str) -> Registry {
+        Registry::start_configured_with(Some(tls), yaml, &[])
+    }
+
+    fn start_configured_with(tls: Option<Tls>, yaml: &str, env: &[(&str, &str)]) -> Registry {
+        let mut registry = Registry::prepare(tls);
         let path = registry.dir.path().join("config.yml");
         fs::write(&path, yaml).expect("write the registry configuration");
         registry.config = Some(path);
