@@ -11,19 +11,15 @@ use async_trait::async_trait;
 use berth_oci::{Algorithm, Digest, DigestHasher};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
-use tokio_util::io::ReaderStream;
 
-use super::{ByteStream, ContentError, ContentStore, UploadId};
+use super::{ByteStream, ContentError, ContentStore, UploadId, chunks};
 
 /// Writes reach the disk in pieces of this size: large enough for few syscalls and a hot hash loop.
 const WRITE_BUFFER: usize = 1 << 20;
 /// While an upload streams, a helper thread hands dirty pages to the disk every this many bytes,
 /// so the fsync at commit waits only for the tail instead of the whole blob.
 const WRITEBACK_EVERY: u64 = 32 << 20;
-/// Reads for streaming a blob out.
-const READ_BUFFER: usize = 256 << 10;
 
 /// The hash of an upload's first `offset` bytes, kept between requests so committing a streamed
 /// upload does not read it back. Lost on restart, when the commit re-reads the data instead.
@@ -222,14 +218,12 @@ impl ContentStore for FsContentStore {
     }
 
     async fn read(&self, digest: &Digest, range: Range<u64>) -> Result<ByteStream, ContentError> {
-        let mut file = tokio::fs::File::open(self.blob_path(digest))
-            .await
-            .map_err(|e| not_found_as(e, ContentError::BlobUnknown))?;
-        if range.start > 0 {
-            file.seek(SeekFrom::Start(range.start)).await?;
-        }
-        let limited = file.take(range.end.saturating_sub(range.start));
-        Ok(Box::pin(ReaderStream::with_capacity(limited, READ_BUFFER)))
+        let path = self.blob_path(digest);
+        let file = blocking(move || {
+            File::open(path).map_err(|e| not_found_as(e, ContentError::BlobUnknown))
+        })
+        .await?;
+        Ok(chunks::stream(file, range))
     }
 
     async fn read_all(&self, digest: &Digest) -> Result<Bytes, ContentError> {

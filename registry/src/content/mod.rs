@@ -1,5 +1,6 @@
 //! Content store: blob and manifest bytes addressed by digest, and the upload data that becomes them.
 
+mod chunks;
 mod fs;
 
 use std::io;
