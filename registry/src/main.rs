@@ -1,7 +1,7 @@
 //! The `berth-registry` command: serve the registry, or check a configuration file.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,7 @@ use berth_registry::api::{self, AppState};
 use berth_registry::auth::Auth;
 use berth_registry::config::{Config, LogFormat};
 use berth_registry::content::FsContentStore;
-use berth_registry::metadata::SqliteMetadataStore;
+use berth_registry::metadata::{CachedMetadata, SqliteMetadataStore};
 use berth_registry::server;
 use clap::{Parser, Subcommand};
 
@@ -104,9 +104,30 @@ async fn reload_on_hangup(
     }
 }
 
+/// Takes the data directory for this process alone: upload sessions and the metadata cache live
+/// in its memory, so a second process on the same directory would see stale tags and could
+/// interleave appends to one upload. The lock dies with the process, however it ends.
+fn claim_data_directory(root: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let path = root.join("berth-registry.lock");
+    let lock =
+        std::fs::File::create(&path).with_context(|| format!("opening {}", path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "{} is in use by another berth-registry process; give each instance its own storage root",
+            root.display()
+        ),
+        Err(std::fs::TryLockError::Error(err)) => {
+            Err(err).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
 async fn serve(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
     let started = Instant::now();
     let root = &config.storage.root;
+    let _data_lock = claim_data_directory(root)?;
     let content = FsContentStore::open(root)
         .with_context(|| format!("opening storage at {}", root.display()))?;
     let metadata = SqliteMetadataStore::open(&root.join("metadata.sqlite"))
@@ -115,7 +136,12 @@ async fn serve(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<(
         .await
         .context("loading access control")?;
     let state = Arc::new(
-        AppState::new(Arc::new(content), Arc::new(metadata), config.limits.clone()).with_auth(auth),
+        AppState::new(
+            Arc::new(content),
+            Arc::new(CachedMetadata::new(metadata)),
+            config.limits.clone(),
+        )
+        .with_auth(auth),
     );
     // Installed before serving: a SIGHUP that arrived before the handler would end the process.
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())

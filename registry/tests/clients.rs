@@ -1,9 +1,11 @@
 //! End-to-end tests with real clients: skopeo, docker (a private dockerd), podman (a private
 //! store), containerd's ctr (a private containerd), plus a crash-and-resume test of a large
-//! streamed upload. Every client must be installed: a missing one fails the test.
+//! streamed upload and a check that one storage root serves one process. Every client must be
+//! installed: a missing one fails the test.
 
 mod common;
 
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -852,4 +854,28 @@ fn sigterm_stops_the_server_cleanly() {
         "berth-registry exited with {status} on SIGTERM"
     );
     registry.restart();
+}
+
+#[test]
+fn a_second_server_on_the_same_storage_root_refuses_to_start() {
+    let registry = Registry::start();
+    let output = run_output(
+        Command::new(env!("CARGO_BIN_EXE_berth-registry"))
+            .arg("serve")
+            .env("BERTH_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("BERTH_STORAGE_ROOT", registry.root()),
+        Duration::from_secs(10),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "a second server started on the same root:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("in use by another berth-registry process"),
+        "unclear refusal:\n{stderr}"
+    );
+    let still =
+        blocking_get(registry.addr(), "/v2/", Duration::from_secs(2)).expect("first server");
+    assert_eq!(still.status, 200, "the first server keeps serving");
 }

@@ -1,6 +1,7 @@
 //! Metadata store: repositories, tags, manifests and what they reference, blob ownership, referrers
 //! and upload sessions.
 
+mod cached;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -9,6 +10,7 @@ use serde::Serialize;
 
 use crate::content::UploadId;
 
+pub use cached::CachedMetadata;
 pub use sqlite::SqliteMetadataStore;
 
 #[derive(Debug, thiserror::Error)]
