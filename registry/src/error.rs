@@ -40,8 +40,8 @@ pub enum RegistryError {
     TagInvalid(NameError),
     #[error("{0}")]
     Unsupported(String),
-    #[error("method not allowed")]
-    MethodNotAllowed,
+    #[error("method not allowed; this path takes {allow}")]
+    MethodNotAllowed { allow: &'static str },
     #[error("not found")]
     NotFound,
     #[error("{message}")]
@@ -89,7 +89,7 @@ impl RegistryError {
             // TAG_INVALID is outside them.
             TagInvalid(_) => ("MANIFEST_INVALID", StatusCode::BAD_REQUEST),
             Unsupported(_) => ("UNSUPPORTED", StatusCode::BAD_REQUEST),
-            MethodNotAllowed => ("UNSUPPORTED", StatusCode::METHOD_NOT_ALLOWED),
+            MethodNotAllowed { .. } => ("UNSUPPORTED", StatusCode::METHOD_NOT_ALLOWED),
             // A path outside the API: the spec has no code for it, UNSUPPORTED is the nearest.
             NotFound => ("UNSUPPORTED", StatusCode::NOT_FOUND),
             Unauthorized { .. } => ("UNAUTHORIZED", StatusCode::UNAUTHORIZED),
@@ -140,10 +140,18 @@ impl IntoResponse for RegistryError {
         if status.is_server_error() {
             response.extensions_mut().insert(StorageFailure);
         }
-        if let RegistryError::Unauthorized { challenge, .. } = self {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, challenge);
+        match self {
+            RegistryError::Unauthorized { challenge, .. } => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, challenge);
+            }
+            RegistryError::MethodNotAllowed { allow } => {
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            _ => {}
         }
         response
     }

@@ -486,15 +486,43 @@ async fn unknown_paths_and_methods_get_oci_errors() {
         api.get(target).await.expect_error(404, "UNSUPPORTED");
     }
     let digest = sha256(b"x");
-    for (method, target) in [
-        (Method::POST, "repo/manifests/latest".to_string()),
-        (Method::PATCH, format!("repo/blobs/{digest}")),
-        (Method::PUT, "repo/tags/list".to_string()),
-        (Method::DELETE, "_catalog".to_string()),
+    let session = "0b3ad7c4-6c2e-4a4f-9d51-1f2a3b4c5d6e";
+    let methods = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+    ];
+    for (target, allow) in [
+        (
+            "repo/manifests/latest".to_string(),
+            "GET, HEAD, PUT, DELETE",
+        ),
+        (format!("repo/blobs/{digest}"), "GET, HEAD, DELETE"),
+        ("repo/blobs/uploads/".to_string(), "POST"),
+        (
+            format!("repo/blobs/uploads/{session}"),
+            "GET, PATCH, PUT, DELETE",
+        ),
+        ("repo/tags/list".to_string(), "GET"),
+        ("_catalog".to_string(), "GET"),
+        (format!("repo/referrers/{digest}"), "GET"),
     ] {
-        send(api.request(method, &target))
-            .await
-            .expect_error(405, "UNSUPPORTED");
+        for method in &methods {
+            let reply = send(api.request(method.clone(), &target)).await;
+            if allow.split(", ").any(|m| m == method.as_str()) {
+                assert_ne!(reply.status, 405, "{method} {target} is allowed: {reply}");
+            } else {
+                reply.expect_error(405, "UNSUPPORTED");
+                assert_eq!(
+                    reply.header("allow"),
+                    Some(allow),
+                    "{method} {target}: {reply}"
+                );
+            }
+        }
     }
 }
 

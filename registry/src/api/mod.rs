@@ -210,6 +210,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
     let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
     let head = method == Method::HEAD;
     let state = &*state;
+    let allow = route.allowed_methods();
     let result = match (route, method) {
         (Route::Manifest(repo, reference), Method::GET | Method::HEAD) => {
             manifests::get(state, &repo, &reference, head).await
@@ -240,7 +241,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
         (Route::Referrers(repo, subject), Method::GET) => {
             referrers::list(state, &repo, &subject, &uri).await
         }
-        _ => Err(RegistryError::MethodNotAllowed),
+        _ => Err(RegistryError::MethodNotAllowed { allow }),
     };
     let mut response = result.unwrap_or_else(IntoResponse::into_response);
     response.extensions_mut().insert(RouteLabel(label));

@@ -28,6 +28,17 @@ impl Route {
             Route::Referrers(..) => "referrers",
         }
     }
+
+    /// The methods the route answers, for the `Allow` header of a 405.
+    pub(crate) fn allowed_methods(&self) -> &'static str {
+        match self {
+            Route::Catalog | Route::Tags(_) | Route::Referrers(..) => "GET",
+            Route::Manifest(..) => "GET, HEAD, PUT, DELETE",
+            Route::Blob(..) => "GET, HEAD, DELETE",
+            Route::UploadStart(_) => "POST",
+            Route::Upload(..) => "GET, PATCH, PUT, DELETE",
+        }
+    }
 }
 
 fn digest(text: &str) -> Result<Digest, RegistryError> {
