@@ -98,6 +98,7 @@ impl RegistryError {
             Content(ContentError::UploadUnknown) => ("BLOB_UPLOAD_UNKNOWN", StatusCode::NOT_FOUND),
             Content(ContentError::BlobUnknown) => ("BLOB_UNKNOWN", StatusCode::NOT_FOUND),
             Content(ContentError::StorageFull) => ("UNKNOWN", StatusCode::INSUFFICIENT_STORAGE),
+            Metadata(err) if err.is_storage_full() => ("UNKNOWN", StatusCode::INSUFFICIENT_STORAGE),
             Content(_) | Metadata(_) => ("UNKNOWN", StatusCode::INTERNAL_SERVER_ERROR),
         }
     }
@@ -123,7 +124,10 @@ impl IntoResponse for RegistryError {
     fn into_response(self) -> Response {
         let (code, status) = self.code_and_status();
         // Internal failures are logged with their cause once, here; the client sees only the code.
-        let message = if status.is_server_error() {
+        let message = if status == StatusCode::INSUFFICIENT_STORAGE {
+            tracing::error!(error = %self, "request failed");
+            "the registry's storage is full".to_owned()
+        } else if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
             "internal storage error".to_owned()
         } else {
@@ -162,3 +166,32 @@ impl IntoResponse for RegistryError {
 pub struct StorageFailure;
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sqlite_failure(code: std::ffi::c_int) -> RegistryError {
+        let failure = rusqlite::ffi::Error::new(code);
+        RegistryError::Metadata(MetadataError::Database(rusqlite::Error::SqliteFailure(
+            failure, None,
+        )))
+    }
+
+    #[test]
+    fn a_full_disk_is_507_whichever_store_hits_it() {
+        let content =
+            RegistryError::Content(ContentError::from_io(std::io::Error::from_raw_os_error(28)));
+        for err in [content, sqlite_failure(rusqlite::ffi::SQLITE_FULL)] {
+            assert_eq!(
+                err.into_response().status(),
+                StatusCode::INSUFFICIENT_STORAGE
+            );
+        }
+        let busy = sqlite_failure(rusqlite::ffi::SQLITE_BUSY);
+        assert_eq!(
+            busy.into_response().status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+}

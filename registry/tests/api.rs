@@ -256,6 +256,15 @@ impl Api {
         }
     }
 
+    /// Like [`Api::start`], storing under `root` instead of a fresh temporary directory.
+    fn start_on(root: &Path) -> Api {
+        let root = root.to_str().expect("a UTF-8 storage root");
+        Api {
+            registry: Registry::start_configured("{}", &[("BERTH_STORAGE_ROOT", root)]),
+            client: http_client(),
+        }
+    }
+
     /// `target` is a path below `/v2/`, or, starting with `/`, a path of the server such as a
     /// `Location` it returned.
     fn request(&self, method: Method, target: &str) -> RequestBuilder {
@@ -1633,6 +1642,102 @@ async fn errors_decided_before_the_body_reach_a_client_still_sending_it() {
 
     let status = api.get(&location).await;
     expect_session(status.expect(204), "early", 10);
+}
+
+/// A storage root on a tmpfs of a few MiB: a full disk a test can cause and relieve. Mounting
+/// needs root, as the rest of these suites do for dockerd; without it the test fails.
+struct SmallDisk {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(mib: u32) -> SmallDisk {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).expect("create the mount point");
+        run(std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(&root));
+        SmallDisk { _dir: dir, root }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.root)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_is_507_leaves_nothing_partial_and_the_server_keeps_serving() {
+    let disk = SmallDisk::mount(24);
+    let api = Api::start_on(&disk.root);
+    let small = Rng::new(31).bytes(1 << 20);
+    let small_digest = api.push_blob("full/app", &small).await;
+    let big = Rng::new(32).bytes(32 << 20);
+    let big_digest = sha256(&big);
+
+    let target = format!("full/app/blobs/uploads/?digest={big_digest}");
+    let reply = send(
+        api.request(Method::POST, &target)
+            .header(CONTENT_TYPE, OCTET_STREAM)
+            .body(big.clone()),
+    )
+    .await;
+    reply.expect_error(507, "UNKNOWN");
+    let message = reply.json()["errors"][0]["message"].clone();
+    assert_eq!(message, "the registry's storage is full", "{reply}");
+    api.head(&format!("full/app/blobs/{big_digest}"))
+        .await
+        .expect_error(404, "BLOB_UNKNOWN");
+    for dir in ["uploads", "tmp"] {
+        assert_eq!(
+            tree(&disk.root.join(dir)),
+            BTreeSet::new(),
+            "{dir}/ after the failed POST"
+        );
+    }
+
+    // A session keeps the whole pieces that fit, so a client can resume once there is room.
+    let location = api.start_upload("full/app").await;
+    api.patch(&location, None, &big)
+        .await
+        .expect_error(507, "UNKNOWN");
+    let status = api.get(&location).await;
+    let range = status
+        .expect(204)
+        .header("range")
+        .expect("a Range header")
+        .to_owned();
+    let kept: usize = range
+        .strip_prefix("0-")
+        .and_then(|end| end.parse::<usize>().ok())
+        .map(|end| end + 1)
+        .unwrap_or_else(|| panic!("range {range}"));
+    assert!(kept > 0 && kept < big.len(), "kept {kept} bytes");
+    let on_disk = std::fs::metadata(
+        disk.root
+            .join("uploads")
+            .join(location.rsplit('/').next().unwrap()),
+    )
+    .expect("the session's file")
+    .len();
+    assert_eq!(
+        on_disk, kept as u64,
+        "the session reports what its file holds"
+    );
+
+    // The server kept serving; cancelling the session frees its space for the next push.
+    let served = api.get(&format!("full/app/blobs/{small_digest}")).await;
+    assert_eq!(served.expect(200).body, small);
+    api.delete(&location).await.expect(204);
+    assert_eq!(tree(&disk.root.join("uploads")), BTreeSet::new());
+    api.push_blob("full/app", &Rng::new(33).bytes(4 << 20))
+        .await;
 }
 
 #[tokio::test]

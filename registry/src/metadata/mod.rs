@@ -27,6 +27,17 @@ pub enum MetadataError {
     Worker(#[from] tokio::task::JoinError),
 }
 
+impl MetadataError {
+    /// Whether the database could not write because its disk is full.
+    pub fn is_storage_full(&self) -> bool {
+        matches!(
+            self,
+            MetadataError::Database(rusqlite::Error::SqliteFailure(failure, _))
+                if failure.code == rusqlite::ErrorCode::DiskFull
+        )
+    }
+}
+
 /// A manifest to record: what it is, and every blob and child manifest it needs.
 #[derive(Debug, Clone)]
 pub struct NewManifest {
