@@ -1,12 +1,14 @@
 //! End-to-end tests with real clients: skopeo, docker (a private dockerd), podman (a private
-//! store), containerd's ctr (a private containerd), plus a crash-and-resume test of a large
-//! streamed upload and a check that one storage root serves one process. Every client must be
-//! installed: a missing one fails the test.
+//! store), containerd's ctr (a private containerd), plus the server's life cycle: a crash during a
+//! large streamed upload and its resumption, SIGTERM draining a download in flight within the
+//! grace period, and one process per storage root. Every client must be installed: a missing one
+//! fails the test.
 
 mod common;
 
+use std::net::TcpStream;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
@@ -854,6 +856,98 @@ fn sigterm_stops_the_server_cleanly() {
         "berth-registry exited with {status} on SIGTERM"
     );
     registry.restart();
+}
+
+/// What became of a curl download (throttled to `rate`) of a 48 MiB blob when the registry got
+/// SIGTERM in the middle of it.
+struct DrainOutcome {
+    download_complete: bool,
+    server_exit: std::process::ExitStatus,
+    /// From SIGTERM to the server's exit.
+    exit_after: Duration,
+}
+
+fn sigterm_during_a_download(mut registry: Registry, rate: &str) -> DrainOutcome {
+    let blob = Rng::new(41).bytes(48 << 20);
+    let digest = sha256(&blob);
+    let target = format!("/v2/drain/app/blobs/uploads/?digest={digest}");
+    let pushed = blocking_request(
+        registry.addr(),
+        "POST",
+        &target,
+        &blob,
+        Duration::from_secs(60),
+    )
+    .expect("push the blob");
+    assert_eq!(pushed.status, 201);
+
+    let out = registry.scratch().join("download");
+    let mut curl = Command::new(require_tool("curl"))
+        .args(["-sS", "--fail", "--limit-rate", rate, "-o"])
+        .arg(&out)
+        .arg(format!("{}/v2/drain/app/blobs/{digest}", registry.url()))
+        .spawn()
+        .expect("start curl");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&out).map_or(0, |m| m.len()) < 2 << 20 {
+        assert!(Instant::now() < deadline, "the download did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    registry.signal("TERM");
+    let signalled = Instant::now();
+
+    let deadline = signalled + Duration::from_secs(5);
+    while TcpStream::connect_timeout(&registry.addr(), Duration::from_secs(1)).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "still accepting connections 5 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let server_exit = registry
+        .wait_exit(Duration::from_secs(40))
+        .expect("berth-registry exits after SIGTERM");
+    let exit_after = signalled.elapsed();
+    let finished = curl.wait().expect("wait for curl");
+    let downloaded = std::fs::read(&out).expect("read the download");
+    DrainOutcome {
+        download_complete: finished.success() && downloaded == blob,
+        server_exit,
+        exit_after,
+    }
+}
+
+#[test]
+fn sigterm_lets_a_download_in_flight_finish_and_refuses_new_connections() {
+    // About 3 s for the whole blob, well inside the default 30 s grace.
+    let outcome = sigterm_during_a_download(Registry::start(), "16M");
+    assert!(outcome.download_complete, "the download in flight was cut");
+    assert!(
+        outcome.server_exit.success(),
+        "exited with {}",
+        outcome.server_exit
+    );
+}
+
+#[test]
+fn sigterm_waits_for_downloads_only_as_long_as_the_grace_period() {
+    // About 24 s for the whole blob against a 1 s grace.
+    let registry = Registry::start_with_config("limits:\n  shutdown_grace_seconds: 1\n");
+    let outcome = sigterm_during_a_download(registry, "2M");
+    assert!(
+        !outcome.download_complete,
+        "a 24 s download finished within a 1 s grace"
+    );
+    assert!(
+        outcome.exit_after < Duration::from_secs(5),
+        "exited {:?} after SIGTERM with a 1 s grace",
+        outcome.exit_after
+    );
+    assert!(
+        outcome.server_exit.success(),
+        "exited with {}",
+        outcome.server_exit
+    );
 }
 
 #[test]

@@ -611,8 +611,14 @@ impl Registry {
     /// SIGTERM, then waits up to `timeout` for the exit status. `None` if it did not exit (it is
     /// then killed).
     pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        send_signal(self.pid()?, "TERM");
+        self.wait_exit(timeout)
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself, as after a signal sent with
+    /// [`Registry::signal`]. `None` if it did not (it is then killed).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
-        send_signal(child.id(), "TERM");
         let status = wait_timeout(&mut child, timeout);
         if status.is_none() {
             let _ = child.kill();
