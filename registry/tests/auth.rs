@@ -1,9 +1,9 @@
 //! Access control end to end, against the real binary: Basic and token mode with real clients
-//! (docker through a private dockerd, skopeo), berth-issued tokens accepted by CNCF distribution,
-//! attacks over raw HTTP (forged, expired and misused tokens, wrong passwords, catalog leaks,
-//! mounts across repositories, path tricks, oversized headers, failed-login limits, timing of
-//! unknown users) and reloading on SIGHUP. Every client must be installed: a missing one fails
-//! the test.
+//! (docker through a private dockerd, skopeo, podman, containerd's ctr), berth-issued tokens
+//! accepted by CNCF distribution, attacks over raw HTTP (forged, expired and misused tokens, wrong
+//! passwords, catalog leaks, mounts across repositories, path tricks, oversized headers,
+//! failed-login limits, timing of unknown users) and reloading on SIGHUP. Every client must be
+//! installed: a missing one fails the test.
 
 mod common;
 
@@ -11,7 +11,7 @@ use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -902,6 +902,108 @@ async fn token_mode_with_docker_and_skopeo() {
 // ---------------------------------------------------------------------------------------------
 
 /// `POST /auth/token` with an OAuth2 form, as containerd sends it.
+/// `podman login` to `host` as `login`, the password on stdin so it never reaches an argv.
+fn podman_login(
+    podman: &Podman,
+    authfile: &Path,
+    host: &str,
+    (user, password): (&str, &str),
+) -> Output {
+    let mut child = podman
+        .podman()
+        .args([
+            "login",
+            "--tls-verify=false",
+            "--password-stdin",
+            "--authfile",
+        ])
+        .arg(authfile)
+        .args(["-u", user, host])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start podman login");
+    child
+        .stdin
+        .take()
+        .expect("podman's stdin")
+        .write_all(password.as_bytes())
+        .expect("write the password");
+    child.wait_with_output().expect("podman login")
+}
+
+#[tokio::test]
+async fn token_mode_with_podman() {
+    let material = usual_material();
+    let api = Api::start(&material, Mode::Token, "");
+    let registry = &api.registry;
+    let host = registry.host();
+    let image = Image::generate(37, "amd64", &[200 * 1024]);
+    let archive = docker_archive(registry, &image, "e2e/local:v1");
+    let podman = Podman::new();
+    let authfile = podman.dir().join("auth.json");
+    let with_auth = |args: &[&str]| {
+        let mut cmd = podman.podman();
+        cmd.args(args).arg("--authfile").arg(&authfile);
+        cmd
+    };
+    let loaded = run(podman.podman().arg("load").arg("-i").arg(&archive));
+    let local = loaded
+        .lines()
+        .find_map(|l| l.strip_prefix("Loaded image: "))
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|| panic!("no `Loaded image:` in podman load output: {loaded}"));
+
+    let failed = podman_login(&podman, &authfile, &host, MALLORY);
+    assert!(
+        !failed.status.success(),
+        "podman login with a wrong password succeeded"
+    );
+    let logged_in = podman_login(&podman, &authfile, &host, ALICE);
+    assert!(
+        logged_in.status.success(),
+        "podman login: {}",
+        output_text(&logged_in)
+    );
+
+    let public = format!("{host}/public/podman:v1");
+    let private = format!("{host}/team-a/podman:v1");
+    for remote in [&public, &private] {
+        run(with_auth(&["push", "--tls-verify=false", &local]).arg(format!("docker://{remote}")));
+    }
+    assert_refused(
+        with_auth(&["push", "--tls-verify=false", &local])
+            .arg(format!("docker://{host}/team-b/podman:v1")),
+        "alice pushing to team-b with podman",
+    );
+    assert_eq!(api.tags_as_admin("team-b/podman").await, None);
+
+    run(podman.podman().args(["rmi", "--all", "--force"]));
+    run(&mut with_auth(&["logout", &host]));
+    // Logged out: public content pulls, team-a does not.
+    run(&mut with_auth(&["pull", "--tls-verify=false", &public]));
+    assert_refused(
+        &mut with_auth(&["pull", "--tls-verify=false", &private]),
+        "anonymous podman pull of team-a",
+    );
+    // Bob may pull team-a.
+    let bob = podman_login(&podman, &authfile, &host, BOB);
+    assert!(
+        bob.status.success(),
+        "podman login as bob: {}",
+        output_text(&bob)
+    );
+    run(&mut with_auth(&["pull", "--tls-verify=false", &private]));
+    let id = run(podman
+        .podman()
+        .args(["image", "inspect", "--format", "{{.Id}}", &private]));
+    assert_eq!(format!("sha256:{}", id.trim()), image.config.digest);
+
+    api.assert_no_secrets(&basic_secrets(&[ALICE, BOB, MALLORY]))
+        .await;
+}
+
 async fn oauth_token_reply(api: &Api, fields: &[(&str, &str)]) -> Reply {
     let response = api
         .client
