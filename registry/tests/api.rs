@@ -1167,6 +1167,14 @@ async fn a_manifest_referencing_a_missing_blob_or_child_is_rejected_and_not_stor
     }
     let tags = api.get(&format!("{repo}/tags/list")).await;
     assert!(tags.expect(200).list("tags").is_empty());
+    let stored = tree(&api.registry.root().join("blobs"));
+    for refused in [&image.manifest.digest, &index.digest] {
+        let hex = refused.strip_prefix("sha256:").expect("a sha256 digest");
+        assert!(
+            !stored.iter().any(|path| path.ends_with(hex)),
+            "the bytes of refused manifest {refused} were stored"
+        );
+    }
 }
 
 #[tokio::test]

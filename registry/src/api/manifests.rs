@@ -97,6 +97,9 @@ pub(super) async fn put(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let manifest = crate::manifest::parse(content_type, &bytes, digest.clone())?;
+    if let Some(missing) = state.metadata.missing_reference(repo, &manifest).await? {
+        return Err(RegistryError::ManifestBlobUnknown(missing));
+    }
     state.content.put(&digest, bytes.clone()).await?;
     let tag = match reference {
         Reference::Tag(tag) => Some(tag),

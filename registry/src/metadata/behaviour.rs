@@ -77,6 +77,12 @@ async fn manifests_need_their_blobs_in_the_repository(store: &dyn MetadataStore)
     let r = repo("refs/app");
     let layer = Digest::sha256_of(b"refs layer");
     let body = b"manifest needing a layer";
+    let needy = manifest(body, vec![layer.clone()]);
+    assert_eq!(
+        store.missing_reference(&r, &needy).await.unwrap(),
+        Some(layer.clone()),
+        "in a repository that does not exist yet"
+    );
     let err = store
         .put_manifest(&r, &manifest(body, vec![layer.clone()]), Some(&tag("v1")))
         .await
@@ -93,6 +99,7 @@ async fn manifests_need_their_blobs_in_the_repository(store: &dyn MetadataStore)
     );
 
     store.link_blob(&r, &layer, 10).await.unwrap();
+    assert_eq!(store.missing_reference(&r, &needy).await.unwrap(), None);
     store
         .put_manifest(&r, &manifest(body, vec![layer]), Some(&tag("v1")))
         .await
@@ -118,6 +125,10 @@ async fn manifests_need_their_blobs_in_the_repository(store: &dyn MetadataStore)
     store.put_manifest(&r, &index, None).await.unwrap();
     let mut dangling = manifest(b"a dangling index", vec![]);
     dangling.manifests = vec![Digest::sha256_of(b"nowhere")];
+    assert_eq!(
+        store.missing_reference(&r, &dangling).await.unwrap(),
+        Some(Digest::sha256_of(b"nowhere"))
+    );
     assert!(store.put_manifest(&r, &dangling, None).await.is_err());
 }
 

@@ -138,6 +138,14 @@ impl<S: MetadataStore> MetadataStore for CachedMetadata<S> {
             .await
     }
 
+    async fn missing_reference(
+        &self,
+        repo: &RepoName,
+        manifest: &NewManifest,
+    ) -> Result<Option<Digest>, MetadataError> {
+        self.inner.missing_reference(repo, manifest).await
+    }
+
     async fn manifest(
         &self,
         repo: &RepoName,

@@ -125,6 +125,15 @@ pub trait MetadataStore: Send + Sync + 'static {
         tag: Option<&Tag>,
     ) -> Result<(), MetadataError>;
 
+    /// The first blob or child manifest `manifest` references that `repo` does not hold. Asked
+    /// before a manifest's bytes are stored, so one that will be refused leaves nothing behind;
+    /// [`MetadataStore::put_manifest`] checks again in its transaction.
+    async fn missing_reference(
+        &self,
+        repo: &RepoName,
+        manifest: &NewManifest,
+    ) -> Result<Option<Digest>, MetadataError>;
+
     async fn manifest(
         &self,
         repo: &RepoName,

@@ -69,6 +69,39 @@ fn ensure_repository(conn: &Connection, repo: &RepoName) -> rusqlite::Result<i64
     )
 }
 
+/// The first blob or child manifest `manifest` references that repository `repo_id` (`None`: a
+/// repository that does not exist yet) does not hold.
+fn first_missing(
+    conn: &Connection,
+    repo_id: Option<i64>,
+    manifest: &NewManifest,
+) -> rusqlite::Result<Option<Digest>> {
+    let Some(repo_id) = repo_id else {
+        return Ok(manifest
+            .blobs
+            .iter()
+            .chain(&manifest.manifests)
+            .next()
+            .cloned());
+    };
+    let mut has_blob = conn.prepare_cached(
+        "SELECT 1 FROM repository_blobs WHERE repository_id = ?1 AND digest = ?2",
+    )?;
+    for digest in &manifest.blobs {
+        if !has_blob.exists(params![repo_id, digest.to_string()])? {
+            return Ok(Some(digest.clone()));
+        }
+    }
+    let mut has_manifest =
+        conn.prepare_cached("SELECT 1 FROM manifests WHERE repository_id = ?1 AND digest = ?2")?;
+    for digest in &manifest.manifests {
+        if !has_manifest.exists(params![repo_id, digest.to_string()])? {
+            return Ok(Some(digest.clone()));
+        }
+    }
+    Ok(None)
+}
+
 fn page_of(mut entries: Vec<String>, limit: u32) -> Page {
     let more = entries.len() > limit as usize;
     entries.truncate(limit as usize);
@@ -203,21 +236,8 @@ impl MetadataStore for SqliteMetadataStore {
         self.with(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let repo_id = ensure_repository(&tx, &repo)?;
-            {
-                let mut has_blob =
-                    tx.prepare_cached("SELECT 1 FROM repository_blobs WHERE repository_id = ?1 AND digest = ?2")?;
-                for digest in &manifest.blobs {
-                    if !has_blob.exists(params![repo_id, digest.to_string()])? {
-                        return Err(MetadataError::MissingReference(digest.clone()));
-                    }
-                }
-                let mut has_manifest =
-                    tx.prepare_cached("SELECT 1 FROM manifests WHERE repository_id = ?1 AND digest = ?2")?;
-                for digest in &manifest.manifests {
-                    if !has_manifest.exists(params![repo_id, digest.to_string()])? {
-                        return Err(MetadataError::MissingReference(digest.clone()));
-                    }
-                }
+            if let Some(missing) = first_missing(&tx, Some(repo_id), &manifest)? {
+                return Err(MetadataError::MissingReference(missing));
             }
             let digest = manifest.digest.to_string();
             tx.execute(
@@ -255,6 +275,16 @@ impl MetadataStore for SqliteMetadataStore {
             Ok(())
         })
         .await
+    }
+
+    async fn missing_reference(
+        &self,
+        repo: &RepoName,
+        manifest: &NewManifest,
+    ) -> Result<Option<Digest>, MetadataError> {
+        let (repo, manifest) = (repo.clone(), manifest.clone());
+        self.with(move |conn| Ok(first_missing(conn, repository_id(conn, &repo)?, &manifest)?))
+            .await
     }
 
     async fn manifest(
