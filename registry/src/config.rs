@@ -81,6 +81,8 @@ pub struct Limits {
     pub manifest_cache_bytes: u64,
     /// How long in-flight requests may run on after SIGTERM.
     pub shutdown_grace_seconds: u64,
+    /// An upload session whose data has not changed for this long is abandoned and purged.
+    pub upload_max_idle_seconds: u64,
 }
 
 impl Default for Config {
@@ -120,6 +122,7 @@ impl Default for Limits {
             max_page_entries: 10_000,
             manifest_cache_bytes: 64 << 20,
             shutdown_grace_seconds: 30,
+            upload_max_idle_seconds: 24 * 60 * 60,
         }
     }
 }
@@ -202,7 +205,10 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let limits = &self.limits;
-        if limits.max_manifest_bytes == 0 || limits.max_page_entries == 0 {
+        if limits.max_manifest_bytes == 0
+            || limits.max_page_entries == 0
+            || limits.upload_max_idle_seconds == 0
+        {
             return Err(ConfigError::Invalid(
                 "limits must be greater than zero".into(),
             ));

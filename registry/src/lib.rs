@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod content;
 pub mod error;
+pub mod gc;
 pub mod manifest;
 pub mod metadata;
 pub mod metrics;

@@ -11,7 +11,7 @@ use berth_registry::auth::Auth;
 use berth_registry::config::{Config, LogFormat};
 use berth_registry::content::FsContentStore;
 use berth_registry::metadata::{CachedMetadata, SqliteMetadataStore};
-use berth_registry::server;
+use berth_registry::{gc, server};
 use clap::{Parser, Subcommand};
 
 /// An OCI Distribution v1.1 / Docker Registry v2 server.
@@ -143,6 +143,16 @@ async fn serve(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<(
         )
         .with_auth(auth),
     );
+    let open_uploads = state
+        .metadata
+        .uploads()
+        .await
+        .context("listing upload sessions")?;
+    state.metrics.set_upload_sessions(open_uploads.len());
+    tokio::spawn(gc::purge_idle_uploads_forever(
+        state.clone(),
+        Duration::from_secs(config.limits.upload_max_idle_seconds),
+    ));
     // Installed before serving: a SIGHUP that arrived before the handler would end the process.
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;

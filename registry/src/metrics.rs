@@ -103,6 +103,11 @@ impl Metrics {
         self.0.upload_sessions.dec();
     }
 
+    /// Starts the session gauge from the sessions that survived a restart.
+    pub fn set_upload_sessions(&self, open: usize) {
+        self.0.upload_sessions.set(open as i64);
+    }
+
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();

@@ -265,6 +265,14 @@ impl Api {
         }
     }
 
+    /// Like [`Api::start`], with `yaml` as the configuration file.
+    fn start_with_config(yaml: &str) -> Api {
+        Api {
+            registry: Registry::start_with_config(yaml),
+            client: http_client(),
+        }
+    }
+
     /// `target` is a path below `/v2/`, or, starting with `/`, a path of the server such as a
     /// `Location` it returned.
     fn request(&self, method: Method, target: &str) -> RequestBuilder {
@@ -737,6 +745,42 @@ async fn patches_without_content_range_stream_onto_the_end() {
     let reply = api.finish(&location, &digest, &bytes[60_000..]).await;
     expect_blob_created(&reply, "push/stream", &digest);
     api.expect_blob("push/stream", &digest, &bytes).await;
+}
+
+#[tokio::test]
+async fn abandoned_upload_sessions_are_purged_and_active_ones_kept() {
+    let api = Api::start_with_config("limits:\n  upload_max_idle_seconds: 2\n");
+    let abandoned = api.start_upload("purge/app").await;
+    api.patch(&abandoned, None, b"left behind")
+        .await
+        .expect(202);
+
+    // The other session gets a piece every half second for four seconds: never idle for two.
+    let active = api.start_upload("purge/app").await;
+    let bytes = Rng::new(51).bytes(8 * 1000);
+    for piece in bytes.chunks(1000) {
+        api.patch(&active, None, piece).await.expect(202);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eventually("the abandoned session to be purged", async || {
+        (api.get(&abandoned).await.status == 404).then_some(())
+    })
+    .await;
+    api.get(&abandoned)
+        .await
+        .expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    let left = tree(&api.registry.root().join("uploads"));
+    let active_id = active.rsplit('/').next().expect("an upload id");
+    assert_eq!(
+        left,
+        BTreeSet::from([PathBuf::from(active_id)]),
+        "only the active session's data is left"
+    );
+    api.finish(&active, &sha256(&bytes), &[]).await.expect(201);
+    assert_eq!(
+        api.metric("berth_registry_upload_sessions").await,
+        Some(0.0)
+    );
 }
 
 #[tokio::test]

@@ -26,6 +26,34 @@ pub(crate) async fn run_all(store: &dyn ContentStore) {
     put_verifies_and_is_idempotent(store).await;
     ranges_are_served_exactly(store).await;
     deleted_upload_is_unknown(store).await;
+    only_idle_uploads_are_purged(store).await;
+}
+
+async fn only_idle_uploads_are_purged(store: &dyn ContentStore) {
+    use std::time::{Duration, SystemTime};
+    let id = UploadId::new();
+    store.create_upload(id).await.unwrap();
+    store
+        .append_upload(id, Some(0), once(Bytes::from_static(b"recent")))
+        .await
+        .unwrap();
+    let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    assert!(!store.delete_idle_upload(id, an_hour_ago).await.unwrap());
+    assert_eq!(
+        store.upload_size(id).await.unwrap(),
+        6,
+        "an active upload is kept"
+    );
+    let later = SystemTime::now() + Duration::from_secs(1);
+    assert!(store.delete_idle_upload(id, later).await.unwrap());
+    assert!(matches!(
+        store.upload_size(id).await,
+        Err(ContentError::UploadUnknown)
+    ));
+    assert!(
+        store.delete_idle_upload(id, later).await.unwrap(),
+        "an upload already gone counts as purged"
+    );
 }
 
 async fn chunked_upload_commits_verified_bytes(store: &dyn ContentStore) {

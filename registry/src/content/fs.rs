@@ -6,6 +6,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use berth_oci::{Algorithm, Digest, DigestHasher};
@@ -43,6 +44,10 @@ impl FsContentStore {
         let root = root.into();
         for dir in ["blobs", "uploads", "tmp"] {
             fs::create_dir_all(root.join(dir))?;
+        }
+        // tmp/ holds only the unfinished writes of a process that died: one process owns a root.
+        for entry in fs::read_dir(root.join("tmp"))? {
+            fs::remove_file(entry?.path())?;
         }
         Ok(FsContentStore {
             root,
@@ -386,6 +391,34 @@ impl ContentStore for FsContentStore {
             .map_err(|e| not_found_as(e, ContentError::UploadUnknown));
         self.forget_session(id);
         removed
+    }
+
+    async fn delete_idle_upload(
+        &self,
+        id: UploadId,
+        idle_since: SystemTime,
+    ) -> Result<bool, ContentError> {
+        let session = self.session(id);
+        let _running = session.lock().await;
+        let path = self.upload_path(id);
+        let modified = match tokio::fs::metadata(&path).await {
+            Ok(meta) => meta.modified()?,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                self.forget_session(id);
+                return Ok(true);
+            }
+            Err(err) => return Err(ContentError::from_io(err)),
+        };
+        if modified > idle_since {
+            return Ok(false);
+        }
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(ContentError::from_io(err)),
+        }
+        self.forget_session(id);
+        Ok(true)
     }
 }
 

@@ -7,6 +7,7 @@ use std::io;
 use std::ops::Range;
 use std::pin::Pin;
 use std::str::FromStr;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use berth_oci::Digest;
@@ -118,6 +119,14 @@ pub trait ContentStore: Send + Sync + 'static {
 
     /// Discards upload `id`.
     async fn delete_upload(&self, id: UploadId) -> Result<(), ContentError>;
+
+    /// Discards upload `id` if its data has not changed since `idle_since`, deciding and deleting
+    /// under the session's lock so an append cannot slip in between. True if the upload is gone.
+    async fn delete_idle_upload(
+        &self,
+        id: UploadId,
+        idle_since: SystemTime,
+    ) -> Result<bool, ContentError>;
 }
 
 #[cfg(test)]

@@ -248,8 +248,13 @@ async fn referrers_filter_by_artifact_type(store: &dyn MetadataStore) {
 async fn uploads_remember_their_repository(store: &dyn MetadataStore) {
     let id = UploadId::new();
     let r = repo("uploads/app");
+    let before = std::time::SystemTime::now() - std::time::Duration::from_secs(1);
     store.create_upload(&r, id).await.unwrap();
     assert_eq!(store.upload_repository(id).await.unwrap(), Some(r));
+    let listed = store.uploads().await.unwrap();
+    let started = listed.iter().find(|(u, _)| *u == id).expect("listed").1;
+    assert!(started >= before, "started {started:?}, before {before:?}");
     store.delete_upload(id).await.unwrap();
     assert_eq!(store.upload_repository(id).await.unwrap(), None);
+    assert!(!store.uploads().await.unwrap().iter().any(|(u, _)| *u == id));
 }

@@ -9,6 +9,7 @@
 //! stores an entry that is already stale, never one that looks fresh.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use berth_oci::{Digest, Reference, RepoName, Tag};
@@ -202,6 +203,10 @@ impl<S: MetadataStore> MetadataStore for CachedMetadata<S> {
 
     async fn delete_upload(&self, id: UploadId) -> Result<(), MetadataError> {
         self.inner.delete_upload(id).await
+    }
+
+    async fn uploads(&self) -> Result<Vec<(UploadId, SystemTime)>, MetadataError> {
+        self.inner.uploads().await
     }
 }
 

@@ -4,6 +4,8 @@
 mod cached;
 mod sqlite;
 
+use std::time::SystemTime;
+
 use async_trait::async_trait;
 use berth_oci::{Digest, Reference, RepoName, Tag};
 use serde::Serialize;
@@ -173,6 +175,9 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn upload_repository(&self, id: UploadId) -> Result<Option<RepoName>, MetadataError>;
 
     async fn delete_upload(&self, id: UploadId) -> Result<(), MetadataError>;
+
+    /// Every upload session and when it started.
+    async fn uploads(&self) -> Result<Vec<(UploadId, SystemTime)>, MetadataError>;
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! SQLite metadata store: one database file in the data directory, WAL mode, versioned migrations.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use berth_oci::{Digest, Reference, RepoName, Tag};
@@ -457,6 +457,23 @@ impl MetadataStore for SqliteMetadataStore {
         self.with(move |conn| {
             conn.execute("DELETE FROM uploads WHERE id = ?1", [id.to_string()])?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn uploads(&self) -> Result<Vec<(UploadId, SystemTime)>, MetadataError> {
+        self.with(|conn| {
+            let mut statement =
+                conn.prepare_cached("SELECT id, created_at FROM uploads ORDER BY created_at")?;
+            let rows =
+                statement.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            rows.map(|row| {
+                let (id, created) = row?;
+                let id = id.parse().map_err(|_| MetadataError::Corrupt(id))?;
+                let created = UNIX_EPOCH + Duration::from_secs(created.max(0) as u64);
+                Ok((id, created))
+            })
+            .collect()
         })
         .await
     }
