@@ -434,6 +434,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn opening_clears_the_unfinished_writes_of_a_dead_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsContentStore::open(dir.path()).unwrap();
+        let digest = Digest::sha256_of(b"kept");
+        store
+            .put(&digest, Bytes::from_static(b"kept"))
+            .await
+            .unwrap();
+        let id = UploadId::new();
+        store.create_upload(id).await.unwrap();
+        drop(store);
+        fs::write(dir.path().join("tmp").join("half-written"), b"partial").unwrap();
+
+        let store = FsContentStore::open(dir.path()).unwrap();
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(store.stat(&digest).await.unwrap(), Some(4), "blobs stay");
+        assert_eq!(store.upload_size(id).await.unwrap(), 0, "uploads stay");
+    }
+
+    #[tokio::test]
     async fn commit_after_restart_rehashes_the_upload_from_disk() {
         let dir = tempfile::tempdir().unwrap();
         let id = UploadId::new();
