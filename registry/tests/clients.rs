@@ -381,17 +381,8 @@ async fn podman_pushes_and_pulls_with_a_private_store() {
 
     let podman = Podman::new();
     run(podman.podman().arg("--version"));
-    let loaded = run(podman.podman().arg("load").arg("-i").arg(&archive));
-    // Podman qualifies the archive's short name itself (docker.io/e2e/local:v1 here).
-    let local = loaded
-        .lines()
-        .find_map(|l| l.strip_prefix("Loaded image: "))
-        .map(|name| name.trim().to_string())
-        .unwrap_or_else(|| panic!("no `Loaded image:` in podman load output: {loaded}"));
-    assert!(
-        local.ends_with("e2e/local:v1"),
-        "podman load output: {loaded}"
-    );
+    let local = podman.load(&archive);
+    assert!(local.ends_with("e2e/local:v1"), "podman named it {local}");
     let id = run(podman
         .podman()
         .args(["image", "inspect", "--format", "{{.Id}}", &local]));

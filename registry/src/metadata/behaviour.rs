@@ -13,7 +13,8 @@ fn tag(name: &str) -> Tag {
     name.parse().unwrap()
 }
 
-fn manifest(body: &[u8], blobs: Vec<Digest>) -> NewManifest {
+/// A manifest record of `body` needing `blobs`, as a store is given one.
+pub(crate) fn manifest(body: &[u8], blobs: Vec<Digest>) -> NewManifest {
     NewManifest {
         digest: Digest::sha256_of(body),
         media_type: berth_oci::media_type::OCI_MANIFEST.into(),

@@ -251,18 +251,8 @@ mod tests {
         let repo: RepoName = "app/web".parse().unwrap();
         let tag: Tag = "latest".parse().unwrap();
         let reference = Reference::Tag(tag.clone());
-        let manifest_of = |body: &[u8]| NewManifest {
-            digest: Digest::sha256_of(body),
-            media_type: berth_oci::media_type::OCI_MANIFEST.into(),
-            size: body.len() as u64,
-            artifact_type: None,
-            subject: None,
-            annotations: None,
-            blobs: vec![],
-            manifests: vec![],
-        };
         for body in [&b"one"[..], b"two"] {
-            let manifest = manifest_of(body);
+            let manifest = crate::metadata::behaviour::manifest(body, vec![]);
             store
                 .put_manifest(&repo, &manifest, Some(&tag))
                 .await

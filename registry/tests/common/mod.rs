@@ -1548,6 +1548,17 @@ impl Podman {
         self.dir.path()
     }
 
+    /// Loads a `docker save` archive into the private store and returns the name podman gave
+    /// the image (it qualifies short names itself, e.g. `docker.io/e2e/local:v1`).
+    pub fn load(&self, archive: &Path) -> String {
+        let loaded = run(self.podman().arg("load").arg("-i").arg(archive));
+        loaded
+            .lines()
+            .find_map(|l| l.strip_prefix("Loaded image: "))
+            .map(|name| name.trim().to_string())
+            .unwrap_or_else(|| panic!("no `Loaded image:` in podman load output: {loaded}"))
+    }
+
     /// A `podman` command using the private store.
     pub fn podman(&self) -> Command {
         let d = self.dir.path();
