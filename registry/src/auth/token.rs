@@ -125,7 +125,9 @@ impl SigningKey {
                 SigningKey::from_pkcs8(der.secret_pkcs8_der())
                     .map_err(|_| invalid("not an EC P-256 key"))
             }
-            _ => Err(invalid("not a PKCS#8 (BEGIN PRIVATE KEY) key")),
+            _ => Err(invalid(
+                "not in PKCS#8 form (convert it with `openssl pkcs8 -topk8 -nocrypt`)",
+            )),
         }
     }
 
