@@ -1063,16 +1063,7 @@ async fn containerd_uses_the_oauth_form_in_token_mode() {
     let host = api.registry.host();
     let app = format!("{host}/team-a/app:v1");
     let alice = format!("{}:{}", ALICE.0, ALICE.1);
-    run(containerd.ctr().args([
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "native",
-        "--user",
-        &alice,
-        &app,
-    ]));
+    run(&mut containerd.pull(&app, &["--user", &alice]));
     assert_eq!(ctr_image_digest(&containerd, &app), image.manifest.digest);
     let copy = format!("{host}/team-a/ctr:v1");
     run(containerd.ctr().args(["images", "tag", &app, &copy]));

@@ -516,14 +516,7 @@ async fn containerd_pulls_and_pushes_with_ctr() {
 
     let containerd = Containerd::start();
     let app = format!("{}/e2e/app:v1", registry.host());
-    run(containerd.ctr().args([
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "native",
-        &app,
-    ]));
+    run(&mut containerd.pull(&app, &[]));
     assert_eq!(ctr_image_digest(&containerd, &app), image.manifest.digest);
     for blob in std::iter::once(&image.manifest).chain(image.blobs()) {
         let bytes = run_bytes(containerd.ctr().args(["content", "get", &blob.digest]));
@@ -531,15 +524,7 @@ async fn containerd_pulls_and_pushes_with_ctr() {
     }
 
     let multi_ref = format!("{}/e2e/multi:v1", registry.host());
-    run(containerd.ctr().args([
-        "images",
-        "pull",
-        "--plain-http",
-        "--all-platforms",
-        "--snapshotter",
-        "native",
-        &multi_ref,
-    ]));
+    run(&mut containerd.pull(&multi_ref, &["--all-platforms"]));
     assert_eq!(
         ctr_image_digest(&containerd, &multi_ref),
         multi.index.digest

@@ -1507,6 +1507,16 @@ impl Containerd {
         cmd.arg("--address").arg(self.sock());
         cmd
     }
+
+    /// `ctr images pull` of `reference` over plain HTTP into the native snapshotter (it needs no
+    /// overlay support from the test's filesystem), with `options` such as `--user`.
+    pub fn pull(&self, reference: &str, options: &[&str]) -> Command {
+        let mut cmd = self.ctr();
+        cmd.args(["images", "pull", "--plain-http", "--snapshotter", "native"])
+            .args(options)
+            .arg(reference);
+        cmd
+    }
 }
 
 /// The digest `ctr images ls` lists for `reference`.
