@@ -14,7 +14,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, Version, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -28,6 +28,7 @@ use crate::content::ContentStore;
 use crate::error::{RegistryError, Result, StorageFailure};
 use crate::metadata::MetadataStore;
 use crate::metrics::Metrics;
+use crate::server::FileSender;
 use route::Route;
 
 /// Everything a handler can reach. Handlers talk to the two stores, never to paths or SQL.
@@ -222,7 +223,10 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
             manifests::delete(state, &repo, &reference).await
         }
         (Route::Blob(repo, digest), Method::GET | Method::HEAD) => {
-            blobs::get(state, &repo, &digest, &headers, head).await
+            let file_sender = (parts.version < Version::HTTP_2)
+                .then(|| parts.extensions.get::<FileSender>())
+                .flatten();
+            blobs::get(state, &repo, &digest, &headers, head, file_sender).await
         }
         (Route::Blob(repo, digest), Method::DELETE) => blobs::delete(state, &repo, &digest).await,
         (Route::UploadStart(repo), Method::POST) => {

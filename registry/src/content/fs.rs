@@ -64,6 +64,12 @@ impl FsContentStore {
             .join(hex)
     }
 
+    async fn open_blob(&self, digest: &Digest) -> Result<File, ContentError> {
+        let path = self.blob_path(digest);
+        blocking(move || File::open(path).map_err(|e| not_found_as(e, ContentError::BlobUnknown)))
+            .await
+    }
+
     fn upload_path(&self, id: UploadId) -> PathBuf {
         self.root.join("uploads").join(id.to_string())
     }
@@ -225,12 +231,12 @@ impl ContentStore for FsContentStore {
     }
 
     async fn read(&self, digest: &Digest, range: Range<u64>) -> Result<ByteStream, ContentError> {
-        let path = self.blob_path(digest);
-        let file = blocking(move || {
-            File::open(path).map_err(|e| not_found_as(e, ContentError::BlobUnknown))
-        })
-        .await?;
+        let file = self.open_blob(digest).await?;
         Ok(chunks::stream(file, range))
+    }
+
+    async fn open_file(&self, digest: &Digest) -> Result<Option<File>, ContentError> {
+        self.open_blob(digest).await.map(Some)
     }
 
     async fn read_all(&self, digest: &Digest) -> Result<Bytes, ContentError> {

@@ -91,6 +91,13 @@ pub trait ContentStore: Send + Sync + 'static {
     /// Streams `range` of a committed blob.
     async fn read(&self, digest: &Digest, range: Range<u64>) -> Result<ByteStream, ContentError>;
 
+    /// The committed blob as an open local file, for backends that keep one, so the server can
+    /// let the kernel send it. `None` means such a backend has no file for it: use [`read`](Self::read).
+    async fn open_file(&self, digest: &Digest) -> Result<Option<std::fs::File>, ContentError> {
+        let _ = digest;
+        Ok(None)
+    }
+
     /// Reads a small committed object, such as a manifest, whole.
     async fn read_all(&self, digest: &Digest) -> Result<Bytes, ContentError>;
 

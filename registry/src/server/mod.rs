@@ -16,6 +16,11 @@ use tokio_rustls::rustls::ServerConfig;
 
 use crate::config::{ConfigError, TlsConfig};
 
+mod sendfile;
+
+pub use sendfile::FileSender;
+use sendfile::SendfileStream;
+
 /// Loads the certificate chain and key into a TLS acceptor (HTTP/2 and HTTP/1.1 by ALPN).
 pub fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, ConfigError> {
     let open = |path: &std::path::Path| {
@@ -74,7 +79,10 @@ pub async fn serve(
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let tls_builder = auto::Builder::new(TokioExecutor::new());
+    // Plain connections send blobs with sendfile, which needs hyper's queued writes (see sendfile).
+    let mut plain_builder = tls_builder.clone();
+    plain_builder.http1().writev(true);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -94,22 +102,31 @@ pub async fn serve(
             peer,
             tls: tls.is_some(),
         };
+        let file_sender = FileSender::default();
+        let request_sender = tls.is_none().then(|| file_sender.clone());
         let service = TowerToHyperService::new(
             tower::ServiceBuilder::new()
                 .map_request(
                     move |mut request: axum::http::Request<hyper::body::Incoming>| {
                         request.extensions_mut().insert(info);
+                        if let Some(sender) = &request_sender {
+                            request.extensions_mut().insert(sender.clone());
+                        }
                         request
                     },
                 )
                 .service(app.clone()),
         );
-        let builder = builder.clone();
+        let builder = match tls {
+            None => plain_builder.clone(),
+            Some(_) => tls_builder.clone(),
+        };
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
             let served = match tls {
                 None => {
+                    let stream = SendfileStream::new(stream, file_sender);
                     watcher
                         .watch(
                             builder
