@@ -13,6 +13,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
+use tokio_util::either::Either;
 
 use crate::config::{ConfigError, TlsConfig};
 
@@ -79,10 +80,9 @@ pub async fn serve(
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
-    let tls_builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
     // Plain connections send blobs with sendfile, which needs hyper's queued writes (see sendfile).
-    let mut plain_builder = tls_builder.clone();
-    plain_builder.http1().writev(true);
+    builder.http1().writev(true);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -117,40 +117,27 @@ pub async fn serve(
                 )
                 .service(app.clone()),
         );
-        let builder = match tls {
-            None => plain_builder.clone(),
-            Some(_) => tls_builder.clone(),
-        };
+        let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let served = match tls {
-                None => {
-                    let stream = SendfileStream::new(stream, file_sender);
-                    watcher
-                        .watch(
-                            builder
-                                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                                .into_owned(),
-                        )
-                        .await
-                }
+            let io = match tls {
+                None => Either::Left(SendfileStream::new(stream, file_sender)),
                 Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(stream) => {
-                        watcher
-                            .watch(
-                                builder
-                                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                                    .into_owned(),
-                            )
-                            .await
-                    }
+                    Ok(stream) => Either::Right(stream),
                     Err(err) => {
                         tracing::debug!(%peer, error = %err, "TLS handshake failed");
                         return;
                     }
                 },
             };
+            let served = watcher
+                .watch(
+                    builder
+                        .serve_connection_with_upgrades(TokioIo::new(io), service)
+                        .into_owned(),
+                )
+                .await;
             if let Err(err) = served {
                 tracing::debug!(%peer, error = %err, "connection ended with an error");
             }
