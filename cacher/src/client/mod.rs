@@ -137,6 +137,10 @@ pub struct RegistryClient {
     retry: RetryPolicy,
 }
 
+fn parse_base(base: &str) -> Result<Url, ClientError> {
+    Url::parse(base).map_err(|e| ClientError::Invalid(format!("registry URL {base:?}: {e}")))
+}
+
 impl RegistryClient {
     /// A client for `host[:port]`. HTTPS unless the host is insecure and does not speak it.
     pub async fn connect(
@@ -144,7 +148,7 @@ impl RegistryClient {
         options: ClientOptions,
     ) -> Result<RegistryClient, ClientError> {
         let insecure = options.insecure;
-        let https = RegistryClient::new(&format!("https://{host}"), options.clone())?;
+        let https = RegistryClient::new(&format!("https://{host}"), options)?;
         // An insecure registry gets one HTTPS try before plain HTTP, as Docker does: a plain
         // HTTP server fails every TLS handshake, so retrying one only delays the fallback.
         let probe = RetryPolicy {
@@ -154,7 +158,10 @@ impl RegistryClient {
         match https.ping_with(&probe).await {
             Ok(()) => Ok(https),
             Err(ClientError::Transport { .. }) if insecure => {
-                let http = RegistryClient::new(&format!("http://{host}"), options)?;
+                let http = RegistryClient {
+                    base: parse_base(&format!("http://{host}"))?,
+                    ..https
+                };
                 http.ping().await?;
                 Ok(http)
             }
@@ -164,8 +171,9 @@ impl RegistryClient {
 
     /// A client for a registry at a known base URL (`https://host:port`).
     pub fn new(base: &str, options: ClientOptions) -> Result<RegistryClient, ClientError> {
-        let base = Url::parse(base)
-            .map_err(|e| ClientError::Invalid(format!("registry URL {base:?}: {e}")))?;
+        let base = parse_base(base)?;
+        // Building a client loads and parses the system's root certificates: do it once per
+        // registry, since the plain-HTTP fallback above reuses it.
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("berth-cacher/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(15))
