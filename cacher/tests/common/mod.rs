@@ -7,12 +7,12 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
+use std::fs;
 use std::future::Future;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -22,70 +22,20 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
-use berth_oci::Digest;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
-     application/vnd.oci.image.index.v1+json, \
-     application/vnd.docker.distribution.manifest.v2+json, \
-     application/vnd.docker.distribution.manifest.list.v2+json";
+pub use berth_testkit::*;
 
 /// The key the tests configure, so they can predict each app's repository.
 pub const REPOSITORY_KEY: &str = "00112233445566778899aabbccddeeff";
 
-const LOG_TAIL_LINES: usize = 100;
-
 // ---------------------------------------------------------------------------------------------
 // Tools and processes
 // ---------------------------------------------------------------------------------------------
-
-/// The absolute path of `tool` on `PATH` (or sbin). Panics if it is missing: these tests drive
-/// real peers and never skip.
-pub fn require_tool(tool: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let sbin = [PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")];
-    std::env::split_paths(&path)
-        .chain(sbin)
-        .map(|dir| dir.join(tool))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "required tool `{tool}` was not found on PATH; ci/install-deps installs it \
-                 (these end-to-end tests never skip)"
-            )
-        })
-}
-
-/// Runs `cmd` with standard input closed and returns its output whatever its exit status.
-pub fn run_output(cmd: &mut Command, timeout: Duration) -> Output {
-    let shown = format!("{cmd:?}");
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {shown}: {e}"));
-    wait_output(child, timeout, &shown)
-}
-
-/// Starts `cmd` with standard input closed and all it prints written to a new file at `log`.
-fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
-    let file = File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    cmd.stdin(Stdio::null())
-        .stdout(file.try_clone().expect("clone the log handle"))
-        .stderr(file)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {program}: {e}"))
-}
 
 /// Collects a spawned child's piped output, killing it if it outlives `timeout`.
 pub fn wait_output(mut child: Child, timeout: Duration, shown: &str) -> Output {
@@ -120,46 +70,6 @@ fn drain(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<Vec<u8>> {
     })
 }
 
-/// Runs `cmd` and panics with all it printed unless it exits 0; returns its standard output.
-pub fn run(cmd: &mut Command) -> String {
-    let shown = format!("{cmd:?}");
-    let output = run_output(cmd, Duration::from_secs(120));
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "{shown} failed with {}\n--- stdout ---\n{stdout}\n--- stderr ---\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-}
-
-fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-            _ => return None,
-        }
-    }
-}
-
-/// SIGTERM, then SIGKILL if `child` has not exited within `grace`.
-fn stop_child(child: &mut Child, grace: Duration) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
-    let _ = Command::new("kill")
-        .arg(child.id().to_string())
-        .stderr(Stdio::null())
-        .status();
-    if wait_timeout(child, grace).is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
 /// Polls `ready` until it holds, panicking with `what` and the log at `log` after `timeout`.
 fn wait_until(what: &str, timeout: Duration, log: &Path, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -167,30 +77,10 @@ fn wait_until(what: &str, timeout: Duration, log: &Path, mut ready: impl FnMut()
         assert!(
             Instant::now() < deadline,
             "{what} was not ready within {timeout:?}\n--- log ---\n{}",
-            tail_file(log)
+            tail_file(log, LOG_TAIL_LINES)
         );
         thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn tail_file(path: &Path) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
-}
-
-fn print_log_on_panic(what: &str, path: &Path) {
-    if thread::panicking() {
-        eprintln!("===== {what} log =====\n{}", tail_file(path));
-    }
-}
-
-/// A temporary directory with a short path, for unix sockets (`sun_path` is 108 bytes).
-pub fn short_tempdir(prefix: &str) -> TempDir {
-    tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in("/tmp")
-        .expect("create a temporary directory under /tmp")
 }
 
 /// Writes an htpasswd file at `path` with a bcrypt entry for each of `users` (user, password),
@@ -276,49 +166,6 @@ pub fn http(method: reqwest::Method, url: &str) -> HttpResponse {
 // Generated images
 // ---------------------------------------------------------------------------------------------
 
-/// xorshift64*: reproducible, incompressible content from a seed.
-struct Rng(u64);
-
-impl Rng {
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(len + 8);
-        while out.len() < len {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            out.extend_from_slice(&self.0.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-        }
-        out.truncate(len);
-        out
-    }
-}
-
-pub fn sha256(bytes: &[u8]) -> String {
-    Digest::sha256_of(bytes).to_string()
-}
-
-/// Content addressed by its digest, with the media type its descriptor gives it.
-#[derive(Clone, Debug)]
-pub struct Blob {
-    pub media_type: String,
-    pub digest: String,
-    pub bytes: Vec<u8>,
-}
-
-impl Blob {
-    pub fn new(media_type: &str, bytes: Vec<u8>) -> Blob {
-        Blob {
-            media_type: media_type.into(),
-            digest: sha256(&bytes),
-            bytes,
-        }
-    }
-
-    pub fn descriptor(&self) -> Value {
-        json!({ "mediaType": self.media_type, "digest": self.digest, "size": self.bytes.len() })
-    }
-}
-
 /// A gzipped layer tar and the digest of the tar itself (its diff_id).
 #[derive(Clone, Debug)]
 pub struct Layer {
@@ -329,7 +176,7 @@ pub struct Layer {
 impl Layer {
     /// One file of `size` random bytes derived from `seed`, under `layer-<seed>/`.
     pub fn generate(seed: u64, size: usize) -> Layer {
-        let data = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1).bytes(size);
+        let data = Rng::new(seed).bytes(size);
         let mut tar = tar::Builder::new(Vec::new());
         let mut header = tar::Header::new_ustar();
         header.set_mode(0o644);
@@ -1244,99 +1091,4 @@ pub fn cache_repository(guid: &str) -> String {
 
 pub fn new_guid() -> String {
     uuid::Uuid::new_v4().to_string()
-}
-
-// ---------------------------------------------------------------------------------------------
-// A private dockerd
-// ---------------------------------------------------------------------------------------------
-
-/// A private dockerd (vfs, no iptables, no bridge) with its own roots and socket; `docker()` is
-/// aimed at it. Dropping it stops dockerd and the containerd it started.
-pub struct Dockerd {
-    dir: TempDir,
-    child: Option<Child>,
-}
-
-impl Dockerd {
-    pub fn start(insecure_registry: &str) -> Dockerd {
-        let dockerd = require_tool("dockerd");
-        require_tool("docker");
-        let dir = short_tempdir("bd");
-        let d = dir.path();
-        fs::create_dir_all(d.join("cfg")).expect("create the docker config dir");
-        let child = spawn_logged(
-            Command::new(&dockerd)
-                .args([
-                    "--storage-driver=vfs",
-                    "--iptables=false",
-                    "--ip6tables=false",
-                ])
-                .arg("--bridge=none")
-                .arg("--data-root")
-                .arg(d.join("data"))
-                .arg("--exec-root")
-                .arg(d.join("exec"))
-                .arg("--pidfile")
-                .arg(d.join("pid"))
-                .arg("-H")
-                .arg(format!("unix://{}", d.join("d.sock").display()))
-                .arg("--insecure-registry")
-                .arg(insecure_registry),
-            &d.join("dockerd.log"),
-        );
-        let daemon = Dockerd {
-            dir,
-            child: Some(child),
-        };
-        wait_until(
-            "dockerd",
-            Duration::from_secs(60),
-            &daemon.log_path(),
-            || {
-                run_output(daemon.docker().arg("version"), Duration::from_secs(20))
-                    .status
-                    .success()
-            },
-        );
-        daemon
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("dockerd.log")
-    }
-
-    pub fn docker(&self) -> Command {
-        let mut cmd = Command::new(require_tool("docker"));
-        cmd.env("DOCKER_CONFIG", self.dir.path().join("cfg"))
-            .arg("-H")
-            .arg(format!(
-                "unix://{}",
-                self.dir.path().join("d.sock").display()
-            ));
-        cmd
-    }
-}
-
-impl Drop for Dockerd {
-    fn drop(&mut self) {
-        print_log_on_panic("dockerd", &self.log_path());
-        let containerd_pid =
-            fs::read_to_string(self.dir.path().join("exec/containerd/containerd.pid"))
-                .ok()
-                .and_then(|pid| pid.trim().parse::<u32>().ok());
-        if let Some(child) = self.child.as_mut() {
-            stop_child(child, Duration::from_secs(20));
-        }
-        // dockerd normally stops its containerd; kill it only if it is still ours and alive.
-        if let Some(pid) = containerd_pid {
-            let ours = fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                String::from_utf8_lossy(&c).contains(&*self.dir.path().to_string_lossy())
-            });
-            if ours {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
-            }
-        }
-    }
 }
