@@ -20,6 +20,7 @@ struct Inner {
     requests: Family<RequestLabels, Counter>,
     bytes_received: Counter,
     bytes_sent: Counter,
+    bytes_sent_from_files: Counter,
     upload_sessions: Gauge,
     storage_errors: Counter,
 }
@@ -33,6 +34,7 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("berth_registry");
         let requests = Family::<RequestLabels, Counter>::default();
         let (bytes_received, bytes_sent) = (Counter::default(), Counter::default());
+        let bytes_sent_from_files = Counter::default();
         let (upload_sessions, storage_errors) = (Gauge::default(), Counter::default());
         registry.register(
             "http_requests",
@@ -50,6 +52,11 @@ impl Default for Metrics {
             bytes_sent.clone(),
         );
         registry.register(
+            "sent_from_file_bytes",
+            "Bytes of blob bodies the kernel sends straight from the file (sendfile), a part of sent_bytes",
+            bytes_sent_from_files.clone(),
+        );
+        registry.register(
             "upload_sessions",
             "Upload sessions opened by this process and not yet finished or cancelled",
             upload_sessions.clone(),
@@ -64,6 +71,7 @@ impl Default for Metrics {
             requests,
             bytes_received,
             bytes_sent,
+            bytes_sent_from_files,
             upload_sessions,
             storage_errors,
         }))
@@ -93,6 +101,10 @@ impl Metrics {
 
     pub fn add_received(&self, bytes: u64) {
         self.0.bytes_received.inc_by(bytes);
+    }
+
+    pub fn add_sent_from_file(&self, bytes: u64) {
+        self.0.bytes_sent_from_files.inc_by(bytes);
     }
 
     pub fn upload_started(&self) {

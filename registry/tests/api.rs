@@ -621,11 +621,13 @@ async fn large_blobs_arrive_intact_whole_and_in_ranges() {
     let spans = [
         0..len,
         1..len - 1,
-        frame - 10..frame + 10,
+        frame - 70_000..frame + 70_000,
         frame - 100_000..2 * frame + 100_000,
         70_000..len,
         len - 65_536..len,
     ];
+    let from_file = "berth_registry_sent_from_file_bytes_total";
+    let sent_from_file_before = api.metric(from_file).await.expect("the sendfile counter");
     for span in &spans {
         let range = format!("bytes={}-{}", span.start, span.end - 1);
         let reply = send(api.request(Method::GET, &target).header(RANGE, &range)).await;
@@ -643,6 +645,25 @@ async fn large_blobs_arrive_intact_whole_and_in_ranges() {
             "concurrent download: {reply}"
         );
     }
+    let path = format!("/v2/{target}");
+    let http10 = raw_bodies(api.registry.addr(), &format!("GET {path} HTTP/1.0\r\n\r\n"));
+    assert!(http10.len() == 1 && http10[0] == bytes, "HTTP/1.0");
+    let pipelined = raw_bodies(
+        api.registry.addr(),
+        &format!(
+            "GET {path} HTTP/1.1\r\nHost: berth\r\nRange: bytes=100-199999\r\n\r\n\
+             GET {path} HTTP/1.1\r\nHost: berth\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert!(pipelined.len() == 2, "two pipelined responses");
+    assert!(
+        pipelined[0] == bytes[100..200_000] && pipelined[1] == bytes,
+        "pipelined bodies"
+    );
+    // Every HTTP/1 body above but the small blob's went out with sendfile.
+    let sent_from_file = (spans.iter().map(|s| s.len()).sum::<usize>() + 10 * len + 199_900) as f64;
+    let sent_from_file_after = api.metric(from_file).await.expect("the sendfile counter");
+    assert_eq!(sent_from_file_after - sent_from_file_before, sent_from_file);
 
     let curl = require_tool("curl");
     let scratch = api.registry.scratch().join("h2c");
@@ -665,6 +686,45 @@ async fn large_blobs_arrive_intact_whole_and_in_ranges() {
         let got = std::fs::read(&scratch).expect("read the HTTP/2 download");
         assert!(got == bytes[range.unwrap_or(0..len)], "HTTP/2 body");
     }
+    assert_eq!(
+        api.metric(from_file).await,
+        Some(sent_from_file_after),
+        "HTTP/2 bodies are copied, not sent from the file"
+    );
+}
+
+/// Sends `requests` (raw HTTP/1, possibly several) on one connection at once and returns the
+/// bodies of the responses, split by their `Content-Length`; the last request must close.
+fn raw_bodies(addr: SocketAddr, requests: &str) -> Vec<Vec<u8>> {
+    let mut stream = TcpStream::connect(addr).expect("connect to the registry");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("a read timeout");
+    stream
+        .write_all(requests.as_bytes())
+        .expect("send the requests");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read the responses");
+    let mut bodies = Vec::new();
+    let mut rest = &raw[..];
+    while !rest.is_empty() {
+        let head_end = rest
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a response head")
+            + 4;
+        let head = String::from_utf8_lossy(&rest[..head_end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .expect("a Content-Length")
+            .trim()
+            .parse()
+            .expect("a length");
+        bodies.push(rest[head_end..head_end + len].to_vec());
+        rest = &rest[head_end + len..];
+    }
+    bodies
 }
 
 #[tokio::test]

@@ -101,9 +101,13 @@ pub(super) async fn get(
     if head {
         return Ok((status, AppendHeaders(headers), Body::empty()).into_response());
     }
-    let body = match file_sender.filter(|_| span.end - span.start >= SENDFILE_MIN) {
+    let len = span.end - span.start;
+    let body = match file_sender.filter(|_| len >= SENDFILE_MIN) {
         Some(sender) => match state.content.open_file(digest).await? {
-            Some(file) => Body::from_stream(sender.body(file, span)),
+            Some(file) => {
+                state.metrics.add_sent_from_file(len);
+                Body::from_stream(sender.body(file, span))
+            }
             None => Body::from_stream(state.content.read(digest, span).await?),
         },
         None => Body::from_stream(state.content.read(digest, span).await?),

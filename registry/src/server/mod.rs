@@ -81,7 +81,8 @@ pub async fn serve(
 ) {
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // Plain connections send blobs with sendfile, which needs hyper's queued writes (see sendfile).
+    // Plain connections send blobs with sendfile, which needs hyper's queued writes (see
+    // sendfile); `pipeline_flush` would switch hyper back to copying, so it stays off.
     builder.http1().writev(true);
     tokio::pin!(shutdown);
     loop {

@@ -11,8 +11,9 @@
 //!
 //! Only plain-TCP connections get a [`FileSender`], and only HTTP/1 requests use it: TLS and
 //! HTTP/2 re-frame the body in user space, so they stream through `content::chunks` instead.
-//! Like nginx without `aio`, `sendfile` waits for the disk on the worker thread when a blob is not
-//! in the page cache; sequential-access advice widens the kernel's readahead to keep that rare.
+//! `sendfile` runs on the worker thread and waits there for the disk when the pages it sends are
+//! not cached (as in nginx without `aio`), so each frame asks the kernel to start reading the
+//! next one ahead of time.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -41,6 +42,15 @@ fn is_placeholder(buf: &[u8]) -> bool {
     !buf.is_empty() && (start..start + FRAME).contains(&at)
 }
 
+/// Asks the kernel to start reading the frame at `start` (up to `end`) into the page cache, without
+/// waiting for it. Advice only: a filesystem that ignores it serves just as correctly.
+fn prefetch(file: &File, start: u64, end: u64) {
+    let len = end.saturating_sub(start).min(FRAME as u64);
+    if let Some(len) = NonZeroU64::new(len) {
+        let _ = rustix::fs::fadvise(file, start, Some(len), rustix::fs::Advice::WillNeed);
+    }
+}
+
 /// The part of a file one placeholder frame stands for; shrinks from the front as it is sent.
 struct Segment {
     file: Arc<File>,
@@ -65,22 +75,19 @@ impl FileSender {
         &self,
         file: File,
         range: Range<u64>,
-    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + use<> {
         // Advice only; a filesystem that ignores it serves just as correctly.
-        let _ = rustix::fs::fadvise(
-            &file,
-            range.start,
-            NonZeroU64::new(range.end - range.start),
-            rustix::fs::Advice::Sequential,
-        );
+        let end = range.end;
+        prefetch(&file, range.start, end);
         let file = Arc::new(file);
         let sender = self.clone();
-        let frames = (range.start..range.end)
+        let frames = (range.start..end)
             .step_by(FRAME)
-            .map(move |start| start..range.end.min(start + FRAME as u64));
+            .map(move |start| start..end.min(start + FRAME as u64));
         // Lazy: a segment is queued only when hyper takes its frame, so queue order is write order.
         futures_util::stream::iter(frames).map(move |frame| {
             let len = (frame.end - frame.start) as usize;
+            prefetch(&file, frame.end, end);
             sender.segments().push_back(Segment {
                 file: file.clone(),
                 offset: frame.start,
@@ -156,6 +163,9 @@ impl AsyncRead for SendfileStream {
 }
 
 impl AsyncWrite for SendfileStream {
+    /// hyper's queued strategy writes only through `poll_write_vectored`; a plain write while a
+    /// segment waits means hyper copied the placeholders into a buffer of its own, so it is
+    /// refused before any of them reach the client.
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -164,6 +174,10 @@ impl AsyncWrite for SendfileStream {
         let this = self.get_mut();
         if is_placeholder(buf) {
             this.poll_send_file(cx, buf.len())
+        } else if !this.sender.segments().is_empty() {
+            Poll::Ready(Err(io::Error::other(
+                "a file segment is queued but hyper wrote copied bytes: is writev(true) set?",
+            )))
         } else {
             Pin::new(&mut this.tcp).poll_write(cx, buf)
         }
@@ -203,7 +217,11 @@ impl AsyncWrite for SendfileStream {
 mod tests {
     use super::*;
     use futures_util::TryStreamExt;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    use hyper_util::rt::TokioIo;
     use std::io::Write;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A connected loopback pair: the server end sends files, the client end reads.
@@ -301,6 +319,103 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn a_plain_write_while_a_segment_waits_is_refused() {
+        let sender = FileSender::default();
+        let (mut server, _client) = pair(sender.clone()).await;
+        let body = frames(&sender, file_of(b"0123456789"), 0..10).await;
+        let copied = body[0].to_vec();
+        let err = server.write(&copied).await.unwrap_err();
+        assert!(err.to_string().contains("copied"), "{err}");
+    }
+
+    /// Serves one connection with hyper: `GET /START-END` answers that range of `data`.
+    async fn serve_with_hyper(data: &[u8], writev: bool) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let file = file_of(data);
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let sender = FileSender::default();
+            let io = TokioIo::new(SendfileStream::new(tcp, sender.clone()));
+            let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
+                let (start, end) = request.uri().path()[1..].split_once('-').unwrap();
+                let range: Range<u64> = start.parse().unwrap()..end.parse().unwrap();
+                let len = range.end - range.start;
+                let body = sender.body(file.try_clone().unwrap(), range);
+                let body = StreamBody::new(body.map_ok(Frame::data));
+                let response = hyper::Response::builder()
+                    .header("content-length", len)
+                    .body(body)
+                    .unwrap();
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .writev(writev)
+                .serve_connection(io, service)
+                .await;
+        });
+        addr
+    }
+
+    /// Sends `GET path` on `client`, waits a little so the server fills the socket and has to
+    /// wait for it to drain, then reads the response's body (whatever arrives before it ends).
+    async fn get(client: &mut TcpStream, path: &str) -> Vec<u8> {
+        let request = format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n");
+        client.write_all(request.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            if client.read(&mut byte).await.unwrap() == 0 {
+                return Vec::new();
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut body = vec![0; len];
+        let mut filled = 0;
+        while filled < len {
+            match client.read(&mut body[filled..]).await.unwrap() {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        body.truncate(filled);
+        body
+    }
+
+    #[tokio::test]
+    async fn hyper_sends_the_files_bytes_through_a_full_socket_and_on_a_reused_connection() {
+        let data: Vec<u8> = (0..FRAME * 4 + 333).map(|i| (i * 7 % 253) as u8).collect();
+        let addr = serve_with_hyper(&data, true).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let whole = get(&mut client, &format!("/0-{}", data.len())).await;
+        assert!(whole == data, "whole body: {} bytes", whole.len());
+        let (start, end) = (FRAME - 1000, 3 * FRAME + 1000);
+        let part = get(&mut client, &format!("/{start}-{end}")).await;
+        assert!(part == data[start..end], "range: {} bytes", part.len());
+    }
+
+    #[tokio::test]
+    async fn hyper_copying_the_body_breaks_the_connection_instead_of_sending_placeholders() {
+        let data = vec![7u8; FRAME + 5];
+        let addr = serve_with_hyper(&data, false).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let body = get(&mut client, &format!("/0-{}", data.len())).await;
+        assert!(
+            body.is_empty(),
+            "{} body bytes reached the client",
+            body.len()
+        );
     }
 
     #[test]
