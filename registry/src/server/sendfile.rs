@@ -11,15 +11,17 @@
 //!
 //! Only plain-TCP connections get a [`FileSender`], and only HTTP/1 requests use it: TLS and
 //! HTTP/2 re-frame the body in user space, so they stream through `content::chunks` instead.
-//! `sendfile` runs on the worker thread and waits there for the disk when the pages it sends are
-//! not cached (as in nginx without `aio`), so each frame asks the kernel to start reading the
-//! next one ahead of time.
+//! `sendfile` runs on the async worker thread, where waiting for the disk would stall every
+//! other connection on it. So before a frame is handed to hyper its pages are checked with a read
+//! that refuses to wait (`RWF_NOWAIT`); a frame that is not in the page cache is read into it on
+//! the blocking pool first, and each frame asks the kernel to start reading the next one.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, IoSlice};
 use std::num::NonZeroU64;
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
@@ -51,6 +53,37 @@ fn prefetch(file: &File, start: u64, end: u64) {
     }
 }
 
+/// Whether the first and last byte of `frame` are in the page cache, asked without waiting for
+/// the disk. Sequential readahead fills what lies between. Unsupported or failing probes say no.
+fn is_cached(file: &File, frame: &Range<u64>) -> bool {
+    [frame.start, frame.end - 1].into_iter().all(|offset| {
+        let mut byte = [0u8];
+        let probe = rustix::io::preadv2(
+            file,
+            &mut [io::IoSliceMut::new(&mut byte)],
+            offset,
+            rustix::io::ReadWriteFlags::NOWAIT,
+        );
+        probe == Ok(1)
+    })
+}
+
+/// Reads `frame` of `file` into the page cache, waiting for the disk; run on the blocking pool.
+fn load(file: &File, frame: Range<u64>) -> io::Result<()> {
+    let mut scratch = vec![0u8; 256 << 10];
+    let mut offset = frame.start;
+    while offset < frame.end {
+        let want = scratch.len().min((frame.end - offset) as usize);
+        match file.read_at(&mut scratch[..want], offset) {
+            Ok(0) => break, // a short file fails later, in `poll_send_file`, with a clear error
+            Ok(n) => offset += n as u64,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
 /// The part of a file one placeholder frame stands for; shrinks from the front as it is sent.
 struct Segment {
     file: Arc<File>,
@@ -76,7 +109,6 @@ impl FileSender {
         file: File,
         range: Range<u64>,
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + use<> {
-        // Advice only; a filesystem that ignores it serves just as correctly.
         let end = range.end;
         prefetch(&file, range.start, end);
         let file = Arc::new(file);
@@ -85,15 +117,24 @@ impl FileSender {
             .step_by(FRAME)
             .map(move |start| start..end.min(start + FRAME as u64));
         // Lazy: a segment is queued only when hyper takes its frame, so queue order is write order.
-        futures_util::stream::iter(frames).map(move |frame| {
-            let len = (frame.end - frame.start) as usize;
-            prefetch(&file, frame.end, end);
-            sender.segments().push_back(Segment {
-                file: file.clone(),
-                offset: frame.start,
-                len,
-            });
-            Ok(Bytes::from_static(&PLACEHOLDER[..len]))
+        futures_util::stream::iter(frames).then(move |frame| {
+            let (file, sender) = (file.clone(), sender.clone());
+            async move {
+                if !is_cached(&file, &frame) {
+                    let (file, frame) = (file.clone(), frame.clone());
+                    tokio::task::spawn_blocking(move || load(&file, frame))
+                        .await
+                        .map_err(io::Error::other)??;
+                }
+                prefetch(&file, frame.end, end);
+                let len = (frame.end - frame.start) as usize;
+                sender.segments().push_back(Segment {
+                    file,
+                    offset: frame.start,
+                    len,
+                });
+                Ok(Bytes::from_static(&PLACEHOLDER[..len]))
+            }
         })
     }
 }
@@ -416,6 +457,25 @@ mod tests {
             "{} body bytes reached the client",
             body.len()
         );
+    }
+
+    #[tokio::test]
+    async fn frames_not_in_the_page_cache_are_read_in_before_hyper_gets_them() {
+        // In the crate's directory, so on a disk: a memory file system never drops pages.
+        let mut file = tempfile::tempfile_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        file.write_all(&vec![9u8; FRAME * 2]).unwrap();
+        file.sync_all().unwrap();
+        let whole = 0..(FRAME * 2) as u64;
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        assert!(
+            !is_cached(&file, &whole),
+            "the pages were dropped from the cache"
+        );
+        let sender = FileSender::default();
+        frames(&sender, file.try_clone().unwrap(), whole).await;
+        for frame in [0..FRAME as u64, FRAME as u64..(FRAME * 2) as u64] {
+            assert!(is_cached(&file, &frame), "{frame:?} is cached once queued");
+        }
     }
 
     #[test]
