@@ -102,14 +102,19 @@ pub(super) async fn get(
         return Ok((status, AppendHeaders(headers), Body::empty()).into_response());
     }
     let len = span.end - span.start;
-    let body = match file_sender.filter(|_| len >= SENDFILE_MIN) {
-        Some(sender) => match state.content.open_file(digest).await? {
-            Some(file) => {
-                state.metrics.add_sent_from_file(len);
-                Body::from_stream(sender.body(file, span))
-            }
-            None => Body::from_stream(state.content.read(digest, span).await?),
-        },
+    let file = match file_sender.filter(|_| len >= SENDFILE_MIN) {
+        Some(sender) => state
+            .content
+            .open_file(digest)
+            .await?
+            .map(|file| (sender, file)),
+        None => None,
+    };
+    let body = match file {
+        Some((sender, file)) => {
+            state.metrics.add_sent_from_file(len);
+            Body::from_stream(sender.body(file, span))
+        }
         None => Body::from_stream(state.content.read(digest, span).await?),
     };
     Ok((status, AppendHeaders(headers), body).into_response())

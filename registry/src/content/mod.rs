@@ -93,8 +93,7 @@ pub trait ContentStore: Send + Sync + 'static {
 
     /// The committed blob as an open local file, for backends that keep one, so the server can
     /// let the kernel send it. `None` means such a backend has no file for it: use [`read`](Self::read).
-    async fn open_file(&self, digest: &Digest) -> Result<Option<std::fs::File>, ContentError> {
-        let _ = digest;
+    async fn open_file(&self, _digest: &Digest) -> Result<Option<std::fs::File>, ContentError> {
         Ok(None)
     }
 
