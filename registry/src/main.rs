@@ -38,6 +38,9 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Print an htpasswd line (bcrypt) for USER, reading the password from the first line of
+    /// standard input so it never appears in a process list.
+    Htpasswd { user: String },
 }
 
 #[derive(Subcommand)]
@@ -54,6 +57,18 @@ fn main() -> anyhow::Result<()> {
         } => {
             Config::load(Some(&file))?;
             println!("{}: ok", file.display());
+            Ok(())
+        }
+        Command::Htpasswd { user } => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("reading the password from standard input")?;
+            let password = password.strip_suffix('\n').unwrap_or(&password);
+            let password = password.strip_suffix('\r').unwrap_or(password);
+            let line = berth_registry::auth::htpasswd_entry(&user, password)
+                .map_err(anyhow::Error::msg)?;
+            println!("{line}");
             Ok(())
         }
         Command::Serve => {

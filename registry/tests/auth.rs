@@ -1359,6 +1359,47 @@ async fn distribution_accepts_berth_tokens() {
 // 4: attacks over HTTP
 // ---------------------------------------------------------------------------------------------
 
+/// `berth-registry htpasswd USER` is how provisioning (the BOSH job) writes logins: the password
+/// comes on standard input, never in argv, and the line it prints is one the server accepts.
+#[tokio::test]
+async fn htpasswd_command_writes_a_login_the_server_accepts() {
+    let material = Material::new(&[ADMIN], 4);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_berth-registry"))
+        .args(["htpasswd", ROBOT.0])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start berth-registry htpasswd");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(format!("{}\n", ROBOT.1).as_bytes())
+        .expect("send the password");
+    let output = child.wait_with_output().expect("berth-registry htpasswd");
+    assert!(output.status.success(), "{}", output_text(&output));
+    let line = String::from_utf8(output.stdout).expect("text");
+    assert!(line.starts_with(&format!("{}:$2b$", ROBOT.0)), "{line}");
+    assert!(!line.contains(ROBOT.1), "the password itself was printed");
+    let mut users = fs::read_to_string(&material.htpasswd).expect("read htpasswd");
+    users.push_str(&line);
+    fs::write(&material.htpasswd, users).expect("write htpasswd");
+
+    let api = Api::start(&material, Mode::Basic, "");
+    api.get("/v2/", &Cred::basic(ROBOT)).await.expect(200);
+    api.get("/v2/", &Cred::Basic(ROBOT.0, MALLORY.1))
+        .await
+        .expect_basic_challenge();
+
+    let refused = Command::new(env!("CARGO_BIN_EXE_berth-registry"))
+        .args(["htpasswd", "bad:name"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("berth-registry htpasswd");
+    assert!(!refused.status.success(), "a name with ':' was accepted");
+}
+
 #[tokio::test]
 async fn basic_mode_refuses_bad_credentials_and_writes_nothing() {
     let material = usual_material();

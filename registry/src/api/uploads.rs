@@ -157,13 +157,21 @@ async fn commit(
     id: UploadId,
     digest: &Digest,
 ) -> Result<(), RegistryError> {
-    let committed = state.content.commit_upload(id, digest).await;
-    if matches!(committed, Ok(_) | Err(ContentError::DigestMismatch { .. })) {
-        end_session(state, id).await?;
+    match state.content.commit_upload(id, digest).await {
+        Ok(size) => {
+            state
+                .metadata
+                .complete_upload(id, repo, digest, size)
+                .await?;
+            state.metrics.upload_ended();
+            Ok(())
+        }
+        Err(err @ ContentError::DigestMismatch { .. }) => {
+            end_session(state, id).await?;
+            Err(content_error(err))
+        }
+        Err(err) => Err(content_error(err)),
     }
-    let size = committed.map_err(content_error)?;
-    state.metadata.link_blob(repo, digest, size).await?;
-    Ok(())
 }
 
 /// Repositories a mount without `from` considers when looking for the blob.

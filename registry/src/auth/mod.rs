@@ -19,6 +19,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 pub use config::{AccessRule, AnonymousAccess, AuthConfig, AuthMode, TokenConfig, TrustedIssuer};
+pub use htpasswd::entry as htpasswd_entry;
 pub use policy::{Action, Actions, Identity};
 pub use token::{AccessEntry, IssuedToken, SigningKey};
 

@@ -21,8 +21,10 @@ use super::{ByteStream, ContentError, ContentStore, UploadId, chunks};
 /// 20-layer push and was no faster).
 const WRITE_BUFFER: usize = 256 << 10;
 /// While an upload streams, a helper thread hands dirty pages to the disk every this many bytes,
-/// so the fsync at commit waits only for the tail instead of the whole blob.
-const WRITEBACK_EVERY: u64 = 32 << 20;
+/// so the disk writes while the network delivers and the fsync at commit waits only for the tail.
+/// Small enough to matter for the typical 1-10 MiB layer: copying a 20 x 5 MiB image went from
+/// 0.436 to 0.402 s with 1 MiB instead of 32 (medians of 6 interleaved runs on a 2-core machine).
+const WRITEBACK_EVERY: u64 = 1 << 20;
 
 /// The hash of an upload's first `offset` bytes, kept between requests so committing a streamed
 /// upload does not read it back. Lost on restart, when the commit re-reads the data instead.

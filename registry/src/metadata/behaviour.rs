@@ -41,6 +41,7 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
     listings_paginate_in_order(store).await;
     referrers_filter_by_artifact_type(store).await;
     uploads_remember_their_repository(store).await;
+    completing_an_upload_ends_it_and_links_its_blob(store).await;
 }
 
 async fn blobs_are_owned_per_repository(store: &dyn MetadataStore) {
@@ -258,4 +259,22 @@ async fn uploads_remember_their_repository(store: &dyn MetadataStore) {
     store.delete_upload(id).await.unwrap();
     assert_eq!(store.upload_repository(id).await.unwrap(), None);
     assert!(!store.uploads().await.unwrap().iter().any(|(u, _)| *u == id));
+}
+
+async fn completing_an_upload_ends_it_and_links_its_blob(store: &dyn MetadataStore) {
+    let id = UploadId::new();
+    let r = repo("uploads/complete");
+    let digest = Digest::sha256_of(b"completed");
+    store.create_upload(&r, id).await.unwrap();
+    store.complete_upload(id, &r, &digest, 9).await.unwrap();
+    assert_eq!(store.upload_repository(id).await.unwrap(), None);
+    assert!(!store.uploads().await.unwrap().iter().any(|(u, _)| *u == id));
+    assert_eq!(store.repository_blob(&r, &digest).await.unwrap(), Some(9));
+    assert_eq!(
+        store
+            .repository_blob(&repo("uploads/other"), &digest)
+            .await
+            .unwrap(),
+        None
+    );
 }

@@ -205,6 +205,21 @@ impl<S: MetadataStore> MetadataStore for CachedMetadata<S> {
         self.inner.delete_upload(id).await
     }
 
+    async fn complete_upload(
+        &self,
+        id: UploadId,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<(), MetadataError> {
+        self.writing(
+            false,
+            true,
+            self.inner.complete_upload(id, repo, digest, size),
+        )
+        .await
+    }
+
     async fn uploads(&self) -> Result<Vec<(UploadId, SystemTime)>, MetadataError> {
         self.inner.uploads().await
     }

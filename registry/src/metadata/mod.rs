@@ -176,6 +176,16 @@ pub trait MetadataStore: Send + Sync + 'static {
 
     async fn delete_upload(&self, id: UploadId) -> Result<(), MetadataError>;
 
+    /// Ends upload session `id` and records that `repo` owns its committed blob `digest` of
+    /// `size` bytes, in one transaction.
+    async fn complete_upload(
+        &self,
+        id: UploadId,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<(), MetadataError>;
+
     /// Every upload session and when it started.
     async fn uploads(&self) -> Result<Vec<(UploadId, SystemTime)>, MetadataError>;
 }
