@@ -10,6 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use base64::Engine;
 use common::*;
 use serde_json::{Value, json};
 
@@ -816,10 +817,10 @@ fn a_token_that_expires_mid_copy_is_fetched_again() {
 
 /// The internal registry as a foundation runs it: token mode, the cache namespace pushable by the
 /// cacher's robot account only, pullable by exact name by anyone, even with credentials it does
-/// not know, listed to nobody.
+/// not know, listed to nobody, the robot included (its credential ships in the staging bundle).
 const INTERNAL_TOKEN_MODE: &str = "mode: token\n\
      access:\n  - repositories: cache\n    anonymous: by-name\n    \
-     foreign_credentials_as_anonymous: true\n    grants: { \"robot:berth-cacher\": [push] }\n";
+     foreign_credentials_as_anonymous: true\n    grants: { \"robot:berth-cacher\": [push-by-name] }\n";
 
 #[test]
 fn cacher_pushes_as_its_robot_and_cells_pull_by_name_with_origin_credentials() {
@@ -867,6 +868,41 @@ fn cacher_pushes_as_its_robot_and_cells_pull_by_name_with_origin_credentials() {
         );
         assert_eq!(response.status, 401, "{listing}");
     }
+    // Not even the robot: a copy of its credential leaked from a bundle finds nothing.
+    let login =
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", robot.0, robot.1));
+    let token_reply = http_as(
+        reqwest::Method::GET,
+        &format!(
+            "{}/auth/token?service=berth-registry&scope=registry:catalog:*&scope=repository:{}:pull,push",
+            berth.url(),
+            cache_repository(&guid)
+        ),
+        Some(&format!("Basic {login}")),
+    );
+    assert_eq!(token_reply.status, 200, "the robot gets a token");
+    let token: serde_json::Value = serde_json::from_slice(&token_reply.body).expect("token JSON");
+    let bearer = format!("Bearer {}", token["token"].as_str().expect("a token"));
+    let catalog = http_as(
+        reqwest::Method::GET,
+        &format!("{}/v2/_catalog", berth.url()),
+        Some(&bearer),
+    );
+    assert!(
+        catalog.status != 200 || !String::from_utf8_lossy(&catalog.body).contains("cache/"),
+        "the robot listed the cache: {} {}",
+        catalog.status,
+        String::from_utf8_lossy(&catalog.body)
+    );
+    let tags = http_as(
+        reqwest::Method::GET,
+        &format!("{}/v2/{}/tags/list", berth.url(), cache_repository(&guid)),
+        Some(&bearer),
+    );
+    assert_ne!(
+        tags.status, 200,
+        "the robot listed the tags of an app's cache"
+    );
 
     // Without the robot's password the cacher cannot push, and nothing lands.
     let other = web_image(16, &[64 * KIB]);

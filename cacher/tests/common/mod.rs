@@ -147,10 +147,19 @@ pub struct HttpResponse {
 
 /// One plain request (manifest types accepted), for checking what a registry holds.
 pub fn http(method: reqwest::Method, url: &str) -> HttpResponse {
+    http_as(method, url, None)
+}
+
+/// Like [`http`], presenting `authorization` (a whole `Authorization` header value).
+pub fn http_as(method: reqwest::Method, url: &str, authorization: Option<&str>) -> HttpResponse {
     block_on(async {
-        let response = reqwest::Client::new()
+        let mut request = reqwest::Client::new()
             .request(method, url)
-            .header(reqwest::header::ACCEPT, MANIFEST_ACCEPT)
+            .header(reqwest::header::ACCEPT, MANIFEST_ACCEPT);
+        if let Some(value) = authorization {
+            request = request.header(reqwest::header::AUTHORIZATION, value);
+        }
+        let response = request
             .send()
             .await
             .unwrap_or_else(|e| panic!("{url}: {e}"));

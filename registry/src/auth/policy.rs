@@ -14,6 +14,11 @@ use crate::config::ConfigError;
 pub enum Action {
     Pull,
     Push,
+    /// Push and pull by exact name, never seeing the catalog or a tag list: for a robot whose
+    /// credential travels where others may read it (the cacher's, in the staging bundle), so a
+    /// leaked copy cannot find what others stored.
+    #[serde(rename = "push-by-name")]
+    PushByName,
     Delete,
     /// Everything, including listing.
     Admin,
@@ -72,6 +77,7 @@ impl From<Action> for Actions {
             // Pushing needs the reads every client does around it (blob HEAD, manifest GET).
             Action::Pull => Actions::PULL.union(Actions::LIST),
             Action::Push => Actions::PUSH.union(Actions::PULL).union(Actions::LIST),
+            Action::PushByName => Actions::PUSH.union(Actions::PULL),
             Action::Delete => Actions::DELETE,
             Action::Admin => Actions::ALL,
         }
@@ -352,6 +358,15 @@ access:
         for name in ["cache/x", "team-a/prod/app", "anything/else"] {
             assert_eq!(p.allowed(&olga, &repo(name)), Actions::ALL, "{name}");
         }
+    }
+
+    #[test]
+    fn push_by_name_never_lists() {
+        let p = policy("access: [{repositories: cache, grants: {'robot:cacher': [push-by-name]}}]");
+        let robot = p.identity("robot$cacher");
+        let cache = p.allowed(&robot, &repo("cache/x/y"));
+        assert!(cache.contains(Actions::PUSH) && cache.contains(Actions::PULL));
+        assert!(!cache.contains(Actions::LIST) && !cache.contains(Actions::DELETE));
     }
 
     #[test]
