@@ -1,0 +1,220 @@
+# The berth-registry job: its configuration, bpm and secrets, checked by rendering and by the real binary.
+require_relative 'spec_helper'
+
+RSpec.describe 'berth-registry job' do
+  let(:job) { release_job('berth-registry') }
+  let(:disk) { { 'persistent_disk' => 10_240 } }
+  let(:tls) { BerthSpec.tls }
+  let(:robot_password) { SecureRandom.hex(16) }
+  let(:secure) do
+    { 'berth' => { 'registry' => { 'tls' => tls }, 'cache' => { 'robot_password' => robot_password } } }
+  end
+
+  def config(properties, spec = disk)
+    YAML.safe_load(job.render('config/berth-registry.yml', properties: properties, spec: spec))
+  end
+
+  def merge(base, extra)
+    base.merge(extra) { |_, a, b| a.is_a?(Hash) && b.is_a?(Hash) ? merge(a, b) : b }
+  end
+
+  describe 'config/berth-registry.yml' do
+    it 'refuses the defaults alone: token auth needs TLS' do
+      expect { config({}) }.to raise_error(/auth.mode token sends passwords and tokens/)
+    end
+
+    it 'serves TLS with token auth and the cache namespace rule by default' do
+      rendered = config(secure)
+      expect(rendered).to eq(
+        'listen' => '0.0.0.0:8443',
+        'storage' => { 'root' => '/var/vcap/store/berth-registry' },
+        'log' => { 'format' => 'json', 'level' => 'info' },
+        'tls' => { 'certificate' => '/var/vcap/jobs/berth-registry/config/tls.crt',
+                   'private_key' => '/var/vcap/jobs/berth-registry/config/tls.key' },
+        'auth' => {
+          'mode' => 'token',
+          'htpasswd' => '/var/vcap/data/berth-registry/htpasswd',
+          'max_failures_per_minute' => 10,
+          'access' => [{ 'repositories' => 'cache', 'anonymous' => 'by-name',
+                         'foreign_credentials_as_anonymous' => true,
+                         'grants' => { 'robot:berth-cacher' => ['push-by-name'] } }],
+          'token' => { 'service' => 'berth-registry', 'issuer' => 'berth-registry', 'lifetime_seconds' => 300 }
+        }
+      )
+    end
+
+    it 'takes every override' do
+      rendered = config(merge(secure, 'berth' => {
+                                'registry' => {
+                                  'listen_address' => '::', 'port' => 5000, 'log_level' => 'warn',
+                                  'limits' => { 'max_page_entries' => 500, 'shutdown_grace_seconds' => 5 },
+                                  'auth' => {
+                                    'mode' => 'basic', 'max_failures_per_minute' => 0,
+                                    'users' => [{ 'name' => 'alice', 'password' => 'a' }],
+                                    'groups' => { 'platform' => ['alice'] }, 'admins' => ['group:platform'],
+                                    'access' => [{ 'repositories' => 'team-a', 'grants' => { 'authenticated' => ['pull'] } }]
+                                  }
+                                },
+                                'cache' => { 'namespace' => 'mirror' }
+                              }))
+      expect(rendered['listen']).to eq('[::]:5000')
+      expect(rendered['log']['level']).to eq('warn')
+      expect(rendered['limits']).to eq('max_page_entries' => 500, 'shutdown_grace_seconds' => 5)
+      auth = rendered['auth']
+      expect(auth).to include('mode' => 'basic', 'max_failures_per_minute' => 0,
+                              'groups' => { 'platform' => ['alice'] }, 'admins' => ['group:platform'])
+      expect(auth['access'].map { |rule| rule['repositories'] }).to eq(%w[team-a mirror])
+      expect(auth).not_to have_key('token')
+    end
+
+    it 'points at the token signing key only when one is given' do
+      rendered = config(merge(secure, 'berth' => { 'registry' => { 'auth' => { 'token' => {
+                                'signing_key' => 'PEM', 'lifetime_seconds' => 60, 'issuer' => 'i', 'service' => 's'
+                              } } } }))
+      expect(rendered['auth']['token']).to eq(
+        'service' => 's', 'issuer' => 'i', 'lifetime_seconds' => 60,
+        'signing_key' => '/var/vcap/jobs/berth-registry/config/token-signing-key.pem'
+      )
+    end
+
+    it 'leaves the cache rule out when caching is off, and then needs no robot password' do
+      rendered = config('berth' => { 'registry' => { 'tls' => tls }, 'cache' => { 'enabled' => false } })
+      expect(rendered['auth']).not_to have_key('access')
+    end
+
+    it 'can run open and plain for a lab' do
+      rendered = config('berth' => { 'registry' => { 'auth' => { 'mode' => 'none' } } })
+      expect(rendered['auth']).to eq('mode' => 'none')
+      expect(rendered).not_to have_key('tls')
+    end
+
+    {
+      'token mode without TLS' => [{ 'berth' => { 'cache' => { 'robot_password' => 'x' } } },
+                                   /auth.mode token sends passwords and tokens.*tls.certificate/],
+      'basic mode without TLS' => [{ 'berth' => { 'registry' => { 'auth' => { 'mode' => 'basic' } },
+                                                  'cache' => { 'robot_password' => 'x' } } },
+                                   /auth.mode basic sends passwords/],
+      'a certificate without its key' => [{ 'berth' => { 'registry' => { 'tls' => { 'certificate' => 'C' } } } },
+                                          /tls.certificate and berth.registry.tls.private_key go together/],
+      'caching without the robot password' => [{ 'berth' => { 'registry' => { 'tls' => { 'certificate' => 'C', 'private_key' => 'K' } } } },
+                                               /berth.cache.robot_password is required/],
+      'an unknown auth mode' => [{ 'berth' => { 'registry' => { 'auth' => { 'mode' => 'ldap' } } } },
+                                 /must be none, basic or token/],
+      'users without auth' => [{ 'berth' => { 'registry' => { 'auth' => { 'mode' => 'none', 'users' => [{ 'name' => 'a', 'password' => 'b' }] } } } },
+                               /mode none lets everyone do everything/],
+      'a rule of its own for the cache namespace' => [
+        { 'berth' => { 'registry' => { 'tls' => { 'certificate' => 'C', 'private_key' => 'K' },
+                                       'auth' => { 'access' => [{ 'repositories' => 'cache' }] } },
+                       'cache' => { 'robot_password' => 'x' } } },
+        /rule for the cache namespace "cache" is generated/
+      ],
+      'an unknown limit' => [{ 'berth' => { 'registry' => { 'auth' => { 'mode' => 'none' }, 'limits' => { 'max_blob' => 1 } } } },
+                             /unknown max_blob/],
+      'a namespace with a slash' => [{ 'berth' => { 'registry' => { 'auth' => { 'mode' => 'none' } }, 'cache' => { 'namespace' => 'a/b' } } },
+                                     /one lowercase repository path component/],
+      'a misspelt property' => [{ 'berth' => { 'registry' => { 'prot' => 1 } } }, /'berth.registry.prot' is not declared/]
+    }.each do |what, (properties, message)|
+      it "refuses #{what}" do
+        expect { config(properties) }.to raise_error(message)
+      end
+    end
+
+    it 'refuses an instance group without a persistent disk' do
+      expect { config(secure, {}) }.to raise_error(/on the persistent disk: give the instance group one/)
+    end
+  end
+
+  describe 'config/passwords' do
+    def passwords(users)
+      job.render('config/passwords', properties: merge(secure, 'berth' => { 'registry' => { 'auth' => { 'users' => users } } }))
+    end
+
+    it 'lists the users and the cacher robot, one per line' do
+      expect(passwords([{ 'name' => 'alice', 'password' => 'p:w d' }]))
+        .to eq("alice:p:w d\nrobot$berth-cacher:#{robot_password}\n")
+    end
+
+    {
+      'a reserved robot name' => [[{ 'name' => 'robot$x', 'password' => 'SECRET-1' }], /robot\$ are reserved/],
+      'a colon in a name' => [[{ 'name' => 'a:b', 'password' => 'SECRET-1' }], /may not contain ':'/],
+      'a line break in a password' => [[{ 'name' => 'a', 'password' => "SECRET-1\nSECRET-2" }], /password of a contains a line break/],
+      'a user twice' => [[{ 'name' => 'a', 'password' => 'SECRET-1' }, { 'name' => 'a', 'password' => 'SECRET-2' }], /a appears twice/],
+      'a user without a password' => [[{ 'name' => 'a' }], /needs a name and a password/]
+    }.each do |what, (users, message)|
+      it "refuses #{what} without showing any password" do
+        expect { passwords(users) }.to raise_error(message) { |e| expect(e.message).not_to include('SECRET') }
+      end
+    end
+  end
+
+  describe 'config/bpm.yml' do
+    it 'runs the registry from the package with its configuration and the persistent disk' do
+      bpm = YAML.safe_load(job.render('config/bpm.yml', properties: secure))
+      expect(bpm).to eq('processes' => [{
+                          'name' => 'berth-registry',
+                          'executable' => '/var/vcap/packages/berth/bin/berth-registry',
+                          'args' => ['serve', '--config', '/var/vcap/jobs/berth-registry/config/berth-registry.yml'],
+                          'persistent_disk' => true,
+                          'limits' => { 'open_files' => 65_536 }
+                        }])
+    end
+
+    it 'may bind a privileged port' do
+      bpm = YAML.safe_load(job.render('config/bpm.yml', properties: { 'berth' => { 'registry' => { 'port' => 443 } } }))
+      expect(bpm['processes'][0]['capabilities']).to eq(['NET_BIND_SERVICE'])
+    end
+  end
+
+  it 'renders the TLS files from their properties' do
+    expect(job.render('config/tls.crt', properties: secure)).to eq(tls['certificate'])
+    expect(job.render('config/tls.key', properties: secure)).to eq(tls['private_key'])
+  end
+
+  describe 'bin/pre-start, with the real berth-registry' do
+    let(:root) { tmp }
+    let(:users) { [{ 'name' => 'alice', 'password' => 'alice secret' }] }
+    let(:properties) do
+      merge(secure, 'berth' => { 'registry' => { 'auth' => { 'users' => users, 'admins' => ['user:alice'] } } })
+    end
+    let(:env) do
+      { 'BERTH_JOB_DIR' => "#{root}/jobs/berth-registry", 'BERTH_DATA_DIR' => "#{root}/data/berth-registry",
+        'BERTH_PACKAGE_DIR' => install_package(root), 'BERTH_OWNER' => owner }
+    end
+
+    before { install_job(root, 'berth-registry', properties: properties, spec: disk) }
+
+    it 'hashes every password into a private htpasswd that config check accepts' do
+      output = run!(env, "#{root}/jobs/berth-registry/bin/pre-start")
+      expect(output).to include('berth-registry.yml: ok')
+      expect(output).not_to include('alice secret', robot_password)
+
+      htpasswd = "#{root}/data/berth-registry/htpasswd"
+      expect(File.stat(htpasswd).mode & 0o777).to eq(0o600)
+      entries = File.read(htpasswd).lines.map { |line| line.chomp.split(':', 2) }
+      expect(entries.map(&:first)).to eq(['alice', 'robot$berth-cacher'])
+      expect(entries.map(&:last)).to all(match(/\A\$2[aby]\$\d\d\$.{53}\z/))
+      expect(File.read(htpasswd)).not_to include('alice secret', robot_password)
+
+      %w[passwords tls.key token-signing-key.pem].each do |secret|
+        expect(File.stat("#{root}/jobs/berth-registry/config/#{secret}").mode & 0o777).to eq(0o600)
+      end
+    end
+
+    it 'renders a configuration the real berth-registry accepts' do
+      run!(env, "#{root}/jobs/berth-registry/bin/pre-start")
+      config = "#{root}/jobs/berth-registry/config/berth-registry.yml"
+      expect(run!({}, BerthSpec.binary('BERTH_REGISTRY_BIN'), 'config', 'check', config)).to include('ok')
+    end
+
+    it 'fails when the htpasswd command does not produce a bcrypt entry' do
+      fake = File.join(root, 'fake-package')
+      FileUtils.mkdir_p("#{fake}/bin")
+      File.write("#{fake}/bin/berth-registry", "#!/bin/sh\ncat >/dev/null\necho \"$2:plain\"\n")
+      File.chmod(0o755, "#{fake}/bin/berth-registry")
+      _, err, status = Open3.capture3(env.merge('BERTH_PACKAGE_DIR' => fake), "#{root}/jobs/berth-registry/bin/pre-start")
+      expect(status).not_to be_success
+      expect(err).to include('did not print a bcrypt entry for alice')
+      expect(File).not_to exist("#{root}/data/berth-registry/htpasswd")
+    end
+  end
+end

@@ -1,0 +1,160 @@
+# The rendered jobs working together with the real binaries: a registry set up by berth-registry's
+# pre-start, and a staging run of the builder from the bundle berth-lifecycle's pre-start made.
+require 'base64'
+require 'net/http'
+require_relative 'spec_helper'
+
+RSpec.describe 'berth-registry and berth-lifecycle, end to end' do
+  let(:root) { tmp }
+  let(:port) { free_port }
+  let(:tls) { BerthSpec.tls }
+  let(:admin_password) { SecureRandom.hex(12) }
+  let(:robot_password) { SecureRandom.hex(12) }
+  let(:app_guid) { SecureRandom.uuid }
+  let(:host) { "127.0.0.1:#{port}" }
+  let(:certs) { File.join(root, 'certs') }
+  let(:registry_properties) do
+    { 'berth' => {
+      'registry' => { 'listen_address' => '127.0.0.1', 'port' => port, 'external_name' => '127.0.0.1', 'tls' => tls,
+                      'auth' => { 'users' => [{ 'name' => 'admin', 'password' => admin_password }], 'admins' => ['user:admin'] } },
+      'cache' => { 'robot_password' => robot_password }
+    } }
+  end
+  let(:package) { install_package(root) }
+  let(:log) { File.join(root, 'berth-registry.log') }
+
+  before do
+    %w[skopeo python3 tar].each { |tool| BerthSpec.tool(tool) }
+    FileUtils.mkdir_p(certs)
+    File.write(File.join(certs, 'ca.crt'), tls['ca'])
+  end
+
+  after do
+    next unless @registry
+
+    Process.kill('TERM', @registry)
+    Process.wait(@registry)
+  end
+
+  def start_registry
+    install_job(root, 'berth-registry', properties: registry_properties, spec: { 'persistent_disk' => 1024 })
+    run!({ 'BERTH_JOB_DIR' => "#{root}/jobs/berth-registry", 'BERTH_DATA_DIR' => "#{root}/data/berth-registry",
+           'BERTH_PACKAGE_DIR' => package, 'BERTH_OWNER' => owner }, "#{root}/jobs/berth-registry/bin/pre-start")
+    @registry = spawn(BerthSpec.binary('BERTH_REGISTRY_BIN'), 'serve', '--config',
+                      "#{root}/jobs/berth-registry/config/berth-registry.yml", %i[out err] => log)
+    wait_for_health
+  end
+
+  def wait_for_health
+    http = Net::HTTP.new('127.0.0.1', port)
+    http.use_ssl = true
+    http.ca_file = File.join(certs, 'ca.crt')
+    deadline = Time.now + 30
+    loop do
+      raise "berth-registry exited:\n#{File.read(log)}" if Process.wait(@registry, Process::WNOHANG)
+
+      begin
+        return if http.request_get('/healthz').code == '200'
+      rescue SystemCallError, OpenSSL::SSL::SSLError, Net::OpenTimeout
+        nil
+      end
+      raise "berth-registry not healthy in 30 s:\n#{File.read(log)}" if Time.now > deadline
+
+      sleep 0.2
+    end
+  end
+
+  # skopeo reads credentials from a file, so no password is ever on a command line.
+  def authfile(user, password)
+    path = File.join(root, "auth-#{user}.json")
+    File.write(path, JSON.dump('auths' => { host => { 'auth' => Base64.strict_encode64("#{user}:#{password}") } }))
+    File.chmod(0o600, path)
+    path
+  end
+
+  def skopeo(*args)
+    Open3.capture3('skopeo', *args)
+  end
+
+  def push_image
+    image = File.join(root, 'image')
+    info = File.join(root, 'image.info')
+    run!({}, 'python3', File.join(BerthSpec::REPO, 'ci/bench.d/helper.py'), 'gen-image', image,
+         '--layers', '2', '--layer-size', '1024', '--info', info)
+    _, err, status = skopeo('copy', '--preserve-digests', '--dest-authfile', authfile('admin', admin_password),
+                            '--dest-cert-dir', certs, "oci:#{image}:latest", "docker://#{host}/team/app:1")
+    raise "skopeo push failed: #{err}" unless status.success?
+
+    File.read(info)[/^manifest (sha256:\h{64})/, 1]
+  end
+
+  def repack_bundle
+    source = "#{root}/packages/docker_app_lifecycle/docker_app_lifecycle.tgz"
+    bundle = Dir.mktmpdir('diego-bundle', root)
+    %w[builder launcher healthcheck diego-sshd].each { |entry| File.binwrite(File.join(bundle, entry), SecureRandom.random_bytes(64)) }
+    FileUtils.mkdir_p(File.dirname(source))
+    run!({}, 'tar', '-czf', source, '-C', bundle, 'builder', 'launcher', 'healthcheck', 'diego-sshd')
+    unpacked = File.join(root, 'lifecycle')
+    static = "#{root}/jobs/file_server/packages"
+    install_job(root, 'berth-lifecycle',
+                properties: { 'berth' => { 'lifecycle' => { 'source' => source, 'static_directory' => static, 'unpacked_at' => unpacked } } },
+                links: { 'berth-registry' => provided_link('berth-registry', registry_properties) })
+    run!({ 'BERTH_JOB_DIR' => "#{root}/jobs/berth-lifecycle", 'BERTH_PACKAGE_DIR' => package },
+         "#{root}/jobs/berth-lifecycle/bin/pre-start")
+    FileUtils.mkdir_p(unpacked)
+    run!({}, 'tar', '-xzf', "#{static}/berth_docker_app_lifecycle/docker_app_lifecycle.tgz", '-C', unpacked)
+    unpacked
+  end
+
+  # As Cloud Controller runs it: flags on the command line, the app's environment, the origin
+  # registry's password given the way the cacher also accepts it, out of argv.
+  def stage(lifecycle, reference)
+    result = File.join(root, 'result.json')
+    env = { 'VCAP_APPLICATION' => JSON.dump('application_id' => app_guid), 'BERTH_CACHE' => 'true',
+            'CF_DOCKER_PASSWORD' => admin_password, 'CF_SYSTEM_CERT_PATH' => certs, 'BERTH_CACHER_CONFIG' => nil,
+            'NO_PROXY' => '127.0.0.1', 'no_proxy' => '127.0.0.1' }
+    out, err, status = Open3.capture3(env, File.join(lifecycle, 'builder'), "-outputMetadataJSONFilename=#{result}",
+                                      "-dockerRef=#{reference}", '-dockerUser=admin')
+    [out + err, status, status.success? ? JSON.parse(File.read(result)) : nil]
+  end
+
+  it 'caches an image into cache/<app guid>/<id> with the robot and pins the result to its digest' do
+    start_registry
+    digest = push_image
+    lifecycle = repack_bundle
+
+    output, status, result = stage(lifecycle, "#{host}/team/app:1")
+    expect(status).to be_success, output
+    expect(result['lifecycle_type']).to eq('docker')
+    image = result['lifecycle_metadata']['docker_image']
+    expect(image).to match(%r{\A#{Regexp.escape(host)}/cache/#{app_guid}/\h+@#{digest}\z})
+    expect(JSON.parse(result['execution_metadata'])['cmd']).to eq(['/bin/true'])
+
+    # Cells pull it anonymously, or with credentials of the origin registry, by its exact name.
+    _, err, anonymous = skopeo('inspect', '--raw', '--no-creds', '--cert-dir', certs, "docker://#{image}")
+    expect(anonymous).to be_success, err
+    _, err, foreign = skopeo('inspect', '--raw', '--authfile', authfile('someone', 'origin-password'), '--cert-dir', certs,
+                             "docker://#{image}")
+    expect(foreign).to be_success, err
+    _, _, listed = skopeo('list-tags', '--no-creds', '--cert-dir', certs, "docker://#{image.split('@').first}")
+    expect(listed).not_to be_success
+
+    # The robot may push into the cache namespace and nowhere else.
+    _, _, elsewhere = skopeo('copy', '--dest-authfile', authfile('robot$berth-cacher', robot_password), '--dest-cert-dir', certs,
+                             "oci:#{root}/image:latest", "docker://#{host}/team/robot-was-here:1")
+    expect(elsewhere).not_to be_success
+
+    expect(output + File.read(log)).not_to include(admin_password, robot_password)
+  end
+
+  it 'fails the staging, not silently, when the registry refuses the robot' do
+    start_registry
+    push_image
+    registry_properties['berth']['cache']['robot_password'] = 'not-the-password'
+    lifecycle = repack_bundle
+
+    output, status, = stage(lifecycle, "#{host}/team/app:1")
+    expect(status.exitstatus).to eq(2), output
+    expect(output).not_to include('not-the-password', admin_password)
+  end
+end

@@ -1,0 +1,145 @@
+# The standalone manifest and the cf-deployment ops file: they apply, and the jobs render from what they set.
+require_relative 'spec_helper'
+
+RSpec.describe 'manifests' do
+  let(:tls) { BerthSpec.tls }
+  let(:vars) do
+    { 'berth_release_version' => '1.0.0', 'berth_registry_ip' => '10.0.1.50', 'registry_name' => 'registry.example.internal',
+      'berth_registry_tls' => tls, 'berth_cacher_password' => 'robot-pw', 'berth_admin_password' => 'admin-pw',
+      'cc_db_encryption_key' => 'k' }
+  end
+
+  def load(path)
+    YAML.safe_load(File.read(File.join(BerthSpec::REPO, path)), aliases: true)
+  end
+
+  def group(manifest, name)
+    manifest['instance_groups'].find { |g| g['name'] == name } or raise "no instance group #{name}"
+  end
+
+  def job_in(manifest, group, name)
+    group(manifest, group)['jobs'].find { |j| j['name'] == name } or raise "no job #{name} on #{group}"
+  end
+
+  describe 'operations/enable-berth-cache.yml on cf-deployment' do
+    let(:ops) { load('manifests/operations/enable-berth-cache.yml') }
+    let(:stub) { load('bosh-release/spec/fixtures/cf-deployment-stub.yml') }
+    let(:manifest) { GoPatch.apply(stub, ops) }
+    let(:registry_job) { job_in(manifest, 'berth-registry', 'berth-registry') }
+    let(:registry_properties) { interpolate(registry_job['properties'], vars) }
+    let(:registry_link) { provided_link('berth-registry', registry_properties) }
+    let(:name) { registry_properties['berth']['registry']['external_name'] }
+    let(:port) { registry_properties['berth']['registry']['port'] }
+
+    it 'adds the release and a registry instance group with a static IP and a persistent disk' do
+      expect(manifest['releases']).to include('name' => 'berth', 'version' => '((berth_release_version))')
+      registry = group(manifest, 'berth-registry')
+      expect(registry['networks']).to eq([{ 'name' => 'default', 'static_ips' => ['((berth_registry_ip))'] }])
+      expect(registry['persistent_disk_type']).to eq('100GB')
+      expect(registry['instances']).to eq(1)
+      expect(registry_job).to include('release' => 'berth', 'provides' => { 'berth-registry' => { 'as' => 'berth-registry' } })
+    end
+
+    it 'renders a registry configuration from what it sets' do
+      config = YAML.safe_load(release_job('berth-registry').render('config/berth-registry.yml', properties: registry_properties,
+                                                                                                 spec: { 'persistent_disk' => 102_400 }))
+      expect(config['listen']).to eq('0.0.0.0:8443')
+      expect(config['auth']['mode']).to eq('token')
+      expect(config['auth']['access']).to eq([{ 'repositories' => 'cache', 'anonymous' => 'by-name',
+                                                'foreign_credentials_as_anonymous' => true,
+                                                'grants' => { 'robot:berth-cacher' => ['push-by-name'] } }])
+    end
+
+    it 'colocates berth-lifecycle with file_server, wired to the registry link' do
+      lifecycle = job_in(manifest, 'api', 'berth-lifecycle')
+      expect(job_in(manifest, 'api', 'file_server')).to be_truthy
+      expect(lifecycle['consumes']).to eq('berth-registry' => { 'from' => 'berth-registry' })
+      config = YAML.safe_load(release_job('berth-lifecycle').render('config/berth-cacher.yml',
+                                                                    properties: interpolate(lifecycle.fetch('properties', {}), vars),
+                                                                    links: { 'berth-registry' => registry_link }))
+      expect(config['registry']).to eq('url' => "https://#{name}:#{port}", 'ca_file' => '/tmp/lifecycle/berth-registry-ca.pem',
+                                        'username' => 'robot$berth-cacher', 'password' => 'robot-pw')
+      expect(config).not_to have_key('repository_key')
+    end
+
+    it 'points all four capi jobs at the repacked bundle, restating the rest of the default' do
+      bundle = "#{release_job('berth-lifecycle').spec['properties']['berth.lifecycle.bundle_name']['default']}/docker_app_lifecycle.tgz"
+      expected = {
+        'buildpack/cflinuxfs4' => 'buildpack_app_lifecycle/buildpack_app_lifecycle.tgz',
+        'buildpack/windows' => 'buildpack_app_lifecycle/buildpack_app_lifecycle.tgz',
+        'buildpack/windows2012R2' => 'windows_app_lifecycle/windows_app_lifecycle.tgz',
+        'buildpack/windows2016' => 'buildpack_app_lifecycle/buildpack_app_lifecycle.tgz',
+        'docker' => bundle
+      }
+      [%w[api cloud_controller_ng], %w[cc-worker cloud_controller_worker],
+       %w[scheduler cloud_controller_clock], %w[scheduler cc_deployment_updater]].each do |ig, job|
+        properties = job_in(manifest, ig, job)['properties']
+        expect(properties['cc']['diego']['lifecycle_bundles']).to eq(expected), "#{ig}/#{job}"
+      end
+      expect(job_in(manifest, 'api', 'cloud_controller_ng')['properties']['cc']['diego']['docker_staging_stack']).to eq('cflinuxfs4')
+    end
+
+    it 'opens the registry port to staging containers only' do
+      cc = job_in(manifest, 'api', 'cloud_controller_ng')['properties']['cc']
+      expect(cc['security_group_definitions']).to include(
+        'name' => 'berth_registry', 'rules' => [{ 'protocol' => 'tcp', 'destination' => '((berth_registry_ip))', 'ports' => port.to_s }]
+      )
+      expect(cc['default_staging_security_groups']).to eq(%w[public_networks dns berth_registry])
+      expect(cc['default_running_security_groups']).to eq(%w[public_networks dns])
+    end
+
+    it 'names the registry in BOSH DNS as the certificate does' do
+      aliases = manifest['addons'].find { |a| a['name'] == 'bosh-dns-aliases' }['jobs'][0]['properties']['aliases']
+      expect(aliases).to include('domain' => name, 'targets' => [{ 'query' => '*', 'instance_group' => 'berth-registry',
+                                                                   'deployment' => 'cf', 'network' => 'default', 'domain' => 'bosh' }])
+      certificate = manifest['variables'].find { |v| v['name'] == 'berth_registry_tls' }
+      expect(certificate['options']).to include('ca' => 'service_cf_internal_ca', 'common_name' => name, 'alternative_names' => [name])
+    end
+
+    it 'generates the robot password and no repository key' do
+      variables = manifest['variables'].to_h { |v| [v['name'], v] }
+      expect(variables['berth_cacher_password']['type']).to eq('password')
+      expect(variables.keys.grep(/repository_key/)).to be_empty
+    end
+
+    it 'makes the cells trust the registry CA' do
+      trust = job_in(manifest, 'diego-cell', 'berth-trust')
+      expect(trust['consumes']).to eq('berth-registry' => { 'from' => 'berth-registry' })
+      expect(release_job('berth-trust').render('config/registry-ca.pem', links: { 'berth-registry' => registry_link })).to eq(tls['ca'])
+    end
+
+    it 'keeps to cf-deployment: an ops path that does not exist fails' do
+      stub['instance_groups'].find { |g| g['name'] == 'scheduler' }['jobs'].pop
+      expect { manifest }.to raise_error(GoPatch::Error, /expected exactly one item with name=cc_deployment_updater, found 0/)
+    end
+  end
+
+  describe 'berth.yml' do
+    let(:manifest) { interpolate(load('manifests/berth.yml'), vars) }
+    let(:registry) { job_in(manifest, 'berth-registry', 'berth-registry') }
+
+    it 'deploys the registry under bpm on a persistent disk' do
+      group = group(manifest, 'berth-registry')
+      expect(group['jobs'].map { |j| j['name'] }).to eq(%w[bpm berth-registry])
+      expect(group['persistent_disk']).to be > 0
+      expect(manifest['releases'].map { |r| r['name'] }).to contain_exactly('berth', 'bpm')
+    end
+
+    it 'renders a token-mode configuration with an admin, a pull-for-all rule and the cache rule' do
+      job = release_job('berth-registry')
+      config = YAML.safe_load(job.render('config/berth-registry.yml', properties: registry['properties'],
+                                                                      spec: { 'persistent_disk' => 102_400 }))
+      expect(config['auth']['admins']).to eq(['user:admin'])
+      expect(config['auth']['access'].map { |r| r['repositories'] }).to eq(%w[* cache])
+      expect(job.render('config/passwords', properties: registry['properties']))
+        .to eq("admin:admin-pw\nrobot$berth-cacher:robot-pw\n")
+    end
+
+    it 'issues the certificate for the name clients use' do
+      certificate = manifest['variables'].find { |v| v['name'] == 'berth_registry_tls' }
+      expect(certificate['options']).to include('common_name' => 'registry.example.internal',
+                                                'alternative_names' => ['registry.example.internal'])
+      expect(registry['properties']['berth']['registry']['external_name']).to eq('registry.example.internal')
+    end
+  end
+end
