@@ -136,13 +136,15 @@ RSpec.describe 'berth-registry and berth-lifecycle, end to end' do
     _, err, foreign = skopeo('inspect', '--raw', '--authfile', authfile('someone', 'origin-password'), '--cert-dir', certs,
                              "docker://#{image}")
     expect(foreign).to be_success, err
-    _, _, listed = skopeo('list-tags', '--no-creds', '--cert-dir', certs, "docker://#{image.split('@').first}")
+    _, refusal, listed = skopeo('list-tags', '--no-creds', '--cert-dir', certs, "docker://#{image.split('@').first}")
     expect(listed).not_to be_success
+    expect(refusal).to match(/unauthorized|authentication required|denied/i)
 
     # The robot may push into the cache namespace and nowhere else.
-    _, _, elsewhere = skopeo('copy', '--dest-authfile', authfile('robot$berth-cacher', robot_password), '--dest-cert-dir', certs,
+    _, refused_push, elsewhere = skopeo('copy', '--dest-authfile', authfile('robot$berth-cacher', robot_password), '--dest-cert-dir', certs,
                              "oci:#{root}/image:latest", "docker://#{host}/team/robot-was-here:1")
     expect(elsewhere).not_to be_success
+    expect(refused_push).to match(/unauthorized|authentication required|denied/i)
 
     expect(output + File.read(log)).not_to include(admin_password, robot_password)
   end

@@ -19,8 +19,9 @@ pub async fn purge_idle_uploads(
         if started > idle_since {
             continue;
         }
-        if state.content.delete_idle_upload(id, idle_since).await? {
-            state.metadata.delete_upload(id).await?;
+        if state.content.delete_idle_upload(id, idle_since).await?
+            && state.metadata.delete_upload(id).await?
+        {
             state.metrics.upload_ended();
             purged += 1;
         }

@@ -60,6 +60,10 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Htpasswd { user } => {
+            anyhow::ensure!(
+                !std::io::stdin().is_terminal(),
+                "pipe the password on standard input; typed at a terminal it would be echoed"
+            );
             let mut password = String::new();
             std::io::stdin()
                 .read_line(&mut password)

@@ -1392,12 +1392,26 @@ async fn htpasswd_command_writes_a_login_the_server_accepts() {
         .await
         .expect_basic_challenge();
 
-    let refused = Command::new(env!("CARGO_BIN_EXE_berth-registry"))
+    let mut refused = Command::new(env!("CARGO_BIN_EXE_berth-registry"))
         .args(["htpasswd", "bad:name"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("berth-registry htpasswd");
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start berth-registry htpasswd");
+    refused
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(b"a-password\n")
+        .expect("send the password");
+    let refused = refused.wait_with_output().expect("berth-registry htpasswd");
     assert!(!refused.status.success(), "a name with ':' was accepted");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("without ':'"),
+        "{}",
+        output_text(&refused)
+    );
 }
 
 #[tokio::test]

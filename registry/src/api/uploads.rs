@@ -144,13 +144,14 @@ async fn new_session(state: &AppState, repo: &RepoName) -> Result<UploadId, Regi
 }
 
 async fn end_session(state: &AppState, id: UploadId) -> Result<(), RegistryError> {
-    state.metadata.delete_upload(id).await?;
-    state.metrics.upload_ended();
+    if state.metadata.delete_upload(id).await? {
+        state.metrics.upload_ended();
+    }
     Ok(())
 }
 
-/// Commits upload `id` as `digest` and gives `repo` the blob. The session ends either way: a
-/// digest mismatch discards the data, as the client must start over.
+/// Commits upload `id` as `digest` and gives `repo` the blob. A digest mismatch ends the session
+/// too, since the data is discarded and the client must start over.
 async fn commit(
     state: &AppState,
     repo: &RepoName,
@@ -159,11 +160,15 @@ async fn commit(
 ) -> Result<(), RegistryError> {
     match state.content.commit_upload(id, digest).await {
         Ok(size) => {
-            state
+            // Failing here leaves a published blob unlinked and the session's row behind: the
+            // client retries, and the purge of idle sessions removes the row.
+            if state
                 .metadata
                 .complete_upload(id, repo, digest, size)
-                .await?;
-            state.metrics.upload_ended();
+                .await?
+            {
+                state.metrics.upload_ended();
+            }
             Ok(())
         }
         Err(err @ ContentError::DigestMismatch { .. }) => {

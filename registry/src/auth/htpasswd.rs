@@ -46,6 +46,10 @@ pub fn entry(user: &str, password: &str) -> Result<String, String> {
     if password.is_empty() {
         return Err("the password is empty".into());
     }
+    // bcrypt reads only the first 72 bytes: refuse rather than let the rest count for nothing.
+    if password.len() > 72 {
+        return Err("the password is longer than bcrypt's 72 bytes".into());
+    }
     let hash = bcrypt::hash(password, DEFAULT_COST).map_err(|e| format!("hashing: {e}"))?;
     Ok(format!("{user}:{hash}"))
 }
@@ -135,6 +139,8 @@ mod tests {
             assert!(entry(user, "x").is_err(), "{user:?}");
         }
         assert!(entry("alice", "").is_err());
+        assert!(entry("alice", &"x".repeat(73)).is_err());
+        assert!(entry("alice", &"x".repeat(72)).is_ok());
     }
 
     #[test]

@@ -101,6 +101,9 @@ impl Identity {
     }
 }
 
+/// How htpasswd names a robot account: `robot$NAME`.
+const ROBOT_PREFIX: &str = "robot$";
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Principal {
     User(String),
@@ -112,7 +115,9 @@ impl Principal {
     fn parse(text: &str) -> Result<Principal, ConfigError> {
         let principal = match text.split_once(':') {
             Some(("user", name)) if !name.is_empty() => Principal::User(name.into()),
-            Some(("robot", name)) if !name.is_empty() => Principal::User(format!("robot${name}")),
+            Some(("robot", name)) if !name.is_empty() => {
+                Principal::User(format!("{ROBOT_PREFIX}{name}"))
+            }
             Some(("group", name)) if !name.is_empty() => Principal::Group(name.into()),
             None if text == "authenticated" => Principal::Authenticated,
             _ => {
@@ -127,7 +132,9 @@ impl Principal {
     fn matches(&self, who: &Identity) -> bool {
         match (self, &who.user) {
             (_, None) => false,
-            (Principal::Authenticated, Some(_)) => true,
+            // People, not robots: a robot's credential sits in automation and may leak, so it gets
+            // only what a grant names it for.
+            (Principal::Authenticated, Some(user)) => !user.starts_with(ROBOT_PREFIX),
             (Principal::User(name), Some(user)) => name == user,
             (Principal::Group(group), Some(_)) => who.groups.iter().any(|g| g == group),
         }
@@ -367,6 +374,22 @@ access:
         let cache = p.allowed(&robot, &repo("cache/x/y"));
         assert!(cache.contains(Actions::PUSH) && cache.contains(Actions::PULL));
         assert!(!cache.contains(Actions::LIST) && !cache.contains(Actions::DELETE));
+    }
+
+    #[test]
+    fn authenticated_means_people_not_robots() {
+        let p = policy(RULES);
+        let robot = p.identity("robot$cacher");
+        assert_eq!(p.allowed(&robot, &repo("team-a/app")), Actions::NONE);
+        assert!(
+            p.allowed(&p.identity("carol"), &repo("team-a/app"))
+                .contains(Actions::PULL)
+        );
+        let open = policy("{}");
+        assert_eq!(
+            open.allowed(&open.identity("robot$x"), &repo("a/b")),
+            Actions::NONE
+        );
     }
 
     #[test]

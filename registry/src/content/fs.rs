@@ -137,6 +137,9 @@ struct WriteOutcome {
 }
 
 /// Drains `chunks` into `file` like [`drain_chunks`], with early writeback on a second thread.
+/// Each step is a full `fdatasync` (a journal commit and a cache flush) because the lighter
+/// `sync_file_range`, which only starts writeback, is in neither rustix nor nix and `unsafe` is
+/// not allowed here; kicks coalesce, so an upload never has more than one in flight.
 fn write_chunks(
     file: File,
     size: u64,

@@ -256,7 +256,11 @@ async fn uploads_remember_their_repository(store: &dyn MetadataStore) {
     let listed = store.uploads().await.unwrap();
     let started = listed.iter().find(|(u, _)| *u == id).expect("listed").1;
     assert!(started >= before, "started {started:?}, before {before:?}");
-    store.delete_upload(id).await.unwrap();
+    assert!(store.delete_upload(id).await.unwrap());
+    assert!(
+        !store.delete_upload(id).await.unwrap(),
+        "it had ended already"
+    );
     assert_eq!(store.upload_repository(id).await.unwrap(), None);
     assert!(!store.uploads().await.unwrap().iter().any(|(u, _)| *u == id));
 }
@@ -266,7 +270,7 @@ async fn completing_an_upload_ends_it_and_links_its_blob(store: &dyn MetadataSto
     let r = repo("uploads/complete");
     let digest = Digest::sha256_of(b"completed");
     store.create_upload(&r, id).await.unwrap();
-    store.complete_upload(id, &r, &digest, 9).await.unwrap();
+    assert!(store.complete_upload(id, &r, &digest, 9).await.unwrap());
     assert_eq!(store.upload_repository(id).await.unwrap(), None);
     assert!(!store.uploads().await.unwrap().iter().any(|(u, _)| *u == id));
     assert_eq!(store.repository_blob(&r, &digest).await.unwrap(), Some(9));
@@ -276,5 +280,17 @@ async fn completing_an_upload_ends_it_and_links_its_blob(store: &dyn MetadataSto
             .await
             .unwrap(),
         None
+    );
+    // A session purged meanwhile: the blob is still linked, and the caller hears it had ended.
+    let other = repo("uploads/late");
+    assert!(
+        !store
+            .complete_upload(UploadId::new(), &other, &digest, 9)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.repository_blob(&other, &digest).await.unwrap(),
+        Some(9)
     );
 }

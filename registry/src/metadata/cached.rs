@@ -201,7 +201,7 @@ impl<S: MetadataStore> MetadataStore for CachedMetadata<S> {
         self.inner.upload_repository(id).await
     }
 
-    async fn delete_upload(&self, id: UploadId) -> Result<(), MetadataError> {
+    async fn delete_upload(&self, id: UploadId) -> Result<bool, MetadataError> {
         self.inner.delete_upload(id).await
     }
 
@@ -211,7 +211,7 @@ impl<S: MetadataStore> MetadataStore for CachedMetadata<S> {
         repo: &RepoName,
         digest: &Digest,
         size: u64,
-    ) -> Result<(), MetadataError> {
+    ) -> Result<bool, MetadataError> {
         self.writing(
             false,
             true,

@@ -174,17 +174,19 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// The repository an upload session belongs to.
     async fn upload_repository(&self, id: UploadId) -> Result<Option<RepoName>, MetadataError>;
 
-    async fn delete_upload(&self, id: UploadId) -> Result<(), MetadataError>;
+    /// Ends upload session `id`; false if it had ended already.
+    async fn delete_upload(&self, id: UploadId) -> Result<bool, MetadataError>;
 
     /// Ends upload session `id` and records that `repo` owns its committed blob `digest` of
-    /// `size` bytes, in one transaction.
+    /// `size` bytes, in one transaction; false if the session had ended already (the blob is
+    /// linked either way).
     async fn complete_upload(
         &self,
         id: UploadId,
         repo: &RepoName,
         digest: &Digest,
         size: u64,
-    ) -> Result<(), MetadataError>;
+    ) -> Result<bool, MetadataError>;
 
     /// Every upload session and when it started.
     async fn uploads(&self) -> Result<Vec<(UploadId, SystemTime)>, MetadataError>;

@@ -121,20 +121,6 @@ fn insert_blob_link(
     Ok(())
 }
 
-/// Runs one write without waiting for the disk. For upload-session rows only: one lost to a
-/// power cut just makes its client start the upload again, and the WAL is append-only, so the
-/// next ordinary commit's fsync makes this write durable as well. Saves a disk flush on every
-/// upload start, which concurrent pushes otherwise queue behind.
-fn without_fsync<T>(
-    conn: &Connection,
-    write: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-) -> rusqlite::Result<T> {
-    conn.execute_batch("PRAGMA synchronous = NORMAL")?;
-    let result = write(conn);
-    conn.execute_batch("PRAGMA synchronous = FULL")?;
-    result
-}
-
 fn page_of(mut entries: Vec<String>, limit: u32) -> Page {
     let more = entries.len() > limit as usize;
     entries.truncate(limit as usize);
@@ -456,12 +442,10 @@ impl MetadataStore for SqliteMetadataStore {
     async fn create_upload(&self, repo: &RepoName, id: UploadId) -> Result<(), MetadataError> {
         let repo = repo.clone();
         self.with(move |conn| {
-            without_fsync(conn, |conn| {
-                conn.execute(
-                    "INSERT INTO uploads (id, repository, created_at) VALUES (?1, ?2, ?3)",
-                    params![id.to_string(), repo.as_str(), now()],
-                )
-            })?;
+            conn.execute(
+                "INSERT INTO uploads (id, repository, created_at) VALUES (?1, ?2, ?3)",
+                params![id.to_string(), repo.as_str(), now()],
+            )?;
             Ok(())
         })
         .await
@@ -479,12 +463,10 @@ impl MetadataStore for SqliteMetadataStore {
         .await
     }
 
-    async fn delete_upload(&self, id: UploadId) -> Result<(), MetadataError> {
+    async fn delete_upload(&self, id: UploadId) -> Result<bool, MetadataError> {
         self.with(move |conn| {
-            without_fsync(conn, |conn| {
-                conn.execute("DELETE FROM uploads WHERE id = ?1", [id.to_string()])
-            })?;
-            Ok(())
+            let deleted = conn.execute("DELETE FROM uploads WHERE id = ?1", [id.to_string()])?;
+            Ok(deleted == 1)
         })
         .await
     }
@@ -495,14 +477,14 @@ impl MetadataStore for SqliteMetadataStore {
         repo: &RepoName,
         digest: &Digest,
         size: u64,
-    ) -> Result<(), MetadataError> {
+    ) -> Result<bool, MetadataError> {
         let (repo, digest) = (repo.clone(), digest.to_string());
         self.with(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute("DELETE FROM uploads WHERE id = ?1", [id.to_string()])?;
+            let ended = tx.execute("DELETE FROM uploads WHERE id = ?1", [id.to_string()])?;
             insert_blob_link(&tx, &repo, &digest, size)?;
             tx.commit()?;
-            Ok(())
+            Ok(ended == 1)
         })
         .await
     }
@@ -534,31 +516,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteMetadataStore::open(&dir.path().join("metadata.sqlite")).unwrap();
         crate::metadata::behaviour::run_all(&store).await;
-    }
-
-    #[tokio::test]
-    async fn session_rows_skip_the_fsync_and_every_other_write_keeps_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteMetadataStore::open(&dir.path().join("metadata.sqlite")).unwrap();
-        let repo: RepoName = "sync/app".parse().unwrap();
-        let id = UploadId::new();
-        store.create_upload(&repo, id).await.unwrap();
-        store.delete_upload(id).await.unwrap();
-        // The connection goes back to the pool: what comes after must wait for the disk again.
-        let levels = store
-            .with(|conn| Ok(conn.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))?))
-            .await
-            .unwrap();
-        assert_eq!(levels, 2, "FULL is 2");
-        let inside = store
-            .with(|conn| {
-                Ok(without_fsync(conn, |c| {
-                    c.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))
-                })?)
-            })
-            .await
-            .unwrap();
-        assert_eq!(inside, 1, "NORMAL is 1");
     }
 
     #[tokio::test]
