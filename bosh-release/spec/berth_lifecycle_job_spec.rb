@@ -23,7 +23,7 @@ RSpec.describe 'berth-lifecycle job' do
                         'ca_file' => '/tmp/lifecycle/berth-registry-ca.pem',
                         'username' => 'robot$berth-cacher', 'password' => 'robot-pw' },
         'namespace' => 'cache', 'cache_by_default' => false,
-        'platform' => 'linux/amd64', 'keep_index' => false, 'parallel_blobs' => 4, 'attempts' => 5
+        'platform' => 'linux/amd64', 'keep_index' => false, 'parallel_blobs' => 8, 'attempts' => 5
       )
     end
 
