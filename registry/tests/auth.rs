@@ -909,28 +909,39 @@ fn podman_login(
     host: &str,
     (user, password): (&str, &str),
 ) -> Output {
-    let mut child = podman
-        .podman()
-        .args([
-            "login",
-            "--tls-verify=false",
-            "--password-stdin",
-            "--authfile",
-        ])
-        .arg(authfile)
-        .args(["-u", user, host])
+    output_with_stdin(
+        podman
+            .podman()
+            .args([
+                "login",
+                "--tls-verify=false",
+                "--password-stdin",
+                "--authfile",
+            ])
+            .arg(authfile)
+            .args(["-u", user, host]),
+        password,
+    )
+}
+
+/// Runs `cmd` with `input` on its standard input (how secrets reach a command here) and collects
+/// its output.
+fn output_with_stdin(cmd: &mut Command, input: &str) -> Output {
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start podman login");
+        .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
     child
         .stdin
         .take()
-        .expect("podman's stdin")
-        .write_all(password.as_bytes())
-        .expect("write the password");
-    child.wait_with_output().expect("podman login")
+        .expect("piped stdin")
+        .write_all(input.as_bytes())
+        .expect("write standard input");
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
 }
 
 #[tokio::test]
@@ -1364,20 +1375,10 @@ async fn distribution_accepts_berth_tokens() {
 #[tokio::test]
 async fn htpasswd_command_writes_a_login_the_server_accepts() {
     let material = Material::new(&[ADMIN], 4);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_berth-registry"))
-        .args(["htpasswd", ROBOT.0])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start berth-registry htpasswd");
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(format!("{}\n", ROBOT.1).as_bytes())
-        .expect("send the password");
-    let output = child.wait_with_output().expect("berth-registry htpasswd");
+    let output = output_with_stdin(
+        Command::new(env!("CARGO_BIN_EXE_berth-registry")).args(["htpasswd", ROBOT.0]),
+        &format!("{}\n", ROBOT.1),
+    );
     assert!(output.status.success(), "{}", output_text(&output));
     let line = String::from_utf8(output.stdout).expect("text");
     assert!(line.starts_with(&format!("{}:$2b$", ROBOT.0)), "{line}");
@@ -1392,20 +1393,10 @@ async fn htpasswd_command_writes_a_login_the_server_accepts() {
         .await
         .expect_basic_challenge();
 
-    let mut refused = Command::new(env!("CARGO_BIN_EXE_berth-registry"))
-        .args(["htpasswd", "bad:name"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start berth-registry htpasswd");
-    refused
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(b"a-password\n")
-        .expect("send the password");
-    let refused = refused.wait_with_output().expect("berth-registry htpasswd");
+    let refused = output_with_stdin(
+        Command::new(env!("CARGO_BIN_EXE_berth-registry")).args(["htpasswd", "bad:name"]),
+        "a-password\n",
+    );
     assert!(!refused.status.success(), "a name with ':' was accepted");
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("without ':'"),
