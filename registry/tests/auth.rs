@@ -11,7 +11,7 @@ use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -897,11 +897,6 @@ async fn token_mode_with_docker_and_skopeo() {
     clients_round_trip(Mode::Token).await;
 }
 
-// ---------------------------------------------------------------------------------------------
-// containerd: the OAuth2 password form of the token endpoint
-// ---------------------------------------------------------------------------------------------
-
-/// `POST /auth/token` with an OAuth2 form, as containerd sends it.
 /// `podman login` to `host` as `login`, the password on stdin so it never reaches an argv.
 fn podman_login(
     podman: &Podman,
@@ -909,7 +904,7 @@ fn podman_login(
     host: &str,
     (user, password): (&str, &str),
 ) -> Output {
-    output_with_stdin(
+    run_output_with_input(
         podman
             .podman()
             .args([
@@ -920,28 +915,9 @@ fn podman_login(
             ])
             .arg(authfile)
             .args(["-u", user, host]),
-        password,
+        password.as_bytes(),
+        Duration::from_secs(60),
     )
-}
-
-/// Runs `cmd` with `input` on its standard input (how secrets reach a command here) and collects
-/// its output.
-fn output_with_stdin(cmd: &mut Command, input: &str) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(input.as_bytes())
-        .expect("write standard input");
-    child
-        .wait_with_output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
 }
 
 #[tokio::test]
@@ -1010,6 +986,11 @@ async fn token_mode_with_podman() {
         .await;
 }
 
+// ---------------------------------------------------------------------------------------------
+// containerd: the OAuth2 password form of the token endpoint
+// ---------------------------------------------------------------------------------------------
+
+/// `POST /auth/token` with an OAuth2 form, as containerd sends it.
 async fn oauth_token_reply(api: &Api, fields: &[(&str, &str)]) -> Reply {
     let response = api
         .client
@@ -1375,9 +1356,10 @@ async fn distribution_accepts_berth_tokens() {
 #[tokio::test]
 async fn htpasswd_command_writes_a_login_the_server_accepts() {
     let material = Material::new(&[ADMIN], 4);
-    let output = output_with_stdin(
+    let output = run_output_with_input(
         Command::new(env!("CARGO_BIN_EXE_berth-registry")).args(["htpasswd", ROBOT.0]),
-        &format!("{}\n", ROBOT.1),
+        format!("{}\n", ROBOT.1).as_bytes(),
+        Duration::from_secs(30),
     );
     assert!(output.status.success(), "{}", output_text(&output));
     let line = String::from_utf8(output.stdout).expect("text");
@@ -1393,9 +1375,10 @@ async fn htpasswd_command_writes_a_login_the_server_accepts() {
         .await
         .expect_basic_challenge();
 
-    let refused = output_with_stdin(
+    let refused = run_output_with_input(
         Command::new(env!("CARGO_BIN_EXE_berth-registry")).args(["htpasswd", "bad:name"]),
-        "a-password\n",
+        b"a-password\n",
+        Duration::from_secs(30),
     );
     assert!(!refused.status.success(), "a name with ':' was accepted");
     assert!(

@@ -2,7 +2,7 @@
 //! limit, logging their output, stopping them, and the ports and directories they need.
 
 use std::fs::{self, File};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -39,13 +39,36 @@ pub fn require_tool(tool: &str) -> PathBuf {
 /// Runs `cmd` to completion within `timeout`, returning its output whatever its exit status.
 /// Standard input is closed. Panics only if it cannot be started or overruns the timeout.
 pub fn run_output(cmd: &mut Command, timeout: Duration) -> Output {
+    run_output_fed(cmd, None, timeout)
+}
+
+/// Like [`run_output`], with `input` on standard input: how a secret reaches a command without
+/// appearing in its arguments.
+pub fn run_output_with_input(cmd: &mut Command, input: &[u8], timeout: Duration) -> Output {
+    run_output_fed(cmd, Some(input), timeout)
+}
+
+fn run_output_fed(cmd: &mut Command, input: Option<&[u8]>, timeout: Duration) -> Output {
     let shown = format!("{cmd:?}");
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {shown}: {e}"));
+    if let Some(input) = input {
+        // Dropped at the end of the statement: the command sees end of input.
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(input)
+            .unwrap_or_else(|e| panic!("writing to {shown}: {e}"));
+    }
     let mut out = child.stdout.take().expect("piped stdout");
     let mut err = child.stderr.take().expect("piped stderr");
     let out_reader = thread::spawn(move || {
