@@ -1,9 +1,12 @@
-//! Streams a byte range of a file as chunks read on the blocking pool into reused buffers.
+//! Reused 256 KiB buffers for the two hot paths: blob reads (a byte range of a file streamed as
+//! chunks read on the blocking pool) and upload writes (request bodies gathered into whole pieces).
 //!
-//! Serving a blob is the registry's hottest path. `tokio::fs::File` reads into a buffer of its
-//! own and copies into the caller's, and a fresh chunk is allocated for every read; here each
-//! chunk is read with `pread` straight into a buffer from a small pool, handed to hyper without
-//! copying, and returned to the pool when hyper has written it.
+//! `tokio::fs::File` reads into a buffer of its own and copies into the caller's, and a fresh
+//! chunk is allocated for every read; here each chunk is read with `pread` straight into a buffer
+//! from a small pool, handed to hyper without copying, and returned to the pool when hyper has
+//! written it. Uploads copy each request-body frame into a pooled piece at once, so hyper gets its
+//! receive buffer back and refills it in place instead of faulting in fresh memory for every read
+//! (page faults were a tenth of the registry's CPU while ingesting a 20-layer image).
 
 use std::fs::File;
 use std::io;
@@ -15,8 +18,8 @@ use bytes::Bytes;
 
 use super::ByteStream;
 
-/// Size of one read: large enough for few syscalls and thread hops, small enough that many
-/// concurrent downloads stay lean.
+/// Size of one piece: large enough for few syscalls and thread hops, small enough that many
+/// concurrent transfers stay lean.
 pub(super) const CHUNK: usize = 256 << 10;
 /// Buffers kept for reuse; more are allocated under load and freed when returned to a full pool.
 const POOL_KEEP: usize = 64;
@@ -29,9 +32,42 @@ fn take_buffer() -> Box<[u8]> {
 }
 
 /// A filled prefix of a pooled buffer; dropping it gives the buffer back.
-struct PooledChunk {
+pub(super) struct PooledChunk {
     buffer: Option<Box<[u8]>>,
     len: usize,
+}
+
+impl PooledChunk {
+    pub(super) fn new() -> PooledChunk {
+        PooledChunk {
+            buffer: Some(take_buffer()),
+            len: 0,
+        }
+    }
+
+    fn buffer(&mut self) -> &mut [u8] {
+        self.buffer
+            .as_deref_mut()
+            .expect("buffer present until drop")
+    }
+
+    /// Appends as much of `bytes` as fits and says how much that was.
+    pub(super) fn fill_from(&mut self, bytes: &[u8]) -> usize {
+        let start = self.len;
+        let buffer = self.buffer();
+        let taken = bytes.len().min(buffer.len() - start);
+        buffer[start..start + taken].copy_from_slice(&bytes[..taken]);
+        self.len += taken;
+        taken
+    }
+
+    pub(super) fn is_full(&self) -> bool {
+        self.len == CHUNK
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 impl AsRef<[u8]> for PooledChunk {
@@ -53,30 +89,25 @@ impl Drop for PooledChunk {
 
 /// Reads the next chunk of `file` at `offset`, at most `remaining` bytes.
 fn read_chunk(file: &File, offset: u64, remaining: u64) -> io::Result<Bytes> {
-    let mut buffer = take_buffer();
-    let want = buffer
-        .len()
-        .min(usize::try_from(remaining).unwrap_or(usize::MAX));
-    let mut len = 0;
-    while len < want {
-        match file.read_at(&mut buffer[len..want], offset + len as u64) {
+    let mut chunk = PooledChunk::new();
+    let want = CHUNK.min(usize::try_from(remaining).unwrap_or(usize::MAX));
+    while chunk.len < want {
+        let len = chunk.len;
+        match file.read_at(&mut chunk.buffer()[len..want], offset + len as u64) {
             Ok(0) => break,
-            Ok(n) => len += n,
+            Ok(n) => chunk.len += n,
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
             Err(err) => return Err(err),
         }
     }
-    if len == 0 {
+    if chunk.is_empty() {
         // Committed blobs are immutable, so a short file means the store was damaged underneath.
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "blob file is shorter than its recorded size",
         ));
     }
-    Ok(Bytes::from_owner(PooledChunk {
-        buffer: Some(buffer),
-        len,
-    }))
+    Ok(Bytes::from_owner(chunk))
 }
 
 /// Streams `range` of `file`, one blocking-pool read per chunk.
@@ -138,6 +169,19 @@ mod tests {
     async fn a_file_shorter_than_the_range_is_an_error_not_a_short_body() {
         let err = collect(file_of(b"0123456789"), 0..20).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn pieces_fill_up_to_their_size_and_no_further() {
+        let mut piece = PooledChunk::new();
+        assert!(piece.is_empty());
+        assert_eq!(piece.fill_from(b"abc"), 3);
+        let big = vec![9u8; CHUNK];
+        assert_eq!(piece.fill_from(&big), CHUNK - 3);
+        assert!(piece.is_full());
+        assert_eq!(piece.fill_from(b"more"), 0);
+        assert_eq!(&piece.as_ref()[..4], b"abc\x09");
+        assert_eq!(piece.as_ref().len(), CHUNK);
     }
 
     #[tokio::test]
