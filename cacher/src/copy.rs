@@ -125,16 +125,16 @@ pub struct Source {
     pub reference: String,
 }
 
-/// An image whose manifest and config have been read from the source.
+/// An image whose manifests have been read from the source.
 pub struct ResolvedImage {
     /// What the reference names: an image manifest or an index.
     pub top: Manifest,
     /// The image manifest for the chosen platform (`top` itself when it is not an index).
     pub image: Manifest,
-    /// The raw image config, for the staging result's metadata.
-    pub config: Bytes,
-    /// The digest `image` gives the config.
+    /// The digest `image` gives its config.
     pub config_digest: Digest,
+    /// The config once read: the staging metadata and the copy need it, the source serves it once.
+    config: tokio::sync::OnceCell<Bytes>,
 }
 
 impl ResolvedImage {
@@ -143,14 +143,8 @@ impl ResolvedImage {
     }
 }
 
-/// Reads the manifest `source` names and, for an index, the image for `platform`. The image
-/// config is read from `cache` when it holds it already, so re-caching an unchanged image reads
-/// no blob from the source.
-pub async fn resolve(
-    source: &Source,
-    platform: &Platform,
-    cache: Option<&Destination>,
-) -> Result<ResolvedImage, CopyError> {
+/// Reads the manifest `source` names and, for an index, the image for `platform`.
+pub async fn resolve(source: &Source, platform: &Platform) -> Result<ResolvedImage, CopyError> {
     let name = format!("{}:{}", source.repo, source.reference);
     let top = source
         .client
@@ -175,27 +169,39 @@ pub async fn resolve(
         top.clone()
     };
     let config_digest = parse::<ImageManifest>(&image, &name)?.config.digest;
-    let cached = match cache {
-        Some(dest) => dest
-            .client
-            .blob_size(&dest.repo, &config_digest)
-            .await?
-            .map(|_| dest),
-        None => None,
-    };
-    let (client, repo) = match cached {
-        Some(dest) => (&dest.client, &dest.repo),
-        None => (&source.client, &source.repo),
-    };
-    let config = client
-        .get_small_blob(repo, &config_digest, MAX_CONFIG_BYTES)
-        .await?;
     Ok(ResolvedImage {
         top,
         image,
-        config,
         config_digest,
+        config: tokio::sync::OnceCell::new(),
     })
+}
+
+/// Reads the image's config, from `cache` when it holds it already, so re-caching an unchanged
+/// image reads no blob from the source.
+pub async fn read_config(
+    source: &Source,
+    image: &ResolvedImage,
+    cache: Option<&Destination>,
+) -> Result<Bytes, CopyError> {
+    let config = image.config.get_or_try_init(|| async {
+        let cached = match cache {
+            Some(dest) => dest
+                .client
+                .blob_size(&dest.repo, &image.config_digest)
+                .await?
+                .map(|_| dest),
+            None => None,
+        };
+        let (client, repo) = match cached {
+            Some(dest) => (&dest.client, &dest.repo),
+            None => (&source.client, &source.repo),
+        };
+        client
+            .get_small_blob(repo, &image.config_digest, MAX_CONFIG_BYTES)
+            .await
+    });
+    Ok(config.await?.clone())
 }
 
 fn available_platforms(index: &IndexManifest) -> String {
@@ -299,18 +305,23 @@ pub async fn copy(
             }
         }
     }
+    // Largest first: a copy lasts as long as its last blob, so that one should be a small one.
+    let mut blobs: Vec<&Descriptor> = blobs.values().collect();
+    blobs.sort_by_key(|blob| std::cmp::Reverse(blob.size));
     let before = progress.counter().get();
-    let outcomes: Vec<BlobOutcome> = futures_util::stream::iter(blobs.values())
+    let outcomes: Vec<BlobOutcome> = futures_util::stream::iter(blobs)
         .map(|blob| {
-            let known = (blob.digest == image.config_digest).then(|| image.config.clone());
-            copy_blob(source, dest, blob, known, options, progress)
+            let config_of = (blob.digest == image.config_digest).then_some(image);
+            copy_blob(source, dest, blob, config_of, options, progress)
         })
         .buffer_unordered(options.parallel.max(1))
         .try_collect()
         .await?;
     // Children before the index, everything by digest before the tag: a registry accepts a
-    // manifest only when all it references is already there.
-    for manifest in &manifests {
+    // manifest only when all it references is already there. A lone image is stored by its tag
+    // alone, which makes it addressable by digest too, one durable commit fewer.
+    let tag_stores_all = options.tag.is_some() && manifests.len() == 1;
+    for manifest in manifests.iter().filter(|_| !tag_stores_all) {
         dest.client
             .put_manifest(&dest.repo, &manifest.digest.to_string(), manifest)
             .await?;
@@ -339,12 +350,13 @@ pub async fn copy(
     Ok(report)
 }
 
-/// Copies one blob unless `dest` has it; `known` is its content when it has been read already.
+/// Copies one blob unless `dest` has it; `config_of` is the image when the blob is its config,
+/// which is read once for the staging metadata and the copy.
 async fn copy_blob(
     source: &Source,
     dest: &Destination,
     blob: &Descriptor,
-    known: Option<Bytes>,
+    config_of: Option<&ResolvedImage>,
     options: &CopyOptions,
     progress: &Progress,
 ) -> Result<BlobOutcome, CopyError> {
@@ -358,6 +370,10 @@ async fn copy_blob(
         progress.line(&format!("{label}  already cached"));
         return Ok(BlobOutcome::Present);
     }
+    let known = match config_of {
+        Some(image) => Some(read_config(source, image, None).await?),
+        None => None,
+    };
     let policy = source.client.retry_policy();
     let mut attempt = 1;
     loop {

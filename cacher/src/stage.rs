@@ -95,6 +95,13 @@ pub async fn run(
         extra_roots: roots.clone(),
         retry,
     };
+    // The destination's client is built on another thread while the source is contacted: loading
+    // the system roots is most of a re-cache's startup.
+    let caching = config.filter(|config| env.cache.unwrap_or(config.cache_by_default));
+    let building = caching.map(|config| {
+        let (config, env) = (config.clone(), env.clone());
+        tokio::task::spawn_blocking(move || destination(&config, &env, roots, retry))
+    });
     let source = Source {
         client: Arc::new(RegistryClient::connect(reference.api_host(), source_options).await?),
         repo: reference.repository.clone(),
@@ -104,22 +111,22 @@ pub async fn run(
         Some(config) => Platform::parse(&config.platform).expect("validated with the config"),
         None => Platform::parse("linux/amd64").expect("valid platform"),
     };
-    let cache_into = match config {
-        Some(config) if env.cache.unwrap_or(config.cache_by_default) => {
-            Some((config, destination(config, env, roots, retry)?))
-        }
-        _ => None,
+    let image = copy::resolve(&source, &platform).await?;
+    let dest = match building {
+        Some(building) => Some(building.await.expect("building a client does not panic")?),
+        None => None,
     };
-    let image = copy::resolve(
-        &source,
-        &platform,
-        cache_into.as_ref().map(|(_, dest)| dest),
-    )
-    .await?;
-    let metadata = ExecutionMetadata::from_image_config(&image.config)?;
-    let docker_image = match &cache_into {
-        Some((config, dest)) => cache(&reference, &source, &image, config, dest).await?,
-        None => reference.builder_form(),
+    // The config (for the metadata) is read while the layers stream: a slow upstream answers
+    // even a small blob in milliseconds. A bad config stops the copy.
+    let metadata = async {
+        let config = copy::read_config(&source, &image, dest.as_ref()).await?;
+        Ok::<_, StageError>(ExecutionMetadata::from_image_config(&config)?)
+    };
+    let (metadata, docker_image) = match (caching, &dest) {
+        (Some(config), Some(dest)) => {
+            tokio::try_join!(metadata, cache(&reference, &source, &image, config, dest))?
+        }
+        _ => (metadata.await?, reference.builder_form()),
     };
     let bytes = result::render(&docker_image, &metadata)?;
     result::write(&request.output, &bytes)
