@@ -42,7 +42,7 @@ impl FsContentStore {
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
         for dir in ["blobs", "uploads", "tmp"] {
-            fs::create_dir_all(root.join(dir))?;
+            create_dir_durably(&root.join(dir))?;
         }
         // tmp/ holds only the unfinished writes of a process that died: one process owns a root.
         for entry in fs::read_dir(root.join("tmp"))? {
@@ -103,14 +103,35 @@ fn not_found_as(err: io::Error, missing: ContentError) -> ContentError {
     }
 }
 
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` and its missing ancestors so that they survive a crash: a new directory's entry
+/// lives in its parent, which is synced too. Without that, a blob published into a shard created
+/// a moment earlier could vanish with its directory while the metadata says it is stored.
+fn create_dir_durably(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    create_dir_durably(parent)?;
+    match fs::create_dir(dir) {
+        // A concurrent publish into the same new shard made it first; its entry still needs the
+        // parent synced, which costs nothing when the other already did it.
+        Ok(()) => {}
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        Err(err) => return Err(err),
+    }
+    sync_dir(parent)
+}
+
 /// Moves a fully written, synced file to `dest` and makes the rename itself durable.
 fn publish(src: &Path, dest: &Path) -> Result<(), ContentError> {
     let parent = dest.parent().expect("blob paths have a parent");
-    fs::create_dir_all(parent).map_err(ContentError::from_io)?;
+    create_dir_durably(parent).map_err(ContentError::from_io)?;
     fs::rename(src, dest).map_err(ContentError::from_io)?;
-    File::open(parent)
-        .and_then(|dir| dir.sync_all())
-        .map_err(ContentError::from_io)
+    sync_dir(parent).map_err(ContentError::from_io)
 }
 
 fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<Digest> {
@@ -489,6 +510,22 @@ mod tests {
             data.len() as u64
         );
         assert_eq!(store.read_all(&digest).await.unwrap(), data);
+    }
+
+    #[test]
+    fn durable_directories_are_created_with_their_missing_ancestors() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("a/b/c");
+        create_dir_durably(&deep).unwrap();
+        assert!(deep.is_dir());
+        create_dir_durably(&deep).unwrap();
+        let file = dir.path().join("a/file");
+        fs::write(&file, b"x").unwrap();
+        assert!(
+            create_dir_durably(&file.join("d")).is_err(),
+            "a file in the way is an error, not a directory"
+        );
+        assert!(file.is_file());
     }
 
     #[tokio::test]
