@@ -512,6 +512,29 @@ mod tests {
         assert_eq!(store.read_all(&digest).await.unwrap(), data);
     }
 
+    #[tokio::test]
+    async fn frames_straddling_piece_boundaries_are_written_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsContentStore::open(dir.path()).unwrap();
+        let id = UploadId::new();
+        let data: Vec<u8> = (0..chunks::CHUNK * 4 + 99)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        store.create_upload(id).await.unwrap();
+        let frames: Vec<Result<Bytes, io::Error>> = data
+            .chunks(100_003)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        let size = store
+            .append_upload(id, Some(0), Box::pin(futures_util::stream::iter(frames)))
+            .await
+            .unwrap();
+        assert_eq!(size, data.len() as u64);
+        let digest = Digest::sha256_of(&data);
+        assert_eq!(store.commit_upload(id, &digest).await.unwrap(), size);
+        assert_eq!(store.read_all(&digest).await.unwrap(), data);
+    }
+
     #[test]
     fn durable_directories_are_created_with_their_missing_ancestors() {
         let dir = tempfile::tempdir().unwrap();
