@@ -6,10 +6,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
 
-use berth_oci::{Digest, RepoName, Tag, media_type};
+use berth_oci::{Algorithm, Digest, RepoName, Tag, media_type};
 use bytes::Bytes;
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::client::{BlobReader, ClientError, Manifest, RegistryClient, UploadStart, short};
 use crate::progress::{Progress, human_bytes, rate};
@@ -37,6 +38,9 @@ pub enum CopyError {
     Manifest(String),
     #[error("blob {digest}: {reason}")]
     Blob { digest: Digest, reason: String },
+    /// Another part of the staging failed; the copy stopped and cancelled its uploads.
+    #[error("the copy was stopped")]
+    Stopped,
 }
 
 /// An `os/architecture[/variant]` platform.
@@ -249,7 +253,7 @@ pub struct CopyOptions {
     pub parallel: usize,
     /// Tries per blob.
     pub attempts: u32,
-    /// Tag the copied image with this besides its digest.
+    /// Tag the copied image with this; it stays addressable by digest.
     pub tag: Option<Tag>,
 }
 
@@ -271,13 +275,16 @@ enum BlobOutcome {
     Copied,
 }
 
-/// Copies `image` (and with `keep_index`, the rest of its index) from `source` to `dest`.
+/// Copies `image` (and with `keep_index`, the rest of its index) from `source` to `dest`. When
+/// `stop` fires, blobs in flight cancel their uploads and the copy ends with
+/// [`CopyError::Stopped`], leaving no upload session open and no manifest pushed.
 pub async fn copy(
     source: &Source,
     image: &ResolvedImage,
     dest: &Destination,
     options: &CopyOptions,
     progress: &Progress,
+    stop: &CancellationToken,
 ) -> Result<CopyReport, CopyError> {
     let name = format!("{}:{}", source.repo, source.reference);
     let mut manifests = vec![image.image.clone()];
@@ -309,18 +316,40 @@ pub async fn copy(
     let mut blobs: Vec<&Descriptor> = blobs.values().collect();
     blobs.sort_by_key(|blob| std::cmp::Reverse(blob.size));
     let before = progress.counter().get();
-    let outcomes: Vec<BlobOutcome> = futures_util::stream::iter(blobs)
+    // A failed blob stops the others, and each cancels its upload on the way out.
+    let stop = stop.child_token();
+    let outcomes: Vec<Result<BlobOutcome, CopyError>> = futures_util::stream::iter(blobs)
         .map(|blob| {
             let config_of = (blob.digest == image.config_digest).then_some(image);
-            copy_blob(source, dest, blob, config_of, options, progress)
+            let stop = &stop;
+            async move {
+                let outcome = copy_blob(source, dest, blob, config_of, options, progress, stop);
+                let outcome = outcome.await;
+                if outcome.is_err() {
+                    stop.cancel();
+                }
+                outcome
+            }
         })
         .buffer_unordered(options.parallel.max(1))
-        .try_collect()
-        .await?;
+        .collect()
+        .await;
+    // The failure that stopped the copy, not the stops it caused.
+    let (outcomes, mut failures): (Vec<_>, Vec<_>) = outcomes.into_iter().partition(Result::is_ok);
+    failures.sort_by_key(|failure| matches!(failure, Err(CopyError::Stopped)));
+    if let Some(Err(failure)) = failures.into_iter().next() {
+        return Err(failure);
+    }
+    if stop.is_cancelled() {
+        return Err(CopyError::Stopped);
+    }
     // Children before the index, everything by digest before the tag: a registry accepts a
     // manifest only when all it references is already there. A lone image is stored by its tag
     // alone, which makes it addressable by digest too, one durable commit fewer.
-    let tag_stores_all = options.tag.is_some() && manifests.len() == 1;
+    // Registries name a manifest pushed by tag with its sha256 digest.
+    let tag_stores_all = options.tag.is_some()
+        && manifests.len() == 1
+        && image.image.digest.algorithm() == Algorithm::Sha256;
     for manifest in manifests.iter().filter(|_| !tag_stores_all) {
         dest.client
             .put_manifest(&dest.repo, &manifest.digest.to_string(), manifest)
@@ -340,7 +369,7 @@ pub async fn copy(
         bytes: progress.counter().get() - before,
         ..CopyReport::default()
     };
-    for outcome in outcomes {
+    for outcome in outcomes.into_iter().flatten() {
         match outcome {
             BlobOutcome::Present => report.present += 1,
             BlobOutcome::Mounted => report.mounted += 1,
@@ -359,7 +388,11 @@ async fn copy_blob(
     config_of: Option<&ResolvedImage>,
     options: &CopyOptions,
     progress: &Progress,
+    stop: &CancellationToken,
 ) -> Result<BlobOutcome, CopyError> {
+    if stop.is_cancelled() {
+        return Err(CopyError::Stopped);
+    }
     let label = format!("  {}  {:>10}", short(&blob.digest), human_bytes(blob.size));
     if dest
         .client
@@ -406,10 +439,16 @@ async fn copy_blob(
                 )
             }
         };
-        let sent = dest
-            .client
-            .finish_upload(&dest.repo, location.clone(), &blob.digest, blob.size, body)
-            .await;
+        let finish =
+            dest.client
+                .finish_upload(&dest.repo, location.clone(), &blob.digest, blob.size, body);
+        let sent = tokio::select! {
+            sent = finish => sent,
+            () = stop.cancelled() => {
+                dest.client.cancel_upload(&dest.repo, location).await;
+                return Err(CopyError::Stopped);
+            }
+        };
         let err = match sent {
             Ok(()) => {
                 let elapsed = started.elapsed();
@@ -438,8 +477,10 @@ async fn copy_blob(
             attempt + 1,
             options.attempts
         );
-        tokio::time::sleep(policy.backoff(attempt)).await;
-        attempt += 1;
+        tokio::select! {
+            () = tokio::time::sleep(policy.backoff(attempt)) => attempt += 1,
+            () = stop.cancelled() => return Err(CopyError::Stopped),
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use berth_oci::{RepoName, Tag};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use tokio_util::sync::CancellationToken;
 
 use crate::client::{ClientError, ClientOptions, Credentials, RegistryClient, RetryPolicy};
 use crate::config::CacherConfig;
@@ -117,14 +118,23 @@ pub async fn run(
         None => None,
     };
     // The config (for the metadata) is read while the layers stream: a slow upstream answers
-    // even a small blob in milliseconds. A bad config stops the copy.
+    // even a small blob in milliseconds. A bad config stops the copy, which cancels its uploads.
+    let stop = CancellationToken::new();
     let metadata = async {
-        let config = copy::read_config(&source, &image, dest.as_ref()).await?;
-        Ok::<_, StageError>(ExecutionMetadata::from_image_config(&config)?)
+        let metadata = match copy::read_config(&source, &image, dest.as_ref()).await {
+            Ok(config) => ExecutionMetadata::from_image_config(&config).map_err(StageError::from),
+            Err(err) => Err(err.into()),
+        };
+        if metadata.is_err() {
+            stop.cancel();
+        }
+        metadata
     };
     let (metadata, docker_image) = match (caching, &dest) {
         (Some(config), Some(dest)) => {
-            tokio::try_join!(metadata, cache(&reference, &source, &image, config, dest))?
+            let copied = cache(&reference, &source, &image, config, dest, &stop);
+            let (metadata, copied) = tokio::join!(metadata, copied);
+            (metadata?, copied?)
         }
         _ => (metadata.await?, reference.builder_form()),
     };
@@ -174,6 +184,7 @@ async fn cache(
     image: &copy::ResolvedImage,
     config: &CacherConfig,
     dest: &Destination,
+    stop: &CancellationToken,
 ) -> Result<String, StageError> {
     let registry = config.registry_name();
     println!(
@@ -188,7 +199,7 @@ async fn cache(
         attempts: config.attempts,
         tag: Some(staging_tag()),
     };
-    let report = copy::copy(source, image, dest, &options, &progress).await;
+    let report = copy::copy(source, image, dest, &options, &progress, stop).await;
     progress.finish();
     let report = report?;
     println!(

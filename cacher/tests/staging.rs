@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::*;
@@ -536,6 +536,52 @@ fn a_corrupted_blob_fails_staging_and_commits_nothing() {
     }
     // Nor anywhere in its storage, whatever the layout.
     assert_not_stored(&berth, &[&bad.digest, &corrupted]);
+}
+
+#[test]
+fn a_bad_image_config_stops_the_copy_and_leaves_no_upload_behind() {
+    let upstream = Upstream::start(None);
+    let proxy = Proxy::start(&upstream.host());
+    let berth = Berth::start();
+    let layers = vec![
+        Layer::generate(70, 300 * KIB),
+        Layer::generate(71, 200 * KIB),
+    ];
+    let image = Image::new(
+        "amd64",
+        layers,
+        json!({ "Cmd": ["serve"], "ExposedPorts": { "70000/tcp": {} } }),
+    );
+    upstream.push("team/app:1.0", &image.manifest, &image.blobs());
+    // The layers are slow to come, so their uploads are open when the config turns out bad.
+    for layer in &image.layers {
+        proxy.inject(
+            &layer.blob.digest,
+            Fault::Delay(Duration::from_secs(3)),
+            None,
+        );
+    }
+
+    let reference = format!("{}/team/app:1.0", proxy.host());
+    let started = Instant::now();
+    let (_, outcome) = stage_failing(&berth, "", &reference, &[]);
+    let failure = failure_line(&outcome);
+    assert!(failure.contains("\"70000/tcp\""), "{failure}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the copy stopped instead of waiting for the slow layers: {:?}",
+        started.elapsed()
+    );
+    let uploads = files_below(&berth.root().join("uploads"));
+    assert_eq!(uploads, Vec::<PathBuf>::new(), "upload sessions left open");
+    for repo in berth.catalog() {
+        assert_eq!(berth.tags(&repo), Vec::<String>::new(), "{repo}");
+        assert_eq!(
+            berth.manifest(&repo, &image.manifest.digest),
+            None,
+            "{repo}"
+        );
+    }
 }
 
 #[test]

@@ -125,7 +125,7 @@ pub struct ClientOptions {
     /// Accept any TLS certificate and fall back to plain HTTP, as Docker does for registries
     /// listed as insecure.
     pub insecure: bool,
-    /// PEM roots trusted in addition to the system's.
+    /// PEM roots trusted in addition to the system's (neither is used for an insecure registry).
     pub extra_roots: Vec<reqwest::Certificate>,
     pub retry: RetryPolicy,
 }

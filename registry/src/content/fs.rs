@@ -1,6 +1,6 @@
 //! Filesystem content store: blobs under `blobs/<alg>/<xx>/<hex>`, uploads under `uploads/<id>`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
@@ -41,8 +41,9 @@ impl FsContentStore {
     /// Opens (creating if needed) a store rooted at `root`.
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
+        fs::create_dir_all(&root)?;
         for dir in ["blobs", "uploads", "tmp"] {
-            create_dir_durably(&root.join(dir))?;
+            create_dir_durably(&root, &root.join(dir))?;
         }
         // tmp/ holds only the unfinished writes of a process that died: one process owns a root.
         for entry in fs::read_dir(root.join("tmp"))? {
@@ -107,29 +108,54 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Creates `dir` and its missing ancestors so that they survive a crash: a new directory's entry
-/// lives in its parent, which is synced too. Without that, a blob published into a shard created
-/// a moment earlier could vanish with its directory while the metadata says it is stored.
-fn create_dir_durably(dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
+/// Directories whose entries this process has synced into their parents.
+static DURABLE_DIRS: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+/// Creates `dir` (inside the existing `root`) and its missing ancestors so that they survive a
+/// crash: a new directory's entry lives in its parent, which is synced too. Without that, a blob
+/// published into a shard created a moment earlier could vanish with its directory while the
+/// metadata says it is stored. A directory that merely exists is not trusted (another publish may
+/// have just created it and not yet synced its parent, or a crash may have cut that short): each
+/// is synced into its parent once per process, a few hundred fsyncs at most.
+fn create_dir_durably(root: &Path, dir: &Path) -> io::Result<()> {
+    if dir == root || DURABLE_DIRS.lock().expect("dir set poisoned").contains(dir) {
         return Ok(());
     }
-    let parent = dir.parent().unwrap_or(Path::new("/"));
-    create_dir_durably(parent)?;
+    let parent = dir
+        .parent()
+        .expect("a directory under the root has a parent");
+    create_dir_durably(root, parent)?;
     match fs::create_dir(dir) {
-        // A concurrent publish into the same new shard made it first; its entry still needs the
-        // parent synced, which costs nothing when the other already did it.
         Ok(()) => {}
         Err(err) if err.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
         Err(err) => return Err(err),
     }
-    sync_dir(parent)
+    sync_dir(parent)?;
+    DURABLE_DIRS
+        .lock()
+        .expect("dir set poisoned")
+        .insert(dir.to_owned());
+    Ok(())
 }
 
-/// Moves a fully written, synced file to `dest` and makes the rename itself durable.
-fn publish(src: &Path, dest: &Path) -> Result<(), ContentError> {
+/// Whether `dest` (inside `root`) is stored already. Another request may have renamed it into
+/// place a moment ago and not yet synced its directory, so that is done before the answer is
+/// trusted: the caller is about to record the blob as stored.
+fn already_published(root: &Path, dest: &Path) -> Result<bool, ContentError> {
+    if !dest.exists() {
+        return Ok(false);
+    }
     let parent = dest.parent().expect("blob paths have a parent");
-    create_dir_durably(parent).map_err(ContentError::from_io)?;
+    create_dir_durably(root, parent)
+        .and_then(|()| sync_dir(parent))
+        .map_err(ContentError::from_io)?;
+    Ok(true)
+}
+
+/// Moves a fully written, synced file to `dest` (inside `root`) and makes the rename itself durable.
+fn publish(root: &Path, src: &Path, dest: &Path) -> Result<(), ContentError> {
+    let parent = dest.parent().expect("blob paths have a parent");
+    create_dir_durably(root, parent).map_err(ContentError::from_io)?;
     fs::rename(src, dest).map_err(ContentError::from_io)?;
     sync_dir(parent).map_err(ContentError::from_io)
 }
@@ -267,14 +293,15 @@ impl ContentStore for FsContentStore {
         }
         let dest = self.blob_path(digest);
         let temp = self.root.join("tmp").join(UploadId::new().to_string());
+        let root = self.root.clone();
         blocking(move || {
-            if dest.exists() {
+            if already_published(&root, &dest)? {
                 return Ok(());
             }
             let written = File::create(&temp)
                 .and_then(|mut file| file.write_all(&bytes).and_then(|()| file.sync_all()))
                 .map_err(ContentError::from_io)
-                .and_then(|()| publish(&temp, &dest));
+                .and_then(|()| publish(&root, &temp, &dest));
             if written.is_err() {
                 let _ = fs::remove_file(&temp);
             }
@@ -335,8 +362,9 @@ impl ContentStore for FsContentStore {
             }),
             _ => None,
         };
-        // A short queue: the disk is slower than the socket, so more would only hold memory.
-        let (sender, receiver) = mpsc::channel(4);
+        // A short queue of 256 KiB pieces: the disk is slower than the socket, so more would only
+        // hold memory.
+        let (sender, receiver) = mpsc::channel(2);
         let writer = tokio::task::spawn_blocking(move || write_chunks(file, size, hash, receiver));
         let mut body_error = None;
         let mut piece = PooledChunk::new();
@@ -386,6 +414,7 @@ impl ContentStore for FsContentStore {
         let path = self.upload_path(id);
         let dest = self.blob_path(digest);
         let expected = digest.clone();
+        let root = self.root.clone();
         let committed = blocking(move || {
             let file =
                 File::open(&path).map_err(|e| not_found_as(e, ContentError::UploadUnknown))?;
@@ -401,10 +430,10 @@ impl ContentStore for FsContentStore {
                 fs::remove_file(&path).map_err(ContentError::from_io)?;
                 return Err(ContentError::DigestMismatch { expected, actual });
             }
-            if dest.exists() {
+            if already_published(&root, &dest)? {
                 fs::remove_file(&path).map_err(ContentError::from_io)?;
             } else {
-                publish(&path, &dest)?;
+                publish(&root, &path, &dest)?;
             }
             Ok(size)
         })
@@ -538,14 +567,15 @@ mod tests {
     #[test]
     fn durable_directories_are_created_with_their_missing_ancestors() {
         let dir = tempfile::tempdir().unwrap();
-        let deep = dir.path().join("a/b/c");
-        create_dir_durably(&deep).unwrap();
+        let root = dir.path();
+        let deep = root.join("a/b/c");
+        create_dir_durably(root, &deep).unwrap();
         assert!(deep.is_dir());
-        create_dir_durably(&deep).unwrap();
-        let file = dir.path().join("a/file");
+        create_dir_durably(root, &deep).unwrap();
+        let file = root.join("a/file");
         fs::write(&file, b"x").unwrap();
         assert!(
-            create_dir_durably(&file.join("d")).is_err(),
+            create_dir_durably(root, &file.join("d")).is_err(),
             "a file in the way is an error, not a directory"
         );
         assert!(file.is_file());
