@@ -324,6 +324,9 @@ impl ContentStore for FsContentStore {
     }
 
     async fn upload_size(&self, id: UploadId) -> Result<u64, ContentError> {
+        // Waits for a write in progress, even one whose request is gone, to report a settled size.
+        let session = self.session(id);
+        let _settled = session.lock().await;
         let meta = tokio::fs::metadata(self.upload_path(id))
             .await
             .map_err(|e| not_found_as(e, ContentError::UploadUnknown))?;
@@ -336,8 +339,7 @@ impl ContentStore for FsContentStore {
         offset: Option<u64>,
         mut body: ByteStream,
     ) -> Result<u64, ContentError> {
-        let session = self.session(id);
-        let mut running = session.lock().await;
+        let mut running = self.session(id).lock_owned().await;
         let path = self.upload_path(id);
         let (file, size) = blocking(move || {
             let mut file = OpenOptions::new()
@@ -365,7 +367,15 @@ impl ContentStore for FsContentStore {
         // A short queue of 256 KiB pieces: the disk is slower than the socket, so more would only
         // hold memory.
         let (sender, receiver) = mpsc::channel(2);
-        let writer = tokio::task::spawn_blocking(move || write_chunks(file, size, hash, receiver));
+        // The writer holds the session until its last piece is on disk, also when this request
+        // is dropped mid-body (its client went away): the next PATCH or status request then sees
+        // the upload's settled size, never one a leftover writer is still extending, and the
+        // running hash is kept.
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut outcome = write_chunks(file, size, hash, receiver);
+            *running = outcome.hash.take();
+            outcome
+        });
         let mut body_error = None;
         let mut piece = PooledChunk::new();
         'body: while let Some(item) = body.next().await {
@@ -397,7 +407,6 @@ impl ContentStore for FsContentStore {
         let outcome = writer
             .await
             .map_err(|e| ContentError::Io(io::Error::other(e)))?;
-        *running = outcome.hash;
         if let Some(err) = outcome.error {
             return Err(ContentError::from_io(err));
         }
@@ -562,6 +571,52 @@ mod tests {
         let digest = Digest::sha256_of(&data);
         assert_eq!(store.commit_upload(id, &digest).await.unwrap(), size);
         assert_eq!(store.read_all(&digest).await.unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn a_request_dropped_mid_body_keeps_its_data_and_running_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsContentStore::open(dir.path()).unwrap();
+        let id = UploadId::new();
+        store.create_upload(id).await.unwrap();
+        let data: Vec<u8> = (0..chunks::CHUNK * 3 + 5)
+            .map(|i| (i % 241) as u8)
+            .collect();
+        // A client that sends part of a blob, stalls and goes away: its request is dropped.
+        let frames: Vec<Result<Bytes, io::Error>> = data
+            .chunks(64 << 10)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        let stalled = futures_util::stream::iter(frames).chain(futures_util::stream::pending());
+        let dropped = tokio::time::timeout(
+            std::time::Duration::from_millis(300),
+            store.append_upload(id, Some(0), Box::pin(stalled)),
+        )
+        .await;
+        assert!(dropped.is_err(), "the body never ended");
+        // Every whole piece that arrived is on disk; the partial one never reached the writer.
+        let settled = (chunks::CHUNK * 3) as u64;
+        assert_eq!(store.upload_size(id).await.unwrap(), settled);
+        store
+            .append_upload(
+                id,
+                Some(settled),
+                crate::content::behaviour::once(Bytes::from(data[settled as usize..].to_vec())),
+            )
+            .await
+            .unwrap();
+        // The commit uses the hash computed as the bytes arrived: a byte changed on disk since goes
+        // unseen, which shows the dropped request left its running hash to the session instead of
+        // losing it (the commit would then re-hash the file and refuse the digest).
+        let path = store.upload_path(id);
+        let mut on_disk = fs::read(&path).unwrap();
+        on_disk[0] ^= 0xff;
+        fs::write(&path, &on_disk).unwrap();
+        let digest = Digest::sha256_of(&data);
+        assert_eq!(
+            store.commit_upload(id, &digest).await.unwrap(),
+            data.len() as u64
+        );
     }
 
     #[test]
