@@ -33,7 +33,7 @@ struct RunningHash {
 type SessionLock = Arc<tokio::sync::Mutex<Option<RunningHash>>>;
 
 pub struct FsContentStore {
-    root: PathBuf,
+    dirs: Arc<DurableDirs>,
     sessions: Mutex<HashMap<UploadId, SessionLock>>,
 }
 
@@ -42,22 +42,27 @@ impl FsContentStore {
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
         fs::create_dir_all(&root)?;
+        let dirs = DurableDirs {
+            root,
+            synced: Mutex::default(),
+        };
         for dir in ["blobs", "uploads", "tmp"] {
-            create_dir_durably(&root, &root.join(dir))?;
+            dirs.create(&dirs.root.join(dir))?;
         }
         // tmp/ holds only the unfinished writes of a process that died: one process owns a root.
-        for entry in fs::read_dir(root.join("tmp"))? {
+        for entry in fs::read_dir(dirs.root.join("tmp"))? {
             fs::remove_file(entry?.path())?;
         }
         Ok(FsContentStore {
-            root,
+            dirs: Arc::new(dirs),
             sessions: Mutex::default(),
         })
     }
 
     fn blob_path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
-        self.root
+        self.dirs
+            .root
             .join("blobs")
             .join(digest.algorithm().as_str())
             .join(&hex[..2])
@@ -71,7 +76,7 @@ impl FsContentStore {
     }
 
     fn upload_path(&self, id: UploadId) -> PathBuf {
-        self.root.join("uploads").join(id.to_string())
+        self.dirs.root.join("uploads").join(id.to_string())
     }
 
     /// One lock per upload serialises appends and the commit of the same session.
@@ -108,56 +113,66 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Directories whose entries this process has synced into their parents.
-static DURABLE_DIRS: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
-
-/// Creates `dir` (inside the existing `root`) and its missing ancestors so that they survive a
-/// crash: a new directory's entry lives in its parent, which is synced too. Without that, a blob
-/// published into a shard created a moment earlier could vanish with its directory while the
-/// metadata says it is stored. A directory that merely exists is not trusted (another publish may
-/// have just created it and not yet synced its parent, or a crash may have cut that short): each
-/// is synced into its parent once per process, a few hundred fsyncs at most.
-fn create_dir_durably(root: &Path, dir: &Path) -> io::Result<()> {
-    if dir == root || DURABLE_DIRS.lock().expect("dir set poisoned").contains(dir) {
-        return Ok(());
-    }
-    let parent = dir
-        .parent()
-        .expect("a directory under the root has a parent");
-    create_dir_durably(root, parent)?;
-    match fs::create_dir(dir) {
-        Ok(()) => {}
-        Err(err) if err.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
-        Err(err) => return Err(err),
-    }
-    sync_dir(parent)?;
-    DURABLE_DIRS
-        .lock()
-        .expect("dir set poisoned")
-        .insert(dir.to_owned());
-    Ok(())
+/// The store's directory tree, made crash-safe as it grows: a new directory's entry lives in its
+/// parent, which is synced too. Without that, a blob published into a shard created a moment
+/// earlier could vanish with its directory while the metadata says it is stored. A directory that
+/// merely exists is not trusted (another publish may have just created it and not yet synced its
+/// parent, or a crash may have cut that short): each is synced into its parent once, a few hundred
+/// fsyncs in a store's life.
+struct DurableDirs {
+    root: PathBuf,
+    /// Directories whose entries this store has synced into their parents.
+    synced: Mutex<BTreeSet<PathBuf>>,
 }
 
-/// Whether `dest` (inside `root`) is stored already. Another request may have renamed it into
-/// place a moment ago and not yet synced its directory, so that is done before the answer is
-/// trusted: the caller is about to record the blob as stored.
-fn already_published(root: &Path, dest: &Path) -> Result<bool, ContentError> {
-    if !dest.exists() {
-        return Ok(false);
+impl DurableDirs {
+    fn is_synced(&self, dir: &Path) -> bool {
+        self.synced.lock().expect("dir set poisoned").contains(dir)
     }
-    let parent = dest.parent().expect("blob paths have a parent");
-    create_dir_durably(root, parent)
-        .and_then(|()| sync_dir(parent))
-        .map_err(ContentError::from_io)?;
-    Ok(true)
-}
 
-/// Moves a fully written, synced file to `dest` (inside `root`) and makes the rename itself durable.
-fn publish(root: &Path, src: &Path, dest: &Path) -> Result<(), ContentError> {
-    let parent = dest.parent().expect("blob paths have a parent");
-    create_dir_durably(root, parent).map_err(ContentError::from_io)?;
-    fs::rename(src, dest).map_err(ContentError::from_io)?;
-    sync_dir(parent).map_err(ContentError::from_io)
+    /// Creates `dir` (inside the root) and its missing ancestors, durably.
+    fn create(&self, dir: &Path) -> io::Result<()> {
+        if dir == self.root || self.is_synced(dir) {
+            return Ok(());
+        }
+        let parent = dir
+            .parent()
+            .expect("a directory under the root has a parent");
+        self.create(parent)?;
+        match fs::create_dir(dir) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+            Err(err) => return Err(err),
+        }
+        sync_dir(parent)?;
+        self.synced
+            .lock()
+            .expect("dir set poisoned")
+            .insert(dir.to_owned());
+        Ok(())
+    }
+
+    /// Whether `dest` is stored already. Another request may have renamed it into place a moment
+    /// ago and not yet synced its directory, so that is done before the answer is trusted: the
+    /// caller is about to record the blob as stored.
+    fn already_published(&self, dest: &Path) -> Result<bool, ContentError> {
+        if !dest.exists() {
+            return Ok(false);
+        }
+        let parent = dest.parent().expect("blob paths have a parent");
+        self.create(parent)
+            .and_then(|()| sync_dir(parent))
+            .map_err(ContentError::from_io)?;
+        Ok(true)
+    }
+
+    /// Moves a fully written, synced file to `dest` and makes the rename itself durable.
+    fn publish(&self, src: &Path, dest: &Path) -> Result<(), ContentError> {
+        let parent = dest.parent().expect("blob paths have a parent");
+        self.create(parent).map_err(ContentError::from_io)?;
+        fs::rename(src, dest).map_err(ContentError::from_io)?;
+        sync_dir(parent).map_err(ContentError::from_io)
+    }
 }
 
 fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<Digest> {
@@ -292,16 +307,16 @@ impl ContentStore for FsContentStore {
             });
         }
         let dest = self.blob_path(digest);
-        let temp = self.root.join("tmp").join(UploadId::new().to_string());
-        let root = self.root.clone();
+        let temp = self.dirs.root.join("tmp").join(UploadId::new().to_string());
+        let dirs = self.dirs.clone();
         blocking(move || {
-            if already_published(&root, &dest)? {
+            if dirs.already_published(&dest)? {
                 return Ok(());
             }
             let written = File::create(&temp)
                 .and_then(|mut file| file.write_all(&bytes).and_then(|()| file.sync_all()))
                 .map_err(ContentError::from_io)
-                .and_then(|()| publish(&root, &temp, &dest));
+                .and_then(|()| dirs.publish(&temp, &dest));
             if written.is_err() {
                 let _ = fs::remove_file(&temp);
             }
@@ -423,7 +438,7 @@ impl ContentStore for FsContentStore {
         let path = self.upload_path(id);
         let dest = self.blob_path(digest);
         let expected = digest.clone();
-        let root = self.root.clone();
+        let dirs = self.dirs.clone();
         let committed = blocking(move || {
             let file =
                 File::open(&path).map_err(|e| not_found_as(e, ContentError::UploadUnknown))?;
@@ -439,10 +454,10 @@ impl ContentStore for FsContentStore {
                 fs::remove_file(&path).map_err(ContentError::from_io)?;
                 return Err(ContentError::DigestMismatch { expected, actual });
             }
-            if already_published(&root, &dest)? {
+            if dirs.already_published(&dest)? {
                 fs::remove_file(&path).map_err(ContentError::from_io)?;
             } else {
-                publish(&root, &path, &dest)?;
+                dirs.publish(&path, &dest)?;
             }
             Ok(size)
         })
@@ -550,27 +565,40 @@ mod tests {
         assert_eq!(store.read_all(&digest).await.unwrap(), data);
     }
 
-    #[tokio::test]
-    async fn frames_straddling_piece_boundaries_are_written_in_order() {
+    /// `data` as request-body frames of `size` bytes.
+    fn frames(
+        data: &[u8],
+        size: usize,
+    ) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
+        let frames: Vec<io::Result<Bytes>> = data
+            .chunks(size)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        futures_util::stream::iter(frames)
+    }
+
+    /// Streams `data` into a new upload in frames of `frame` bytes, commits it and reads it back.
+    async fn assert_round_trip(data: &[u8], frame: usize) {
         let dir = tempfile::tempdir().unwrap();
         let store = FsContentStore::open(dir.path()).unwrap();
         let id = UploadId::new();
-        let data: Vec<u8> = (0..chunks::CHUNK * 4 + 99)
-            .map(|i| (i % 253) as u8)
-            .collect();
         store.create_upload(id).await.unwrap();
-        let frames: Vec<Result<Bytes, io::Error>> = data
-            .chunks(100_003)
-            .map(|c| Ok(Bytes::copy_from_slice(c)))
-            .collect();
         let size = store
-            .append_upload(id, Some(0), Box::pin(futures_util::stream::iter(frames)))
+            .append_upload(id, Some(0), Box::pin(frames(data, frame)))
             .await
             .unwrap();
         assert_eq!(size, data.len() as u64);
-        let digest = Digest::sha256_of(&data);
+        let digest = Digest::sha256_of(data);
         assert_eq!(store.commit_upload(id, &digest).await.unwrap(), size);
         assert_eq!(store.read_all(&digest).await.unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn frames_straddling_piece_boundaries_are_written_in_order() {
+        let data: Vec<u8> = (0..chunks::CHUNK * 4 + 99)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        assert_round_trip(&data, 100_003).await;
     }
 
     #[tokio::test]
@@ -583,11 +611,7 @@ mod tests {
             .map(|i| (i % 241) as u8)
             .collect();
         // A client that sends part of a blob, stalls and goes away: its request is dropped.
-        let frames: Vec<Result<Bytes, io::Error>> = data
-            .chunks(64 << 10)
-            .map(|c| Ok(Bytes::copy_from_slice(c)))
-            .collect();
-        let stalled = futures_util::stream::iter(frames).chain(futures_util::stream::pending());
+        let stalled = frames(&data, 64 << 10).chain(futures_util::stream::pending());
         let dropped = tokio::time::timeout(
             std::time::Duration::from_millis(300),
             store.append_upload(id, Some(0), Box::pin(stalled)),
@@ -622,15 +646,18 @@ mod tests {
     #[test]
     fn durable_directories_are_created_with_their_missing_ancestors() {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        let deep = root.join("a/b/c");
-        create_dir_durably(root, &deep).unwrap();
+        let dirs = DurableDirs {
+            root: dir.path().to_owned(),
+            synced: Mutex::default(),
+        };
+        let deep = dirs.root.join("a/b/c");
+        dirs.create(&deep).unwrap();
         assert!(deep.is_dir());
-        create_dir_durably(root, &deep).unwrap();
-        let file = root.join("a/file");
+        dirs.create(&deep).unwrap();
+        let file = dirs.root.join("a/file");
         fs::write(&file, b"x").unwrap();
         assert!(
-            create_dir_durably(root, &file.join("d")).is_err(),
+            dirs.create(&file.join("d")).is_err(),
             "a file in the way is an error, not a directory"
         );
         assert!(file.is_file());
@@ -638,24 +665,8 @@ mod tests {
 
     #[tokio::test]
     async fn uploads_past_the_writeback_interval_commit_intact() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FsContentStore::open(dir.path()).unwrap();
-        let id = UploadId::new();
         let mut data = vec![0x5a; WRITEBACK_EVERY as usize * 2 + 4099];
         data[WRITEBACK_EVERY as usize + 1] = 1;
-        let data = Bytes::from(data);
-        store.create_upload(id).await.unwrap();
-        let chunks: Vec<Result<Bytes, io::Error>> = data
-            .chunks(3 << 20)
-            .map(|c| Ok(Bytes::copy_from_slice(c)))
-            .collect();
-        let size = store
-            .append_upload(id, Some(0), Box::pin(futures_util::stream::iter(chunks)))
-            .await
-            .unwrap();
-        assert_eq!(size, data.len() as u64);
-        let digest = Digest::sha256_of(&data);
-        assert_eq!(store.commit_upload(id, &digest).await.unwrap(), size);
-        assert_eq!(store.read_all(&digest).await.unwrap(), data);
+        assert_round_trip(&data, 3 << 20).await;
     }
 }
