@@ -42,6 +42,7 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
     referrers_filter_by_artifact_type(store).await;
     uploads_remember_their_repository(store).await;
     completing_an_upload_ends_it_and_links_its_blob(store).await;
+    uploads_completed_together_each_end_and_link(store).await;
 }
 
 async fn blobs_are_owned_per_repository(store: &dyn MetadataStore) {
@@ -293,4 +294,41 @@ async fn completing_an_upload_ends_it_and_links_its_blob(store: &dyn MetadataSto
         store.repository_blob(&other, &digest).await.unwrap(),
         Some(9)
     );
+}
+
+/// Many blobs finishing at once (a store may record them in one commit): each caller hears about
+/// its own session, and every blob is linked to its own repository only.
+async fn uploads_completed_together_each_end_and_link(store: &dyn MetadataStore) {
+    let uploads: Vec<(UploadId, RepoName, Digest)> = (0..24)
+        .map(|i| {
+            let r = repo(&format!("together/r{}", i % 3));
+            (
+                UploadId::new(),
+                r,
+                Digest::sha256_of(format!("blob {i}").as_bytes()),
+            )
+        })
+        .collect();
+    // Every third upload was purged before its completion arrived.
+    for (i, (id, r, _)) in uploads.iter().enumerate() {
+        if i % 3 != 0 {
+            store.create_upload(r, *id).await.unwrap();
+        }
+    }
+    let ended = futures_util::future::join_all(
+        uploads
+            .iter()
+            .map(|(id, r, digest)| store.complete_upload(*id, r, digest, 7)),
+    )
+    .await;
+    for (i, ((id, r, digest), ended)) in uploads.iter().zip(ended).enumerate() {
+        assert_eq!(ended.unwrap(), i % 3 != 0, "upload {i}");
+        assert_eq!(store.upload_repository(*id).await.unwrap(), None);
+        assert_eq!(store.repository_blob(r, digest).await.unwrap(), Some(7));
+        let elsewhere = repo(&format!("together/r{}", (i + 1) % 3));
+        assert_eq!(
+            store.repository_blob(&elsewhere, digest).await.unwrap(),
+            None
+        );
+    }
 }

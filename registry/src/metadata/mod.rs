@@ -27,9 +27,22 @@ pub enum MetadataError {
     Corrupt(String),
     #[error("worker thread failed: {0}")]
     Worker(#[from] tokio::task::JoinError),
+    /// The shared commit a write was part of failed (or never answered).
+    #[error("group commit: {0}")]
+    GroupCommit(String),
 }
 
 impl MetadataError {
+    /// The same failure for another write of a failed group commit; a full disk stays one.
+    fn replicate(&self) -> MetadataError {
+        match self {
+            MetadataError::Database(rusqlite::Error::SqliteFailure(failure, message)) => {
+                MetadataError::Database(rusqlite::Error::SqliteFailure(*failure, message.clone()))
+            }
+            other => MetadataError::GroupCommit(other.to_string()),
+        }
+    }
+
     /// Whether the database could not write because its disk is full.
     pub fn is_storage_full(&self) -> bool {
         matches!(
