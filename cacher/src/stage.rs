@@ -97,7 +97,7 @@ pub async fn run(
         retry,
     };
     // The destination's client is built on another thread while the source is contacted: loading
-    // the system roots is most of a re-cache's startup.
+    // the system roots takes milliseconds a re-cache would otherwise wait for.
     let caching = config.filter(|config| env.cache.unwrap_or(config.cache_by_default));
     let building = caching.map(|config| {
         let (config, env) = (config.clone(), env.clone());

@@ -173,8 +173,9 @@ impl RegistryClient {
     pub fn new(base: &str, options: ClientOptions) -> Result<RegistryClient, ClientError> {
         let base = parse_base(base)?;
         // Building a client that checks certificates reads and parses the system's root
-        // certificates (about 10 ms): do it once per registry, since the plain-HTTP fallback above
-        // reuses it, and not at all for an insecure registry, whose certificates go unchecked.
+        // certificates, a few hundred files: do it once per registry, since the plain-HTTP
+        // fallback above reuses it, and not at all for an insecure registry, whose certificates go
+        // unchecked.
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("berth-cacher/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(15))
