@@ -3,6 +3,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::num::NonZeroU64;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -17,8 +18,8 @@ use tokio::sync::mpsc;
 use super::chunks::{self, PooledChunk};
 use super::{ByteStream, ContentError, ContentStore, UploadId};
 
-/// While an upload streams, a helper thread hands dirty pages to the disk every this many bytes,
-/// so the disk writes while the network delivers and the fsync at commit waits only for the tail.
+/// While an upload streams, its writer hands dirty pages to the disk every this many bytes, so the
+/// disk writes while the network delivers and the fsync at commit waits only for the tail.
 /// Small enough to matter for the typical 1-10 MiB layer: copying a 20 x 5 MiB image went from
 /// 0.436 to 0.402 s with 1 MiB instead of 32 (medians of 6 interleaved runs on a 2-core machine).
 const WRITEBACK_EVERY: u64 = 1 << 20;
@@ -195,59 +196,25 @@ struct WriteOutcome {
     error: Option<io::Error>,
 }
 
-/// Drains `chunks` into `file` like [`drain_chunks`], with early writeback on a second thread.
-/// Each step is a full `fdatasync` (a journal commit and a cache flush) because the lighter
-/// `sync_file_range`, which only starts writeback, is in neither rustix nor nix and `unsafe` is
-/// not allowed here; kicks coalesce, so an upload never has more than one in flight.
-fn write_chunks(
-    file: File,
-    size: u64,
-    hash: Option<RunningHash>,
-    chunks: mpsc::Receiver<PooledChunk>,
-) -> WriteOutcome {
-    let Ok(syncer) = file.try_clone() else {
-        return drain_chunks(file, size, hash, chunks, |_| {});
-    };
-    let (kick, kicks) = std::sync::mpsc::sync_channel::<()>(1);
-    std::thread::scope(|scope| {
-        let writeback = scope.spawn(move || -> io::Result<()> {
-            for () in kicks {
-                syncer.sync_data()?;
-            }
-            Ok(())
-        });
-        let mut next = size + WRITEBACK_EVERY;
-        let mut outcome = drain_chunks(file, size, hash, chunks, |written| {
-            if written >= next {
-                next = written + WRITEBACK_EVERY;
-                // Full means a writeback is already under way; it will cover these bytes too.
-                let _ = kick.try_send(());
-            }
-        });
-        drop(kick);
-        // A writeback error is reported to this file description only, so it must fail the
-        // request now: the commit's fsync on a fresh descriptor would not see it.
-        if let Err(err) = writeback
-            .join()
-            .expect("the writeback thread does not panic")
-            && outcome.error.is_none()
-        {
-            outcome.error = Some(err);
-        }
-        outcome
-    })
-}
-
 /// Drains `chunks` into `file` (positioned at its end, `size` bytes long), hashing only what was
 /// written, so on a write error the file is cut back to the last whole piece and hash and data
-/// agree. `written` hears the file's size after every write.
-fn drain_chunks(
+/// agree.
+///
+/// Every [`WRITEBACK_EVERY`] bytes it hands the new pages to the disk: `POSIX_FADV_DONTNEED` on
+/// dirty pages starts their writeback and returns (Linux; PostgreSQL's fallback where
+/// `sync_file_range`, which rustix and nix lack, is missing, and `unsafe` is not allowed here).
+/// Unlike `fdatasync` it waits for no I/O, commits no journal and flushes no disk cache, so the
+/// streams of a push do not queue behind each other (20 x 5 MiB copy 0.248 -> 0.237 s against
+/// `fdatasync`, medians of 16 interleaved runs). Only clean pages leave the cache, and the pages
+/// just written are not clean yet. An error of that writeback stays recorded against the file
+/// until an fsync reports it, which the one at commit does, on whichever descriptor.
+fn write_chunks(
     mut file: File,
     mut size: u64,
     mut hash: Option<RunningHash>,
     mut chunks: mpsc::Receiver<PooledChunk>,
-    mut written: impl FnMut(u64),
 ) -> WriteOutcome {
+    let mut handed = size;
     while let Some(chunk) = chunks.blocking_recv() {
         let piece = chunk.as_ref();
         if let Err(error) = file.write_all(piece) {
@@ -263,7 +230,16 @@ fn drain_chunks(
             running.offset += piece.len() as u64;
         }
         size += piece.len() as u64;
-        written(size);
+        if size >= handed + WRITEBACK_EVERY {
+            // Advice only: a refusal leaves the pages to the fsync at commit.
+            let _ = rustix::fs::fadvise(
+                &file,
+                handed,
+                NonZeroU64::new(size - handed),
+                rustix::fs::Advice::DontNeed,
+            );
+            handed = size;
+        }
     }
     WriteOutcome {
         size,
