@@ -47,8 +47,14 @@ pub enum ClientError {
     Status {
         context: String,
         status: StatusCode,
+        /// The OCI error codes of the answer, if it had any.
+        codes: Vec<String>,
         detail: String,
     },
+    /// The destination hashed an uploaded blob and refused it: what the source sent was not the
+    /// blob its digest names.
+    #[error("blob {digest} arrived corrupted: the destination refused its content{detail}")]
+    Corrupted { digest: Digest, detail: String },
     #[error("authentication failed: {0}")]
     Auth(String),
     #[error("{context}: content does not match {expected} (got {actual})")]
@@ -73,7 +79,9 @@ impl ClientError {
     /// Whether trying the same operation again may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            ClientError::Transport { .. } | ClientError::DigestMismatch { .. } => true,
+            ClientError::Transport { .. }
+            | ClientError::DigestMismatch { .. }
+            | ClientError::Corrupted { .. } => true,
             ClientError::Status { status, .. } => retry::is_retryable_status(*status),
             ClientError::Auth(_) | ClientError::Invalid(_) => false,
         }
@@ -444,8 +452,9 @@ impl RegistryClient {
         Ok(UploadStart::Session(location))
     }
 
-    /// Sends the whole blob to an upload session and commits it as `digest`. The body is not
-    /// retried here: a stream can be sent only once, so the caller retries the whole blob.
+    /// Sends the whole blob to an upload session and commits it as `digest`, which the registry
+    /// checks. The body is not retried here: a stream can be sent only once, so the caller
+    /// retries the whole blob.
     pub async fn finish_upload(
         &self,
         repo: &RepoName,
@@ -475,8 +484,21 @@ impl RegistryClient {
             .send()
             .await
             .map_err(|e| ClientError::transport(&what, e))?;
-        expect(response, &[StatusCode::CREATED], &what).await?;
-        Ok(())
+        match expect(response, &[StatusCode::CREATED], &what).await {
+            Ok(_) => Ok(()),
+            Err(ClientError::Status {
+                status: StatusCode::BAD_REQUEST,
+                codes,
+                detail,
+                ..
+            }) if codes.iter().any(|code| code == "DIGEST_INVALID") => {
+                Err(ClientError::Corrupted {
+                    digest: digest.clone(),
+                    detail,
+                })
+            }
+            Err(err) => Err(err),
+        }
     }
 
     /// Best-effort cancel of an upload session after a failed transfer.
@@ -501,33 +523,39 @@ async fn expect(
         return Ok(response);
     }
     let body = response.bytes().await.unwrap_or_default();
+    let errors = oci_errors(&body);
     Err(ClientError::Status {
         context: what.to_owned(),
         status,
-        detail: oci_error_detail(&body),
+        codes: errors.iter().map(|e| e.code.clone()).collect(),
+        detail: summary(&errors),
     })
 }
 
-/// `: CODE: message` from an OCI error body, or nothing.
-fn oci_error_detail(body: &[u8]) -> String {
+#[derive(serde::Deserialize)]
+struct OciError {
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// `: CODE: message` for each entry.
+fn summary(errors: &[OciError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!(": {}: {}", e.code, e.message))
+        .collect()
+}
+
+/// The entries of an OCI error body; none if the body is not one.
+fn oci_errors(body: &[u8]) -> Vec<OciError> {
     #[derive(serde::Deserialize)]
     struct Errors {
-        errors: Vec<ErrorEntry>,
+        errors: Vec<OciError>,
     }
-    #[derive(serde::Deserialize)]
-    struct ErrorEntry {
-        code: String,
-        #[serde(default)]
-        message: String,
-    }
-    match serde_json::from_slice::<Errors>(body) {
-        Ok(parsed) => parsed
-            .errors
-            .iter()
-            .map(|e| format!(": {}: {}", e.code, e.message))
-            .collect(),
-        Err(_) => String::new(),
-    }
+    serde_json::from_slice::<Errors>(body)
+        .map(|parsed| parsed.errors)
+        .unwrap_or_default()
 }
 
 /// Reads a response body of at most `max` bytes.
@@ -616,7 +644,7 @@ mod tests {
     #[test]
     fn oci_errors_are_summarised() {
         let body = br#"{"errors":[{"code":"DENIED","message":"no push"}]}"#;
-        assert_eq!(oci_error_detail(body), ": DENIED: no push");
-        assert_eq!(oci_error_detail(b"<html>"), "");
+        assert_eq!(summary(&oci_errors(body)), ": DENIED: no push");
+        assert!(oci_errors(b"<html>").is_empty());
     }
 }
