@@ -83,6 +83,19 @@ pub struct Limits {
     pub shutdown_grace_seconds: u64,
     /// An upload session whose data has not changed for this long is abandoned and purged.
     pub upload_max_idle_seconds: u64,
+    /// A request head must arrive whole within this time: from the connection opening for the
+    /// first request, and (HTTP/1) from the end of the previous exchange for the next one, which
+    /// also closes HTTP/1 connections left idle that long.
+    pub header_read_timeout_seconds: u64,
+    /// A TLS handshake must be done within this time of the connection opening.
+    pub tls_handshake_timeout_seconds: u64,
+    /// A connection with no request in flight and no byte moving either way is closed after this.
+    pub idle_timeout_seconds: u64,
+    /// A request body that delivers nothing for this long is cut; an upload keeps the whole pieces
+    /// that arrived and can be resumed.
+    pub body_timeout_seconds: u64,
+    /// Connections served at once; beyond it new ones are closed at once (and logged).
+    pub max_connections: usize,
 }
 
 impl Default for Config {
@@ -123,6 +136,11 @@ impl Default for Limits {
             manifest_cache_bytes: 64 << 20,
             shutdown_grace_seconds: 30,
             upload_max_idle_seconds: 24 * 60 * 60,
+            header_read_timeout_seconds: 30,
+            tls_handshake_timeout_seconds: 10,
+            idle_timeout_seconds: 90,
+            body_timeout_seconds: 60,
+            max_connections: 8192,
         }
     }
 }
@@ -208,6 +226,11 @@ impl Config {
         if limits.max_manifest_bytes == 0
             || limits.max_page_entries == 0
             || limits.upload_max_idle_seconds == 0
+            || limits.header_read_timeout_seconds == 0
+            || limits.tls_handshake_timeout_seconds == 0
+            || limits.idle_timeout_seconds == 0
+            || limits.body_timeout_seconds == 0
+            || limits.max_connections == 0
         {
             return Err(ConfigError::Invalid(
                 "limits must be greater than zero".into(),
@@ -221,7 +244,7 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::Invalid(format!("log.level {:?}: {e}", self.log.level)))?;
         if let Some(tls) = &self.tls {
-            crate::server::tls_acceptor(tls)?;
+            crate::server::ServerTls::load(tls)?;
         }
         crate::auth::Auth::check(&self.auth)
     }

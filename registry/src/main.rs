@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use berth_registry::api::{self, AppState};
 use berth_registry::auth::Auth;
-use berth_registry::config::{Config, LogFormat};
+use berth_registry::config::{Config, LogFormat, TlsConfig};
 use berth_registry::content::FsContentStore;
 use berth_registry::metadata::{CachedMetadata, SqliteMetadataStore};
 use berth_registry::{gc, server};
@@ -98,16 +98,30 @@ fn init_logging(config: &Config) {
     }
 }
 
-/// Re-reads the access control part of the configuration on every SIGHUP `hangups` delivers. A
-/// broken file is reported and the running configuration kept.
+/// Re-reads the access control part of the configuration, and the certificate and key files named
+/// at start-up, on every SIGHUP `hangups` delivers. A broken file or certificate is reported and
+/// the running one kept.
 async fn reload_on_hangup(
     mut hangups: tokio::signal::unix::Signal,
     state: Arc<AppState>,
+    tls: Option<(server::ServerTls, TlsConfig)>,
     file: Option<PathBuf>,
 ) {
     while hangups.recv().await.is_some() {
+        if let Some((tls, paths)) = &tls {
+            match tls.reload(paths) {
+                Ok(()) => {
+                    tracing::info!(certificate = %paths.certificate.display(), "TLS certificate reloaded")
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "TLS reload failed; keeping the running certificate")
+                }
+            }
+        }
         let Some(file) = &file else {
-            tracing::warn!("SIGHUP: started without a configuration file, nothing to reload");
+            tracing::warn!(
+                "SIGHUP: started without a configuration file, no access control to reload"
+            );
             continue;
         };
         let reloaded = match Config::load(Some(file)) {
@@ -175,8 +189,17 @@ async fn serve(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<(
     // Installed before serving: a SIGHUP that arrived before the handler would end the process.
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
-    tokio::spawn(reload_on_hangup(hangups, state.clone(), config_file));
-    let tls = config.tls.as_ref().map(server::tls_acceptor).transpose()?;
+    let tls = config
+        .tls
+        .as_ref()
+        .map(server::ServerTls::load)
+        .transpose()?;
+    tokio::spawn(reload_on_hangup(
+        hangups,
+        state.clone(),
+        tls.clone().zip(config.tls.clone()),
+        config_file,
+    ));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -187,8 +210,14 @@ async fn serve(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<(
         startup_ms = started.elapsed().as_millis() as u64,
         "berth-registry listening"
     );
-    let grace = Duration::from_secs(config.limits.shutdown_grace_seconds);
-    server::serve(listener, api::router(state), tls, shutdown_signal(), grace).await;
+    server::serve(
+        listener,
+        api::router(state),
+        tls,
+        shutdown_signal(),
+        &config.limits,
+    )
+    .await;
     Ok(())
 }
 

@@ -412,7 +412,10 @@ impl BackgroundServer {
                         router(),
                         None,
                         shutdown,
-                        Duration::from_secs(1),
+                        &berth_registry::config::Limits {
+                            shutdown_grace_seconds: 1,
+                            ..Default::default()
+                        },
                     )
                     .await;
                 });

@@ -1,67 +1,30 @@
-//! Accepting connections (plain or TLS), serving them with hyper, and draining them on shutdown.
+//! Accepting connections (plain or TLS), serving them with hyper under the configured limits,
+//! and draining them on shutdown.
 
 use std::future::Future;
-use std::io::BufReader;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::ServerConfig;
+use tokio::sync::Semaphore;
 use tokio_util::either::Either;
+use tower_http::timeout::TimeoutBody;
 
-use crate::config::{ConfigError, TlsConfig};
+use crate::config::Limits;
 
 mod sendfile;
+mod tls;
+mod watch;
 
 pub use sendfile::FileSender;
 use sendfile::SendfileStream;
-
-/// Loads the certificate chain and key into a TLS acceptor (HTTP/2 and HTTP/1.1 by ALPN).
-pub fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, ConfigError> {
-    let open = |path: &std::path::Path| {
-        std::fs::File::open(path)
-            .map(BufReader::new)
-            .map_err(|source| ConfigError::Read {
-                path: path.into(),
-                source,
-            })
-    };
-    let certificates = rustls_pemfile::certs(&mut open(&tls.certificate)?)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| ConfigError::Read {
-            path: tls.certificate.clone(),
-            source,
-        })?;
-    if certificates.is_empty() {
-        return Err(ConfigError::Invalid(format!(
-            "{} holds no PEM certificate",
-            tls.certificate.display()
-        )));
-    }
-    let key = rustls_pemfile::private_key(&mut open(&tls.private_key)?)
-        .map_err(|source| ConfigError::Read {
-            path: tls.private_key.clone(),
-            source,
-        })?
-        .ok_or_else(|| {
-            ConfigError::Invalid(format!(
-                "{} holds no PEM private key",
-                tls.private_key.display()
-            ))
-        })?;
-    let mut config = ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certificates, key)
-        .map_err(|e| ConfigError::Invalid(format!("TLS certificate and key: {e}")))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
-}
+pub use tls::ServerTls;
+use watch::{Activity, Expired, Watched};
 
 /// Facts about the connection a request arrived on, attached to every request.
 #[derive(Debug, Clone, Copy)]
@@ -70,20 +33,60 @@ pub struct ConnectionInfo {
     pub tls: bool,
 }
 
+/// Says how many connections were turned away since it last spoke, at most once a second, so a
+/// flood of refusals cannot flood the log too.
+struct RefusalLog {
+    since: Instant,
+    refused: u64,
+}
+
+impl RefusalLog {
+    fn refused(&mut self, max_connections: usize) {
+        self.refused += 1;
+        if self.since.elapsed() >= Duration::from_secs(1) {
+            tracing::warn!(
+                refused = self.refused,
+                max_connections,
+                "at the connection limit: refusing new connections"
+            );
+            *self = RefusalLog {
+                since: Instant::now(),
+                refused: 0,
+            };
+        }
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and gives open
-/// connections up to `grace` to finish what they are doing.
+/// connections up to `limits.shutdown_grace_seconds` to finish what they are doing.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    tls: Option<TlsAcceptor>,
+    tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
+    limits: &Limits,
 ) {
+    let seconds = Duration::from_secs;
+    let header_read = seconds(limits.header_read_timeout_seconds);
+    let tls_handshake = seconds(limits.tls_handshake_timeout_seconds);
+    let idle = seconds(limits.idle_timeout_seconds);
+    let body = seconds(limits.body_timeout_seconds);
+    let grace = seconds(limits.shutdown_grace_seconds);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut refusals = RefusalLog {
+        since: Instant::now() - seconds(1),
+        refused: 0,
+    };
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Plain connections send blobs with sendfile, which needs hyper's queued writes (see
     // sendfile); `pipeline_flush` would switch hyper back to copying, so it stays off.
-    builder.http1().writev(true);
+    builder
+        .http1()
+        .writev(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read);
+    builder.http2().timer(TokioTimer::new());
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -98,49 +101,79 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refusals.refused(limits.max_connections);
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let info = ConnectionInfo {
             peer,
             tls: tls.is_some(),
         };
+        let activity = Arc::new(Activity::default());
         let file_sender = FileSender::default();
         let request_sender = tls.is_none().then(|| file_sender.clone());
+        let requests = activity.clone();
         let service = TowerToHyperService::new(
             tower::ServiceBuilder::new()
-                .map_request(
-                    move |mut request: axum::http::Request<hyper::body::Incoming>| {
-                        request.extensions_mut().insert(info);
-                        if let Some(sender) = &request_sender {
-                            request.extensions_mut().insert(sender.clone());
-                        }
-                        request
-                    },
-                )
+                .map_future(move |answer| {
+                    let in_flight = requests.request();
+                    async move {
+                        let answered = answer.await;
+                        drop(in_flight);
+                        answered
+                    }
+                })
+                .map_request(move |request: axum::http::Request<hyper::body::Incoming>| {
+                    // A body that stops arriving fails its read, so its handler lets go of
+                    // what it holds (an upload keeps the pieces that arrived).
+                    let mut request = request.map(|incoming| TimeoutBody::new(body, incoming));
+                    request.extensions_mut().insert(info);
+                    if let Some(sender) = &request_sender {
+                        request.extensions_mut().insert(sender.clone());
+                    }
+                    request
+                })
                 .service(app.clone()),
         );
         let builder = builder.clone();
         let watcher = graceful.watcher();
-        let tls = tls.clone();
+        let acceptor = tls.as_ref().map(|tls| tls.acceptor().clone());
         tokio::spawn(async move {
-            let io = match tls {
+            let _slot = slot;
+            let io = match acceptor {
                 None => Either::Left(SendfileStream::new(stream, file_sender)),
-                Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(stream) => Either::Right(stream),
-                    Err(err) => {
-                        tracing::debug!(%peer, error = %err, "TLS handshake failed");
-                        return;
+                Some(acceptor) => {
+                    match tokio::time::timeout(tls_handshake, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => Either::Right(stream),
+                        Ok(Err(err)) => {
+                            tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
                     }
-                },
+                }
             };
-            let served = watcher
-                .watch(
-                    builder
-                        .serve_connection_with_upgrades(TokioIo::new(io), service)
-                        .into_owned(),
-                )
-                .await;
-            if let Err(err) = served {
-                tracing::debug!(%peer, error = %err, "connection ended with an error");
+            let connection = watcher.watch(
+                builder
+                    .serve_connection_with_upgrades(
+                        TokioIo::new(Watched::new(io, activity.clone())),
+                        service,
+                    )
+                    .into_owned(),
+            );
+            tokio::select! {
+                served = connection => if let Err(err) = served {
+                    tracing::debug!(%peer, error = %err, "connection ended with an error");
+                },
+                expired = watch::expiry(&activity, header_read, idle) => match expired {
+                    Expired::FirstRequest => tracing::debug!(%peer, "closed: no request head within the header-read timeout"),
+                    Expired::Idle => tracing::debug!(%peer, "closed: idle"),
+                },
             }
         });
     }
