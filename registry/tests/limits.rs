@@ -430,3 +430,35 @@ async fn an_unfinished_tls_handshake_is_cut_and_the_certificate_reloads_on_hangu
         .status();
     assert_eq!(status, 200, "the running certificate is kept");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invented_methods_do_not_grow_the_metrics() {
+    let registry = start(with_limits("")).await;
+    let send = |method: String| {
+        let addr = registry.addr();
+        async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let request = format!("{method} /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer).await;
+        }
+    };
+    let series = || async {
+        let text = reqwest::get(format!("{}/metrics", registry.url()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("berth_registry_http_requests_total"))
+            .count()
+    };
+    send("INVENTED0".into()).await;
+    let before = series().await;
+    for i in 1..300 {
+        send(format!("INVENTED{i}")).await;
+    }
+    assert_eq!(series().await, before, "300 invented methods added series");
+}

@@ -276,7 +276,7 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
     let storage_failed = response.extensions().get::<StorageFailure>().is_some();
     state
         .metrics
-        .observe_request(route, method.as_str(), status, bytes, storage_failed);
+        .observe_request(route, &method, status, bytes, storage_failed);
     tracing::info!(
         target: "berth_registry::request",
         method = %method,
