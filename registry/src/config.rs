@@ -84,8 +84,7 @@ pub struct Limits {
     /// An upload session whose data has not changed for this long is abandoned and purged.
     pub upload_max_idle_seconds: u64,
     /// A request head must arrive whole within this time: from the connection opening for the
-    /// first request, and (HTTP/1) from the end of the previous exchange for the next one, which
-    /// also closes HTTP/1 connections left idle that long.
+    /// first request, from its first byte for the others.
     pub header_read_timeout_seconds: u64,
     /// A TLS handshake must be done within this time of the connection opening.
     pub tls_handshake_timeout_seconds: u64,

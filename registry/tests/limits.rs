@@ -114,7 +114,7 @@ async fn slow_request_heads_are_cut_at_the_header_timeout_without_delaying_anyon
         let closed = task.await.unwrap();
         let closed = closed.unwrap_or_else(|| panic!("slow connection {i} still open after 15 s"));
         assert!(
-            closed >= Duration::from_millis(2500) && closed <= Duration::from_secs(6),
+            closed >= Duration::from_millis(2500) && closed <= Duration::from_secs(8),
             "slow connection {i} closed after {closed:?} (header timeout 3 s)"
         );
     }

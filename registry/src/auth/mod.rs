@@ -321,9 +321,6 @@ impl AuthState {
         let Some(htpasswd) = self.htpasswd.clone() else {
             return false;
         };
-        if self.logins.recalls(user, password) {
-            return true;
-        }
         let (u, p) = (user.to_owned(), password.to_owned());
         let ok = tokio::task::spawn_blocking(move || htpasswd.verify(&u, &p))
             .await
@@ -334,8 +331,12 @@ impl AuthState {
         ok
     }
 
-    /// Checks Basic credentials. Unknown ones may count as anonymous when every need is a pull
-    /// from a repository whose rule says so.
+    /// Checks Basic credentials. Where every need is a pull that anonymous callers may make from
+    /// a repository whose rule takes foreign credentials as anonymous, the credentials are not
+    /// checked at all and the caller is anonymous: a right and a wrong password then get the same
+    /// answer, so nothing can be learned there. Elsewhere, once a user has used up its failed
+    /// logins from an address, only a password that passed within the last minutes is still
+    /// accepted from there; anything else gets 429 without reaching bcrypt.
     async fn basic_login(
         &self,
         user: &str,
@@ -343,24 +344,32 @@ impl AuthState {
         peer: Option<IpAddr>,
         needs: &[Need<'_>],
     ) -> Result<Identity, RegistryError> {
-        if self.limiter.is_blocked(peer) {
+        let anonymous_pulls_suffice = !needs.is_empty()
+            && needs.iter().all(|need| match need {
+                Need::Repository(repo, actions) => {
+                    Actions::PULL.contains(*actions)
+                        && self.policy.foreign_credentials_as_anonymous(repo)
+                        && self
+                            .policy
+                            .allowed(&Identity::anonymous(), repo)
+                            .contains(*actions)
+                }
+                _ => false,
+            });
+        if anonymous_pulls_suffice {
+            return Ok(Identity::anonymous());
+        }
+        if self.logins.recalls(user, password) {
+            return Ok(self.policy.identity(user));
+        }
+        if self.limiter.is_blocked(user, peer) {
+            tracing::warn!(user = ?user, peer = ?peer, "login refused: too many failures");
             return Err(RegistryError::TooManyRequests);
         }
         if self.password_ok(user, password).await {
             return Ok(self.policy.identity(user));
         }
-        let pulls_only_from_lenient = !needs.is_empty()
-            && needs.iter().all(|need| match need {
-                Need::Repository(repo, actions) => {
-                    Actions::PULL.contains(*actions)
-                        && self.policy.foreign_credentials_as_anonymous(repo)
-                }
-                _ => false,
-            });
-        if pulls_only_from_lenient {
-            return Ok(Identity::anonymous());
-        }
-        self.limiter.record_failure(peer);
+        self.limiter.record_failure(user, peer);
         tracing::warn!(user = ?user, peer = ?peer, "authentication failed");
         Err(RegistryError::Unauthorized {
             challenge: self.basic_challenge(),

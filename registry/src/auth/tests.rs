@@ -127,10 +127,16 @@ async fn basic_mode_challenges_denies_and_lets_foreign_credentials_pull_the_cach
 }
 
 #[tokio::test]
-async fn basic_mode_turns_away_a_client_after_too_many_failures() {
+async fn basic_mode_turns_away_a_user_at_an_address_after_too_many_failures() {
     let f = fixture("basic").await;
     let team = repo("team/app");
     let pull = [Need::Repository(&team, Actions::PULL)];
+    assert!(
+        f.auth
+            .authorize(&info(&basic("alice", "alice-pw")), &pull)
+            .await
+            .is_ok()
+    );
     for _ in 0..3 {
         assert!(matches!(
             f.auth
@@ -141,10 +147,20 @@ async fn basic_mode_turns_away_a_client_after_too_many_failures() {
     }
     assert!(matches!(
         f.auth
-            .authorize(&info(&basic("alice", "alice-pw")), &pull)
+            .authorize(&info(&basic("alice", "guess")), &pull)
             .await,
         Err(RegistryError::TooManyRequests)
     ));
+    // Her password, in use, is never refused; nor is anyone else at the same address.
+    for (user, password) in [("alice", "alice-pw"), ("bob", "bob-pw")] {
+        assert!(
+            f.auth
+                .authorize(&info(&basic(user, password)), &pull)
+                .await
+                .is_ok(),
+            "{user}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -81,11 +81,13 @@ pub async fn serve(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Plain connections send blobs with sendfile, which needs hyper's queued writes (see
     // sendfile); `pipeline_flush` would switch hyper back to copying, so it stays off.
+    // Request heads are timed by `watch` instead of hyper, whose timer would also close
+    // connections that merely wait for their next request.
     builder
         .http1()
         .writev(true)
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read);
+        .header_read_timeout(None);
     builder.http2().timer(TokioTimer::new());
     tokio::pin!(shutdown);
     loop {
@@ -171,7 +173,7 @@ pub async fn serve(
                     tracing::debug!(%peer, error = %err, "connection ended with an error");
                 },
                 expired = watch::expiry(&activity, header_read, idle) => match expired {
-                    Expired::FirstRequest => tracing::debug!(%peer, "closed: no request head within the header-read timeout"),
+                    Expired::SlowHead => tracing::debug!(%peer, "closed: a request head took longer than the header-read timeout"),
                     Expired::Idle => tracing::debug!(%peer, "closed: idle"),
                 },
             }

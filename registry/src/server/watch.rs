@@ -1,6 +1,6 @@
-//! Deadlines hyper does not keep for a connection: its first request head (hyper's own
-//! header-read timer starts only after HTTP/2 detection has read the client's first bytes) and
-//! idleness (no request in flight, no byte moving either way), for HTTP/1 and HTTP/2 alike.
+//! Deadlines for a connection's request heads and idleness, kept outside hyper for HTTP/1 and
+//! HTTP/2 alike: hyper's own header-read timer also closes HTTP/1 connections that merely wait for
+//! their next request, and starts only after HTTP/2 detection has read the client's first bytes.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -12,11 +12,16 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// What a connection has done, updated by its transport and its request service.
+/// What a connection has done, updated by its transport and its request service. The counters
+/// are compared between ticks, never read for their values.
 #[derive(Default)]
 pub(super) struct Activity {
-    /// Successful reads and writes so far; compared between ticks, never read for its value.
+    /// Reads that brought bytes, and writes.
     io_events: AtomicU64,
+    reads: AtomicU64,
+    /// `reads` when a request last started or was answered: reads past it, with nothing in
+    /// flight, are the next request's head arriving.
+    reads_at_boundary: AtomicU64,
     requests_started: AtomicU64,
     in_flight: AtomicUsize,
 }
@@ -26,11 +31,22 @@ impl Activity {
     pub(super) fn request(self: &Arc<Self>) -> InFlight {
         self.requests_started.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.mark_boundary();
         InFlight(self.clone())
     }
 
-    fn touch(&self) {
+    fn mark_boundary(&self) {
+        self.reads_at_boundary
+            .store(self.reads.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    fn wrote(&self) {
         self.io_events.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn read(&self) {
+        self.io_events.fetch_add(1, Ordering::Relaxed);
+        self.reads.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -38,6 +54,7 @@ pub(super) struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.0.mark_boundary();
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -45,8 +62,9 @@ impl Drop for InFlight {
 /// Why a watched connection was closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Expired {
-    /// No whole request head arrived within the header-read timeout of the connection opening.
-    FirstRequest,
+    /// A request head did not arrive whole within the header-read timeout: of the connection
+    /// opening for the first request, of its first byte for the others.
+    SlowHead,
     /// Nothing in flight and no byte moved for the idle timeout.
     Idle,
 }
@@ -58,14 +76,27 @@ pub(super) async fn expiry(activity: &Activity, header_read: Duration, idle: Dur
     let tick = (header_read.min(idle) / 4).max(Duration::from_millis(50));
     let mut last_events = activity.io_events.load(Ordering::Relaxed);
     let mut quiet_since = opened;
+    let mut head_since = None;
     loop {
         tokio::time::sleep(tick).await;
         let now = Instant::now();
-        if activity.requests_started.load(Ordering::Relaxed) == 0 && now - opened >= header_read {
-            return Expired::FirstRequest;
+        let waiting = activity.in_flight.load(Ordering::Relaxed) == 0;
+        if activity.requests_started.load(Ordering::Relaxed) == 0 {
+            if now - opened >= header_read {
+                return Expired::SlowHead;
+            }
+        } else if waiting
+            && activity.reads.load(Ordering::Relaxed)
+                != activity.reads_at_boundary.load(Ordering::Relaxed)
+        {
+            if now - *head_since.get_or_insert(now) >= header_read {
+                return Expired::SlowHead;
+            }
+        } else {
+            head_since = None;
         }
         let events = activity.io_events.load(Ordering::Relaxed);
-        if events != last_events || activity.in_flight.load(Ordering::Relaxed) > 0 {
+        if events != last_events || !waiting {
             last_events = events;
             quiet_since = now;
         } else if now - quiet_since >= idle {
@@ -87,9 +118,9 @@ impl<T> Watched<T> {
         Watched { inner, activity }
     }
 
-    fn note<R>(&self, polled: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+    fn note_write(&self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         if let Poll::Ready(Ok(_)) = &polled {
-            self.activity.touch();
+            self.activity.wrote();
         }
         polled
     }
@@ -102,8 +133,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        this.note(polled)
+        if buf.filled().len() > before {
+            this.activity.read();
+        }
+        polled
     }
 }
 
@@ -115,7 +150,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.note(polled)
+        this.note_write(polled)
     }
 
     fn poll_write_vectored(
@@ -125,7 +160,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.note(polled)
+        this.note_write(polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -150,7 +185,7 @@ mod tests {
         let activity = Activity::default();
         let started = Instant::now();
         let expired = expiry(&activity, Duration::from_secs(4), Duration::from_secs(60)).await;
-        assert_eq!(expired, Expired::FirstRequest);
+        assert_eq!(expired, Expired::SlowHead);
         let took = started.elapsed();
         assert!(
             took >= Duration::from_secs(4) && took <= Duration::from_secs(5),
@@ -185,7 +220,7 @@ mod tests {
             async move {
                 for _ in 0..40 {
                     tokio::time::sleep(Duration::from_millis(500)).await;
-                    activity.touch();
+                    activity.wrote();
                 }
             }
         };
@@ -194,5 +229,31 @@ mod tests {
             expired = watching => panic!("expired while bytes moved: {expired:?}"),
             () = toucher => {}
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_request_head_that_trickles_expires_after_the_header_timeout() {
+        let activity = Arc::new(Activity::default());
+        drop(activity.request());
+        let trickler = {
+            let activity = activity.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    activity.read();
+                }
+            }
+        };
+        let started = Instant::now();
+        let expired = tokio::select! {
+            expired = expiry(&activity, Duration::from_secs(3), Duration::from_secs(60)) => expired,
+            () = trickler => unreachable!(),
+        };
+        assert_eq!(expired, Expired::SlowHead);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(3) && took <= Duration::from_secs(5),
+            "{took:?}"
+        );
     }
 }
