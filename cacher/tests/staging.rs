@@ -363,11 +363,15 @@ fn caching_off_writes_the_builder_reference_and_pushes_nothing() {
     assert_eq!(berth.catalog(), Vec::<String>::new());
 }
 
+/// On the registry as a foundation runs it (token mode, the robot's `push-by-name` on the cache,
+/// anonymous by-name pulls there): the robot's mounts without `from` still find the layers other
+/// stagings cached.
 #[test]
 fn a_second_app_on_the_same_base_transfers_only_its_own_layers() {
     let upstream = Upstream::start(None);
     let proxy = Proxy::start(&upstream.host());
-    let berth = Berth::start();
+    let robot = ("robot$berth-cacher", unique_secret());
+    let berth = Berth::start_with_auth(INTERNAL_TOKEN_MODE, &[(robot.0, &robot.1)]);
     let base = vec![
         Layer::generate(40, 512 * KIB),
         Layer::generate(41, 256 * KIB),
@@ -385,7 +389,11 @@ fn a_second_app_on_the_same_base_transfers_only_its_own_layers() {
     // Layer bytes the upstream served for one staging, and the copy summary it printed.
     let stage = |repo_tag: &str, guid: &str| {
         let reference = format!("{}/{repo_tag}", proxy.host());
-        let (_, outcome) = stage_cached(&berth, "", &reference, guid, &[]);
+        let cacher = Cacher::caching_into_as(&berth, (robot.0, &robot.1), "")
+            .app(guid)
+            .env("BERTH_CACHE", "true");
+        let outcome = cacher.run(&cacher.builder_args(&reference, &[]));
+        outcome.expect_code(0);
         let served = proxy.take_blob_bytes();
         let summary = outcome
             .stdout

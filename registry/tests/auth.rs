@@ -1964,6 +1964,44 @@ async fn token_mode_catalog_and_by_name_pulls() {
 }
 
 #[tokio::test]
+async fn a_mount_without_from_takes_nothing_out_of_a_by_name_namespace() {
+    for mode in [Mode::Basic, Mode::Token] {
+        let material = usual_material();
+        let api = Api::start(&material, mode, "");
+        let cached = small_image(91);
+        let public = small_image(92);
+        api.push_as_admin("cache/app/abc", "v1", &cached).await;
+        api.push_as_admin("public/base", "v1", &public).await;
+        // Bob may push team-b; the cached layer's digest is all he knows of cache/app/abc.
+        let bob = match mode {
+            Mode::Basic => Cred::basic(BOB),
+            Mode::Token => Cred::Bearer(
+                api.token(Some(BOB), &["repository:team-b/app:pull,push"])
+                    .await,
+            ),
+        };
+        let cached_layer = &cached.layers[0].blob.digest;
+        api.get(
+            &format!("/v2/cache/app/abc/blobs/{cached_layer}"),
+            &Cred::Anonymous,
+        )
+        .await
+        .expect(200);
+        api.expect_not_mounted(&bob, "team-b/app", cached_layer)
+            .await;
+        // A public (listed) repository's layers, and his own grants', do mount.
+        let public_layer = &public.layers[0].blob.digest;
+        api.mount(&bob, "team-b/app", public_layer, None)
+            .await
+            .expect(201);
+        assert!(
+            api.blob_in_repo("team-b/app", public_layer).await,
+            "{mode:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn dot_dot_names_are_refused_before_anything_else() {
     for mode in [Mode::Basic, Mode::Token] {
         dot_dot_names(mode).await;

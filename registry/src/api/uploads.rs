@@ -8,7 +8,7 @@ use futures_util::TryStreamExt;
 use serde::Deserialize;
 
 use super::{AppState, HandlerResult, empty, header_value, location};
-use crate::auth::{Actions, Grant};
+use crate::auth::Grant;
 use crate::content::{ByteStream, ContentError, UploadId};
 use crate::error::RegistryError;
 
@@ -183,7 +183,8 @@ async fn commit(
 const MOUNT_CANDIDATES: u32 = 64;
 
 /// Mounts `digest` into `repo` from `from` or, without `from`, from any repository holding it that
-/// the caller may pull.
+/// the caller may pull by a grant of its own: knowing a digest must not let anyone with push
+/// somewhere copy a layer out of a by-name namespace.
 async fn try_mount(
     state: &AppState,
     repo: &RepoName,
@@ -200,7 +201,7 @@ async fn try_mount(
         }
         None => {
             for owner in state.metadata.blob_owners(digest, MOUNT_CANDIDATES).await? {
-                if grant.allows(&owner, Actions::PULL) {
+                if grant.pulls_by_grant(&owner) {
                     size = state.metadata.repository_blob(&owner, digest).await?;
                     break;
                 }

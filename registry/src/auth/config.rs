@@ -87,6 +87,10 @@ pub struct TokenConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrustedIssuer {
+    /// A short name (`uaa`) that prefixes every principal its tokens name, so that they never
+    /// meet local ones: its user `alice` is `user:uaa:alice` in the rules, its group (scope)
+    /// `berth.admin` is `group:uaa:berth.admin`, and `authenticated:uaa` is any of its users.
+    pub name: String,
     /// The `iss` claim of its tokens.
     pub issuer: String,
     /// The `aud` its tokens must carry; defaults to `token.service`.
@@ -103,6 +107,10 @@ pub struct TrustedIssuer {
     /// A claim whose values (a list, or one space-separated string such as UAA's `scope`) count
     /// as group memberships in the access rules.
     pub groups_claim: Option<String>,
+    /// Whether its tokens' `access` claim (Docker token scopes) grants anything. Off by default:
+    /// its users and groups then get exactly what the access rules name them for.
+    #[serde(default)]
+    pub trust_access_claim: bool,
 }
 
 fn default_user_claim() -> String {

@@ -154,6 +154,26 @@ impl Grant {
         }
     }
 
+    /// Whether the caller may pull from `repo` by a grant of its own, or the repository is
+    /// public (listed to anyone). Anonymous by-name access does not count: it proves no right to
+    /// the repository, only knowledge of a name. For a token this asks the policy about its
+    /// subject: a mount without `from` cannot name its sources in the token's scopes, since the
+    /// client does not know them.
+    pub fn pulls_by_grant(&self, repo: &RepoName) -> bool {
+        let policy = &self.state.policy;
+        let may = |who: &Identity| {
+            policy.granted(who, repo).contains(Actions::PULL)
+                || policy
+                    .allowed(who, repo)
+                    .contains(Actions::PULL.union(Actions::LIST))
+        };
+        match &self.kind {
+            GrantKind::Open => true,
+            GrantKind::Identity(who) => may(who),
+            GrantKind::Token(token) => may(&self.state.token_identity(token)),
+        }
+    }
+
     /// Whether the catalog shows `repo` to the caller. A token's `registry:catalog:*` entry lets
     /// its subject see what the policy lets it list: a token never names every repository.
     pub fn lists(&self, repo: &RepoName) -> bool {

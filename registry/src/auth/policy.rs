@@ -104,27 +104,56 @@ impl Identity {
 /// How htpasswd names a robot account: `robot$NAME`.
 const ROBOT_PREFIX: &str = "robot$";
 
+/// Names from a trusted issuer are `ISSUER:NAME`; local names never hold a `:` (htpasswd cannot
+/// store one, and configured group names are checked), so the two never meet.
+const NAMESPACE_SEPARATOR: char = ':';
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Principal {
     User(String),
     Group(String),
+    /// Every local user except robots.
     Authenticated,
+    /// Every user a trusted issuer's tokens name.
+    AuthenticatedBy(String),
 }
 
 impl Principal {
-    fn parse(text: &str) -> Result<Principal, ConfigError> {
+    /// Parses a principal of the configuration; `issuers` are the names of the trusted issuers,
+    /// which a principal naming one must use.
+    fn parse(text: &str, issuers: &[&str]) -> Result<Principal, ConfigError> {
+        let invalid = |why: &str| {
+            ConfigError::Invalid(format!(
+                "auth principal {text:?}: {why}; expected user:NAME, group:NAME, robot:NAME, \
+                 authenticated, or user:ISSUER:NAME, group:ISSUER:NAME, authenticated:ISSUER for a \
+                 trusted issuer"
+            ))
+        };
+        let issuer_known = |name: &str| match name.split_once(NAMESPACE_SEPARATOR) {
+            None => Ok(()),
+            Some((issuer, rest)) if issuers.contains(&issuer) && !rest.is_empty() => Ok(()),
+            Some((issuer, _)) => Err(invalid(&format!("no trusted issuer is named {issuer:?}"))),
+        };
         let principal = match text.split_once(':') {
-            Some(("user", name)) if !name.is_empty() => Principal::User(name.into()),
-            Some(("robot", name)) if !name.is_empty() => {
+            Some(("user", name)) if !name.is_empty() => {
+                issuer_known(name)?;
+                Principal::User(name.into())
+            }
+            Some(("robot", name)) if !name.is_empty() && !name.contains(NAMESPACE_SEPARATOR) => {
                 Principal::User(format!("{ROBOT_PREFIX}{name}"))
             }
-            Some(("group", name)) if !name.is_empty() => Principal::Group(name.into()),
-            None if text == "authenticated" => Principal::Authenticated,
-            _ => {
-                return Err(ConfigError::Invalid(format!(
-                    "auth principal {text:?}: expected user:NAME, group:NAME, robot:NAME or authenticated"
-                )));
+            Some(("group", name)) if !name.is_empty() => {
+                issuer_known(name)?;
+                Principal::Group(name.into())
             }
+            Some(("authenticated", issuer)) if issuers.contains(&issuer) => {
+                Principal::AuthenticatedBy(issuer.into())
+            }
+            Some(("authenticated", issuer)) => {
+                return Err(invalid(&format!("no trusted issuer is named {issuer:?}")));
+            }
+            None if text == "authenticated" => Principal::Authenticated,
+            _ => return Err(invalid("unknown form")),
         };
         Ok(principal)
     }
@@ -133,8 +162,14 @@ impl Principal {
         match (self, &who.user) {
             (_, None) => false,
             // People, not robots: a robot's credential sits in automation and may leak, so it gets
-            // only what a grant names it for.
-            (Principal::Authenticated, Some(user)) => !user.starts_with(ROBOT_PREFIX),
+            // only what a grant names it for. Nor anyone a trusted issuer vouches for: such an
+            // issuer (a foundation's UAA) speaks for many more people than this registry's users.
+            (Principal::Authenticated, Some(user)) => {
+                !user.starts_with(ROBOT_PREFIX) && !user.contains(NAMESPACE_SEPARATOR)
+            }
+            (Principal::AuthenticatedBy(issuer), Some(user)) => user
+                .split_once(NAMESPACE_SEPARATOR)
+                .is_some_and(|(namespace, _)| namespace == issuer),
             (Principal::User(name), Some(user)) => name == user,
             (Principal::Group(group), Some(_)) => who.groups.iter().any(|g| g == group),
         }
@@ -151,7 +186,7 @@ struct Rule {
 }
 
 impl Rule {
-    fn compile(rule: &AccessRule) -> Result<Rule, ConfigError> {
+    fn compile(rule: &AccessRule, issuers: &[&str]) -> Result<Rule, ConfigError> {
         let prefix = match rule.repositories.as_str() {
             "*" => String::new(),
             prefix => {
@@ -175,7 +210,7 @@ impl Rule {
                 let actions = actions
                     .iter()
                     .fold(Actions::NONE, |all, a| all.union((*a).into()));
-                Ok((Principal::parse(who)?, actions))
+                Ok((Principal::parse(who, issuers)?, actions))
             })
             .collect::<Result<_, ConfigError>>()?;
         Ok(Rule {
@@ -204,10 +239,25 @@ pub(super) struct Policy {
 
 impl Policy {
     pub(super) fn new(config: &AuthConfig) -> Result<Policy, ConfigError> {
+        let issuers: Vec<&str> = config
+            .token
+            .trusted_issuers
+            .iter()
+            .map(|issuer| issuer.name.as_str())
+            .collect();
+        if let Some(group) = config
+            .groups
+            .keys()
+            .find(|g| g.contains(NAMESPACE_SEPARATOR))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "auth.groups {group:?}: a group name may not hold ':' (kept for trusted issuers' groups)"
+            )));
+        }
         let mut rules = config
             .access
             .iter()
-            .map(Rule::compile)
+            .map(|rule| Rule::compile(rule, &issuers))
             .collect::<Result<Vec<_>, _>>()?;
         if rules.is_empty() {
             rules.push(Rule {
@@ -243,7 +293,7 @@ impl Policy {
         let admins = config
             .admins
             .iter()
-            .map(|who| Principal::parse(who))
+            .map(|who| Principal::parse(who, &issuers))
             .collect::<Result<_, _>>()?;
         Ok(Policy {
             admins,
@@ -266,6 +316,15 @@ impl Policy {
 
     /// Everything `who` may do in `repo`. Anonymous permissions apply to everyone.
     pub(super) fn allowed(&self, who: &Identity, repo: &RepoName) -> Actions {
+        let anonymous = self
+            .rule(repo.as_str())
+            .map_or(Actions::NONE, |rule| rule.anonymous);
+        self.granted(who, repo).union(anonymous)
+    }
+
+    /// What `who` may do in `repo` because a grant (or `admins`) names it, leaving out what
+    /// anyone may do there.
+    pub(super) fn granted(&self, who: &Identity, repo: &RepoName) -> Actions {
         if self.admins.iter().any(|admin| admin.matches(who)) {
             return Actions::ALL;
         }
@@ -275,7 +334,7 @@ impl Policy {
         rule.grants
             .iter()
             .filter(|(principal, _)| principal.matches(who))
-            .fold(rule.anonymous, |all, (_, actions)| all.union(*actions))
+            .fold(Actions::NONE, |all, (_, actions)| all.union(*actions))
     }
 
     /// Whether credentials this registry cannot verify count as anonymous when pulling `repo`.
@@ -390,6 +449,106 @@ access:
             open.allowed(&open.identity("robot$x"), &repo("a/b")),
             Actions::NONE
         );
+    }
+
+    const WITH_UAA: &str = r#"
+groups:
+  platform: [alice, "uaa:dora"]
+admins: ["user:admin"]
+token:
+  trusted_issuers:
+    - { name: uaa, issuer: "https://uaa.example/oauth/token" }
+access:
+  - repositories: cache
+    grants: { "robot:berth-cacher": [push-by-name] }
+  - repositories: team
+    grants: { "authenticated": [pull], "group:platform": [push], "group:uaa:berth.admin": [delete] }
+  - repositories: uaa-readers
+    grants: { "authenticated:uaa": [pull], "user:uaa:carol": [push] }
+"#;
+
+    /// Someone a trusted issuer's token names, as the verifier hands them over.
+    fn from_uaa(p: &Policy, user: &str, groups: &[&str]) -> Identity {
+        let mut who = p.identity(&format!("uaa:{user}"));
+        who.groups
+            .extend(groups.iter().map(|group| format!("uaa:{group}")));
+        who
+    }
+
+    #[test]
+    fn a_trusted_issuers_names_never_meet_local_ones() {
+        let p = policy(WITH_UAA);
+        // Named like local accounts, with a scope named like a local group: nothing of theirs.
+        for name in ["admin", "alice", "robot$berth-cacher"] {
+            let impostor = from_uaa(&p, name, &["platform"]);
+            assert_eq!(
+                p.allowed(&impostor, &repo("cache/app/x")),
+                Actions::NONE,
+                "{name}"
+            );
+            assert_eq!(
+                p.allowed(&impostor, &repo("team/app")),
+                Actions::NONE,
+                "{name}"
+            );
+            assert_eq!(
+                p.allowed(&impostor, &repo("other")),
+                Actions::NONE,
+                "{name}"
+            );
+        }
+        // Rules that name them explicitly do grant.
+        let carol = from_uaa(&p, "carol", &["berth.admin"]);
+        assert!(
+            p.allowed(&carol, &repo("uaa-readers/x"))
+                .contains(Actions::PUSH)
+        );
+        assert!(
+            p.allowed(&carol, &repo("team/app"))
+                .contains(Actions::DELETE)
+        );
+        assert!(!p.allowed(&carol, &repo("team/app")).contains(Actions::PULL));
+        let erin = from_uaa(&p, "erin", &[]);
+        assert!(
+            p.allowed(&erin, &repo("uaa-readers/x"))
+                .contains(Actions::PULL)
+        );
+        assert!(
+            !p.allowed(&erin, &repo("uaa-readers/x"))
+                .contains(Actions::PUSH)
+        );
+        // A local group may list a trusted issuer's user by its full name.
+        let dora = from_uaa(&p, "dora", &[]);
+        assert!(p.allowed(&dora, &repo("team/app")).contains(Actions::PUSH));
+        // Local users are unchanged.
+        assert!(
+            p.allowed(&p.identity("bob"), &repo("team/app"))
+                .contains(Actions::PULL)
+        );
+        assert_eq!(
+            p.allowed(&p.identity("bob"), &repo("uaa-readers/x")),
+            Actions::NONE
+        );
+    }
+
+    #[test]
+    fn principals_naming_an_unknown_issuer_are_configuration_errors() {
+        for (yaml, wanted) in [
+            (
+                "access: [{repositories: a, grants: {'user:ldap:x': [pull]}}]",
+                "ldap",
+            ),
+            (
+                "access: [{repositories: a, grants: {'authenticated:ldap': [pull]}}]",
+                "ldap",
+            ),
+            ("admins: ['group:ldap:ops']", "ldap"),
+            ("groups: {'uaa:ops': [x]}", "may not hold"),
+        ] {
+            let config: AuthConfig = serde_yaml::from_str(yaml).unwrap();
+            let err = Policy::new(&config).unwrap_err().to_string();
+            assert!(err.contains(wanted), "{yaml}: {err}");
+        }
     }
 
     #[test]

@@ -254,6 +254,9 @@ enum KeySource {
 }
 
 struct Trusted {
+    /// Prefix of the principals its tokens name.
+    name: String,
+    trust_access_claim: bool,
     issuer: String,
     audience: String,
     user_claim: String,
@@ -316,8 +319,24 @@ fn keys_from_jwks(jwks: &JwkSet) -> Vec<KeyEntry> {
         .collect()
 }
 
+/// Whether `name` can name a trusted issuer: short, lower case, and free of the `:` that separates
+/// it from the names its tokens carry.
+pub(super) fn valid_issuer_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
 impl Trusted {
     fn new(config: &TrustedIssuer, service: &str) -> Result<Trusted, ConfigError> {
+        if !valid_issuer_name(&config.name) {
+            return Err(ConfigError::Invalid(format!(
+                "trusted issuer {:?}: name {:?} must be 1-64 characters of a-z, 0-9, '.', '_' and '-'",
+                config.issuer, config.name
+            )));
+        }
         let keys = match (&config.certificates, &config.jwks_url) {
             (Some(path), None) => KeySource::Fixed(keys_from_pem_bundle(path)?),
             (None, Some(url)) => {
@@ -350,6 +369,8 @@ impl Trusted {
             }
         };
         Ok(Trusted {
+            name: config.name.clone(),
+            trust_access_claim: config.trust_access_claim,
             issuer: config.issuer.clone(),
             audience: config
                 .audience
@@ -440,11 +461,18 @@ impl TokenVerifier {
         own_key: Arc<SigningKey>,
         config: &TokenConfig,
     ) -> Result<TokenVerifier, ConfigError> {
-        let trusted = config
+        let trusted: Vec<Trusted> = config
             .trusted_issuers
             .iter()
             .map(|issuer| Trusted::new(issuer, &config.service))
             .collect::<Result<_, _>>()?;
+        let mut names = std::collections::HashSet::new();
+        if let Some(twice) = trusted.iter().find(|t| !names.insert(t.name.as_str())) {
+            return Err(ConfigError::Invalid(format!(
+                "two trusted issuers are named {:?}",
+                twice.name
+            )));
+        }
         Ok(TokenVerifier {
             own_key,
             own_issuer: config.issuer.clone(),
@@ -498,7 +526,7 @@ impl TokenVerifier {
                 &validation(&self.own_issuer, &self.service, &[Algorithm::ES256]),
             )?
             .claims;
-            return Ok(read_claims(&claims, "sub", None));
+            return Ok(read_claims(&claims, "sub", None, None));
         }
         let trusted = self
             .trusted
@@ -520,11 +548,16 @@ impl TokenVerifier {
                 &validation,
             ) {
                 Ok(data) => {
-                    return Ok(read_claims(
+                    let mut verified = read_claims(
                         &data.claims,
                         &trusted.user_claim,
                         trusted.groups_claim.as_deref(),
-                    ));
+                        Some(&trusted.name),
+                    );
+                    if !trusted.trust_access_claim {
+                        verified.access = None;
+                    }
+                    return Ok(verified);
                 }
                 Err(err) => {
                     if !matches!(
@@ -541,21 +574,27 @@ impl TokenVerifier {
     }
 }
 
+/// The bearer a token describes. Names from a trusted issuer get its `namespace` as a prefix.
 fn read_claims(
     claims: &serde_json::Map<String, serde_json::Value>,
     user_claim: &str,
     groups_claim: Option<&str>,
+    namespace: Option<&str>,
 ) -> VerifiedToken {
+    let named = |name: &str| match namespace {
+        Some(namespace) => format!("{namespace}:{name}"),
+        None => name.to_owned(),
+    };
     let user = claims
         .get(user_claim)
         .and_then(|v| v.as_str())
         .filter(|s| !s.is_empty())
-        .map(str::to_owned);
+        .map(named);
     let groups = match groups_claim.and_then(|c| claims.get(c)) {
-        Some(serde_json::Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
+        Some(serde_json::Value::String(s)) => s.split_whitespace().map(named).collect(),
         Some(serde_json::Value::Array(values)) => values
             .iter()
-            .filter_map(|v| v.as_str().map(str::to_owned))
+            .filter_map(|v| v.as_str().map(named))
             .collect(),
         _ => Vec::new(),
     };
@@ -695,6 +734,7 @@ mod tests {
 
     fn trusted(extra: serde_json::Value) -> TokenConfig {
         let mut issuer = serde_json::json!({
+            "name": "uaa",
             "issuer": "https://uaa.example/oauth/token",
             "user_claim": "user_name",
             "groups_claim": "scope",
@@ -721,8 +761,8 @@ mod tests {
             .verify(&uaa_token(&uaa, None, "berth-registry"))
             .await
             .unwrap();
-        assert_eq!(verified.user.as_deref(), Some("carol"));
-        assert_eq!(verified.groups, ["openid", "berth.admins"]);
+        assert_eq!(verified.user.as_deref(), Some("uaa:carol"));
+        assert_eq!(verified.groups, ["uaa:openid", "uaa:berth.admins"]);
         assert_eq!(verified.access, None);
         assert!(
             verifier
@@ -737,6 +777,52 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn a_trusted_issuers_access_claim_counts_only_where_configured() {
+        let (uaa, spki) = outside_key();
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("uaa.pem");
+        std::fs::write(&bundle, pem::encode(&pem::Pem::new("PUBLIC KEY", spki))).unwrap();
+        let claims = serde_json::json!({
+            "iss": "https://uaa.example/oauth/token", "aud": "berth-registry",
+            "exp": unix_now() + 60, "user_name": "carol",
+            "access": [{"type": "repository", "name": "cache/x", "actions": ["push"]}],
+        });
+        let token =
+            jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &uaa.encoding).unwrap();
+        for (trust, expected) in [
+            (false, None),
+            (true, Some(vec![entry("cache/x", &["push"])])),
+        ] {
+            let config = trusted(serde_json::json!({
+                "certificates": bundle, "trust_access_claim": trust,
+            }));
+            let verifier = TokenVerifier::new(Arc::new(SigningKey::generate()), &config).unwrap();
+            let verified = verifier.verify(&token).await.unwrap();
+            assert_eq!(verified.access, expected, "trust_access_claim: {trust}");
+        }
+    }
+
+    #[test]
+    fn trusted_issuers_need_distinct_plain_names() {
+        let (_, spki) = outside_key();
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("uaa.pem");
+        std::fs::write(&bundle, pem::encode(&pem::Pem::new("PUBLIC KEY", spki))).unwrap();
+        for name in ["", "UAA", "u:a", "a b"] {
+            let config = trusted(serde_json::json!({ "certificates": bundle, "name": name }));
+            assert!(
+                TokenVerifier::new(Arc::new(SigningKey::generate()), &config).is_err(),
+                "{name:?}"
+            );
+        }
+        let mut config = trusted(serde_json::json!({ "certificates": bundle }));
+        config
+            .trusted_issuers
+            .push(config.trusted_issuers[0].clone());
+        assert!(TokenVerifier::new(Arc::new(SigningKey::generate()), &config).is_err());
     }
 
     #[tokio::test]
@@ -762,7 +848,7 @@ mod tests {
             .verify(&uaa_token(&uaa, Some("uaa-1"), "berth-registry"))
             .await
             .unwrap();
-        assert_eq!(verified.user.as_deref(), Some("carol"));
+        assert_eq!(verified.user.as_deref(), Some("uaa:carol"));
         assert!(
             verifier
                 .verify(&uaa_token(&uaa, Some("uaa-2"), "berth-registry"))
