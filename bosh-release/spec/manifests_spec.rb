@@ -21,13 +21,28 @@ RSpec.describe 'manifests' do
     group(manifest, group)['jobs'].find { |j| j['name'] == name } or raise "no job #{name} on #{group}"
   end
 
+  describe 'the link the director computes' do
+    it 'fails, as a deploy does, on a ((variable)) where a hash of provided properties is needed' do
+      expect { provided_link('berth-registry', { 'berth' => { 'registry' => { 'tls' => '((berth_registry_tls))' } } }, vars) }
+        .to raise_error(NoMethodError, /undefined method `key\?' for "\(\(berth_registry_tls\)\)":String/)
+    end
+
+    it 'interpolates leaf variables afterwards and fills what is not set from the spec' do
+      raw = { 'berth' => { 'registry' => { 'tls' => { 'certificate' => '((berth_registry_tls.certificate))' } } } }
+      expect(provided_link('berth-registry', raw, vars)['properties']).to eq(
+        'berth' => { 'registry' => { 'port' => 8443, 'external_name' => nil, 'tls' => { 'certificate' => tls['certificate'], 'ca' => nil } },
+                     'cache' => { 'enabled' => true, 'namespace' => 'cache', 'robot_password' => nil } }
+      )
+    end
+  end
+
   describe 'operations/enable-berth-cache.yml on cf-deployment' do
     let(:ops) { load('manifests/operations/enable-berth-cache.yml') }
     let(:stub) { load('bosh-release/spec/fixtures/cf-deployment-stub.yml') }
     let(:manifest) { GoPatch.apply(stub, ops) }
     let(:registry_job) { job_in(manifest, 'berth-registry', 'berth-registry') }
     let(:registry_properties) { interpolate(registry_job['properties'], vars) }
-    let(:registry_link) { provided_link('berth-registry', registry_properties) }
+    let(:registry_link) { provided_link('berth-registry', registry_job['properties'], vars) }
     let(:name) { registry_properties['berth']['registry']['external_name'] }
     let(:port) { registry_properties['berth']['registry']['port'] }
 
@@ -102,6 +117,10 @@ RSpec.describe 'manifests' do
       expect(variables.keys.grep(/repository_key/)).to be_empty
     end
 
+    it 'provides the link the director computes from the manifest as written' do
+      expect(registry_link['properties']['berth']['registry']['tls']).to eq('certificate' => tls['certificate'], 'ca' => tls['ca'])
+    end
+
     it 'makes the cells trust the registry CA' do
       trust = job_in(manifest, 'diego-cell', 'berth-trust')
       expect(trust['consumes']).to eq('berth-registry' => { 'from' => 'berth-registry' })
@@ -115,8 +134,17 @@ RSpec.describe 'manifests' do
   end
 
   describe 'berth.yml' do
-    let(:manifest) { interpolate(load('manifests/berth.yml'), vars) }
+    let(:raw) { load('manifests/berth.yml') }
+    let(:manifest) { interpolate(raw, vars) }
     let(:registry) { job_in(manifest, 'berth-registry', 'berth-registry') }
+
+    it 'provides the link the director computes from the manifest as written' do
+      link = provided_link('berth-registry', job_in(raw, 'berth-registry', 'berth-registry')['properties'], vars,
+                           address: 'q-s0.berth-registry.default.berth.bosh')
+      expect(link['properties']['berth']['registry']).to eq('port' => 8443, 'external_name' => 'registry.example.internal',
+                                                            'tls' => { 'certificate' => tls['certificate'], 'ca' => tls['ca'] })
+      expect(release_job('berth-trust').render('config/registry-ca.pem', links: { 'berth-registry' => link })).to eq(tls['ca'])
+    end
 
     it 'deploys the registry under bpm on a persistent disk' do
       group = group(manifest, 'berth-registry')
