@@ -77,21 +77,23 @@ RSpec.describe 'manifests' do
       expect(config).not_to have_key('repository_key')
     end
 
-    it 'points all four capi jobs at the repacked bundle, restating the rest of the default' do
+    capi_jobs = [%w[api cloud_controller_ng], %w[cc-worker cloud_controller_worker],
+                 %w[scheduler cloud_controller_clock], %w[scheduler cc_deployment_updater]]
+
+    it "points all four capi jobs' docker lifecycle at the repacked bundle, keeping every other lifecycle" do
       bundle = "#{release_job('berth-lifecycle').spec['properties']['berth.lifecycle.bundle_name']['default']}/docker_app_lifecycle.tgz"
-      expected = {
-        'buildpack/cflinuxfs4' => 'buildpack_app_lifecycle/buildpack_app_lifecycle.tgz',
-        'buildpack/windows' => 'buildpack_app_lifecycle/buildpack_app_lifecycle.tgz',
-        'buildpack/windows2012R2' => 'windows_app_lifecycle/windows_app_lifecycle.tgz',
-        'buildpack/windows2016' => 'buildpack_app_lifecycle/buildpack_app_lifecycle.tgz',
-        'docker' => bundle
-      }
-      [%w[api cloud_controller_ng], %w[cc-worker cloud_controller_worker],
-       %w[scheduler cloud_controller_clock], %w[scheduler cc_deployment_updater]].each do |ig, job|
-        properties = job_in(manifest, ig, job)['properties']
-        expect(properties['cc']['diego']['lifecycle_bundles']).to eq(expected), "#{ig}/#{job}"
+      capi_jobs.each do |ig, job|
+        before = job_in(stub, ig, job)['properties']['cc']['diego']['lifecycle_bundles'].dup
+        expect(before.keys).to include('cnb/cflinuxfs4'), 'the stub carries what cf-deployment sets'
+        after = job_in(manifest, ig, job)['properties']['cc']['diego']['lifecycle_bundles']
+        expect(after).to eq(before.merge('docker' => bundle)), "#{ig}/#{job}"
       end
       expect(job_in(manifest, 'api', 'cloud_controller_ng')['properties']['cc']['diego']['docker_staging_stack']).to eq('cflinuxfs4')
+    end
+
+    it 'fails loudly where cf-deployment no longer sets the lifecycle bundles' do
+      job_in(stub, 'scheduler', 'cc_deployment_updater')['properties']['cc'].delete('diego')
+      expect { manifest }.to raise_error(GoPatch::Error, /cc_deployment_updater.*expected to find a map key 'diego'/)
     end
 
     it 'opens the registry port to staging containers only' do
