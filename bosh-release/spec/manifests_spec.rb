@@ -129,6 +129,18 @@ RSpec.describe 'manifests' do
       expect(release_job('berth-trust').render('config/registry-ca.pem', links: { 'berth-registry' => registry_link })).to eq(tls['ca'])
     end
 
+    it 'puts the registry instance group before api, so that it is up first' do
+      names = manifest['instance_groups'].map { |g| g['name'] }
+      expect(names.index('berth-registry')).to eq(names.index('api') - 1)
+      expect(names - ['berth-registry']).to eq(load('bosh-release/spec/fixtures/cf-deployment-stub.yml')['instance_groups'].map { |g| g['name'] })
+    end
+
+    it 'changes nothing when applied a second time' do
+      twice = GoPatch.apply(Marshal.load(Marshal.dump(manifest)), ops)
+      expect(twice).to eq(manifest)
+      expect(job_in(twice, 'api', 'cloud_controller_ng')['properties']['cc']['default_staging_security_groups'].count('berth_registry')).to eq(1)
+    end
+
     it 'keeps to cf-deployment: an ops path that does not exist fails' do
       stub['instance_groups'].find { |g| g['name'] == 'scheduler' }['jobs'].pop
       expect { manifest }.to raise_error(GoPatch::Error, /expected exactly one item with name=cc_deployment_updater, found 0/)
