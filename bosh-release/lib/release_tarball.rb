@@ -1,5 +1,10 @@
 # Assembles a BOSH release tarball (release.MF, jobs/*.tgz, packages/*.tgz) from the repository's
-# jobs/ and packages/ and a directory of prebuilt binaries, without the bosh CLI.
+# jobs/ and packages/ and a src/ directory holding the packages' files, without the bosh CLI.
+#
+# The job and package archives hold what `bosh create-release` packs: a job's spec as job.MF, its
+# monit, properties_schema.json when there is one and its listed templates; a package's
+# packaging and the files its spec's `files` globs match under src/. Like the bosh CLI, a file is
+# packed 0755 when its owner may execute it and 0644 otherwise.
 #
 # Fingerprints: the sha1 of a sorted listing with one "path mode sha1-of-content" line per file of
 # the job or package (plus "dependency NAME FINGERPRINT" lines for packages), so a fingerprint
@@ -14,9 +19,9 @@ require 'yaml'
 class ReleaseTarball
   class Error < StandardError; end
 
-  def initialize(repo:, bin_dir:, name:, version:, commit_hash:, uncommitted_changes:)
+  def initialize(repo:, src_dir:, name:, version:, commit_hash:, uncommitted_changes:)
     @repo = repo
-    @bin_dir = bin_dir
+    @src_dir = src_dir
     @name = name
     @version = version
     @commit_hash = commit_hash
@@ -50,13 +55,12 @@ class ReleaseTarball
       name = spec.fetch('name')
       dir = File.dirname(spec_path)
       tree = File.join(work, 'package', name)
-      place(File.join(dir, 'packaging'), File.join(tree, 'packaging'), 0o644)
-      spec.fetch('files', []).each do |file|
-        # Every file of a package is a prebuilt binary taken from --bin-dir by its base name.
-        source = File.join(@bin_dir, File.basename(file))
-        raise Error, "package #{name} needs #{file}: #{source} does not exist" unless File.file?(source)
+      place(File.join(dir, 'packaging'), File.join(tree, 'packaging'))
+      spec.fetch('files', []).each do |pattern|
+        matches = Dir.glob(pattern, base: @src_dir).select { |file| File.file?(File.join(@src_dir, file)) }
+        raise Error, "package #{name}: nothing in #{@src_dir} matches #{pattern}" if matches.empty?
 
-        place(source, File.join(tree, file), 0o755)
+        matches.each { |file| place(File.join(@src_dir, file), File.join(tree, file)) }
       end
       dependencies = spec.fetch('dependencies', []) || []
       missing = dependencies - built.keys
@@ -85,25 +89,27 @@ class ReleaseTarball
       raise Error, "job #{name} uses unknown packages: #{unknown.join(', ')}" unless unknown.empty?
 
       tree = File.join(work, 'job', name)
-      place(spec_path, File.join(tree, 'job.MF'), 0o644)
-      place(File.join(dir, 'monit'), File.join(tree, 'monit'), 0o644)
+      place(spec_path, File.join(tree, 'job.MF'))
+      place(File.join(dir, 'monit'), File.join(tree, 'monit'))
+      schema = File.join(dir, 'properties_schema.json')
+      place(schema, File.join(tree, 'properties_schema.json')) if File.file?(schema)
       templates.each_key do |source|
         path = File.join(dir, 'templates', source)
         raise Error, "job #{name}: template #{source} is listed but missing" unless File.file?(path)
 
-        place(path, File.join(tree, 'templates', source), 0o644)
+        place(path, File.join(tree, 'templates', source))
       end
       entry(name, tree, File.join(work, 'release', 'jobs', "#{name}.tgz"), [])
         .merge('packages' => job_packages)
     end
   end
 
-  def place(source, destination, mode)
+  def place(source, destination)
     raise Error, "#{source} does not exist" unless File.file?(source)
 
     FileUtils.mkdir_p(File.dirname(destination))
     FileUtils.cp(source, destination)
-    File.chmod(mode, destination)
+    File.chmod(File.stat(source).mode & 0o100 == 0 ? 0o644 : 0o755, destination)
   end
 
   def entry(name, tree, archive_path, extra_lines)
@@ -139,10 +145,10 @@ class ReleaseTarball
 end
 
 if $PROGRAM_NAME == __FILE__
-  repo, bin_dir, version, out, commit_hash, dirty = ARGV
-  final = YAML.safe_load(File.read(File.join(repo, 'bosh-release', 'config', 'final.yml')))
+  repo, src_dir, version, out, commit_hash, dirty = ARGV
+  final = YAML.safe_load(File.read(File.join(repo, 'config', 'final.yml')))
   begin
-    ReleaseTarball.new(repo: repo, bin_dir: bin_dir, name: final.fetch('name'), version: version,
+    ReleaseTarball.new(repo: repo, src_dir: src_dir, name: final.fetch('name'), version: version,
                        commit_hash: commit_hash, uncommitted_changes: dirty == 'true').write(out)
   rescue ReleaseTarball::Error => e
     warn "bosh-release/build: #{e.message}"

@@ -1,4 +1,5 @@
 # The berth-lifecycle job: the cacher's configuration and the repacking of diego's Docker lifecycle bundle.
+require 'digest'
 require_relative 'spec_helper'
 
 RSpec.describe 'berth-lifecycle job' do
@@ -146,6 +147,24 @@ RSpec.describe 'berth-lifecycle job' do
       expect(File.stat("#{unpacked}/builder").mode & 0o777).to eq(0o755)
       expect(File.stat("#{unpacked}/berth-cacher.yml").mode & 0o777).to eq(0o644)
       expect(Dir.children(File.dirname(published))).to eq(['docker_app_lifecycle.tgz'])
+    end
+
+    # file_server's ETag is the bundle's sha256, and cells revalidate their cached copy against
+    # whichever api VM they reach: every VM must publish the same bytes, whenever it ran.
+    it 'publishes the same bytes on every run' do
+      # A small stand-in cacher: this is about the archive, and gzipping a debug build is slow.
+      FileUtils.mkdir_p("#{root}/small/bin")
+      File.write("#{root}/small/bin/berth-cacher", "#!/bin/sh\n")
+      env['BERTH_PACKAGE_DIR'] = "#{root}/small"
+      make_bundle(originals)
+      rendered
+      bundles = 2.times.map do |i|
+        sleep 1.1 if i.positive?
+        _, err, status = pre_start
+        expect(status).to be_success, err
+        Digest::SHA256.file(published).hexdigest
+      end
+      expect(bundles[1]).to eq(bundles[0])
     end
 
     it 'fails loudly when diego has not installed the bundle' do

@@ -122,6 +122,12 @@ RSpec.describe 'berth-registry job' do
     it 'refuses an instance group without a persistent disk' do
       expect { config(secure, {}) }.to raise_error(/on the persistent disk: give the instance group one/)
     end
+
+    # The director sends persistent_disk: 0 without a disk, the size with persistent_disk or
+    # persistent_disk_type, and no persistent_disk at all for named persistent_disks.
+    it 'accepts an instance group with named persistent_disks' do
+      expect(config(secure, { 'persistent_disk' => nil })['storage']).to eq('root' => '/var/vcap/store/berth-registry')
+    end
   end
 
   describe 'config/passwords' do
@@ -155,6 +161,7 @@ RSpec.describe 'berth-registry job' do
                           'executable' => '/var/vcap/packages/berth/bin/berth-registry',
                           'args' => ['serve', '--config', '/var/vcap/jobs/berth-registry/config/berth-registry.yml'],
                           'persistent_disk' => true,
+                          'ephemeral_disk' => true,
                           'limits' => { 'open_files' => 65_536 }
                         }])
     end
@@ -162,6 +169,44 @@ RSpec.describe 'berth-registry job' do
     it 'may bind a privileged port' do
       bpm = YAML.safe_load(job.render('config/bpm.yml', properties: { 'berth' => { 'registry' => { 'port' => 443 } } }))
       expect(bpm['processes'][0]['capabilities']).to eq(['NET_BIND_SERVICE'])
+    end
+  end
+
+  # bpm runs the process in a mount namespace holding only these directories of /var/vcap: every
+  # file the process opens (its configuration and each path that names) must lie under one.
+  describe 'under bpm' do
+    def mounts(job_name, process, packages)
+      dirs = ["/var/vcap/jobs/#{job_name}", "/var/vcap/sys/log/#{job_name}", "/var/vcap/sys/run/#{job_name}",
+              "/var/vcap/data/#{job_name}/tmp"] + packages.map { |p| "/var/vcap/packages/#{p}" }
+      dirs << "/var/vcap/data/#{job_name}" if process['ephemeral_disk']
+      dirs << "/var/vcap/store/#{job_name}" if process['persistent_disk']
+      dirs + (process['additional_volumes'] || []).map { |v| v.fetch('path') }
+    end
+
+    def paths_in(node)
+      case node
+      when Hash then node.values.flat_map { |v| paths_in(v) }
+      when Array then node.flat_map { |v| paths_in(v) }
+      when %r{\A/} then [node]
+      else []
+      end
+    end
+
+    it 'reaches every file its configuration names' do
+      properties = merge(secure, 'berth' => { 'registry' => { 'auth' => {
+                           'users' => [{ 'name' => 'alice', 'password' => 'a' }],
+                           'token' => { 'signing_key' => 'PEM' }
+                         } } })
+      process = YAML.safe_load(job.render('config/bpm.yml', properties: properties))['processes'].first
+      visible = mounts(job.name, process, job.spec.fetch('packages'))
+      config_path = process['args'][process['args'].index('--config') + 1]
+      config_file = job.templates.key(config_path.delete_prefix("/var/vcap/jobs/#{job.name}/"))
+      expect(config_file).not_to be_nil, "#{config_path} is not one of the job's templates"
+      named = [process['executable'], config_path] + paths_in(config(properties))
+      expect(named).to include('/var/vcap/store/berth-registry', a_string_ending_with('htpasswd'))
+      named.each do |path|
+        expect(visible.any? { |dir| path == dir || path.start_with?("#{dir}/") }).to be(true), "#{path} is outside bpm's mounts #{visible}"
+      end
     end
   end
 

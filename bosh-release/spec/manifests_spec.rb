@@ -21,13 +21,28 @@ RSpec.describe 'manifests' do
     group(manifest, group)['jobs'].find { |j| j['name'] == name } or raise "no job #{name} on #{group}"
   end
 
+  describe 'the link the director computes' do
+    it 'fails, as a deploy does, on a ((variable)) where a hash of provided properties is needed' do
+      expect { provided_link('berth-registry', { 'berth' => { 'registry' => { 'tls' => '((berth_registry_tls))' } } }, vars) }
+        .to raise_error(NoMethodError, /undefined method `key\?' for "\(\(berth_registry_tls\)\)":String/)
+    end
+
+    it 'interpolates leaf variables afterwards and fills what is not set from the spec' do
+      raw = { 'berth' => { 'registry' => { 'tls' => { 'certificate' => '((berth_registry_tls.certificate))' } } } }
+      expect(provided_link('berth-registry', raw, vars)['properties']).to eq(
+        'berth' => { 'registry' => { 'port' => 8443, 'external_name' => nil, 'tls' => { 'certificate' => tls['certificate'], 'ca' => nil } },
+                     'cache' => { 'enabled' => true, 'namespace' => 'cache', 'robot_password' => nil } }
+      )
+    end
+  end
+
   describe 'operations/enable-berth-cache.yml on cf-deployment' do
     let(:ops) { load('manifests/operations/enable-berth-cache.yml') }
     let(:stub) { load('bosh-release/spec/fixtures/cf-deployment-stub.yml') }
     let(:manifest) { GoPatch.apply(stub, ops) }
     let(:registry_job) { job_in(manifest, 'berth-registry', 'berth-registry') }
     let(:registry_properties) { interpolate(registry_job['properties'], vars) }
-    let(:registry_link) { provided_link('berth-registry', registry_properties) }
+    let(:registry_link) { provided_link('berth-registry', registry_job['properties'], vars) }
     let(:name) { registry_properties['berth']['registry']['external_name'] }
     let(:port) { registry_properties['berth']['registry']['port'] }
 
@@ -62,21 +77,23 @@ RSpec.describe 'manifests' do
       expect(config).not_to have_key('repository_key')
     end
 
-    it 'points all four capi jobs at the repacked bundle, restating the rest of the default' do
+    capi_jobs = [%w[api cloud_controller_ng], %w[cc-worker cloud_controller_worker],
+                 %w[scheduler cloud_controller_clock], %w[scheduler cc_deployment_updater]]
+
+    it "points all four capi jobs' docker lifecycle at the repacked bundle, keeping every other lifecycle" do
       bundle = "#{release_job('berth-lifecycle').spec['properties']['berth.lifecycle.bundle_name']['default']}/docker_app_lifecycle.tgz"
-      expected = {
-        'buildpack/cflinuxfs4' => 'buildpack_app_lifecycle/buildpack_app_lifecycle.tgz',
-        'buildpack/windows' => 'buildpack_app_lifecycle/buildpack_app_lifecycle.tgz',
-        'buildpack/windows2012R2' => 'windows_app_lifecycle/windows_app_lifecycle.tgz',
-        'buildpack/windows2016' => 'buildpack_app_lifecycle/buildpack_app_lifecycle.tgz',
-        'docker' => bundle
-      }
-      [%w[api cloud_controller_ng], %w[cc-worker cloud_controller_worker],
-       %w[scheduler cloud_controller_clock], %w[scheduler cc_deployment_updater]].each do |ig, job|
-        properties = job_in(manifest, ig, job)['properties']
-        expect(properties['cc']['diego']['lifecycle_bundles']).to eq(expected), "#{ig}/#{job}"
+      capi_jobs.each do |ig, job|
+        before = job_in(stub, ig, job)['properties']['cc']['diego']['lifecycle_bundles'].dup
+        expect(before.keys).to include('cnb/cflinuxfs4'), 'the stub carries what cf-deployment sets'
+        after = job_in(manifest, ig, job)['properties']['cc']['diego']['lifecycle_bundles']
+        expect(after).to eq(before.merge('docker' => bundle)), "#{ig}/#{job}"
       end
       expect(job_in(manifest, 'api', 'cloud_controller_ng')['properties']['cc']['diego']['docker_staging_stack']).to eq('cflinuxfs4')
+    end
+
+    it 'fails loudly where cf-deployment no longer sets the lifecycle bundles' do
+      job_in(stub, 'scheduler', 'cc_deployment_updater')['properties']['cc'].delete('diego')
+      expect { manifest }.to raise_error(GoPatch::Error, /cc_deployment_updater.*expected to find a map key 'diego'/)
     end
 
     it 'opens the registry port to staging containers only' do
@@ -102,10 +119,26 @@ RSpec.describe 'manifests' do
       expect(variables.keys.grep(/repository_key/)).to be_empty
     end
 
+    it 'provides the link the director computes from the manifest as written' do
+      expect(registry_link['properties']['berth']['registry']['tls']).to eq('certificate' => tls['certificate'], 'ca' => tls['ca'])
+    end
+
     it 'makes the cells trust the registry CA' do
       trust = job_in(manifest, 'diego-cell', 'berth-trust')
       expect(trust['consumes']).to eq('berth-registry' => { 'from' => 'berth-registry' })
       expect(release_job('berth-trust').render('config/registry-ca.pem', links: { 'berth-registry' => registry_link })).to eq(tls['ca'])
+    end
+
+    it 'puts the registry instance group before api, so that it is up first' do
+      names = manifest['instance_groups'].map { |g| g['name'] }
+      expect(names.index('berth-registry')).to eq(names.index('api') - 1)
+      expect(names - ['berth-registry']).to eq(load('bosh-release/spec/fixtures/cf-deployment-stub.yml')['instance_groups'].map { |g| g['name'] })
+    end
+
+    it 'changes nothing when applied a second time' do
+      twice = GoPatch.apply(Marshal.load(Marshal.dump(manifest)), ops)
+      expect(twice).to eq(manifest)
+      expect(job_in(twice, 'api', 'cloud_controller_ng')['properties']['cc']['default_staging_security_groups'].count('berth_registry')).to eq(1)
     end
 
     it 'keeps to cf-deployment: an ops path that does not exist fails' do
@@ -115,8 +148,17 @@ RSpec.describe 'manifests' do
   end
 
   describe 'berth.yml' do
-    let(:manifest) { interpolate(load('manifests/berth.yml'), vars) }
+    let(:raw) { load('manifests/berth.yml') }
+    let(:manifest) { interpolate(raw, vars) }
     let(:registry) { job_in(manifest, 'berth-registry', 'berth-registry') }
+
+    it 'provides the link the director computes from the manifest as written' do
+      link = provided_link('berth-registry', job_in(raw, 'berth-registry', 'berth-registry')['properties'], vars,
+                           address: 'q-s0.berth-registry.default.berth.bosh')
+      expect(link['properties']['berth']['registry']).to eq('port' => 8443, 'external_name' => 'registry.example.internal',
+                                                            'tls' => { 'certificate' => tls['certificate'], 'ca' => tls['ca'] })
+      expect(release_job('berth-trust').render('config/registry-ca.pem', links: { 'berth-registry' => link })).to eq(tls['ca'])
+    end
 
     it 'deploys the registry under bpm on a persistent disk' do
       group = group(manifest, 'berth-registry')

@@ -104,19 +104,38 @@ module BerthSpec
       File.join(root, 'packages', 'berth')
     end
 
-    # The link a job provides, as BOSH builds it: the provided properties with their spec defaults.
-    def provided_link(name, properties, address: "q-s0.#{name}.default.my-deployment.bosh")
+    # The link a job provides, as the director computes it: each property the job's spec lists
+    # under `provides` is looked up in the job's manifest properties as written, before any
+    # ((variable)) is interpolated, key by key with Hash#key?, so that a ((variable)) standing where
+    # a hash is needed fails here as it fails a deploy (cloudfoundry/bosh#2250); a property not set
+    # takes its spec default, or nil. Consumers see the values interpolated, so `vars` are applied
+    # to the result.
+    def provided_link(name, raw_properties, vars = {}, address: "q-s0.#{name}.default.my-deployment.bosh")
       spec = release_job(name).spec
-      values = JobTemplate::Properties.new(spec.fetch('properties'), properties)
+      declared = spec.fetch('properties')
       nested = {}
       spec.fetch('provides').first.fetch('properties').each do |property|
-        value = values.lookup(property)
-        next if value.nil?
+        path = property.split('.')
+        found, value = raw_property(raw_properties, path)
+        unless found
+          raise "link property #{property} of #{name} is not declared in its spec" unless declared.key?(property)
 
-        *parents, leaf = property.split('.')
+          value = declared.fetch(property)&.fetch('default', nil)
+        end
+        *parents, leaf = path
         parents.reduce(nested) { |node, key| node[key] ||= {} }[leaf] = value
       end
-      { 'properties' => nested, 'address' => address }
+      { 'properties' => interpolate(nested, vars), 'address' => address }
+    end
+
+    # Deliberately not guarded by is_a?(Hash): a String answers key? with NoMethodError, as in the director.
+    def raw_property(node, path)
+      path.each do |key|
+        return [false, nil] if node.nil? || !node.key?(key)
+
+        node = node[key]
+      end
+      [true, node]
     end
 
     # Replaces ((name)) and ((name.key)) as the director does with values from `vars`.

@@ -1,21 +1,25 @@
-# Applies go-patch `replace` operations (the ops-file format of the bosh CLI) to a manifest, with
-# go-patch's pointer rules: `key`, `key?`, `name=value`, `name=value?`, array indices and `-`,
-# where a `?` makes that token and every token after it optional (created when missing).
+# Applies go-patch `replace` and `remove` operations (the ops-file format of the bosh CLI) to a
+# manifest, with go-patch's pointer rules: `key`, `key?`, `name=value`, `name=value?`, array
+# indices and `-`, where a `?` makes that token and every token after it optional (created when
+# missing by a replace, nothing to do for a remove); a last `name=value` or index may carry
+# `:before` or `:after` to insert there instead of replacing.
 module GoPatch
   class Error < StandardError; end
 
   Key = Struct.new(:key, :optional)
-  Match = Struct.new(:key, :value, :optional)
-  Index = Struct.new(:index)
+  Match = Struct.new(:key, :value, :optional, :insert)
+  Index = Struct.new(:index, :insert)
   Append = Class.new
 
   UNESCAPE = { '~0' => '~', '~1' => '/', '~2' => '?', '~3' => '=', '~7' => ':' }.freeze
 
   def self.apply(document, operations)
     operations.reduce(document) do |doc, op|
-      raise Error, "unsupported operation type #{op['type'].inspect}" unless op['type'] == 'replace'
-
-      replace(doc, op.fetch('path'), op.fetch('value'))
+      case op['type']
+      when 'replace' then replace(doc, op.fetch('path'), op.fetch('value'))
+      when 'remove' then remove(doc, op.fetch('path'))
+      else raise Error, "unsupported operation type #{op['type'].inspect}"
+      end
     end
   end
 
@@ -23,20 +27,30 @@ module GoPatch
     raise Error, "path #{path.inspect} must start with /" unless path.start_with?('/')
 
     optional = false
-    path.split('/', -1).drop(1).map do |raw|
-      raise Error, "#{path}: :before/:after/:prev/:next are not supported here" if raw.include?(':')
+    tokens = path.split('/', -1).drop(1).map do |raw|
+      raw, modifier = raw.split(':', 2)
+      raise Error, "#{path}: only :before and :after are supported here" unless [nil, 'before', 'after'].include?(modifier)
 
-      if raw == '-'
-        Append.new
-      elsif raw =~ /\A\d+\z/
-        Index.new(raw.to_i)
-      else
-        optional ||= raw.end_with?('?')
-        text = raw.delete_suffix('?')
-        key, value = text.split('=', 2).map { |part| part.gsub(/~[01237]/, UNESCAPE) }
-        value.nil? ? Key.new(key, optional) : Match.new(key, value, optional)
+      token = if raw == '-'
+                Append.new
+              elsif raw =~ /\A\d+\z/
+                Index.new(raw.to_i)
+              else
+                optional ||= raw.end_with?('?')
+                text = raw.delete_suffix('?')
+                key, value = text.split('=', 2).map { |part| part.gsub(/~[01237]/, UNESCAPE) }
+                value.nil? ? Key.new(key, optional) : Match.new(key, value, optional)
+              end
+      if modifier
+        raise Error, "#{path}: :#{modifier} needs an index or name=value" unless token.is_a?(Match) || token.is_a?(Index)
+
+        token.insert = modifier
       end
+      token
     end
+    raise Error, "#{path}: :before/:after may only end a path" if tokens[0...-1].any? { |t| t.respond_to?(:insert) && t.insert }
+
+    tokens
   end
 
   def self.replace(document, path, value)
@@ -77,6 +91,61 @@ module GoPatch
     end
   end
 
+  def self.remove(document, path)
+    tokens = parse(path)
+    raise Error, 'cannot remove the whole document' if tokens.empty?
+
+    node = document
+    tokens[0...-1].each do |token|
+      node = step(node, token, path)
+      return document if node.nil?
+    end
+    last = tokens.last
+    case last
+    when Key
+      raise Error, "#{path}: expected a map at '#{last.key}'" unless node.is_a?(Hash)
+      raise Error, "#{path}: expected to find a map key '#{last.key}'" unless node.key?(last.key) || last.optional
+
+      node.delete(last.key)
+    when Match
+      found = matches(node, last, path)
+      return document if found.empty? && last.optional
+      raise Error, "#{path}: expected exactly one item with #{last.key}=#{last.value}, found #{found.size}" unless found.size == 1
+
+      node.delete_at(node.index { |item| item.equal?(found.first) })
+    when Index
+      raise Error, "#{path}: index #{last.index} is out of range" unless node.is_a?(Array) && last.index < node.size
+
+      node.delete_at(last.index)
+    else
+      raise Error, "#{path}: '-' cannot be removed"
+    end
+    document
+  end
+
+  # One step of a remove: nil where an optional token finds nothing (there is then nothing to remove).
+  def self.step(node, token, path)
+    case token
+    when Key
+      raise Error, "#{path}: expected a map at '#{token.key}'" unless node.is_a?(Hash)
+      raise Error, "#{path}: expected to find a map key '#{token.key}'" unless node.key?(token.key) || token.optional
+
+      node[token.key]
+    when Match
+      found = matches(node, token, path)
+      return nil if found.empty? && token.optional
+      raise Error, "#{path}: expected exactly one item with #{token.key}=#{token.value}, found #{found.size}" unless found.size == 1
+
+      found.first
+    when Index
+      raise Error, "#{path}: index #{token.index} is out of range" unless node.is_a?(Array) && token.index < node.size
+
+      node[token.index]
+    else
+      raise Error, "#{path}: '-' may only end a path"
+    end
+  end
+
   def self.assign(node, token, value, path)
     case token
     when Key
@@ -87,7 +156,7 @@ module GoPatch
     when Match
       found = matches(node, token, path)
       if found.size == 1
-        node[node.index { |item| item.equal?(found.first) }] = value
+        put(node, node.index { |item| item.equal?(found.first) }, token.insert, value)
       elsif found.empty? && token.optional
         node << value
       else
@@ -96,11 +165,19 @@ module GoPatch
     when Index
       raise Error, "#{path}: index #{token.index} is out of range" unless node.is_a?(Array) && token.index < node.size
 
-      node[token.index] = value
+      put(node, token.index, token.insert, value)
     when Append
       raise Error, "#{path}: expected an array before '-'" unless node.is_a?(Array)
 
       node << value
+    end
+  end
+
+  def self.put(array, index, insert, value)
+    case insert
+    when 'before' then array.insert(index, value)
+    when 'after' then array.insert(index + 1, value)
+    else array[index] = value
     end
   end
 
