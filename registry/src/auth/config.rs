@@ -35,7 +35,8 @@ pub struct AuthConfig {
     /// every authenticated user may do everything and anonymous callers nothing.
     pub access: Vec<AccessRule>,
     pub token: TokenConfig,
-    /// Failed logins allowed per client address and minute before it gets 429; 0 for no limit.
+    /// Failed logins allowed per user, client address and minute before that pair gets 429; 0 for
+    /// no limit.
     pub max_failures_per_minute: u32,
 }
 
