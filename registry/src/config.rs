@@ -37,6 +37,31 @@ pub struct Config {
     pub limits: Limits,
     /// Who may do what; open to everyone unless set.
     pub auth: AuthConfig,
+    pub gc: GcConfig,
+}
+
+/// Garbage collection: what is deleted, and how often the server collects on its own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    /// Seconds between collections the server runs; 0 for none (`berth-registry gc` still works).
+    pub interval_seconds: u64,
+    /// A blob no manifest references is kept this many seconds after it was last pushed or
+    /// mounted, so a client that pushed its layers has time to push the manifest naming them.
+    pub grace_seconds: u64,
+    /// Repository prefixes (`*` for all) whose untagged manifests are deleted once older than the
+    /// grace period; none by default.
+    pub untagged: Vec<String>,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            interval_seconds: 3600,
+            grace_seconds: 7200,
+            untagged: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -106,6 +131,7 @@ impl Default for Config {
             log: LogConfig::default(),
             limits: Limits::default(),
             auth: AuthConfig::default(),
+            gc: GcConfig::default(),
         }
     }
 }
@@ -234,6 +260,13 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "limits must be greater than zero".into(),
             ));
+        }
+        for prefix in &self.gc.untagged {
+            if prefix != "*" && prefix.parse::<berth_oci::RepoName>().is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "gc.untagged {prefix:?}: expected * or a repository name prefix"
+                )));
+            }
         }
         if self.storage.root.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(

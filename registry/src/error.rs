@@ -99,6 +99,10 @@ impl RegistryError {
             Content(ContentError::BlobUnknown) => ("BLOB_UNKNOWN", StatusCode::NOT_FOUND),
             Content(ContentError::StorageFull) => ("UNKNOWN", StatusCode::INSUFFICIENT_STORAGE),
             Metadata(err) if err.is_storage_full() => ("UNKNOWN", StatusCode::INSUFFICIENT_STORAGE),
+            // The bytes were being deleted as they were pushed again: a retry writes them anew.
+            Metadata(MetadataError::BeingCollected(_)) => {
+                ("UNKNOWN", StatusCode::SERVICE_UNAVAILABLE)
+            }
             Content(_) | Metadata(_) => ("UNKNOWN", StatusCode::INTERNAL_SERVER_ERROR),
         }
     }
@@ -127,6 +131,8 @@ impl IntoResponse for RegistryError {
         let message = if status == StatusCode::INSUFFICIENT_STORAGE {
             tracing::error!(error = %self, "request failed");
             "the registry's storage is full".to_owned()
+        } else if status == StatusCode::SERVICE_UNAVAILABLE {
+            "the content was being garbage-collected as it was pushed; retry".to_owned()
         } else if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
             "internal storage error".to_owned()

@@ -2,6 +2,7 @@
 //! SQLite. `api` is the HTTP surface; it reaches storage only through the `content` and `metadata`
 //! traits.
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;

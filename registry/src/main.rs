@@ -6,10 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use berth_registry::admin::{self, Answer, Request};
 use berth_registry::api::{self, AppState};
 use berth_registry::auth::Auth;
 use berth_registry::config::{Config, LogFormat, TlsConfig};
 use berth_registry::content::FsContentStore;
+use berth_registry::gc::Collector;
+use berth_registry::metadata::Usage;
 use berth_registry::metadata::{CachedMetadata, SqliteMetadataStore};
 use berth_registry::{gc, server};
 use clap::{Parser, Subcommand};
@@ -41,6 +44,15 @@ enum Command {
     /// Print an htpasswd line (bcrypt) for USER, reading the password from the first line of
     /// standard input so it never appears in a process list.
     Htpasswd { user: String },
+    /// Collect garbage now: untagged manifests where configured, then blobs nothing references.
+    /// Asks the running server if there is one, else works on the storage itself.
+    Gc {
+        /// Only say what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List namespaces and repositories by the storage they use.
+    Usage,
 }
 
 #[derive(Subcommand)]
@@ -75,6 +87,22 @@ fn main() -> anyhow::Result<()> {
             println!("{line}");
             Ok(())
         }
+        Command::Gc { dry_run } => {
+            let config = Config::load(cli.config.as_deref())?;
+            match maintain(&config, Request::Gc { dry_run })? {
+                Answer::Gc(report) => println!("{report}"),
+                other => anyhow::bail!("unexpected answer {other:?}"),
+            }
+            Ok(())
+        }
+        Command::Usage => {
+            let config = Config::load(cli.config.as_deref())?;
+            match maintain(&config, Request::Usage)? {
+                Answer::Usage(usage) => print_usage(&usage),
+                other => anyhow::bail!("unexpected answer {other:?}"),
+            }
+            Ok(())
+        }
         Command::Serve => {
             let config = Config::load(cli.config.as_deref())?;
             init_logging(&config);
@@ -83,6 +111,54 @@ fn main() -> anyhow::Result<()> {
                 .build()?
                 .block_on(serve(config, cli.config))
         }
+    }
+}
+
+/// Runs a maintenance request: through the running server's socket when a server holds the
+/// storage, else on the storage directly (with the data directory locked meanwhile).
+fn maintain(config: &Config, request: Request) -> anyhow::Result<Answer> {
+    let root = &config.storage.root;
+    let answer = match claim_data_directory(root) {
+        Ok(lock) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                let state = open_state(config).await?;
+                let collector = Collector::new(state, config.gc.clone());
+                let answer = match request {
+                    Request::Gc { dry_run } => collector.run(dry_run).await.map(Answer::Gc),
+                    Request::Usage => collector.usage().await.map(Answer::Usage),
+                };
+                drop(lock);
+                anyhow::Ok(answer.unwrap_or_else(|err| Answer::Error(err.to_string())))
+            })?,
+        Err(_) => {
+            let socket = admin::socket_path(root);
+            admin::ask(&socket, request).with_context(|| {
+                format!(
+                    "{} is in use by a server; asking it through {}",
+                    root.display(),
+                    socket.display()
+                )
+            })?
+        }
+    };
+    if let Answer::Error(message) = &answer {
+        anyhow::bail!("{message}");
+    }
+    Ok(answer)
+}
+
+fn print_usage(usage: &Usage) {
+    for (heading, entries) in [
+        ("namespace", &usage.namespaces),
+        ("repository", &usage.repositories),
+    ] {
+        println!("{:>16}  {heading}", "bytes");
+        for entry in entries.iter() {
+            println!("{:>16}  {}", entry.bytes, entry.name);
+        }
+        println!();
     }
 }
 
@@ -157,10 +233,9 @@ fn claim_data_directory(root: &Path) -> anyhow::Result<std::fs::File> {
     }
 }
 
-async fn serve(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
-    let started = Instant::now();
+/// Opens the stores and access control `config` names.
+async fn open_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
     let root = &config.storage.root;
-    let _data_lock = claim_data_directory(root)?;
     let content = FsContentStore::open(root)
         .with_context(|| format!("opening storage at {}", root.display()))?;
     let metadata = SqliteMetadataStore::open(&root.join("metadata.sqlite"))
@@ -168,20 +243,39 @@ async fn serve(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<(
     let auth = Auth::load(&config.auth)
         .await
         .context("loading access control")?;
-    let state = Arc::new(
+    Ok(Arc::new(
         AppState::new(
             Arc::new(content),
             Arc::new(CachedMetadata::new(metadata)),
             config.limits.clone(),
         )
         .with_auth(auth),
-    );
+    ))
+}
+
+async fn serve(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let root = &config.storage.root;
+    let _data_lock = claim_data_directory(root)?;
+    let state = open_state(&config).await?;
     let open_uploads = state
         .metadata
         .uploads()
         .await
         .context("listing upload sessions")?;
     state.metrics.set_upload_sessions(open_uploads.len());
+    let collector = Arc::new(Collector::new(state.clone(), config.gc.clone()));
+    if let Ok(usage) = collector.usage().await {
+        state.metrics.set_usage(&usage);
+    }
+    tokio::spawn(collector.clone().run_forever());
+    let socket = admin::socket_path(root);
+    let admin = tokio::spawn(admin::serve(socket.clone(), collector));
+    tokio::spawn(async move {
+        if let Ok(Err(err)) = admin.await {
+            tracing::error!(socket = %socket.display(), error = %err, "the maintenance socket stopped");
+        }
+    });
     tokio::spawn(gc::purge_idle_uploads_forever(
         state.clone(),
         Duration::from_secs(config.limits.upload_max_idle_seconds),

@@ -7,6 +7,10 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use std::sync::atomic::AtomicU64;
+
+use crate::gc::GcReport;
+use crate::metadata::Usage;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -16,8 +20,25 @@ struct RequestLabels {
     status: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NamespaceLabels {
+    namespace: String,
+}
+
+/// The last garbage collection: when it finished, how long it took, what it freed.
+#[derive(Default)]
+struct GcGauges {
+    finished: Gauge,
+    duration_seconds: Gauge<f64, AtomicU64>,
+    objects_deleted: Gauge,
+    bytes_freed: Gauge,
+    failures: Counter,
+}
+
 struct Inner {
     registry: Registry,
+    gc: GcGauges,
+    storage_bytes: Family<NamespaceLabels, Gauge>,
     requests: Family<RequestLabels, Counter>,
     bytes_received: Counter,
     bytes_sent: Counter,
@@ -82,8 +103,42 @@ impl Default for Metrics {
             "Requests that failed inside a store",
             storage_errors.clone(),
         );
+        let gc = GcGauges::default();
+        let storage_bytes = Family::<NamespaceLabels, Gauge>::default();
+        registry.register(
+            "gc_last_run_timestamp_seconds",
+            "When the last garbage collection finished (unix time)",
+            gc.finished.clone(),
+        );
+        registry.register(
+            "gc_last_run_duration_seconds",
+            "How long the last garbage collection took",
+            gc.duration_seconds.clone(),
+        );
+        registry.register(
+            "gc_last_run_deleted_objects",
+            "Blobs and manifests whose storage the last garbage collection deleted",
+            gc.objects_deleted.clone(),
+        );
+        registry.register(
+            "gc_last_run_freed_bytes",
+            "Bytes the last garbage collection freed",
+            gc.bytes_freed.clone(),
+        );
+        registry.register(
+            "gc_failures",
+            "Garbage collections that failed",
+            gc.failures.clone(),
+        );
+        registry.register(
+            "storage_bytes",
+            "Bytes of blobs and manifests each top-level namespace can read, each digest counted once, as of the last garbage collection",
+            storage_bytes.clone(),
+        );
         Metrics(Arc::new(Inner {
             registry,
+            gc,
+            storage_bytes,
             requests,
             bytes_received,
             bytes_sent,
@@ -134,6 +189,30 @@ impl Metrics {
     /// Starts the session gauge from the sessions that survived a restart.
     pub fn set_upload_sessions(&self, open: usize) {
         self.0.upload_sessions.set(open as i64);
+    }
+
+    pub fn gc_finished(&self, unix_now: u64, report: &GcReport, succeeded: bool) {
+        let gc = &self.0.gc;
+        gc.finished.set(unix_now as i64);
+        gc.duration_seconds.set(report.duration_ms as f64 / 1e3);
+        gc.objects_deleted.set(report.objects_deleted as i64);
+        gc.bytes_freed.set(report.bytes_freed as i64);
+        if !succeeded {
+            gc.failures.inc();
+        }
+    }
+
+    /// Replaces the per-namespace storage figures (a namespace emptied since drops out).
+    pub fn set_usage(&self, usage: &Usage) {
+        self.0.storage_bytes.clear();
+        for entry in &usage.namespaces {
+            self.0
+                .storage_bytes
+                .get_or_create(&NamespaceLabels {
+                    namespace: entry.name.clone(),
+                })
+                .set(entry.bytes as i64);
+        }
     }
 
     /// The OpenMetrics text exposition.

@@ -100,19 +100,28 @@ pub(super) async fn put(
     if let Some(missing) = state.metadata.missing_reference(repo, &manifest).await? {
         return Err(RegistryError::ManifestBlobUnknown(missing));
     }
-    state.content.put(&digest, bytes.clone()).await?;
     let tag = match reference {
         Reference::Tag(tag) => Some(tag),
         Reference::Digest(_) => None,
     };
-    state
-        .metadata
-        .put_manifest(repo, &manifest, tag)
-        .await
-        .map_err(|err| match err {
-            MetadataError::MissingReference(digest) => RegistryError::ManifestBlobUnknown(digest),
-            other => other.into(),
-        })?;
+    // The same bytes may have been queued for deletion when no repository held them any more;
+    // recording the manifest takes them back, unless the collector is deleting them right now:
+    // then they are written again once it is done, which takes milliseconds.
+    let mut attempts = 0;
+    loop {
+        state.content.put(&digest, bytes.clone()).await?;
+        match state.metadata.put_manifest(repo, &manifest, tag).await {
+            Ok(()) => break,
+            Err(MetadataError::MissingReference(digest)) => {
+                return Err(RegistryError::ManifestBlobUnknown(digest));
+            }
+            Err(MetadataError::BeingCollected(_)) if attempts < 100 => {
+                attempts += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(other) => return Err(other.into()),
+        }
+    }
     state.manifest_bytes.insert(digest.clone(), bytes);
     let mut response_headers = vec![
         (

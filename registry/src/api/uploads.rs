@@ -208,12 +208,10 @@ async fn try_mount(
             }
         }
     }
-    let Some(size) = size else { return Ok(false) };
-    if state.content.stat(digest).await?.is_none() {
+    if size.is_none() || state.content.stat(digest).await?.is_none() {
         return Ok(false);
     }
-    state.metadata.link_blob(repo, digest, size).await?;
-    Ok(true)
+    Ok(state.metadata.link_blob(repo, digest).await?)
 }
 
 pub(super) async fn start(

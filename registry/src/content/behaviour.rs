@@ -27,6 +27,23 @@ pub(crate) async fn run_all(store: &dyn ContentStore) {
     ranges_are_served_exactly(store).await;
     deleted_upload_is_unknown(store).await;
     only_idle_uploads_are_purged(store).await;
+    deleted_objects_are_gone_and_deleting_twice_is_fine(store).await;
+}
+
+async fn deleted_objects_are_gone_and_deleting_twice_is_fine(store: &dyn ContentStore) {
+    let bytes = Bytes::from_static(b"collected");
+    let digest = Digest::sha256_of(&bytes);
+    store.put(&digest, bytes.clone()).await.unwrap();
+    store.delete(&digest).await.unwrap();
+    assert_eq!(store.stat(&digest).await.unwrap(), None);
+    assert!(matches!(
+        store.read(&digest, 0..1).await,
+        Err(ContentError::BlobUnknown)
+    ));
+    store.delete(&digest).await.unwrap();
+    // Written again after its deletion, it is whole again.
+    store.put(&digest, bytes.clone()).await.unwrap();
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
 }
 
 async fn only_idle_uploads_are_purged(store: &dyn ContentStore) {

@@ -443,6 +443,22 @@ impl ContentStore for FsContentStore {
         committed
     }
 
+    async fn delete(&self, digest: &Digest) -> Result<(), ContentError> {
+        let path = self.blob_path(digest);
+        blocking(move || {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(err) => return Err(ContentError::from_io(err)),
+            }
+            // Synced, or a crash could bring back bytes the metadata no longer tracks, and nothing
+            // would ever collect them again.
+            sync_dir(path.parent().expect("blob paths have a parent"))
+                .map_err(ContentError::from_io)
+        })
+        .await
+    }
+
     async fn delete_upload(&self, id: UploadId) -> Result<(), ContentError> {
         let session = self.session(id);
         let _running = session.lock().await;

@@ -1,8 +1,10 @@
 //! Behaviour every metadata store backend must show; each backend's tests call [`run_all`].
 
+use std::time::{Duration, SystemTime};
+
 use berth_oci::{Digest, Reference, RepoName, Tag};
 
-use super::{MetadataError, MetadataStore, NewManifest, PageRequest};
+use super::{Garbage, MetadataError, MetadataStore, NewManifest, PageRequest, UsageEntry};
 use crate::content::UploadId;
 
 fn repo(name: &str) -> RepoName {
@@ -27,6 +29,18 @@ pub(crate) fn manifest(body: &[u8], blobs: Vec<Digest>) -> NewManifest {
     }
 }
 
+/// Records a finished upload of blob `digest` into `repo`, as a push does.
+pub(crate) async fn push_blob(
+    store: &dyn MetadataStore,
+    repo: &RepoName,
+    digest: &Digest,
+    size: u64,
+) {
+    let id = UploadId::new();
+    store.create_upload(repo, id).await.unwrap();
+    store.complete_upload(id, repo, digest, size).await.unwrap();
+}
+
 fn page(last: Option<&str>, limit: u32) -> PageRequest {
     PageRequest {
         last: last.map(str::to_owned),
@@ -43,12 +57,269 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
     uploads_remember_their_repository(store).await;
     completing_an_upload_ends_it_and_links_its_blob(store).await;
     uploads_completed_together_each_end_and_link(store).await;
+    collection_takes_only_what_nothing_references(store).await;
+    a_collected_digest_can_be_pushed_again(store).await;
+    deleted_manifests_free_their_bytes_and_references(store).await;
+    untagged_manifests_are_found_per_prefix(store).await;
+    usage_counts_each_digest_once_per_scope(store).await;
+}
+
+/// A cutoff after everything recorded so far, and one before all of it.
+fn after_now() -> SystemTime {
+    SystemTime::now() + Duration::from_secs(2)
+}
+
+fn an_hour_ago() -> SystemTime {
+    SystemTime::now() - Duration::from_secs(3600)
+}
+
+async fn queued(store: &dyn MetadataStore) -> Vec<Digest> {
+    let queued = store.queued_garbage(10_000).await.unwrap();
+    queued.into_iter().map(|g| g.digest).collect()
+}
+
+async fn collection_takes_only_what_nothing_references(store: &dyn MetadataStore) {
+    let r = repo("gc/a");
+    let (layer, config, loose) = (
+        Digest::sha256_of(b"gc layer"),
+        Digest::sha256_of(b"gc config"),
+        Digest::sha256_of(b"gc loose"),
+    );
+    for digest in [&layer, &config, &loose] {
+        push_blob(store, &r, digest, 7).await;
+    }
+    store
+        .put_manifest(
+            &r,
+            &manifest(b"gc image", vec![layer.clone(), config.clone()]),
+            Some(&tag("v1")),
+        )
+        .await
+        .unwrap();
+    // Within the grace period nothing is taken, however unreferenced.
+    let young = store.unreferenced(an_hour_ago(), 10_000).await.unwrap();
+    assert!(!young.iter().any(|g| g.digest == loose), "{young:?}");
+    let found = store.unreferenced(after_now(), 10_000).await.unwrap();
+    assert!(
+        found.contains(&Garbage {
+            digest: loose.clone(),
+            size: 7
+        }),
+        "{found:?}"
+    );
+    assert!(
+        !found
+            .iter()
+            .any(|g| g.digest == layer || g.digest == config)
+    );
+    assert!(
+        !queued(store).await.contains(&loose),
+        "finding changes nothing"
+    );
+
+    let taken = store.queue_unreferenced(after_now(), 10_000).await.unwrap();
+    assert!(taken.iter().any(|g| g.digest == loose));
+    assert!(queued(store).await.contains(&loose));
+    // From the queue on, nothing reaches it: no pull, no mount, no manifest naming it.
+    assert_eq!(store.repository_blob(&r, &loose).await.unwrap(), None);
+    assert!(!store.link_blob(&repo("gc/b"), &loose).await.unwrap());
+    let err = store
+        .put_manifest(&r, &manifest(b"gc late", vec![loose.clone()]), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, MetadataError::MissingReference(ref d) if *d == loose),
+        "{err:?}"
+    );
+    // What is referenced stays, and stays reachable.
+    assert_eq!(store.repository_blob(&r, &layer).await.unwrap(), Some(7));
+    assert!(store.link_blob(&repo("gc/b"), &layer).await.unwrap());
+
+    assert!(store.begin_sweep(&loose).await.unwrap());
+    store.end_sweep(&loose).await.unwrap();
+    assert!(!queued(store).await.contains(&loose));
+}
+
+async fn a_collected_digest_can_be_pushed_again(store: &dyn MetadataStore) {
+    let r = repo("gc/again");
+    let digest = Digest::sha256_of(b"gc pushed again");
+    push_blob(store, &r, &digest, 3).await;
+    store.queue_unreferenced(after_now(), 10_000).await.unwrap();
+    assert!(queued(store).await.contains(&digest));
+    // Pushed again before the sweep: the deletion is cancelled.
+    push_blob(store, &r, &digest, 3).await;
+    assert!(!queued(store).await.contains(&digest));
+    assert!(
+        !store.begin_sweep(&digest).await.unwrap(),
+        "nothing left to sweep"
+    );
+    assert_eq!(store.repository_blob(&r, &digest).await.unwrap(), Some(3));
+
+    // Pushed while the sweep deletes the bytes: refused, to be retried after it.
+    store.queue_unreferenced(after_now(), 10_000).await.unwrap();
+    assert!(store.begin_sweep(&digest).await.unwrap());
+    let id = UploadId::new();
+    store.create_upload(&r, id).await.unwrap();
+    let err = store.complete_upload(id, &r, &digest, 3).await.unwrap_err();
+    assert!(
+        matches!(err, MetadataError::BeingCollected(ref d) if *d == digest),
+        "{err:?}"
+    );
+    assert_eq!(store.repository_blob(&r, &digest).await.unwrap(), None);
+    store.end_sweep(&digest).await.unwrap();
+    assert!(
+        store.complete_upload(id, &r, &digest, 3).await.unwrap(),
+        "the session survived"
+    );
+    assert_eq!(store.repository_blob(&r, &digest).await.unwrap(), Some(3));
+}
+
+async fn deleted_manifests_free_their_bytes_and_references(store: &dyn MetadataStore) {
+    let (a, b) = (repo("gc/del-a"), repo("gc/del-b"));
+    let layer = Digest::sha256_of(b"gc del layer");
+    let body = b"gc del manifest";
+    let digest = Digest::sha256_of(body);
+    for r in [&a, &b] {
+        push_blob(store, r, &layer, 9).await;
+        store
+            .put_manifest(r, &manifest(body, vec![layer.clone()]), Some(&tag("v1")))
+            .await
+            .unwrap();
+    }
+    assert!(store.delete_manifest(&a, &digest).await.unwrap());
+    assert!(
+        !queued(store).await.contains(&digest),
+        "b still holds the manifest"
+    );
+    let found = store.unreferenced(after_now(), 10_000).await.unwrap();
+    assert!(
+        !found.iter().any(|g| g.digest == layer),
+        "b's manifest still needs the layer"
+    );
+    assert!(store.delete_manifest(&b, &digest).await.unwrap());
+    assert!(
+        queued(store).await.contains(&digest),
+        "no repository holds the manifest"
+    );
+    let found = store.unreferenced(after_now(), 10_000).await.unwrap();
+    assert!(
+        found.iter().any(|g| g.digest == layer),
+        "nothing references the layer"
+    );
+    // The same manifest pushed again takes its bytes back.
+    push_blob(store, &a, &layer, 9).await;
+    store
+        .put_manifest(&a, &manifest(body, vec![layer.clone()]), None)
+        .await
+        .unwrap();
+    assert!(!queued(store).await.contains(&digest));
+}
+
+async fn untagged_manifests_are_found_per_prefix(store: &dyn MetadataStore) {
+    let (kept, scratch) = (repo("gc-untagged/keep"), repo("gc-scratch/app"));
+    for r in [&kept, &scratch] {
+        store
+            .put_manifest(r, &manifest(b"gc tagged", vec![]), Some(&tag("v1")))
+            .await
+            .unwrap();
+        store
+            .put_manifest(r, &manifest(b"gc untagged", vec![]), None)
+            .await
+            .unwrap();
+    }
+    let child = manifest(b"gc child", vec![]);
+    store.put_manifest(&scratch, &child, None).await.unwrap();
+    let mut index = manifest(b"gc index", vec![]);
+    index.manifests = vec![child.digest.clone()];
+    store
+        .put_manifest(&scratch, &index, Some(&tag("multi")))
+        .await
+        .unwrap();
+    let mut signature = manifest(b"gc signature", vec![]);
+    signature.subject = Some(Digest::sha256_of(b"gc tagged"));
+    store
+        .put_manifest(&scratch, &signature, None)
+        .await
+        .unwrap();
+    let mut orphan = manifest(b"gc orphan signature", vec![]);
+    orphan.subject = Some(Digest::sha256_of(b"gc gone"));
+    store.put_manifest(&scratch, &orphan, None).await.unwrap();
+
+    let found = store
+        .untagged_manifests("gc-scratch", after_now(), 100)
+        .await
+        .unwrap();
+    let digests: Vec<_> = found
+        .iter()
+        .map(|(r, d)| {
+            assert_eq!(r, &scratch);
+            d.clone()
+        })
+        .collect();
+    let mut expected = vec![Digest::sha256_of(b"gc untagged"), orphan.digest.clone()];
+    expected.sort_by_key(ToString::to_string);
+    assert_eq!(
+        digests, expected,
+        "not the tagged one, the index's child or a live subject's signature"
+    );
+    assert!(
+        store
+            .untagged_manifests("gc-scratch", an_hour_ago(), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .untagged_manifests("gc-scr", after_now(), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn usage_counts_each_digest_once_per_scope(store: &dyn MetadataStore) {
+    let (one, two) = (repo("usage-ns/one"), repo("usage-ns/two"));
+    let shared = Digest::sha256_of(b"usage shared");
+    push_blob(store, &one, &shared, 1000).await;
+    assert!(store.link_blob(&two, &shared).await.unwrap());
+    push_blob(store, &two, &Digest::sha256_of(b"usage own"), 24).await;
+    let body = b"usage manifest";
+    store
+        .put_manifest(
+            &one,
+            &manifest(body, vec![shared.clone()]),
+            Some(&tag("v1")),
+        )
+        .await
+        .unwrap();
+    let usage = store.usage().await.unwrap();
+    let bytes = |entries: &[UsageEntry], name: &str| {
+        entries.iter().find(|e| e.name == name).map(|e| e.bytes)
+    };
+    let manifest_size = body.len() as u64;
+    assert_eq!(
+        bytes(&usage.repositories, "usage-ns/one"),
+        Some(1000 + manifest_size)
+    );
+    assert_eq!(bytes(&usage.repositories, "usage-ns/two"), Some(1024));
+    assert_eq!(
+        bytes(&usage.namespaces, "usage-ns"),
+        Some(1024 + manifest_size)
+    );
+    assert!(
+        usage
+            .repositories
+            .windows(2)
+            .all(|w| w[0].bytes >= w[1].bytes),
+        "largest first"
+    );
 }
 
 async fn blobs_are_owned_per_repository(store: &dyn MetadataStore) {
     let digest = Digest::sha256_of(b"layer");
     let (a, b) = (repo("own/a"), repo("own/b"));
-    store.link_blob(&a, &digest, 5).await.unwrap();
+    push_blob(store, &a, &digest, 5).await;
     assert_eq!(store.repository_blob(&a, &digest).await.unwrap(), Some(5));
     assert_eq!(
         store.repository_blob(&b, &digest).await.unwrap(),
@@ -59,7 +330,7 @@ async fn blobs_are_owned_per_repository(store: &dyn MetadataStore) {
         store.blob_owners(&digest, 10).await.unwrap(),
         vec![a.clone()]
     );
-    store.link_blob(&b, &digest, 5).await.unwrap();
+    assert!(store.link_blob(&b, &digest).await.unwrap(), "a mount");
     assert_eq!(
         store.blob_owners(&digest, 10).await.unwrap(),
         vec![a.clone(), b.clone()]
@@ -69,7 +340,7 @@ async fn blobs_are_owned_per_repository(store: &dyn MetadataStore) {
         vec![a.clone()]
     );
     assert!(store.unlink_blob(&b, &digest).await.unwrap());
-    store.link_blob(&a, &digest, 5).await.unwrap();
+    push_blob(store, &a, &digest, 5).await;
     assert!(store.unlink_blob(&a, &digest).await.unwrap());
     assert!(!store.unlink_blob(&a, &digest).await.unwrap());
     assert_eq!(store.repository_blob(&a, &digest).await.unwrap(), None);
@@ -101,7 +372,7 @@ async fn manifests_need_their_blobs_in_the_repository(store: &dyn MetadataStore)
         "a refused manifest leaves no tag"
     );
 
-    store.link_blob(&r, &layer, 10).await.unwrap();
+    push_blob(store, &r, &layer, 10).await;
     assert_eq!(store.missing_reference(&r, &needy).await.unwrap(), None);
     store
         .put_manifest(&r, &manifest(body, vec![layer]), Some(&tag("v1")))

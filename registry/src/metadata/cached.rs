@@ -14,7 +14,10 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use berth_oci::{Digest, Reference, RepoName, Tag};
 
-use super::{ManifestInfo, MetadataError, MetadataStore, NewManifest, Page, PageRequest, Referrer};
+use super::{
+    Garbage, ManifestInfo, MetadataError, MetadataStore, NewManifest, Page, PageRequest, Referrer,
+    Usage,
+};
 use crate::content::UploadId;
 
 /// Entries per cache; an entry is a few hundred bytes, so each cache stays within a few MiB.
@@ -114,13 +117,8 @@ impl<S: MetadataStore> MetadataStore for CachedMetadata<S> {
         self.inner.blob_owners(digest, limit).await
     }
 
-    async fn link_blob(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        size: u64,
-    ) -> Result<(), MetadataError> {
-        self.writing(false, true, self.inner.link_blob(repo, digest, size))
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetadataError> {
+        self.writing(false, true, self.inner.link_blob(repo, digest))
             .await
     }
 
@@ -222,6 +220,54 @@ impl<S: MetadataStore> MetadataStore for CachedMetadata<S> {
 
     async fn uploads(&self) -> Result<Vec<(UploadId, SystemTime)>, MetadataError> {
         self.inner.uploads().await
+    }
+
+    async fn unreferenced(
+        &self,
+        linked_before: SystemTime,
+        limit: u32,
+    ) -> Result<Vec<Garbage>, MetadataError> {
+        self.inner.unreferenced(linked_before, limit).await
+    }
+
+    async fn queue_unreferenced(
+        &self,
+        linked_before: SystemTime,
+        limit: u32,
+    ) -> Result<Vec<Garbage>, MetadataError> {
+        self.writing(
+            false,
+            true,
+            self.inner.queue_unreferenced(linked_before, limit),
+        )
+        .await
+    }
+
+    async fn queued_garbage(&self, limit: u32) -> Result<Vec<Garbage>, MetadataError> {
+        self.inner.queued_garbage(limit).await
+    }
+
+    async fn begin_sweep(&self, digest: &Digest) -> Result<bool, MetadataError> {
+        self.inner.begin_sweep(digest).await
+    }
+
+    async fn end_sweep(&self, digest: &Digest) -> Result<(), MetadataError> {
+        self.inner.end_sweep(digest).await
+    }
+
+    async fn untagged_manifests(
+        &self,
+        prefix: &str,
+        created_before: SystemTime,
+        limit: u32,
+    ) -> Result<Vec<(RepoName, Digest)>, MetadataError> {
+        self.inner
+            .untagged_manifests(prefix, created_before, limit)
+            .await
+    }
+
+    async fn usage(&self) -> Result<Usage, MetadataError> {
+        self.inner.usage().await
     }
 }
 

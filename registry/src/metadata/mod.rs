@@ -30,6 +30,9 @@ pub enum MetadataError {
     /// The shared commit a write was part of failed (or never answered).
     #[error("group commit: {0}")]
     GroupCommit(String),
+    /// The garbage collector is deleting these bytes right now; write them again shortly.
+    #[error("{0} is being garbage-collected; retry")]
+    BeingCollected(Digest),
 }
 
 impl MetadataError {
@@ -88,6 +91,27 @@ pub struct Referrer {
     pub annotations: Option<serde_json::Value>,
 }
 
+/// Content the garbage collector found unreferenced or queued for deletion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Garbage {
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// Bytes a repository or top-level namespace can read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct UsageEntry {
+    pub name: String,
+    pub bytes: u64,
+}
+
+/// Storage in use, largest first: each digest counted once per namespace and once per repository.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Usage {
+    pub namespaces: Vec<UsageEntry>,
+    pub repositories: Vec<UsageEntry>,
+}
+
 /// A page of a sorted listing: entries after `last`, at most `limit` of them.
 #[derive(Debug, Clone)]
 pub struct PageRequest {
@@ -120,13 +144,9 @@ pub trait MetadataStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<RepoName>, MetadataError>;
 
-    /// Records that `repo` owns the committed blob `digest` of `size` bytes.
-    async fn link_blob(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        size: u64,
-    ) -> Result<(), MetadataError>;
+    /// Gives `repo` the blob `digest` another repository already holds (a mount); false if no
+    /// repository holds it any more (the garbage collector may have taken it meanwhile).
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetadataError>;
 
     /// Removes `repo`'s ownership of `digest`; false if it had none.
     async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetadataError>;
@@ -156,6 +176,7 @@ pub trait MetadataStore: Send + Sync + 'static {
     ) -> Result<Option<ManifestInfo>, MetadataError>;
 
     /// Deletes a manifest and every tag pointing at it; false if `repo` had no such manifest.
+    /// Bytes no repository holds as a manifest any more are queued for the garbage collector.
     async fn delete_manifest(
         &self,
         repo: &RepoName,
@@ -203,6 +224,47 @@ pub trait MetadataStore: Send + Sync + 'static {
 
     /// Every upload session and when it started.
     async fn uploads(&self) -> Result<Vec<(UploadId, SystemTime)>, MetadataError>;
+
+    /// Up to `limit` blobs that no manifest of any repository references and no repository was
+    /// given since `linked_before`, changing nothing (what a collection would take).
+    async fn unreferenced(
+        &self,
+        linked_before: SystemTime,
+        limit: u32,
+    ) -> Result<Vec<Garbage>, MetadataError>;
+
+    /// Queues for deletion what [`MetadataStore::unreferenced`] finds, removing each blob's row
+    /// and every repository's link to it in the same transaction: from then on no pull, mount or
+    /// manifest push can reach it, and a push of its bytes takes it back. Returns what it queued.
+    async fn queue_unreferenced(
+        &self,
+        linked_before: SystemTime,
+        limit: u32,
+    ) -> Result<Vec<Garbage>, MetadataError>;
+
+    /// Up to `limit` queued digests, including those a sweep that died had claimed.
+    async fn queued_garbage(&self, limit: u32) -> Result<Vec<Garbage>, MetadataError>;
+
+    /// Claims queued `digest` for deleting its bytes; false if a push took it back. Until
+    /// [`MetadataStore::end_sweep`], pushes of these bytes fail with
+    /// [`MetadataError::BeingCollected`].
+    async fn begin_sweep(&self, digest: &Digest) -> Result<bool, MetadataError>;
+
+    /// Removes `digest` from the queue once its bytes are gone.
+    async fn end_sweep(&self, digest: &Digest) -> Result<(), MetadataError>;
+
+    /// Up to `limit` manifests of repositories under `prefix` (every repository if empty),
+    /// created before `created_before`, that no tag points at, no index in their repository
+    /// lists, and whose subject (if any) is gone from their repository.
+    async fn untagged_manifests(
+        &self,
+        prefix: &str,
+        created_before: SystemTime,
+        limit: u32,
+    ) -> Result<Vec<(RepoName, Digest)>, MetadataError>;
+
+    /// Storage in use per top-level namespace and per repository.
+    async fn usage(&self) -> Result<Usage, MetadataError>;
 }
 
 #[cfg(test)]

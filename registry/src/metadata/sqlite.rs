@@ -10,11 +10,19 @@ use r2d2::Pool;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::{ManifestInfo, MetadataError, MetadataStore, NewManifest, Page, PageRequest, Referrer};
+use super::{
+    Garbage, ManifestInfo, MetadataError, MetadataStore, NewManifest, Page, PageRequest, Referrer,
+    Usage,
+};
 use crate::content::UploadId;
 
+mod collect;
+
 /// Versioned schema changes, applied in order at start-up; never edit a released one.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/0001_initial.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/0001_initial.sql")),
+    (2, include_str!("../../migrations/0002_collection.sql")),
+];
 
 /// A finished upload waiting to be recorded by the next group commit.
 struct Completion {
@@ -39,6 +47,11 @@ pub struct SqliteMetadataStore {
 fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn unix(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
 
@@ -125,9 +138,11 @@ fn insert_blob_link(
     digest: &str,
     size: u64,
 ) -> Result<(), MetadataError> {
+    collect::reclaim(tx, digest)?;
     let repo_id = ensure_repository(tx, repo)?;
     tx.execute(
-        "INSERT INTO blobs (digest, size, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (digest) DO NOTHING",
+        "INSERT INTO blobs (digest, size, created_at, last_linked_at) VALUES (?1, ?2, ?3, ?3) \
+         ON CONFLICT (digest) DO UPDATE SET last_linked_at = excluded.last_linked_at",
         params![digest, size as i64, now()],
     )?;
     tx.execute(
@@ -286,18 +301,21 @@ impl MetadataStore for SqliteMetadataStore {
         .await
     }
 
-    async fn link_blob(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        size: u64,
-    ) -> Result<(), MetadataError> {
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetadataError> {
         let (repo, digest) = (repo.clone(), digest.to_string());
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            insert_blob_link(&tx, &repo, &digest, size)?;
+            let size: Option<i64> = tx
+                .query_row("SELECT size FROM blobs WHERE digest = ?1", [&digest], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let Some(size) = size else {
+                return Ok(false);
+            };
+            insert_blob_link(&tx, &repo, &digest, size as u64)?;
             tx.commit()?;
-            Ok(())
+            Ok(true)
         })
         .await
     }
@@ -329,6 +347,7 @@ impl MetadataStore for SqliteMetadataStore {
                 return Err(MetadataError::MissingReference(missing));
             }
             let digest = manifest.digest.to_string();
+            collect::reclaim(&tx, &digest)?;
             tx.execute(
                 "INSERT INTO manifests (repository_id, digest, media_type, size, artifact_type, subject, annotations, created_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (repository_id, digest) DO NOTHING",
@@ -418,12 +437,20 @@ impl MetadataStore for SqliteMetadataStore {
     ) -> Result<bool, MetadataError> {
         let (repo, digest) = (repo.clone(), digest.to_string());
         self.write(move |conn| {
-            let removed = conn.execute(
-                "DELETE FROM manifests WHERE digest = ?2 \
-                 AND repository_id = (SELECT id FROM repositories WHERE name = ?1)",
-                params![repo.as_str(), digest],
-            )?;
-            Ok(removed > 0)
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let size: Option<i64> = tx
+                .query_row(
+                    "DELETE FROM manifests WHERE digest = ?2 \
+                     AND repository_id = (SELECT id FROM repositories WHERE name = ?1) RETURNING size",
+                    params![repo.as_str(), digest],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(size) = size {
+                collect::queue_if_orphaned(&tx, &digest, size as u64)?;
+            }
+            tx.commit()?;
+            Ok(size.is_some())
         })
         .await
     }
@@ -600,6 +627,79 @@ impl MetadataStore for SqliteMetadataStore {
         })
         .await
     }
+
+    async fn unreferenced(
+        &self,
+        linked_before: SystemTime,
+        limit: u32,
+    ) -> Result<Vec<Garbage>, MetadataError> {
+        let linked_before = unix(linked_before);
+        self.with(move |conn| collect::unreferenced(conn, linked_before, limit))
+            .await
+    }
+
+    async fn queue_unreferenced(
+        &self,
+        linked_before: SystemTime,
+        limit: u32,
+    ) -> Result<Vec<Garbage>, MetadataError> {
+        let linked_before = unix(linked_before);
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let queued = collect::queue_unreferenced(&tx, linked_before, limit)?;
+            tx.commit()?;
+            Ok(queued)
+        })
+        .await
+    }
+
+    async fn queued_garbage(&self, limit: u32) -> Result<Vec<Garbage>, MetadataError> {
+        self.with(move |conn| collect::queued(conn, limit)).await
+    }
+
+    async fn begin_sweep(&self, digest: &Digest) -> Result<bool, MetadataError> {
+        let digest = digest.to_string();
+        self.write(move |conn| Ok(collect::begin_sweep(conn, &digest)?))
+            .await
+    }
+
+    async fn end_sweep(&self, digest: &Digest) -> Result<(), MetadataError> {
+        let digest = digest.to_string();
+        self.write(move |conn| Ok(collect::end_sweep(conn, &digest)?))
+            .await
+    }
+
+    async fn untagged_manifests(
+        &self,
+        prefix: &str,
+        created_before: SystemTime,
+        limit: u32,
+    ) -> Result<Vec<(RepoName, Digest)>, MetadataError> {
+        let (prefix, created_before) = (prefix.to_owned(), unix(created_before));
+        self.with(move |conn| {
+            collect::untagged(conn, &prefix, created_before, limit)?
+                .into_iter()
+                .map(|(repo, digest)| {
+                    let repo = repo
+                        .parse()
+                        .map_err(|_| MetadataError::Corrupt(format!("repository name {repo:?}")))?;
+                    Ok((repo, parse_digest(digest)?))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn usage(&self) -> Result<Usage, MetadataError> {
+        self.with(|conn| {
+            let (namespaces, repositories) = collect::usage(conn)?;
+            Ok(Usage {
+                namespaces,
+                repositories,
+            })
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -619,11 +719,11 @@ mod tests {
         let path = dir.path().join("metadata.sqlite");
         let repo: RepoName = "keep/me".parse().unwrap();
         let digest = Digest::sha256_of(b"kept");
-        SqliteMetadataStore::open(&path)
-            .unwrap()
-            .link_blob(&repo, &digest, 4)
-            .await
-            .unwrap();
+        let first = SqliteMetadataStore::open(&path).unwrap();
+        let id = UploadId::new();
+        first.create_upload(&repo, id).await.unwrap();
+        first.complete_upload(id, &repo, &digest, 4).await.unwrap();
+        drop(first);
         let store = SqliteMetadataStore::open(&path).unwrap();
         assert_eq!(
             store.repository_blob(&repo, &digest).await.unwrap(),

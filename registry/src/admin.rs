@@ -1,0 +1,79 @@
+//! The local maintenance socket: `berth-registry gc` and `usage` reach a running server through
+//! it, since with the embedded stores the server owns the data directory alone. Its file mode
+//! (owner only) is its access control. One JSON request line in, one JSON answer line out.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+use crate::gc::{Collector, GcReport};
+use crate::metadata::Usage;
+
+/// Where the socket lives in a storage root.
+pub fn socket_path(root: &Path) -> PathBuf {
+    root.join("admin.sock")
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "lowercase")]
+pub enum Request {
+    Gc { dry_run: bool },
+    Usage,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Answer {
+    Gc(GcReport),
+    Usage(Usage),
+    Error(String),
+}
+
+/// Serves requests on `path` until the process ends. A socket file left by a process that died
+/// is replaced.
+pub async fn serve(path: PathBuf, collector: Arc<Collector>) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let collector = collector.clone();
+        tokio::spawn(async move {
+            let (reader, mut writer) = stream.into_split();
+            let mut line = String::new();
+            let mut reader = tokio::io::BufReader::new(reader);
+            if reader.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let answer = match serde_json::from_str::<Request>(&line) {
+                Ok(Request::Gc { dry_run }) => match collector.run(dry_run).await {
+                    Ok(report) => Answer::Gc(report),
+                    Err(err) => Answer::Error(err.to_string()),
+                },
+                Ok(Request::Usage) => match collector.usage().await {
+                    Ok(usage) => Answer::Usage(usage),
+                    Err(err) => Answer::Error(err.to_string()),
+                },
+                Err(err) => Answer::Error(format!("bad request: {err}")),
+            };
+            let mut text = serde_json::to_string(&answer).expect("answers serialize");
+            text.push('\n');
+            let _ = writer.write_all(text.as_bytes()).await;
+        });
+    }
+}
+
+/// Sends `request` to the server listening on `path` and waits for its answer.
+pub fn ask(path: &Path, request: Request) -> std::io::Result<Answer> {
+    let mut stream = std::os::unix::net::UnixStream::connect(path)?;
+    let mut line = serde_json::to_string(&request).expect("requests serialize");
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer)?;
+    serde_json::from_str(&answer).map_err(std::io::Error::other)
+}
