@@ -315,6 +315,7 @@ pub async fn copy(
     // Largest first: a copy lasts as long as its last blob, so that one should be a small one.
     let mut blobs: Vec<&Descriptor> = blobs.values().collect();
     blobs.sort_by_key(|blob| std::cmp::Reverse(blob.size));
+    progress.plan(blobs.iter().map(|blob| blob.size).sum());
     let before = progress.counter().get();
     // A failed blob stops the others, and each cancels its upload on the way out.
     let stop = stop.child_token();
@@ -400,6 +401,7 @@ async fn copy_blob(
         .await?
         .is_some()
     {
+        progress.skip(blob.size);
         progress.line(&format!("{label}  already cached"));
         return Ok(BlobOutcome::Present);
     }
@@ -416,12 +418,14 @@ async fn copy_blob(
             .await?
         {
             UploadStart::Mounted => {
+                progress.skip(blob.size);
                 progress.line(&format!("{label}  mounted from the cache"));
                 return Ok(BlobOutcome::Mounted);
             }
             UploadStart::Session(location) => location,
         };
         let started = Instant::now();
+        let transfer = progress.track(&blob.digest, blob.size);
         let (body, failure) = match &known {
             Some(bytes) => (reqwest::Body::from(bytes.clone()), None),
             None => {
@@ -430,7 +434,7 @@ async fn copy_blob(
                     source.repo.clone(),
                     blob.digest.clone(),
                     blob.size,
-                    progress.counter(),
+                    transfer.counter(),
                 );
                 let failure = reader.failure();
                 (
@@ -451,6 +455,7 @@ async fn copy_blob(
         };
         let err = match sent {
             Ok(()) => {
+                transfer.complete();
                 let elapsed = started.elapsed();
                 progress.line(&format!(
                     "{label}  copied in {:.1} s ({})",

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client::{ClientError, ClientOptions, Credentials, RegistryClient, RetryPolicy};
 use crate::config::CacherConfig;
 use crate::copy::{self, CopyError, CopyOptions, Destination, Platform, Source};
-use crate::progress::{Progress, human_bytes, rate};
+use crate::progress::{Progress, REPORT_INTERVAL, human_bytes, rate};
 use crate::reference::{ImageReference, ReferenceError};
 use crate::result::{self, ExecutionMetadata, MetadataError};
 use crate::secret::Secret;
@@ -192,7 +192,7 @@ async fn cache(
         image.digest(),
         dest.repo
     );
-    let progress = Progress::new(Default::default());
+    let mut progress = Progress::new(Default::default(), REPORT_INTERVAL);
     let options = CopyOptions {
         keep_index: config.keep_index,
         parallel: config.parallel_blobs,

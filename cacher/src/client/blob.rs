@@ -13,17 +13,32 @@ use reqwest::header::CONTENT_RANGE;
 
 use super::{ClientError, RegistryClient};
 
-/// Bytes received from a source, shared by everything reporting progress.
+/// Bytes received from a source, shared by everything reporting progress. A counter made with
+/// [`TransferCounter::child`] counts one transfer and adds to its parent as well.
 #[derive(Debug, Clone, Default)]
-pub struct TransferCounter(Arc<AtomicU64>);
+pub struct TransferCounter {
+    bytes: Arc<AtomicU64>,
+    parent: Option<Arc<AtomicU64>>,
+}
 
 impl TransferCounter {
     pub fn add(&self, bytes: u64) {
-        self.0.fetch_add(bytes, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(parent) = &self.parent {
+            parent.fetch_add(bytes, Ordering::Relaxed);
+        }
     }
 
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// A counter starting at zero whose additions count here too.
+    pub fn child(&self) -> TransferCounter {
+        TransferCounter {
+            bytes: Arc::default(),
+            parent: Some(self.bytes.clone()),
+        }
     }
 }
 
