@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use berth_oci::{Algorithm, Digest, RepoName, Tag, media_type};
 use bytes::Bytes;
@@ -41,6 +41,13 @@ pub enum CopyError {
     /// Another part of the staging failed; the copy stopped and cancelled its uploads.
     #[error("the copy was stopped")]
     Stopped,
+    #[error(
+        "the copy did not finish within {} s (copy_timeout_seconds in the cacher configuration): \
+         it was stopped, its uploads cancelled, and nothing was cached. The source registry \
+         answered too slowly or stalled",
+        .0.as_secs()
+    )]
+    TimedOut(Duration),
 }
 
 /// An `os/architecture[/variant]` platform.
@@ -255,6 +262,8 @@ pub struct CopyOptions {
     pub attempts: u32,
     /// Tag the copied image with this; it stays addressable by digest.
     pub tag: Option<Tag>,
+    /// How long the whole copy may take before it is stopped.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -277,8 +286,49 @@ enum BlobOutcome {
 
 /// Copies `image` (and with `keep_index`, the rest of its index) from `source` to `dest`. When
 /// `stop` fires, blobs in flight cancel their uploads and the copy ends with
-/// [`CopyError::Stopped`], leaving no upload session open and no manifest pushed.
+/// [`CopyError::Stopped`], leaving no upload session open and no manifest pushed; so it does,
+/// with [`CopyError::TimedOut`], when `options.timeout` runs out.
 pub async fn copy(
+    source: &Source,
+    image: &ResolvedImage,
+    dest: &Destination,
+    options: &CopyOptions,
+    progress: &Progress,
+    stop: &CancellationToken,
+) -> Result<CopyReport, CopyError> {
+    let deadline = tokio::time::Instant::now() + options.timeout;
+    let inner = stop.child_token();
+    let watchdog = async {
+        tokio::time::sleep_until(deadline).await;
+        inner.cancel();
+        // The copy itself ends now, cancelling its uploads on the way out.
+        std::future::pending().await
+    };
+    let copied = tokio::select! {
+        copied = copy_until_stopped(source, image, dest, options, progress, &inner) => copied,
+        never = watchdog => never,
+    };
+    match copied {
+        // Only the watchdog cancels `inner` alone.
+        Err(CopyError::Stopped) if inner.is_cancelled() && !stop.is_cancelled() => {
+            Err(CopyError::TimedOut(options.timeout))
+        }
+        copied => copied,
+    }
+}
+
+/// `work`, unless `stop` fires first.
+async fn or_stopped<T>(
+    stop: &CancellationToken,
+    work: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, CopyError> {
+    tokio::select! {
+        done = work => Ok(done?),
+        () = stop.cancelled() => Err(CopyError::Stopped),
+    }
+}
+
+async fn copy_until_stopped(
     source: &Source,
     image: &ResolvedImage,
     dest: &Destination,
@@ -295,12 +345,9 @@ pub async fn copy(
             .iter()
             .filter(|e| e.digest != image.image.digest)
         {
-            manifests.push(
-                source
-                    .client
-                    .get_manifest(&source.repo, &entry.digest.to_string())
-                    .await?,
-            );
+            let reference = entry.digest.to_string();
+            let manifest = source.client.get_manifest(&source.repo, &reference);
+            manifests.push(or_stopped(stop, manifest).await?);
         }
     }
     let mut blobs = BTreeMap::new();
@@ -351,20 +398,20 @@ pub async fn copy(
     let tag_stores_all = options.tag.is_some()
         && manifests.len() == 1
         && image.image.digest.algorithm() == Algorithm::Sha256;
-    for manifest in manifests.iter().filter(|_| !tag_stores_all) {
-        dest.client
-            .put_manifest(&dest.repo, &manifest.digest.to_string(), manifest)
-            .await?;
-    }
+    let mut pushes: Vec<(String, &Manifest)> = manifests
+        .iter()
+        .filter(|_| !tag_stores_all)
+        .map(|manifest| (manifest.digest.to_string(), manifest))
+        .collect();
     if manifests.len() > 1 {
-        dest.client
-            .put_manifest(&dest.repo, &image.top.digest.to_string(), &image.top)
-            .await?;
+        pushes.push((image.top.digest.to_string(), &image.top));
     }
     if let Some(tag) = &options.tag {
-        dest.client
-            .put_manifest(&dest.repo, tag.as_str(), &image.image)
-            .await?;
+        pushes.push((tag.to_string(), &image.image));
+    }
+    for (reference, manifest) in pushes {
+        let push = dest.client.put_manifest(&dest.repo, &reference, manifest);
+        or_stopped(&stop, push).await?;
     }
     let mut report = CopyReport {
         bytes: progress.counter().get() - before,
@@ -406,7 +453,10 @@ async fn copy_blob(
         return Ok(BlobOutcome::Present);
     }
     let known = match config_of {
-        Some(image) => Some(read_config(source, image, None).await?),
+        Some(image) => Some(tokio::select! {
+            config = read_config(source, image, None) => config?,
+            () = stop.cancelled() => return Err(CopyError::Stopped),
+        }),
         None => None,
     };
     let policy = source.client.retry_policy();

@@ -633,6 +633,52 @@ fn a_slow_layer_reports_progress_every_few_seconds_in_the_staging_log() {
 }
 
 #[test]
+fn a_stalled_upstream_ends_the_copy_at_its_deadline_and_leaves_nothing_behind() {
+    let upstream = Upstream::start(None);
+    let proxy = Proxy::start(&upstream.host());
+    let berth = Berth::start();
+    let image = web_image(13, &[600 * KIB, 400 * KIB]);
+    upstream.push("team/app:1.0", &image.manifest, &image.blobs());
+    // Part of each layer arrives, then the source goes silent with the connections open.
+    for layer in &image.layers {
+        proxy.inject(&layer.blob.digest, Fault::Stall(100 * KIB), None);
+    }
+
+    let reference = format!("{}/team/app:1.0", proxy.host());
+    let started = Instant::now();
+    let (_, outcome) = stage_failing(&berth, "copy_timeout_seconds: 3\n", &reference, &[]);
+    let took = started.elapsed();
+    let failure = failure_line(&outcome);
+    assert!(
+        failure.contains("did not finish within 3 s (copy_timeout_seconds")
+            && failure.contains("nothing was cached"),
+        "{failure}"
+    );
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(10),
+        "ended after {took:?}"
+    );
+    let uploads = files_below(&berth.root().join("uploads"));
+    assert_eq!(uploads, Vec::<PathBuf>::new(), "upload sessions left open");
+    for repo in berth.catalog() {
+        assert_eq!(berth.tags(&repo), Vec::<String>::new(), "{repo}");
+        assert_eq!(
+            berth.manifest(&repo, &image.manifest.digest),
+            None,
+            "{repo}"
+        );
+    }
+    assert_not_stored(
+        &berth,
+        &image
+            .layers
+            .iter()
+            .map(|l| l.blob.digest.as_str())
+            .collect::<Vec<_>>(),
+    );
+}
+
+#[test]
 fn a_corrupted_blob_fails_staging_and_commits_nothing() {
     let upstream = Upstream::start(None);
     let proxy = Proxy::start(&upstream.host());

@@ -582,6 +582,8 @@ pub enum Fault {
     Delay(Duration),
     /// Relay the body at this many bytes per second, in tenth-of-a-second slices.
     Throttle(usize),
+    /// Relay this many bytes of the body, then send nothing more, keeping the connection open.
+    Stall(usize),
 }
 
 struct Rule {
@@ -830,7 +832,15 @@ impl Relayed {
             let pause = Duration::from_secs_f64(chunk.len() as f64 / per_second as f64);
             tokio::time::sleep(pause).await;
         }
+        if let Some(Fault::Stall(limit)) = self.fault
+            && self.sent >= limit
+        {
+            std::future::pending::<()>().await;
+        }
         match self.fault {
+            Some(Fault::Stall(limit)) if self.sent + chunk.len() > limit => {
+                self.pending = chunk.split_off(limit - self.sent);
+            }
             Some(Fault::Cut(limit)) if self.sent + chunk.len() >= limit => {
                 chunk = chunk.slice(..limit - self.sent);
                 self.fail_next = true;
