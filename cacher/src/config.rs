@@ -77,9 +77,8 @@ fn default_namespace() -> String {
 fn default_platform() -> String {
     "linux/amd64".into()
 }
-/// Enough streams that one blob's commit (its fsync) overlaps others' transfers: copying a
-/// 20 x 5 MiB image, 8 took 0.379-0.412 s against 0.411-0.437 s for 4 and 0.433 s for 16
-/// (medians of 6-8 interleaved runs on a 2-core machine).
+/// Enough streams that one blob's commit (its fsync) overlaps others' transfers; beyond that,
+/// more streams only contend for the cores (`ci/bench --only cacher` compares).
 fn default_parallel() -> usize {
     8
 }
