@@ -81,15 +81,12 @@ pub fn main(args: &[String]) -> ExitCode {
             eprintln!("could not read the password from standard input");
             return ExitCode::from(1);
         }
-        Some(line.trim_end_matches(['\r', '\n']).to_owned())
+        Some(Secret::from_line(line))
     } else {
-        env_password
+        env_password.map(Secret::new)
     };
     let credentials = match (args.username.clone(), password) {
-        (Some(username), Some(password)) => Some(Credentials {
-            username,
-            password: Secret::new(password),
-        }),
+        (Some(username), Some(password)) => Some(Credentials { username, password }),
         (Some(_), None) => {
             eprintln!("--username needs a password in {PASSWORD_ENV} or on standard input");
             return ExitCode::from(1);
