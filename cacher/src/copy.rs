@@ -578,3 +578,62 @@ mod tests {
         assert!(!descriptor("application/vnd.oci.image.layer.v1.tar+gzip").is_foreign());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::client::detect_media_type;
+    use crate::generated::{CASES, damaged_json, json_value};
+
+    const KEYS: &[&str] = &[
+        "schemaVersion",
+        "mediaType",
+        "config",
+        "layers",
+        "manifests",
+        "digest",
+        "size",
+        "platform",
+        "os",
+        "architecture",
+        "variant",
+        "urls",
+        "annotations",
+        "subject",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        /// Whatever a registry serves as a manifest, reading it as an image or an index answers
+        /// without panicking, as does everything the copy asks of what it accepts.
+        #[test]
+        fn any_manifest_parses_or_is_refused(
+            bytes in damaged_json(json_value(KEYS)),
+            header in prop::option::of(prop::sample::select(&[
+                media_type::OCI_MANIFEST, media_type::OCI_INDEX, media_type::DOCKER_MANIFEST,
+                "application/json", "text/plain",
+            ][..])),
+        ) {
+            let manifest = Manifest {
+                media_type: detect_media_type(header, &bytes),
+                digest: Digest::sha256_of(&bytes),
+                bytes: Bytes::from(bytes),
+            };
+            if let Ok(image) = parse::<ImageManifest>(&manifest, "generated") {
+                for layer in std::iter::once(&image.config).chain(&image.layers) {
+                    layer.is_foreign();
+                }
+            }
+            if let Ok(index) = parse::<IndexManifest>(&manifest, "generated") {
+                let wanted = Platform::parse("linux/amd64").expect("a platform");
+                index.manifests.iter().filter_map(|m| m.platform.as_ref()).for_each(|p| {
+                    wanted.matches(p);
+                });
+                available_platforms(&index);
+            }
+        }
+    }
+}

@@ -287,3 +287,64 @@ mod tests {
         assert_eq!(*basic_value(&credentials), "Basic dXNlcjpwYXNz");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::generated::{CASES, text_of};
+
+    const PIECES: &[&str] = &[
+        "Bearer ",
+        "Basic ",
+        "bearer",
+        " ",
+        ",",
+        "=",
+        "\"",
+        "\\",
+        "realm",
+        "service",
+        "scope",
+        "error",
+        "=\"",
+        "\",",
+        "https://auth.example/token",
+        "repository:a/b:pull,push",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        /// Whatever a registry sends as `WWW-Authenticate`, parsing answers without panicking.
+        #[test]
+        fn any_challenge_parses_or_is_ignored(header in text_of(PIECES)) {
+            if let Some(Challenge::Bearer { realm, .. }) = parse_challenge(&header) {
+                prop_assert!(header.to_ascii_lowercase().contains("realm"), "{}", realm);
+            }
+        }
+
+        /// Quoted values come back as they were, whatever they hold.
+        #[test]
+        fn quoted_parameters_round_trip(
+            params in prop::collection::btree_map("[a-z]{1,8}", any::<String>(), 0..5)
+        ) {
+            let header: Vec<String> = params
+                .iter()
+                .map(|(key, value)| {
+                    let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
+                    format!("{key}=\"{escaped}\"")
+                })
+                .collect();
+            let parsed: BTreeMap<String, String> = parse_params(&header.join(", ")).into_iter().collect();
+            let expected: BTreeMap<String, String> = params
+                .into_iter()
+                .map(|(key, value)| (key, value.trim().to_owned()))
+                .collect();
+            prop_assert_eq!(parsed, expected);
+        }
+    }
+}

@@ -613,7 +613,7 @@ async fn read_limited_vec(
 
 /// The manifest's media type: the `Content-Type` when it names a manifest type, else the
 /// document's own `mediaType`, else what its shape says (some registries serve `application/json`).
-fn detect_media_type(header: Option<&str>, bytes: &[u8]) -> String {
+pub(crate) fn detect_media_type(header: Option<&str>, bytes: &[u8]) -> String {
     if let Some(header) = header
         && (media_type::is_supported_manifest(header) || media_type::is_schema1(header))
         && header != "application/json"
