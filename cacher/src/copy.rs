@@ -6,10 +6,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use berth_oci::manifest::{self, Descriptor, ManifestDocument};
 use berth_oci::{Algorithm, Digest, RepoName, Tag, media_type};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{BlobReader, ClientError, Manifest, RegistryClient, UploadStart, short};
@@ -71,7 +71,7 @@ impl Platform {
         }
     }
 
-    fn matches(&self, spec: &PlatformSpec) -> bool {
+    fn matches(&self, spec: &manifest::Platform) -> bool {
         spec.os == self.os
             && spec.architecture == self.architecture
             && (self.variant.is_none() || self.variant == spec.variant)
@@ -86,46 +86,6 @@ impl fmt::Display for Platform {
         }
         Ok(())
     }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct PlatformSpec {
-    #[serde(default)]
-    os: String,
-    #[serde(default)]
-    architecture: String,
-    #[serde(default)]
-    variant: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Descriptor {
-    media_type: String,
-    digest: Digest,
-    size: u64,
-    #[serde(default)]
-    platform: Option<PlatformSpec>,
-}
-
-impl Descriptor {
-    /// Non-distributable layers stay where their `urls` point: registries neither hold nor
-    /// require them, so the copy leaves them out.
-    fn is_foreign(&self) -> bool {
-        self.media_type.contains("foreign") || self.media_type.contains("nondistributable")
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct ImageManifest {
-    config: Descriptor,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
-}
-
-#[derive(Debug, Deserialize)]
-struct IndexManifest {
-    manifests: Vec<Descriptor>,
 }
 
 /// Where an image is read from.
@@ -162,15 +122,14 @@ pub async fn resolve(source: &Source, platform: &Platform) -> Result<ResolvedIma
         .get_manifest(&source.repo, &source.reference)
         .await?;
     let image = if media_type::is_index(&top.media_type) {
-        let index: IndexManifest = parse(&top, &name)?;
-        let chosen = index
-            .manifests
+        let entries = index_entries(&top, &name)?;
+        let chosen = entries
             .iter()
             .find(|entry| entry.platform.as_ref().is_some_and(|p| platform.matches(p)))
             .ok_or_else(|| CopyError::NoPlatform {
                 reference: name.clone(),
                 wanted: platform.clone(),
-                available: available_platforms(&index),
+                available: available_platforms(&entries),
             })?;
         source
             .client
@@ -179,7 +138,8 @@ pub async fn resolve(source: &Source, platform: &Platform) -> Result<ResolvedIma
     } else {
         top.clone()
     };
-    let config_digest = parse::<ImageManifest>(&image, &name)?.config.digest;
+    let (config, _) = image_blobs(&image, &name)?;
+    let config_digest = config.digest;
     Ok(ResolvedImage {
         top,
         image,
@@ -215,9 +175,8 @@ pub async fn read_config(
     Ok(config.await?.clone())
 }
 
-fn available_platforms(index: &IndexManifest) -> String {
-    let names: Vec<String> = index
-        .manifests
+fn available_platforms(entries: &[Descriptor]) -> String {
+    let names: Vec<String> = entries
         .iter()
         .filter_map(|m| m.platform.as_ref())
         .map(|p| match &p.variant {
@@ -232,7 +191,7 @@ fn available_platforms(index: &IndexManifest) -> String {
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(manifest: &Manifest, name: &str) -> Result<T, CopyError> {
+fn parse(manifest: &Manifest, name: &str) -> Result<ManifestDocument, CopyError> {
     if media_type::is_schema1(&manifest.media_type) {
         return Err(CopyError::Schema1(name.to_owned()));
     }
@@ -242,8 +201,33 @@ fn parse<T: serde::de::DeserializeOwned>(manifest: &Manifest, name: &str) -> Res
             manifest.media_type
         )));
     }
-    serde_json::from_slice(&manifest.bytes)
+    ManifestDocument::parse(&manifest.bytes)
         .map_err(|e| CopyError::Manifest(format!("{name} ({}) is invalid: {e}", manifest.digest)))
+}
+
+/// The entries of an index.
+fn index_entries(manifest: &Manifest, name: &str) -> Result<Vec<Descriptor>, CopyError> {
+    parse(manifest, name)?.manifests.ok_or_else(|| {
+        CopyError::Manifest(format!(
+            "{name} ({}) is an index without manifests",
+            manifest.digest
+        ))
+    })
+}
+
+/// An image manifest's config, and every blob the image needs in a registry (the config first).
+fn image_blobs(
+    manifest: &Manifest,
+    name: &str,
+) -> Result<(Descriptor, Vec<Descriptor>), CopyError> {
+    let parsed = parse(manifest, name)?;
+    let config = parsed.config.clone().ok_or_else(|| {
+        CopyError::Manifest(format!(
+            "{name} ({}) is an image manifest without a config",
+            manifest.digest
+        ))
+    })?;
+    Ok((config, parsed.blobs().cloned().collect()))
 }
 
 /// Where an image is written to.
@@ -339,12 +323,8 @@ async fn copy_until_stopped(
     let name = format!("{}:{}", source.repo, source.reference);
     let mut manifests = vec![image.image.clone()];
     if options.keep_index && image.top.digest != image.image.digest {
-        let index: IndexManifest = parse(&image.top, &name)?;
-        for entry in index
-            .manifests
-            .iter()
-            .filter(|e| e.digest != image.image.digest)
-        {
+        let entries = index_entries(&image.top, &name)?;
+        for entry in entries.iter().filter(|e| e.digest != image.image.digest) {
             let reference = entry.digest.to_string();
             let manifest = source.client.get_manifest(&source.repo, &reference);
             manifests.push(or_stopped(stop, manifest).await?);
@@ -352,11 +332,8 @@ async fn copy_until_stopped(
     }
     let mut blobs = BTreeMap::new();
     for manifest in &manifests {
-        let parsed: ImageManifest = parse(manifest, &name)?;
-        for blob in std::iter::once(parsed.config).chain(parsed.layers) {
-            if !blob.is_foreign() {
-                blobs.insert(blob.digest.clone(), blob);
-            }
+        for blob in image_blobs(manifest, &name)?.1 {
+            blobs.insert(blob.digest.clone(), blob);
         }
     }
     // Largest first: a copy lasts as long as its last blob, so that one should be a small one.
@@ -547,7 +524,7 @@ mod tests {
     fn platforms_parse_and_match() {
         let wanted = Platform::parse("linux/arm64/v8").unwrap();
         assert_eq!(wanted.to_string(), "linux/arm64/v8");
-        let spec = |os: &str, arch: &str, variant: Option<&str>| PlatformSpec {
+        let spec = |os: &str, arch: &str, variant: Option<&str>| manifest::Platform {
             os: os.into(),
             architecture: arch.into(),
             variant: variant.map(Into::into),
@@ -559,23 +536,6 @@ mod tests {
         assert!(!amd64.matches(&spec("unknown", "unknown", None)));
         assert!(Platform::parse("linux").is_err());
         assert!(Platform::parse("/amd64").is_err());
-    }
-
-    #[test]
-    fn foreign_layers_are_recognised() {
-        let descriptor = |media_type: &str| Descriptor {
-            media_type: media_type.into(),
-            digest: Digest::sha256_of(b""),
-            size: 0,
-            platform: None,
-        };
-        assert!(
-            descriptor("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip").is_foreign()
-        );
-        assert!(
-            descriptor("application/vnd.oci.image.layer.nondistributable.v1.tar+gzip").is_foreign()
-        );
-        assert!(!descriptor("application/vnd.oci.image.layer.v1.tar+gzip").is_foreign());
     }
 }
 
@@ -622,17 +582,15 @@ mod properties {
                 digest: Digest::sha256_of(&bytes),
                 bytes: Bytes::from(bytes),
             };
-            if let Ok(image) = parse::<ImageManifest>(&manifest, "generated") {
-                for layer in std::iter::once(&image.config).chain(&image.layers) {
-                    layer.is_foreign();
-                }
+            if let Ok((config, blobs)) = image_blobs(&manifest, "generated") {
+                prop_assert_eq!(&blobs[0], &config);
             }
-            if let Ok(index) = parse::<IndexManifest>(&manifest, "generated") {
+            if let Ok(entries) = index_entries(&manifest, "generated") {
                 let wanted = Platform::parse("linux/amd64").expect("a platform");
-                index.manifests.iter().filter_map(|m| m.platform.as_ref()).for_each(|p| {
+                entries.iter().filter_map(|m| m.platform.as_ref()).for_each(|p| {
                     wanted.matches(p);
                 });
-                available_platforms(&index);
+                available_platforms(&entries);
             }
         }
     }

@@ -7,6 +7,7 @@ mod retry;
 
 use std::time::Duration;
 
+use berth_oci::manifest::ManifestDocument;
 use berth_oci::{Digest, RepoName, media_type};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -620,26 +621,16 @@ pub(crate) fn detect_media_type(header: Option<&str>, bytes: &[u8]) -> String {
     {
         return header.to_owned();
     }
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Shape {
-        #[serde(default)]
-        media_type: Option<String>,
-        #[serde(default)]
-        schema_version: Option<u32>,
-        #[serde(default)]
-        manifests: Option<serde_json::Value>,
-    }
-    match serde_json::from_slice::<Shape>(bytes) {
-        Ok(Shape {
+    match ManifestDocument::parse(bytes) {
+        Ok(ManifestDocument {
             media_type: Some(declared),
             ..
         }) => declared,
-        Ok(Shape {
+        Ok(ManifestDocument {
             schema_version: Some(1),
             ..
         }) => media_type::DOCKER_SCHEMA1.to_owned(),
-        Ok(Shape {
+        Ok(ManifestDocument {
             manifests: Some(_), ..
         }) => media_type::OCI_INDEX.to_owned(),
         _ => media_type::OCI_MANIFEST.to_owned(),
