@@ -126,11 +126,6 @@ impl Progress {
         }
     }
 
-    /// The lines a report would print now: one per blob in flight, then the total.
-    pub fn report(&self) -> Vec<String> {
-        self.shared.report()
-    }
-
     pub fn finish(&mut self) {
         if let Some(reporter) = self.reporter.take() {
             reporter.abort();
@@ -189,6 +184,7 @@ impl Shared {
         }
     }
 
+    /// The lines of a report: one per blob in flight, then the total.
     fn report(&self) -> Vec<String> {
         let plan = self.plan();
         let now = Instant::now();
@@ -335,7 +331,7 @@ mod tests {
         first.counter().add(1500);
         second.counter().add(1000);
         second.complete();
-        let report = progress.report();
+        let report = progress.shared.report();
         assert_eq!(report.len(), 2, "{report:?}");
         assert!(
             report[0].starts_with(&format!("  {}  1.5 KiB of 2.9 KiB (50%), ", short(&a))),
@@ -347,7 +343,7 @@ mod tests {
         );
         // A failed attempt is forgotten; its retry starts from zero.
         drop(first);
-        assert_eq!(progress.report().len(), 1);
+        assert_eq!(progress.shared.report().len(), 1);
         assert_eq!(progress.counter().get(), 2500);
         progress.finish();
     }
