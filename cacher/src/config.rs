@@ -49,6 +49,9 @@ pub struct CacherConfig {
     /// Attempts per request or blob before the copy fails.
     #[serde(default = "default_attempts")]
     pub attempts: u32,
+    /// How long copying an image may take before the cacher stops it and fails the staging.
+    #[serde(default = "default_copy_timeout")]
+    pub copy_timeout_seconds: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -74,14 +77,19 @@ fn default_namespace() -> String {
 fn default_platform() -> String {
     "linux/amd64".into()
 }
-/// Enough streams that one blob's commit (its fsync) overlaps others' transfers: copying a
-/// 20 x 5 MiB image, 8 took 0.379-0.412 s against 0.411-0.437 s for 4 and 0.433 s for 16
-/// (medians of 6-8 interleaved runs on a 2-core machine).
+/// Enough streams that one blob's commit (its fsync) overlaps others' transfers; beyond that,
+/// more streams only contend for the cores (`ci/bench --only cacher` compares).
 fn default_parallel() -> usize {
     8
 }
 fn default_attempts() -> u32 {
     5
+}
+/// Within Cloud Controller's default staging timeout (15 minutes), leaving time for the rest of
+/// the staging, so the staging log says why the copy ended instead of the staging being killed
+/// without a word.
+fn default_copy_timeout() -> u64 {
+    600
 }
 
 impl<'de> Deserialize<'de> for Secret {
@@ -138,8 +146,10 @@ impl CacherConfig {
         {
             return invalid("repository_key must be at least 16 bytes of hex".into());
         }
-        if self.parallel_blobs == 0 || self.attempts == 0 {
-            return invalid("parallel_blobs and attempts must be at least 1".into());
+        if self.parallel_blobs == 0 || self.attempts == 0 || self.copy_timeout_seconds == 0 {
+            return invalid(
+                "parallel_blobs, attempts and copy_timeout_seconds must be at least 1".into(),
+            );
         }
         crate::copy::Platform::parse(&self.platform)
             .map_err(|e| ConfigError::Invalid(format!("platform: {e}")))?;
@@ -178,6 +188,7 @@ mod tests {
         assert_eq!(config.platform, "linux/amd64");
         assert_eq!(config.registry_name(), "registry.internal:8080");
         assert!(!config.cache_by_default);
+        assert_eq!(config.copy_timeout_seconds, 600);
     }
 
     #[test]
@@ -189,6 +200,7 @@ mod tests {
             "registry: {url: 'http://r'}\nrepository_key: short",
             "registry: {url: 'http://r'}\nplatform: linux",
             "registry: {url: 'http://r'}\nunknown_key: 1",
+            "registry: {url: 'http://r'}\ncopy_timeout_seconds: 0",
         ] {
             assert!(parse(bad).is_err(), "{bad} should be rejected");
         }

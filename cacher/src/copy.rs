@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use berth_oci::manifest::{self, Descriptor, ManifestDocument};
 use berth_oci::{Algorithm, Digest, RepoName, Tag, media_type};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{BlobReader, ClientError, Manifest, RegistryClient, UploadStart, short};
@@ -41,6 +41,13 @@ pub enum CopyError {
     /// Another part of the staging failed; the copy stopped and cancelled its uploads.
     #[error("the copy was stopped")]
     Stopped,
+    #[error(
+        "the copy did not finish within {} s (copy_timeout_seconds in the cacher configuration): \
+         it was stopped, its uploads cancelled, and nothing was cached. The source registry \
+         answered too slowly or stalled",
+        .0.as_secs()
+    )]
+    TimedOut(Duration),
 }
 
 /// An `os/architecture[/variant]` platform.
@@ -64,7 +71,7 @@ impl Platform {
         }
     }
 
-    fn matches(&self, spec: &PlatformSpec) -> bool {
+    fn matches(&self, spec: &manifest::Platform) -> bool {
         spec.os == self.os
             && spec.architecture == self.architecture
             && (self.variant.is_none() || self.variant == spec.variant)
@@ -79,46 +86,6 @@ impl fmt::Display for Platform {
         }
         Ok(())
     }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct PlatformSpec {
-    #[serde(default)]
-    os: String,
-    #[serde(default)]
-    architecture: String,
-    #[serde(default)]
-    variant: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Descriptor {
-    media_type: String,
-    digest: Digest,
-    size: u64,
-    #[serde(default)]
-    platform: Option<PlatformSpec>,
-}
-
-impl Descriptor {
-    /// Non-distributable layers stay where their `urls` point: registries neither hold nor
-    /// require them, so the copy leaves them out.
-    fn is_foreign(&self) -> bool {
-        self.media_type.contains("foreign") || self.media_type.contains("nondistributable")
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct ImageManifest {
-    config: Descriptor,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
-}
-
-#[derive(Debug, Deserialize)]
-struct IndexManifest {
-    manifests: Vec<Descriptor>,
 }
 
 /// Where an image is read from.
@@ -155,15 +122,14 @@ pub async fn resolve(source: &Source, platform: &Platform) -> Result<ResolvedIma
         .get_manifest(&source.repo, &source.reference)
         .await?;
     let image = if media_type::is_index(&top.media_type) {
-        let index: IndexManifest = parse(&top, &name)?;
-        let chosen = index
-            .manifests
+        let entries = index_entries(&top, &name)?;
+        let chosen = entries
             .iter()
             .find(|entry| entry.platform.as_ref().is_some_and(|p| platform.matches(p)))
             .ok_or_else(|| CopyError::NoPlatform {
                 reference: name.clone(),
                 wanted: platform.clone(),
-                available: available_platforms(&index),
+                available: available_platforms(&entries),
             })?;
         source
             .client
@@ -172,7 +138,8 @@ pub async fn resolve(source: &Source, platform: &Platform) -> Result<ResolvedIma
     } else {
         top.clone()
     };
-    let config_digest = parse::<ImageManifest>(&image, &name)?.config.digest;
+    let (config, _) = image_blobs(&image, &name)?;
+    let config_digest = config.digest;
     Ok(ResolvedImage {
         top,
         image,
@@ -208,9 +175,8 @@ pub async fn read_config(
     Ok(config.await?.clone())
 }
 
-fn available_platforms(index: &IndexManifest) -> String {
-    let names: Vec<String> = index
-        .manifests
+fn available_platforms(entries: &[Descriptor]) -> String {
+    let names: Vec<String> = entries
         .iter()
         .filter_map(|m| m.platform.as_ref())
         .map(|p| match &p.variant {
@@ -225,7 +191,7 @@ fn available_platforms(index: &IndexManifest) -> String {
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(manifest: &Manifest, name: &str) -> Result<T, CopyError> {
+fn parse(manifest: &Manifest, name: &str) -> Result<ManifestDocument, CopyError> {
     if media_type::is_schema1(&manifest.media_type) {
         return Err(CopyError::Schema1(name.to_owned()));
     }
@@ -235,8 +201,33 @@ fn parse<T: serde::de::DeserializeOwned>(manifest: &Manifest, name: &str) -> Res
             manifest.media_type
         )));
     }
-    serde_json::from_slice(&manifest.bytes)
+    ManifestDocument::parse(&manifest.bytes)
         .map_err(|e| CopyError::Manifest(format!("{name} ({}) is invalid: {e}", manifest.digest)))
+}
+
+/// The entries of an index.
+fn index_entries(manifest: &Manifest, name: &str) -> Result<Vec<Descriptor>, CopyError> {
+    parse(manifest, name)?.manifests.ok_or_else(|| {
+        CopyError::Manifest(format!(
+            "{name} ({}) is an index without manifests",
+            manifest.digest
+        ))
+    })
+}
+
+/// An image manifest's config, and every blob the image needs in a registry (the config first).
+fn image_blobs(
+    manifest: &Manifest,
+    name: &str,
+) -> Result<(Descriptor, Vec<Descriptor>), CopyError> {
+    let parsed = parse(manifest, name)?;
+    let config = parsed.config.clone().ok_or_else(|| {
+        CopyError::Manifest(format!(
+            "{name} ({}) is an image manifest without a config",
+            manifest.digest
+        ))
+    })?;
+    Ok((config, parsed.blobs().cloned().collect()))
 }
 
 /// Where an image is written to.
@@ -255,6 +246,8 @@ pub struct CopyOptions {
     pub attempts: u32,
     /// Tag the copied image with this; it stays addressable by digest.
     pub tag: Option<Tag>,
+    /// How long the whole copy may take before it is stopped.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -277,8 +270,49 @@ enum BlobOutcome {
 
 /// Copies `image` (and with `keep_index`, the rest of its index) from `source` to `dest`. When
 /// `stop` fires, blobs in flight cancel their uploads and the copy ends with
-/// [`CopyError::Stopped`], leaving no upload session open and no manifest pushed.
+/// [`CopyError::Stopped`], leaving no upload session open and no manifest pushed; so it does,
+/// with [`CopyError::TimedOut`], when `options.timeout` runs out.
 pub async fn copy(
+    source: &Source,
+    image: &ResolvedImage,
+    dest: &Destination,
+    options: &CopyOptions,
+    progress: &Progress,
+    stop: &CancellationToken,
+) -> Result<CopyReport, CopyError> {
+    let deadline = tokio::time::Instant::now() + options.timeout;
+    let inner = stop.child_token();
+    let watchdog = async {
+        tokio::time::sleep_until(deadline).await;
+        inner.cancel();
+        // The copy itself ends now, cancelling its uploads on the way out.
+        std::future::pending().await
+    };
+    let copied = tokio::select! {
+        copied = copy_until_stopped(source, image, dest, options, progress, &inner) => copied,
+        never = watchdog => never,
+    };
+    match copied {
+        // Only the watchdog cancels `inner` alone.
+        Err(CopyError::Stopped) if inner.is_cancelled() && !stop.is_cancelled() => {
+            Err(CopyError::TimedOut(options.timeout))
+        }
+        copied => copied,
+    }
+}
+
+/// `work`, unless `stop` fires first.
+async fn or_stopped<T>(
+    stop: &CancellationToken,
+    work: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, CopyError> {
+    tokio::select! {
+        done = work => Ok(done?),
+        () = stop.cancelled() => Err(CopyError::Stopped),
+    }
+}
+
+async fn copy_until_stopped(
     source: &Source,
     image: &ResolvedImage,
     dest: &Destination,
@@ -289,32 +323,23 @@ pub async fn copy(
     let name = format!("{}:{}", source.repo, source.reference);
     let mut manifests = vec![image.image.clone()];
     if options.keep_index && image.top.digest != image.image.digest {
-        let index: IndexManifest = parse(&image.top, &name)?;
-        for entry in index
-            .manifests
-            .iter()
-            .filter(|e| e.digest != image.image.digest)
-        {
-            manifests.push(
-                source
-                    .client
-                    .get_manifest(&source.repo, &entry.digest.to_string())
-                    .await?,
-            );
+        let entries = index_entries(&image.top, &name)?;
+        for entry in entries.iter().filter(|e| e.digest != image.image.digest) {
+            let reference = entry.digest.to_string();
+            let manifest = source.client.get_manifest(&source.repo, &reference);
+            manifests.push(or_stopped(stop, manifest).await?);
         }
     }
     let mut blobs = BTreeMap::new();
     for manifest in &manifests {
-        let parsed: ImageManifest = parse(manifest, &name)?;
-        for blob in std::iter::once(parsed.config).chain(parsed.layers) {
-            if !blob.is_foreign() {
-                blobs.insert(blob.digest.clone(), blob);
-            }
+        for blob in image_blobs(manifest, &name)?.1 {
+            blobs.insert(blob.digest.clone(), blob);
         }
     }
     // Largest first: a copy lasts as long as its last blob, so that one should be a small one.
     let mut blobs: Vec<&Descriptor> = blobs.values().collect();
     blobs.sort_by_key(|blob| std::cmp::Reverse(blob.size));
+    progress.plan(blobs.iter().map(|blob| blob.size).sum());
     let before = progress.counter().get();
     // A failed blob stops the others, and each cancels its upload on the way out.
     let stop = stop.child_token();
@@ -350,20 +375,20 @@ pub async fn copy(
     let tag_stores_all = options.tag.is_some()
         && manifests.len() == 1
         && image.image.digest.algorithm() == Algorithm::Sha256;
-    for manifest in manifests.iter().filter(|_| !tag_stores_all) {
-        dest.client
-            .put_manifest(&dest.repo, &manifest.digest.to_string(), manifest)
-            .await?;
-    }
+    let mut pushes: Vec<(String, &Manifest)> = manifests
+        .iter()
+        .filter(|_| !tag_stores_all)
+        .map(|manifest| (manifest.digest.to_string(), manifest))
+        .collect();
     if manifests.len() > 1 {
-        dest.client
-            .put_manifest(&dest.repo, &image.top.digest.to_string(), &image.top)
-            .await?;
+        pushes.push((image.top.digest.to_string(), &image.top));
     }
     if let Some(tag) = &options.tag {
-        dest.client
-            .put_manifest(&dest.repo, tag.as_str(), &image.image)
-            .await?;
+        pushes.push((tag.to_string(), &image.image));
+    }
+    for (reference, manifest) in pushes {
+        let push = dest.client.put_manifest(&dest.repo, &reference, manifest);
+        or_stopped(&stop, push).await?;
     }
     let mut report = CopyReport {
         bytes: progress.counter().get() - before,
@@ -400,11 +425,15 @@ async fn copy_blob(
         .await?
         .is_some()
     {
+        progress.skip(blob.size);
         progress.line(&format!("{label}  already cached"));
         return Ok(BlobOutcome::Present);
     }
     let known = match config_of {
-        Some(image) => Some(read_config(source, image, None).await?),
+        Some(image) => Some(tokio::select! {
+            config = read_config(source, image, None) => config?,
+            () = stop.cancelled() => return Err(CopyError::Stopped),
+        }),
         None => None,
     };
     let policy = source.client.retry_policy();
@@ -416,12 +445,14 @@ async fn copy_blob(
             .await?
         {
             UploadStart::Mounted => {
+                progress.skip(blob.size);
                 progress.line(&format!("{label}  mounted from the cache"));
                 return Ok(BlobOutcome::Mounted);
             }
             UploadStart::Session(location) => location,
         };
         let started = Instant::now();
+        let transfer = progress.track(&blob.digest, blob.size);
         let (body, failure) = match &known {
             Some(bytes) => (reqwest::Body::from(bytes.clone()), None),
             None => {
@@ -430,7 +461,7 @@ async fn copy_blob(
                     source.repo.clone(),
                     blob.digest.clone(),
                     blob.size,
-                    progress.counter(),
+                    transfer.counter(),
                 );
                 let failure = reader.failure();
                 (
@@ -451,6 +482,7 @@ async fn copy_blob(
         };
         let err = match sent {
             Ok(()) => {
+                transfer.complete();
                 let elapsed = started.elapsed();
                 progress.line(&format!(
                     "{label}  copied in {:.1} s ({})",
@@ -492,7 +524,7 @@ mod tests {
     fn platforms_parse_and_match() {
         let wanted = Platform::parse("linux/arm64/v8").unwrap();
         assert_eq!(wanted.to_string(), "linux/arm64/v8");
-        let spec = |os: &str, arch: &str, variant: Option<&str>| PlatformSpec {
+        let spec = |os: &str, arch: &str, variant: Option<&str>| manifest::Platform {
             os: os.into(),
             architecture: arch.into(),
             variant: variant.map(Into::into),
@@ -505,21 +537,61 @@ mod tests {
         assert!(Platform::parse("linux").is_err());
         assert!(Platform::parse("/amd64").is_err());
     }
+}
 
-    #[test]
-    fn foreign_layers_are_recognised() {
-        let descriptor = |media_type: &str| Descriptor {
-            media_type: media_type.into(),
-            digest: Digest::sha256_of(b""),
-            size: 0,
-            platform: None,
-        };
-        assert!(
-            descriptor("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip").is_foreign()
-        );
-        assert!(
-            descriptor("application/vnd.oci.image.layer.nondistributable.v1.tar+gzip").is_foreign()
-        );
-        assert!(!descriptor("application/vnd.oci.image.layer.v1.tar+gzip").is_foreign());
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::client::detect_media_type;
+    use crate::generated::{CASES, damaged_json, json_value};
+
+    const KEYS: &[&str] = &[
+        "schemaVersion",
+        "mediaType",
+        "config",
+        "layers",
+        "manifests",
+        "digest",
+        "size",
+        "platform",
+        "os",
+        "architecture",
+        "variant",
+        "urls",
+        "annotations",
+        "subject",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        /// Whatever a registry serves as a manifest, reading it as an image or an index answers
+        /// without panicking, as does everything the copy asks of what it accepts.
+        #[test]
+        fn any_manifest_parses_or_is_refused(
+            bytes in damaged_json(json_value(KEYS)),
+            header in prop::option::of(prop::sample::select(&[
+                media_type::OCI_MANIFEST, media_type::OCI_INDEX, media_type::DOCKER_MANIFEST,
+                "application/json", "text/plain",
+            ][..])),
+        ) {
+            let manifest = Manifest {
+                media_type: detect_media_type(header, &bytes),
+                digest: Digest::sha256_of(&bytes),
+                bytes: Bytes::from(bytes),
+            };
+            if let Ok((config, blobs)) = image_blobs(&manifest, "generated") {
+                prop_assert_eq!(&blobs[0], &config);
+            }
+            if let Ok(entries) = index_entries(&manifest, "generated") {
+                let wanted = Platform::parse("linux/amd64").expect("a platform");
+                entries.iter().filter_map(|m| m.platform.as_ref()).for_each(|p| {
+                    wanted.matches(p);
+                });
+                available_platforms(&entries);
+            }
+        }
     }
 }

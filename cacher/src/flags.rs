@@ -289,3 +289,56 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::generated::{CASES, text_of};
+
+    const PIECES: &[&str] = &[
+        "-",
+        "--",
+        "=",
+        "-dockerRef",
+        "-dockerPassword",
+        "--dockerPassword=",
+        "-dockerUser",
+        "-dockerPasswordStdin",
+        "-outputMetadataJSONFilename",
+        "-insecureDockerRegistries",
+        "-cacheDockerImage",
+        "-dockerEmail",
+        "-h",
+        "true",
+        "false",
+        "host:5000",
+        ",",
+        "ubuntu",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        /// Any command line parses or is refused without panicking; a password it accepts is
+        /// where the scrubber will look for it.
+        #[test]
+        fn any_command_line_parses_or_is_refused(
+            args in prop::collection::vec(text_of(PIECES), 0..6)
+        ) {
+            if let Ok(parsed) = parse(&args) {
+                for secret in &parsed.argv_secrets {
+                    let arg = args.get(secret.index - 1);
+                    prop_assert!(arg.is_some_and(|a| secret.offset <= a.len()), "{:?}", secret);
+                }
+                if let Some(password) = &parsed.password {
+                    let found = parsed.argv_secrets.iter().any(|secret| {
+                        args[secret.index - 1].as_bytes()[secret.offset..] == *password.expose().as_bytes()
+                    });
+                    prop_assert!(found, "{:?}", parsed.argv_secrets);
+                }
+            }
+        }
+    }
+}

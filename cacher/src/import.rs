@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use berth_oci::manifest::{Descriptor, ManifestDocument};
 use berth_oci::{Digest, DigestHasher, media_type};
 use bytes::Bytes;
 use clap::Parser;
@@ -81,15 +82,12 @@ pub fn main(args: &[String]) -> ExitCode {
             eprintln!("could not read the password from standard input");
             return ExitCode::from(1);
         }
-        Some(line.trim_end_matches(['\r', '\n']).to_owned())
+        Some(Secret::from_line(line))
     } else {
-        env_password
+        env_password.map(Secret::new)
     };
     let credentials = match (args.username.clone(), password) {
-        (Some(username), Some(password)) => Some(Credentials {
-            username,
-            password: Secret::new(password),
-        }),
+        (Some(username), Some(password)) => Some(Credentials { username, password }),
         (Some(_), None) => {
             eprintln!("--username needs a password in {PASSWORD_ENV} or on standard input");
             return ExitCode::from(1);
@@ -275,24 +273,6 @@ struct Plan {
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Descriptor {
-    media_type: String,
-    digest: Digest,
-    size: u64,
-}
-
-#[derive(Deserialize)]
-struct DocumentParts {
-    #[serde(default)]
-    manifests: Vec<Descriptor>,
-    #[serde(default)]
-    config: Option<Descriptor>,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
-}
-
-#[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct DockerSaveEntry {
     config: String,
@@ -345,10 +325,12 @@ impl Scan {
         };
         if self.resolve("index.json").is_some() {
             let (_, _, index) = self.document("index.json")?;
-            let index: DocumentParts = parse_json(index, "index.json")?;
+            let index: ManifestDocument = parse_json(index, "index.json")?;
             let top = index
                 .manifests
-                .first()
+                .iter()
+                .flatten()
+                .next()
                 .ok_or_else(|| ImportError::Format("index.json lists no image".into()))?;
             self.plan_oci(top, &mut plan)?;
         } else if self.resolve("manifest.json").is_some() {
@@ -370,21 +352,16 @@ impl Scan {
                 "{name} does not match its digest"
             )));
         }
-        let parts: DocumentParts = parse_json(bytes, &name)?;
-        if media_type::is_index(&descriptor.media_type) {
-            for child in &parts.manifests {
+        let media_type = descriptor.media_type.clone().ok_or_else(|| {
+            ImportError::Format(format!("the descriptor of {name} has no mediaType"))
+        })?;
+        let parts: ManifestDocument = parse_json(bytes, &name)?;
+        if media_type::is_index(&media_type) {
+            for child in parts.manifests.iter().flatten() {
                 self.plan_oci(child, plan)?;
             }
         } else {
-            let foreign = |d: &&Descriptor| {
-                d.media_type.contains("foreign") || d.media_type.contains("nondistributable")
-            };
-            for blob in parts
-                .config
-                .iter()
-                .chain(&parts.layers)
-                .filter(|d| !foreign(d))
-            {
+            for blob in parts.blobs() {
                 let path = blob_path(&blob.digest);
                 let (path, info) = self.resolve(&path).ok_or_else(|| {
                     ImportError::Format(format!("{path} is missing from the archive"))
@@ -399,7 +376,7 @@ impl Scan {
             }
         }
         plan.manifests.push(Manifest {
-            media_type: descriptor.media_type.clone(),
+            media_type,
             bytes: bytes.clone(),
             digest: descriptor.digest.clone(),
         });

@@ -5,6 +5,8 @@ pub mod client;
 pub mod config;
 pub mod copy;
 pub mod flags;
+#[cfg(test)]
+mod generated;
 pub mod import;
 pub mod progress;
 pub mod reference;

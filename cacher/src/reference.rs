@@ -107,9 +107,17 @@ impl ImageReference {
     }
 
     /// The form the Docker lifecycle builder has always written to `docker_image`: Docker Hub
-    /// images without their registry (`library/ubuntu:latest`), others with it.
+    /// images without their registry (`library/ubuntu:latest`), others with it. A Docker Hub
+    /// repository whose first component reads as a host (`docker.io/localhost/app`) keeps its
+    /// registry, or whoever reads the result would pull from that host.
     pub fn builder_form(&self) -> String {
-        let mut out = if self.registry == DOCKER_HUB {
+        let first = self
+            .repository
+            .as_str()
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        let mut out = if self.registry == DOCKER_HUB && !is_registry_host(first) {
             self.repository.to_string()
         } else {
             format!("{}/{}", self.registry, self.repository)
@@ -207,6 +215,11 @@ mod tests {
         assert_eq!(form("ubuntu"), "library/ubuntu:latest");
         assert_eq!(form("r.example.com:443/x/y:2"), "r.example.com:443/x/y:2");
         assert_eq!(
+            form("docker.io/localhost/app"),
+            "docker.io/localhost/app:latest"
+        );
+        assert_eq!(form("docker.io/my.org/app:1"), "docker.io/my.org/app:1");
+        assert_eq!(
             ImageReference::parse("r.example.com/x:2")
                 .unwrap()
                 .to_string(),
@@ -228,6 +241,51 @@ mod tests {
                 ImageReference::parse(bad).is_err(),
                 "{bad:?} should be rejected"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::generated::{CASES, text_of};
+
+    const PIECES: &[&str] = &[
+        "/",
+        "/",
+        ":",
+        "@",
+        ".",
+        "-",
+        "_",
+        "__",
+        " ",
+        "localhost",
+        "docker.io",
+        "index.docker.io",
+        "host:5000",
+        "sha256:",
+        "library",
+        "latest",
+        "UPPER",
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        /// Whatever Cloud Controller passes as `-dockerRef`, parsing answers without panicking,
+        /// and what it accepts it writes back in a form it reads as the same reference.
+        #[test]
+        fn any_reference_parses_or_is_refused(input in text_of(PIECES)) {
+            if let Ok(reference) = ImageReference::parse(&input) {
+                reference.manifest_reference();
+                reference.api_host();
+                prop_assert_eq!(ImageReference::parse(&reference.to_string()), Ok(reference.clone()));
+                prop_assert_eq!(ImageReference::parse(&reference.builder_form()), Ok(reference));
+            }
         }
     }
 }

@@ -200,3 +200,40 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::generated::{CASES, damaged_json, json_value};
+
+    const KEYS: &[&str] = &[
+        "config",
+        "Cmd",
+        "Entrypoint",
+        "WorkingDir",
+        "ExposedPorts",
+        "User",
+        "Env",
+        "80/tcp",
+        "8080",
+        "70000/udp",
+        "x/tcp",
+        "/",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        /// Whatever an image config holds, the staging metadata is read from it or refused
+        /// without panicking, and what is read renders into a result.
+        #[test]
+        fn any_image_config_gives_metadata_or_an_error(bytes in damaged_json(json_value(KEYS))) {
+            if let Ok(metadata) = ExecutionMetadata::from_image_config(&bytes) {
+                metadata.start_command();
+                let _ = render("registry.internal/cache/app@sha256:00", &metadata);
+            }
+        }
+    }
+}

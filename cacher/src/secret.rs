@@ -6,14 +6,25 @@ use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 
-/// A password or token. `Debug` and `Display` print a placeholder, so the value cannot reach a
-/// log line or an error message by accident.
+use zeroize::{Zeroize, Zeroizing};
+
+/// A password or token. `Debug` prints a placeholder, so the value cannot reach a log line or an
+/// error message by accident, and the memory that held it is zeroed when it is dropped.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+pub struct Secret(Zeroizing<String>);
 
 impl Secret {
     pub fn new(value: String) -> Secret {
-        Secret(value)
+        Secret(Zeroizing::new(value))
+    }
+
+    /// Takes the line read from a terminal or pipe without its line ending, zeroing `line`.
+    pub fn from_line(mut line: String) -> Secret {
+        let end = line.trim_end_matches(['\r', '\n']).len();
+        // Truncating zeroes nothing: overwrite the ending first.
+        line[end..].zeroize();
+        line.truncate(end);
+        Secret::new(line)
     }
 
     /// The value, for the one place that must send it.
@@ -128,6 +139,13 @@ mod tests {
         let secret = Secret::new("hunter2".into());
         assert!(!format!("{secret:?}").contains("hunter2"));
         assert_eq!(secret.expose(), "hunter2");
+    }
+
+    #[test]
+    fn a_line_loses_only_its_ending() {
+        assert_eq!(Secret::from_line("pw\r\n".into()).expose(), "pw");
+        assert_eq!(Secret::from_line("p w\n".into()).expose(), "p w");
+        assert_eq!(Secret::from_line("pw".into()).expose(), "pw");
     }
 
     #[test]

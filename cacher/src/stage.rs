@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use berth_oci::{RepoName, Tag};
 use hmac::{Hmac, Mac};
@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client::{ClientError, ClientOptions, Credentials, RegistryClient, RetryPolicy};
 use crate::config::CacherConfig;
 use crate::copy::{self, CopyError, CopyOptions, Destination, Platform, Source};
-use crate::progress::{Progress, human_bytes, rate};
+use crate::progress::{Progress, REPORT_INTERVAL, human_bytes, rate};
 use crate::reference::{ImageReference, ReferenceError};
 use crate::result::{self, ExecutionMetadata, MetadataError};
 use crate::secret::Secret;
@@ -119,24 +119,47 @@ pub async fn run(
     };
     // The config (for the metadata) is read while the layers stream: a slow upstream answers
     // even a small blob in milliseconds. A bad config stops the copy, which cancels its uploads.
+    // A failed copy (a stalled source that ran out its time, say) abandons the config too.
     let stop = CancellationToken::new();
+    let copy_failed = CancellationToken::new();
     let metadata = async {
-        let metadata = match copy::read_config(&source, &image, dest.as_ref()).await {
-            Ok(config) => ExecutionMetadata::from_image_config(&config).map_err(StageError::from),
-            Err(err) => Err(err.into()),
+        let read = copy::read_config(&source, &image, dest.as_ref());
+        let metadata = tokio::select! {
+            read = read => match read {
+                Ok(config) => {
+                    ExecutionMetadata::from_image_config(&config).map_err(StageError::from)
+                }
+                Err(err) => Err(err.into()),
+            },
+            () = copy_failed.cancelled() => return None,
         };
         if metadata.is_err() {
             stop.cancel();
         }
-        metadata
+        Some(metadata)
     };
     let (metadata, docker_image) = match (caching, &dest) {
         (Some(config), Some(dest)) => {
-            let copied = cache(&reference, &source, &image, config, dest, &stop);
-            let (metadata, copied) = tokio::join!(metadata, copied);
-            (metadata?, copied?)
+            let copied = async {
+                let copied = cache(&reference, &source, &image, config, dest, &stop).await;
+                if copied.is_err() {
+                    copy_failed.cancel();
+                }
+                copied
+            };
+            match tokio::join!(metadata, copied) {
+                // A bad config is why the copy stopped.
+                (Some(Err(err)), _) | (_, Err(err)) => return Err(err),
+                (Some(Ok(metadata)), Ok(copied)) => (metadata, copied),
+                (None, Ok(_)) => unreachable!("the config is abandoned only when the copy fails"),
+            }
         }
-        _ => (metadata.await?, reference.builder_form()),
+        _ => (
+            metadata
+                .await
+                .expect("nothing abandons it without a copy")?,
+            reference.builder_form(),
+        ),
     };
     let bytes = result::render(&docker_image, &metadata)?;
     result::write(&request.output, &bytes)
@@ -192,12 +215,13 @@ async fn cache(
         image.digest(),
         dest.repo
     );
-    let progress = Progress::new(Default::default());
+    let mut progress = Progress::new(Default::default(), REPORT_INTERVAL);
     let options = CopyOptions {
         keep_index: config.keep_index,
         parallel: config.parallel_blobs,
         attempts: config.attempts,
         tag: Some(staging_tag()),
+        timeout: Duration::from_secs(config.copy_timeout_seconds),
     };
     let report = copy::copy(source, image, dest, &options, &progress, stop).await;
     progress.finish();

@@ -1,6 +1,8 @@
-//! OCI vocabulary shared by berth-registry and berth-cacher: digests, names, references, media types.
+//! OCI vocabulary shared by berth-registry and berth-cacher: digests, names, references, media
+//! types, and the manifest model.
 
 mod digest;
+pub mod manifest;
 pub mod media_type;
 mod name;
 

@@ -7,6 +7,10 @@ pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.mani
 pub const DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+json";
 pub const DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
 pub const OCI_EMPTY_CONFIG: &str = "application/vnd.oci.empty.v1+json";
+/// Docker's foreign layer, such as a Windows base layer fetched from its vendor.
+pub const DOCKER_FOREIGN_LAYER: &str = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
+/// OCI's non-distributable layers: `v1.tar`, `v1.tar+gzip` and `v1.tar+zstd` after this.
+const OCI_NON_DISTRIBUTABLE_PREFIX: &str = "application/vnd.oci.image.layer.nondistributable.";
 
 /// Whether `media_type` lists other manifests (an index) rather than blobs.
 pub fn is_index(media_type: &str) -> bool {
@@ -27,4 +31,10 @@ pub fn is_schema1(media_type: &str) -> bool {
         media_type,
         DOCKER_SCHEMA1 | DOCKER_SCHEMA1_SIGNED | "application/json"
     )
+}
+
+/// Whether layers of `media_type` may be kept out of registries: Docker's foreign layers and OCI's
+/// non-distributable ones (deprecated by OCI 1.1, still found in Windows images).
+pub fn is_non_distributable(media_type: &str) -> bool {
+    media_type == DOCKER_FOREIGN_LAYER || media_type.starts_with(OCI_NON_DISTRIBUTABLE_PREFIX)
 }

@@ -1,57 +1,13 @@
 //! Reads a pushed manifest just far enough to validate it and index what it references.
 
+use berth_oci::manifest::ManifestDocument;
 use berth_oci::{Digest, media_type};
-use serde::Deserialize;
 
 use crate::error::RegistryError;
 use crate::metadata::NewManifest;
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawManifest {
-    schema_version: Option<i64>,
-    media_type: Option<String>,
-    config: Option<RawDescriptor>,
-    layers: Option<Vec<RawDescriptor>>,
-    manifests: Option<Vec<RawDescriptor>>,
-    subject: Option<RawDescriptor>,
-    artifact_type: Option<String>,
-    annotations: Option<serde_json::Map<String, serde_json::Value>>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawDescriptor {
-    media_type: Option<String>,
-    digest: String,
-    size: i64,
-    #[serde(default)]
-    urls: Vec<String>,
-}
-
 fn invalid(message: impl Into<String>) -> RegistryError {
     RegistryError::ManifestInvalid(message.into())
-}
-
-impl RawDescriptor {
-    fn digest(&self) -> Result<Digest, RegistryError> {
-        if self.size < 0 {
-            return Err(invalid(format!(
-                "descriptor {} has a negative size",
-                self.digest
-            )));
-        }
-        self.digest
-            .parse()
-            .map_err(|e| invalid(format!("descriptor digest: {e}")))
-    }
-
-    /// Foreign (non-distributable) layers live at their `urls`, not in registries, so the
-    /// repository need not hold them.
-    fn is_foreign(&self) -> bool {
-        let kind = self.media_type.as_deref().unwrap_or_default();
-        !self.urls.is_empty() && (kind.contains("foreign") || kind.contains("nondistributable"))
-    }
 }
 
 /// Strips parameters such as `; charset=utf-8` from a Content-Type.
@@ -73,8 +29,7 @@ pub fn parse(
     if declared.is_some_and(media_type::is_schema1) && declared != Some("application/json") {
         return Err(invalid(SCHEMA1_ADVICE));
     }
-    let raw: RawManifest =
-        serde_json::from_slice(body).map_err(|e| invalid(format!("not a manifest: {e}")))?;
+    let raw = ManifestDocument::parse(body).map_err(|e| invalid(format!("not a manifest: {e}")))?;
     if raw.schema_version == Some(1) {
         return Err(invalid(SCHEMA1_ADVICE));
     }
@@ -103,27 +58,17 @@ pub fn parse(
             .manifests
             .as_ref()
             .ok_or_else(|| invalid("an index needs a manifests list"))?;
-        let children = children
-            .iter()
-            .map(RawDescriptor::digest)
-            .collect::<Result<Vec<_>, _>>()?;
+        let children = children.iter().map(|child| child.digest.clone()).collect();
         (vec![], children, raw.artifact_type.clone())
     } else {
         let config = raw
             .config
             .as_ref()
             .ok_or_else(|| invalid("an image manifest needs a config"))?;
-        let layers = raw
-            .layers
-            .as_ref()
-            .ok_or_else(|| invalid("an image manifest needs a layers list"))?;
-        let mut blobs = vec![config.digest()?];
-        for layer in layers {
-            let layer_digest = layer.digest()?;
-            if !layer.is_foreign() {
-                blobs.push(layer_digest);
-            }
+        if raw.layers.is_none() {
+            return Err(invalid("an image manifest needs a layers list"));
         }
+        let blobs = raw.blobs().map(|blob| blob.digest.clone()).collect();
         // The referrers API reports an image's config type when it declares no artifactType.
         let artifact_type = raw
             .artifact_type
@@ -131,11 +76,7 @@ pub fn parse(
             .or_else(|| config.media_type.clone());
         (blobs, vec![], artifact_type)
     };
-    let subject = raw
-        .subject
-        .as_ref()
-        .map(RawDescriptor::digest)
-        .transpose()?;
+    let subject = raw.subject.as_ref().map(|subject| subject.digest.clone());
     let annotations = raw
         .annotations
         .as_ref()

@@ -7,10 +7,14 @@ use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderValue, WWW_AUTHENTICATE};
 use serde::Deserialize;
+use zeroize::Zeroizing;
 
 use super::retry::RetryPolicy;
 use super::{ClientError, Credentials, Scope};
 use crate::secret::Secret;
+
+/// Token responses hold a token or two of a few kilobytes; anything far bigger is not one.
+const MAX_TOKEN_RESPONSE: usize = 1024 * 1024;
 
 /// Lifetime assumed when a token service does not say, per the token specification.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
@@ -44,9 +48,9 @@ pub(super) struct Authenticator {
 #[derive(Deserialize)]
 struct TokenResponse {
     #[serde(default)]
-    token: Option<String>,
+    token: Option<Secret>,
     #[serde(default)]
-    access_token: Option<String>,
+    access_token: Option<Secret>,
     #[serde(default)]
     expires_in: Option<u64>,
 }
@@ -101,7 +105,7 @@ impl Authenticator {
                 let token = self
                     .token(http, retry, &realm, service.as_deref(), scope)
                     .await?;
-                format!("Bearer {}", token.expose())
+                Zeroizing::new(format!("Bearer {}", token.expose()))
             }
         };
         let mut header = HeaderValue::from_str(&value).map_err(|_| {
@@ -160,21 +164,21 @@ impl Authenticator {
                 },
             ));
         }
-        let body: TokenResponse = response
-            .json()
-            .await
-            .map_err(|e| ClientError::transport("reading the token response", e))?;
+        let what = "reading the token response";
+        let body = super::read_limited_vec(response, MAX_TOKEN_RESPONSE, what).await?;
+        let body = Zeroizing::new(body);
+        let body: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|e| ClientError::Invalid(format!("{what}: {e}")))?;
         let value = body
             .token
             .or(body.access_token)
-            .filter(|t| !t.is_empty())
+            .filter(|t| !t.expose().is_empty())
             .ok_or_else(|| ClientError::Auth("the token service returned no token".into()))?;
         let lifetime = body
             .expires_in
             .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
         // Refresh a little early so a token never expires between check and use.
         let refresh_at = requested + lifetime.mul_f64(0.9);
-        let value = Secret::new(value);
         self.state.lock().expect("auth state lock").tokens.insert(
             key,
             CachedToken {
@@ -186,13 +190,15 @@ impl Authenticator {
     }
 }
 
-fn basic_value(credentials: &Credentials) -> String {
+fn basic_value(credentials: &Credentials) -> Zeroizing<String> {
     use base64::Engine as _;
-    let raw = format!("{}:{}", credentials.username, credentials.password.expose());
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(raw)
-    )
+    let raw = Zeroizing::new(format!(
+        "{}:{}",
+        credentials.username,
+        credentials.password.expose()
+    ));
+    let encoded = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*raw));
+    Zeroizing::new(format!("Basic {}", *encoded))
 }
 
 /// Parses one `WWW-Authenticate` value: `Basic realm="x"` or
@@ -278,6 +284,67 @@ mod tests {
             username: "user".into(),
             password: Secret::new("pass".into()),
         };
-        assert_eq!(basic_value(&credentials), "Basic dXNlcjpwYXNz");
+        assert_eq!(*basic_value(&credentials), "Basic dXNlcjpwYXNz");
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::generated::{CASES, text_of};
+
+    const PIECES: &[&str] = &[
+        "Bearer ",
+        "Basic ",
+        "bearer",
+        " ",
+        ",",
+        "=",
+        "\"",
+        "\\",
+        "realm",
+        "service",
+        "scope",
+        "error",
+        "=\"",
+        "\",",
+        "https://auth.example/token",
+        "repository:a/b:pull,push",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        /// Whatever a registry sends as `WWW-Authenticate`, parsing answers without panicking.
+        #[test]
+        fn any_challenge_parses_or_is_ignored(header in text_of(PIECES)) {
+            if let Some(Challenge::Bearer { realm, .. }) = parse_challenge(&header) {
+                prop_assert!(header.to_ascii_lowercase().contains("realm"), "{}", realm);
+            }
+        }
+
+        /// Quoted values come back as they were, whatever they hold.
+        #[test]
+        fn quoted_parameters_round_trip(
+            params in prop::collection::btree_map("[a-z]{1,8}", any::<String>(), 0..5)
+        ) {
+            let header: Vec<String> = params
+                .iter()
+                .map(|(key, value)| {
+                    let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
+                    format!("{key}=\"{escaped}\"")
+                })
+                .collect();
+            let parsed: BTreeMap<String, String> = parse_params(&header.join(", ")).into_iter().collect();
+            let expected: BTreeMap<String, String> = params
+                .into_iter()
+                .map(|(key, value)| (key, value.trim().to_owned()))
+                .collect();
+            prop_assert_eq!(parsed, expected);
+        }
     }
 }

@@ -7,6 +7,7 @@ mod retry;
 
 use std::time::Duration;
 
+use berth_oci::manifest::ManifestDocument;
 use berth_oci::{Digest, RepoName, media_type};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -20,6 +21,10 @@ use crate::secret::Secret;
 
 /// Registries refuse manifests over 4 MiB; so does the client, before buffering one.
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// Error bodies are read up to this size and the rest dropped: an OCI error document is small,
+/// and a broken or hostile registry could otherwise hold the copy with an endless one.
+const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// Every manifest type the client can copy, for content negotiation.
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
@@ -522,7 +527,7 @@ async fn expect(
     if ok.contains(&status) {
         return Ok(response);
     }
-    let body = response.bytes().await.unwrap_or_default();
+    let body = read_prefix(response, MAX_ERROR_BODY).await;
     let errors = oci_errors(&body);
     Err(ClientError::Status {
         context: what.to_owned(),
@@ -558,17 +563,42 @@ fn oci_errors(body: &[u8]) -> Vec<OciError> {
         .unwrap_or_default()
 }
 
+/// The first `max` bytes of a response body (fewer if it ends or fails sooner); the rest is
+/// never read.
+async fn read_prefix(response: Response, max: usize) -> Bytes {
+    let mut body = BytesMut::new();
+    let mut stream = response.bytes_stream();
+    while body.len() < max {
+        match stream.next().await {
+            Some(Ok(chunk)) => {
+                let room = max - body.len();
+                body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            Some(Err(_)) | None => break,
+        }
+    }
+    body.freeze()
+}
+
 /// Reads a response body of at most `max` bytes.
 async fn read_limited(response: Response, max: usize, what: &str) -> Result<Bytes, ClientError> {
-    if response
-        .content_length()
-        .is_some_and(|len| len > max as u64)
-    {
+    read_limited_vec(response, max, what).await.map(Bytes::from)
+}
+
+/// [`read_limited`] into a vector sized from `Content-Length` up front, so a secret read this way
+/// is not left behind in buffers a growing vector gave up.
+async fn read_limited_vec(
+    response: Response,
+    max: usize,
+    what: &str,
+) -> Result<Vec<u8>, ClientError> {
+    let declared = response.content_length();
+    if declared.is_some_and(|len| len > max as u64) {
         return Err(ClientError::Invalid(format!(
             "{what}: larger than {max} bytes"
         )));
     }
-    let mut body = BytesMut::new();
+    let mut body = Vec::with_capacity(declared.unwrap_or(0) as usize);
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| ClientError::transport(what, e))?;
@@ -579,38 +609,28 @@ async fn read_limited(response: Response, max: usize, what: &str) -> Result<Byte
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(body.freeze())
+    Ok(body)
 }
 
 /// The manifest's media type: the `Content-Type` when it names a manifest type, else the
 /// document's own `mediaType`, else what its shape says (some registries serve `application/json`).
-fn detect_media_type(header: Option<&str>, bytes: &[u8]) -> String {
+pub(crate) fn detect_media_type(header: Option<&str>, bytes: &[u8]) -> String {
     if let Some(header) = header
         && (media_type::is_supported_manifest(header) || media_type::is_schema1(header))
         && header != "application/json"
     {
         return header.to_owned();
     }
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Shape {
-        #[serde(default)]
-        media_type: Option<String>,
-        #[serde(default)]
-        schema_version: Option<u32>,
-        #[serde(default)]
-        manifests: Option<serde_json::Value>,
-    }
-    match serde_json::from_slice::<Shape>(bytes) {
-        Ok(Shape {
+    match ManifestDocument::parse(bytes) {
+        Ok(ManifestDocument {
             media_type: Some(declared),
             ..
         }) => declared,
-        Ok(Shape {
+        Ok(ManifestDocument {
             schema_version: Some(1),
             ..
         }) => media_type::DOCKER_SCHEMA1.to_owned(),
-        Ok(Shape {
+        Ok(ManifestDocument {
             manifests: Some(_), ..
         }) => media_type::OCI_INDEX.to_owned(),
         _ => media_type::OCI_MANIFEST.to_owned(),
@@ -639,6 +659,63 @@ mod tests {
             detect_media_type(None, br#"{"schemaVersion":2,"config":{}}"#),
             media_type::OCI_MANIFEST
         );
+    }
+
+    #[tokio::test]
+    async fn an_endless_error_body_is_cut() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await.unwrap();
+            let head = "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n\
+                        transfer-encoding: chunked\r\n\r\n";
+            socket.write_all(head.as_bytes()).await.unwrap();
+            let chunk = format!("4000\r\n{}\r\n", "x".repeat(0x4000));
+            let mut sent = 0u64;
+            // Until the client hangs up.
+            while socket.write_all(chunk.as_bytes()).await.is_ok() {
+                sent += 0x4000;
+            }
+            sent
+        });
+        let client = RegistryClient::new(
+            &format!("http://{addr}"),
+            ClientOptions {
+                retry: RetryPolicy {
+                    attempts: 1,
+                    ..RetryPolicy::default()
+                },
+                ..ClientOptions::default()
+            },
+        )
+        .unwrap();
+        let repo: RepoName = "team/app".parse().unwrap();
+        let fetched = tokio::time::timeout(
+            Duration::from_secs(20),
+            client.get_manifest(&repo, "latest"),
+        )
+        .await
+        .expect("the error body is not read to its (missing) end");
+        assert!(
+            matches!(
+                fetched,
+                Err(ClientError::Status {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    ..
+                })
+            ),
+            "{fetched:?}"
+        );
+        drop(client);
+        let sent = tokio::time::timeout(Duration::from_secs(20), server)
+            .await
+            .expect("the server stops once the client hangs up")
+            .unwrap();
+        // What the client took in is bounded by the cut plus what socket buffers hold.
+        assert!(sent < 64 * 1024 * 1024, "{sent} bytes sent");
     }
 
     #[test]

@@ -31,8 +31,15 @@ pub(super) fn is_retryable_status(status: StatusCode) -> bool {
 }
 
 impl RetryPolicy {
-    /// Exponential backoff for the retry after try number `attempt` (1-based).
+    /// The wait before the retry after try number `attempt` (1-based): exponential backoff with
+    /// equal jitter, so cells that failed together (a registry restart, a rate limit) do not all
+    /// come back at the same instant, while each still waits at least half its backoff.
     pub fn backoff(&self, attempt: u32) -> Duration {
+        equal_jitter(self.ceiling(attempt), rand::random::<f64>())
+    }
+
+    /// The exponential backoff, `first_delay` doubled per try up to `max_delay`.
+    fn ceiling(&self, attempt: u32) -> Duration {
         let factor = 1u32 << attempt.saturating_sub(1).min(16);
         self.first_delay.saturating_mul(factor).min(self.max_delay)
     }
@@ -68,6 +75,12 @@ impl RetryPolicy {
     }
 }
 
+/// Half of `ceiling`, plus `unit` (in `[0, 1)`) of the other half.
+fn equal_jitter(ceiling: Duration, unit: f64) -> Duration {
+    let half = ceiling / 2;
+    half + (ceiling - half).mul_f64(unit.clamp(0.0, 1.0))
+}
+
 /// A short cause for a retry line, without the URL reqwest's `Display` adds.
 pub(super) fn transport_reason(err: &reqwest::Error) -> String {
     let mut source: Option<&dyn std::error::Error> = std::error::Error::source(err);
@@ -99,9 +112,37 @@ mod tests {
     #[test]
     fn backoff_doubles_up_to_the_cap() {
         let policy = RetryPolicy::default();
-        assert_eq!(policy.backoff(1), Duration::from_millis(200));
-        assert_eq!(policy.backoff(2), Duration::from_millis(400));
-        assert_eq!(policy.backoff(10), Duration::from_secs(8));
+        assert_eq!(policy.ceiling(1), Duration::from_millis(200));
+        assert_eq!(policy.ceiling(2), Duration::from_millis(400));
+        assert_eq!(policy.ceiling(10), Duration::from_secs(8));
+        assert_eq!(policy.ceiling(u32::MAX), Duration::from_secs(8));
+    }
+
+    #[test]
+    fn equal_jitter_stays_between_half_and_the_whole_backoff() {
+        let ceiling = Duration::from_millis(800);
+        assert_eq!(equal_jitter(ceiling, 0.0), Duration::from_millis(400));
+        assert_eq!(equal_jitter(ceiling, 0.5), Duration::from_millis(600));
+        assert_eq!(equal_jitter(ceiling, 1.0), ceiling);
+        assert_eq!(equal_jitter(Duration::ZERO, 0.7), Duration::ZERO);
+        let policy = RetryPolicy::default();
+        for attempt in 1..=8 {
+            let ceiling = policy.ceiling(attempt);
+            let waits: Vec<Duration> = (0..1000).map(|_| policy.backoff(attempt)).collect();
+            for wait in &waits {
+                assert!(
+                    *wait >= ceiling / 2 && *wait <= ceiling,
+                    "try {attempt}: {wait:?} outside [{:?}, {ceiling:?}]",
+                    ceiling / 2
+                );
+            }
+            // Jittered: the waits spread over the range instead of repeating one value.
+            let (low, high) = (waits.iter().min().unwrap(), waits.iter().max().unwrap());
+            assert!(
+                *high - *low > ceiling / 4,
+                "try {attempt}: {low:?}..{high:?}"
+            );
+        }
     }
 
     #[test]

@@ -583,6 +583,10 @@ pub enum Fault {
     Corrupt,
     /// Wait this long before relaying.
     Delay(Duration),
+    /// Relay the body at this many bytes per second, in tenth-of-a-second slices.
+    Throttle(usize),
+    /// Relay this many bytes of the body, then send nothing more, keeping the connection open.
+    Stall(usize),
 }
 
 struct Rule {
@@ -780,6 +784,7 @@ async fn forward(
         context: context.clone(),
         fail_next: false,
         done: false,
+        pending: Bytes::new(),
     };
     let stream = futures_util::stream::unfold(relayed, Relayed::next);
     response
@@ -796,6 +801,8 @@ struct Relayed {
     context: Arc<ProxyContext>,
     fail_next: bool,
     done: bool,
+    /// What a throttled body has received from upstream and not relayed yet.
+    pending: Bytes,
 }
 
 impl Relayed {
@@ -809,14 +816,34 @@ impl Relayed {
             self.done = true;
             return Some((Err(io::Error::other("cut by the test proxy")), self));
         }
-        let mut chunk = match self.upstream.next().await? {
-            Ok(chunk) => chunk,
-            Err(err) => {
-                self.done = true;
-                return Some((Err(io::Error::other(err)), self));
+        let mut chunk = if self.pending.is_empty() {
+            match self.upstream.next().await? {
+                Ok(chunk) => chunk,
+                Err(err) => {
+                    self.done = true;
+                    return Some((Err(io::Error::other(err)), self));
+                }
             }
+        } else {
+            std::mem::take(&mut self.pending)
         };
+        if let Some(Fault::Throttle(per_second)) = self.fault {
+            let slice = (per_second / 10).max(1);
+            if chunk.len() > slice {
+                self.pending = chunk.split_off(slice);
+            }
+            let pause = Duration::from_secs_f64(chunk.len() as f64 / per_second as f64);
+            tokio::time::sleep(pause).await;
+        }
+        if let Some(Fault::Stall(limit)) = self.fault
+            && self.sent >= limit
+        {
+            std::future::pending::<()>().await;
+        }
         match self.fault {
+            Some(Fault::Stall(limit)) if self.sent + chunk.len() > limit => {
+                self.pending = chunk.split_off(limit - self.sent);
+            }
             Some(Fault::Cut(limit)) if self.sent + chunk.len() >= limit => {
                 chunk = chunk.slice(..limit - self.sent);
                 self.fail_next = true;
@@ -1075,6 +1102,30 @@ impl Cacher {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start berth-cacher")
+    }
+
+    /// Runs the cacher like [`Cacher::run`], also noting when each line of its stdout arrived
+    /// (counted from the start).
+    pub fn run_timed(&self, args: &[String]) -> (Outcome, Vec<(Duration, String)>) {
+        let started = Instant::now();
+        let mut child = self.spawn(args);
+        let stdout = child.stdout.take().expect("piped stdout");
+        let reader = thread::spawn(move || {
+            // Split on newlines only, so a carriage return would show in the line.
+            io::BufRead::split(io::BufReader::new(stdout), b'\n')
+                .map_while(Result::ok)
+                .map(|line| {
+                    (
+                        started.elapsed(),
+                        String::from_utf8_lossy(&line).into_owned(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        });
+        let outcome = self.wait(child);
+        let lines = reader.join().expect("the stdout reader");
+        let stdout = lines.iter().map(|(_, line)| format!("{line}\n")).collect();
+        (Outcome { stdout, ..outcome }, lines)
     }
 
     pub fn wait(&self, child: Child) -> Outcome {

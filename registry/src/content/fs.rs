@@ -20,9 +20,8 @@ use super::{ByteStream, ContentError, ContentStore, UploadId};
 
 /// While an upload streams, its writer hands dirty pages to the disk every this many bytes, so the
 /// disk writes while the network delivers and the fsync at commit waits only for the tail.
-/// Small enough to matter for the typical 1-10 MiB layer: copying a 20 x 5 MiB image went from
-/// 0.436 to 0.402 s with 1 MiB instead of 32 (medians of 6 interleaved runs on a 2-core machine,
-/// measured when each hand-over was an `fdatasync`; not re-measured since it became advice).
+/// Small enough to matter for a typical layer of a few MiB, which a larger interval would leave
+/// almost whole to the fsync at commit.
 const WRITEBACK_EVERY: u64 = 1 << 20;
 
 /// The hash of an upload's first `offset` bytes, kept between requests so committing a streamed
@@ -205,8 +204,7 @@ struct WriteOutcome {
 /// dirty pages starts their writeback and returns (Linux; PostgreSQL's fallback where
 /// `sync_file_range`, which rustix and nix lack, is missing, and `unsafe` is not allowed here).
 /// Unlike `fdatasync` it waits for no I/O, commits no journal and flushes no disk cache, so the
-/// streams of a push do not queue behind each other (20 x 5 MiB copy 0.248 -> 0.237 s against
-/// `fdatasync`, medians of 16 interleaved runs). Only clean pages leave the cache, and the pages
+/// streams of a push do not queue behind each other. Only clean pages leave the cache, and the pages
 /// just written are not clean yet. An error of that writeback stays recorded against the file
 /// until an fsync reports it, which the one at commit does, on whichever descriptor.
 fn write_chunks(

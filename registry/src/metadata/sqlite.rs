@@ -39,8 +39,8 @@ pub struct SqliteMetadataStore {
     /// are waiting in one transaction, one fsync for a burst of blobs finishing together.
     completions: Arc<Mutex<Vec<Completion>>>,
     /// Held across every write. SQLite admits one writer at a time and makes the others poll with
-    /// sleeps of 1 to 100 ms (its busy handler): 20 concurrent blob pushes slept ~300 ms in all
-    /// that way. Queued here, the next writer starts the moment the previous one commits.
+    /// sleeps (its busy handler), which add up when many blob pushes finish together. Queued
+    /// here, the next writer starts the moment the previous one commits.
     writer: Arc<Mutex<()>>,
 }
 
@@ -206,7 +206,7 @@ impl SqliteMetadataStore {
     /// Opens (creating and migrating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, MetadataError> {
         // WAL is a property of the file: switch it once, before the pool opens connections that
-        // would otherwise race for the exclusive lock the switch needs and back off for ~0.4 s.
+        // would otherwise race for the exclusive lock the switch needs and back off.
         Connection::open(path)?.execute_batch("PRAGMA journal_mode = WAL;")?;
         let manager = SqliteConnectionManager::file(path).with_init(|conn| {
             // FULL: an acknowledged tag move survives power loss, matching the fsync'd blobs.
