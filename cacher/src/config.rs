@@ -18,7 +18,7 @@ pub enum ConfigError {
     #[error("reading {0}: {1}")]
     Read(PathBuf, std::io::Error),
     #[error("parsing {0}: {1}")]
-    Parse(PathBuf, serde_yaml::Error),
+    Parse(PathBuf, serde_norway::Error),
     #[error("{0}")]
     Invalid(String),
 }
@@ -103,7 +103,7 @@ impl CacherConfig {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
         let config: CacherConfig =
-            serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e))?;
+            serde_norway::from_str(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e))?;
         config.validate()?;
         Ok(config)
     }

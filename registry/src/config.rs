@@ -17,7 +17,7 @@ pub enum ConfigError {
     #[error("parsing {path}: {source}")]
     Parse {
         path: PathBuf,
-        source: serde_yaml::Error,
+        source: serde_norway::Error,
     },
     #[error("environment variable {name}: {message}")]
     Env { name: &'static str, message: String },
@@ -190,7 +190,7 @@ impl Config {
                 if text.trim().is_empty() {
                     Config::default()
                 } else {
-                    serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    serde_norway::from_str(&text).map_err(|source| ConfigError::Parse {
                         path: path.into(),
                         source,
                     })?

@@ -463,7 +463,7 @@ impl Berth {
     pub fn start_with_auth(auth_yaml: &str, users: &[(&str, &str)]) -> Berth {
         let dir = tempdir("berth-cacher-e2e-auth-");
         let mut config: berth_registry::auth::AuthConfig =
-            serde_yaml::from_str(auth_yaml).expect("an auth configuration");
+            serde_norway::from_str(auth_yaml).expect("an auth configuration");
         if !users.is_empty() {
             let htpasswd = dir.path().join("htpasswd");
             write_htpasswd(&htpasswd, users);

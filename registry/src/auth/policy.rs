@@ -349,7 +349,7 @@ mod tests {
     use super::*;
 
     fn policy(yaml: &str) -> Policy {
-        let config: AuthConfig = serde_yaml::from_str(yaml).unwrap();
+        let config: AuthConfig = serde_norway::from_str(yaml).unwrap();
         Policy::new(&config).unwrap()
     }
 
@@ -545,7 +545,7 @@ access:
             ("admins: ['group:ldap:ops']", "ldap"),
             ("groups: {'uaa:ops': [x]}", "may not hold"),
         ] {
-            let config: AuthConfig = serde_yaml::from_str(yaml).unwrap();
+            let config: AuthConfig = serde_norway::from_str(yaml).unwrap();
             let err = Policy::new(&config).unwrap_err().to_string();
             assert!(err.contains(wanted), "{yaml}: {err}");
         }
@@ -568,11 +568,11 @@ access:
             "access: [{repositories: a, grants: {'team:x': [pull]}}]",
             "access: [{repositories: a}, {repositories: a}]",
         ] {
-            let config: AuthConfig = serde_yaml::from_str(yaml).unwrap();
+            let config: AuthConfig = serde_norway::from_str(yaml).unwrap();
             assert!(Policy::new(&config).is_err(), "{yaml}");
         }
         assert!(
-            serde_yaml::from_str::<AuthConfig>(
+            serde_norway::from_str::<AuthConfig>(
                 "access: [{repositories: a, grants: {'user:x': [fly]}}]"
             )
             .is_err()

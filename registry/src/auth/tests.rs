@@ -36,7 +36,7 @@ access:
 "#,
         htpasswd = htpasswd.display()
     );
-    let config: AuthConfig = serde_yaml::from_str(&yaml).unwrap();
+    let config: AuthConfig = serde_norway::from_str(&yaml).unwrap();
     Fixture {
         _dir: dir,
         auth: Auth::load(&config).await.unwrap(),
