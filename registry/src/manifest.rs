@@ -27,6 +27,13 @@ struct RawDescriptor {
     size: i64,
     #[serde(default)]
     urls: Vec<String>,
+    platform: Option<RawPlatform>,
+}
+
+#[derive(Deserialize)]
+struct RawPlatform {
+    os: String,
+    architecture: String,
 }
 
 fn invalid(message: impl Into<String>) -> RegistryError {
@@ -150,6 +157,24 @@ pub fn parse(
         blobs,
         manifests,
     })
+}
+
+/// The first image the index `body` lists for `os` and `architecture`, ignoring variants, as
+/// distribution chooses the image it serves to a client that cannot read an index.
+pub fn platform_image(body: &[u8], os: &str, architecture: &str) -> Option<Digest> {
+    let index: RawManifest = serde_json::from_slice(body).ok()?;
+    index
+        .manifests?
+        .into_iter()
+        .find(|child| {
+            child
+                .platform
+                .as_ref()
+                .is_some_and(|p| p.os == os && p.architecture == architecture)
+        })?
+        .digest
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]

@@ -299,10 +299,17 @@ impl Api {
 
     /// Sends a request exactly as written, for targets an HTTP client would normalise away.
     fn raw(&self, method: &str, target: &str, body: &[u8]) -> Reply {
-        let raw = blocking_request(
+        self.raw_with(method, target, &[("Accept", "*/*")], body)
+    }
+
+    /// Like [`Api::raw`], with exactly `headers` besides `Host`, `Connection` and
+    /// `Content-Length`.
+    fn raw_with(&self, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+        let raw = blocking_request_with(
             self.registry.addr(),
             method,
             target,
+            headers,
             body,
             Duration::from_secs(30),
         )
@@ -1019,11 +1026,18 @@ async fn malformed_digests_are_digest_invalid() {
         api.get(&format!("r/blobs/{bad}"))
             .await
             .expect_error(400, "DIGEST_INVALID");
-        // Without a colon it would be a tag.
+        // Without a colon it would be a tag. No manifest can have such a reference: reading one
+        // is unknown, as in distribution, writing one invalid.
         if bad.contains(':') {
-            api.get(&format!("r/manifests/{bad}"))
-                .await
-                .expect_error(400, "DIGEST_INVALID");
+            let target = format!("r/manifests/{bad}");
+            for reply in [api.get(&target).await, api.head(&target).await] {
+                reply.expect_error(404, "MANIFEST_UNKNOWN");
+            }
+            for method in [Method::PUT, Method::DELETE] {
+                send(api.request(method, &target).body(r#"{"schemaVersion":2}"#))
+                    .await
+                    .expect_error(400, "DIGEST_INVALID");
+            }
         }
         api.get(&format!("r/referrers/{bad}"))
             .await
@@ -1182,6 +1196,143 @@ async fn content_type_parameters_are_ignored() {
     .await;
     reply.expect(201);
     api.expect_manifest("params", "v1", &image.manifest).await;
+}
+
+/// The `Accept` headers real clients send for a manifest, one entry per header line, as captured
+/// from each: dockerd (Debian's docker.io 20.10), containerd 1.6, and containers/image, the
+/// library of skopeo, podman and Garden's image plugin (grootfs).
+const DOCKERD_ACCEPT: &[&str] = &[
+    SCHEMA1_SIGNED,
+    "application/json",
+    OCI_MANIFEST,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+];
+const CONTAINERD_ACCEPT: &[&str] = &["application/vnd.docker.distribution.manifest.v2+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, \
+    application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, */*"];
+const CONTAINERS_IMAGE_ACCEPT: &[&str] = &[
+    OCI_MANIFEST,
+    DOCKER_MANIFEST,
+    SCHEMA1_SIGNED,
+    "application/vnd.docker.distribution.manifest.v1+json",
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+];
+
+/// What a client gets for a tag, then for that manifest's digest: the manifest served, or `None`
+/// for `404 MANIFEST_UNKNOWN`.
+type Served<'a> = (Option<&'a Blob>, Option<&'a Blob>);
+
+#[tokio::test]
+async fn manifests_are_negotiated_on_accept_as_distribution_does() {
+    let api = Api::start();
+    let repo = "negotiated";
+    let image = small_image(40);
+    api.push_image(repo, "oci", &image).await;
+    let multi = MultiArchImage::generate(41);
+    for child in &multi.images {
+        api.push_image(repo, &child.manifest.digest, child).await;
+    }
+    api.push_manifest(repo, "index", &multi.index).await;
+    let docker = docker_manifest(&image);
+    api.push_manifest(repo, "docker", &docker).await;
+    let docker_arm = docker_manifest(&multi.images[1]);
+    api.push_manifest(repo, &docker_arm.digest, &docker_arm)
+        .await;
+    let list = index_of(
+        DOCKER_MANIFEST_LIST,
+        &[(&docker_arm, "arm64"), (&docker, "amd64")],
+    );
+    api.push_manifest(repo, "list", &list).await;
+    let arm_only = index_of(DOCKER_MANIFEST_LIST, &[(&docker_arm, "arm64")]);
+    api.push_manifest(repo, "arm-only", &arm_only).await;
+    // A list whose linux/amd64 image is an OCI manifest.
+    let oci_list = index_of(DOCKER_MANIFEST_LIST, &[(&image.manifest, "amd64")]);
+    api.push_manifest(repo, "oci-list", &oci_list).await;
+
+    let everything = [
+        ("oci", &image.manifest),
+        ("index", &multi.index),
+        ("docker", &docker),
+        ("list", &list),
+        ("arm-only", &arm_only),
+        ("oci-list", &oci_list),
+    ];
+    let all = everything.map(|(_, m)| (Some(m), Some(m)));
+    let legacy = [
+        (None, None),
+        (None, None),
+        (Some(&docker), Some(&docker)),
+        (Some(&docker), Some(&list)),
+        (None, Some(&arm_only)),
+        (None, Some(&oci_list)),
+    ];
+    let mut oci_only = legacy;
+    oci_only[0] = (Some(&image.manifest), Some(&image.manifest));
+    oci_only[5] = (Some(&image.manifest), Some(&oci_list));
+    let none: &[&str] = &[];
+    let clients: [(&str, &[&str], [Served<'_>; 6]); 7] = [
+        ("dockerd", DOCKERD_ACCEPT, all),
+        ("containerd", CONTAINERD_ACCEPT, all),
+        ("containers/image", CONTAINERS_IMAGE_ACCEPT, all),
+        ("no Accept", none, legacy),
+        ("curl's */*", &["*/*"], legacy),
+        (
+            "a Docker schema 2 client",
+            &[DOCKER_MANIFEST, SCHEMA1_SIGNED, "application/json"],
+            legacy,
+        ),
+        (
+            "an OCI image manifest client",
+            &["application/vnd.oci.image.manifest.v1+json; q=0.9"],
+            oci_only,
+        ),
+    ];
+    for (client, accept, expected) in clients {
+        let headers: Vec<(&str, &str)> = accept.iter().map(|value| ("Accept", *value)).collect();
+        for ((tag, pushed), (by_tag, by_digest)) in everything.iter().zip(expected) {
+            for (reference, served) in [(*tag, by_tag), (pushed.digest.as_str(), by_digest)] {
+                let target = format!("/v2/{repo}/manifests/{reference}");
+                for method in ["GET", "HEAD"] {
+                    let reply = api.raw_with(method, &target, &headers, b"");
+                    let what = format!("{client}, {method} {reference} ({tag})");
+                    let Some(served) = served else {
+                        reply.expect_error(404, "MANIFEST_UNKNOWN");
+                        if method == "GET" {
+                            let error = &reply.json()["errors"][0];
+                            assert_eq!(error["detail"]["reference"], reference, "{what}: {reply}");
+                            assert!(
+                                error["message"].as_str().unwrap().contains("Accept header"),
+                                "{what}: {reply}"
+                            );
+                        }
+                        continue;
+                    };
+                    reply.expect(200);
+                    assert_eq!(
+                        reply.header("content-type"),
+                        Some(served.media_type.as_str()),
+                        "{what}: {reply}"
+                    );
+                    assert_eq!(
+                        reply.header("docker-content-digest"),
+                        Some(served.digest.as_str()),
+                        "{what}: {reply}"
+                    );
+                    assert_eq!(
+                        reply.header("content-length"),
+                        Some(served.size().to_string().as_str()),
+                        "{what}: {reply}"
+                    );
+                    if method == "GET" {
+                        assert!(reply.body == served.bytes, "{what}: {reply}");
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[tokio::test]
@@ -1672,9 +1823,16 @@ async fn invalid_tags_are_rejected() {
         api.put_manifest("tagged", tag, &image.manifest)
             .await
             .expect_error(400, "MANIFEST_INVALID");
-        api.get(&format!("tagged/manifests/{tag}"))
+        api.delete(&format!("tagged/manifests/{tag}"))
             .await
             .expect_error(400, "MANIFEST_INVALID");
+        // No manifest can have such a tag: reading it is unknown, as in distribution.
+        let target = format!("tagged/manifests/{tag}");
+        for reply in [api.get(&target).await, api.head(&target).await] {
+            reply.expect_error(404, "MANIFEST_UNKNOWN");
+        }
+        let error = api.get(&target).await.json()["errors"][0].clone();
+        assert_eq!(error["detail"]["reference"], tag);
     }
     api.get(&format!("tagged/manifests/{}", image.manifest.digest))
         .await

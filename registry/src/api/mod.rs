@@ -213,15 +213,19 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
     let state = &*state;
     let allow = route.allowed_methods();
     let result = match (route, method) {
-        (Route::Manifest(repo, reference), Method::GET | Method::HEAD) => {
-            manifests::get(state, &repo, &reference, head).await
+        (Route::Manifest(repo, Ok(reference)), Method::GET | Method::HEAD) => {
+            manifests::get(state, &repo, &reference, &headers, head).await
         }
-        (Route::Manifest(repo, reference), Method::PUT) => {
+        (Route::Manifest(_, Err(invalid)), Method::GET | Method::HEAD) => {
+            Err(RegistryError::ManifestUnknown(invalid.text))
+        }
+        (Route::Manifest(repo, Ok(reference)), Method::PUT) => {
             manifests::put(state, &repo, &reference, &headers, body).await
         }
-        (Route::Manifest(repo, reference), Method::DELETE) => {
+        (Route::Manifest(repo, Ok(reference)), Method::DELETE) => {
             manifests::delete(state, &repo, &reference).await
         }
+        (Route::Manifest(_, Err(invalid)), Method::PUT | Method::DELETE) => Err(invalid.into()),
         (Route::Blob(repo, digest), Method::GET | Method::HEAD) => {
             let file_sender = (parts.version < Version::HTTP_2)
                 .then(|| parts.extensions.get::<FileSender>())

@@ -738,8 +738,16 @@ pub fn read_layout_blob(layout: &Path, digest: &str) -> Vec<u8> {
 // Registry API helpers (async, reqwest)
 // ---------------------------------------------------------------------------------------------
 
+/// A client for the registry's API that, like every real client, names the manifest types it
+/// reads in `Accept` (the registry serves an OCI manifest to no one else).
 pub fn http_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::ACCEPT,
+        reqwest::header::HeaderValue::from_static(MANIFEST_ACCEPT),
+    );
     reqwest::Client::builder()
+        .default_headers(headers)
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(120))
         .build()
