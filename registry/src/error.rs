@@ -47,8 +47,11 @@ pub enum RegistryError {
     TagInvalid(NameError),
     #[error("{0}")]
     Unsupported(String),
-    #[error("method not allowed; this path takes {allow}")]
-    MethodNotAllowed { allow: &'static str },
+    #[error("method not allowed; the Allow header lists what this path takes")]
+    MethodNotAllowed {
+        /// The `Allow` value, unless the router adds it itself.
+        allow: Option<&'static str>,
+    },
     #[error("not found")]
     NotFound,
     #[error("{message}")]
@@ -165,7 +168,7 @@ impl IntoResponse for RegistryError {
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, challenge);
             }
-            RegistryError::MethodNotAllowed { allow } => {
+            RegistryError::MethodNotAllowed { allow: Some(allow) } => {
                 response
                     .headers_mut()
                     .insert(header::ALLOW, HeaderValue::from_static(allow));

@@ -551,6 +551,43 @@ async fn unknown_paths_and_methods_get_oci_errors() {
     }
 }
 
+#[tokio::test]
+async fn a_wrong_method_outside_the_repository_api_is_an_oci_405_with_allow() {
+    let api = Api::start();
+    let methods = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+    ];
+    // Every route the server has besides `/v2/{name}/...`.
+    for (target, allow) in [
+        ("/v2/", ["GET", "HEAD"].as_slice()),
+        ("/healthz", &["GET", "HEAD"]),
+        ("/metrics", &["GET", "HEAD"]),
+        ("/auth/token", &["GET", "HEAD", "POST"]),
+    ] {
+        for method in &methods {
+            let reply = send(api.request(method.clone(), target)).await;
+            if allow.contains(&method.as_str()) {
+                assert_ne!(reply.status, 405, "{method} {target} is allowed: {reply}");
+                continue;
+            }
+            reply.expect_error(405, "UNSUPPORTED");
+            let listed: BTreeSet<&str> = reply
+                .header("allow")
+                .unwrap_or_else(|| panic!("no Allow: {reply}"))
+                .split(',')
+                .map(str::trim)
+                .collect();
+            assert_eq!(listed, allow.iter().copied().collect(), "{reply}");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Blobs
 // ---------------------------------------------------------------------------------------------
@@ -845,6 +882,48 @@ async fn an_out_of_order_chunk_is_416_and_the_upload_resumes_where_it_was() {
         &digest,
     );
     api.expect_blob("push/order", &digest, &bytes).await;
+}
+
+#[tokio::test]
+async fn content_ranges_at_the_limits_of_u64_are_416_and_the_upload_resumes() {
+    let api = Api::start();
+    let bytes = Rng::new(8).bytes(100);
+    let digest = sha256(&bytes);
+    let location = api.start_upload("push/huge").await;
+    let max = u64::MAX;
+    for range in [
+        format!("0-{max}"),
+        format!("bytes=0-{max}"),
+        format!("0-{max}/*"),
+        format!("1-{max}"),
+        format!("{max}-{max}"),
+        format!("{max}-0"),
+        "0-18446744073709551616".to_string(),
+        "18446744073709551616-18446744073709551616".to_string(),
+        "-1-0".to_string(),
+    ] {
+        for method in [Method::PATCH, Method::PUT] {
+            let target = match method {
+                Method::PUT => with_query(&location, "digest", &digest),
+                _ => location.clone(),
+            };
+            send(
+                api.request(method, &target)
+                    .header(CONTENT_TYPE, OCTET_STREAM)
+                    .header(CONTENT_RANGE, &range)
+                    .body(bytes.clone()),
+            )
+            .await
+            .expect_error(416, "BLOB_UPLOAD_INVALID");
+        }
+        let status = api.get(&location).await;
+        expect_session(status.expect(204), "push/huge", 0);
+    }
+    expect_blob_created(
+        &api.finish(&location, &digest, &bytes).await,
+        "push/huge",
+        &digest,
+    );
 }
 
 #[tokio::test]

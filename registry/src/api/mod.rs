@@ -95,6 +95,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(|| async { RegistryError::NotFound })
+        // Every route above but `/v2/{*path}`, which answers every method itself; the router adds
+        // the `Allow` header.
+        .method_not_allowed_fallback(|| async { RegistryError::MethodNotAllowed { allow: None } })
         .layer(middleware::from_fn(drain_request_body))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -249,7 +252,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
         (Route::Referrers(repo, subject), Method::GET) => {
             referrers::list(state, &repo, &subject, &uri).await
         }
-        _ => Err(RegistryError::MethodNotAllowed { allow }),
+        _ => Err(RegistryError::MethodNotAllowed { allow: Some(allow) }),
     };
     let mut response = result.unwrap_or_else(IntoResponse::into_response);
     response.extensions_mut().insert(RouteLabel(label));

@@ -109,10 +109,12 @@ fn chunk_start(headers: &HeaderMap) -> Result<Option<u64>, RegistryError> {
     if end < start {
         return Err(invalid());
     }
+    // `0-18446744073709551615` is one byte longer than any length can say.
+    let chunk = (end - start).checked_add(1);
     let length = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if length.is_some_and(|len| len != end - start + 1) {
+    if length.is_some_and(|len| Some(len) != chunk) {
         return Err(RegistryError::RangeInvalid(format!(
             "Content-Range {start}-{end} does not match Content-Length"
         )));
