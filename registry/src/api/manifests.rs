@@ -241,3 +241,100 @@ pub(super) async fn delete(
     }
     Ok(empty(StatusCode::ACCEPTED, []))
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::api::strategies::{CASES, header_value};
+
+    fn accept(values: &[&str]) -> Accepted {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append(header::ACCEPT, HeaderValue::from_str(value).unwrap());
+        }
+        Accepted::from_headers(&headers)
+    }
+
+    #[test]
+    fn only_exact_media_types_are_accepted() {
+        let everything = Accepted {
+            oci_manifest: true,
+            oci_index: true,
+            docker_list: true,
+        };
+        assert_eq!(accept(&[]), Accepted::default());
+        assert_eq!(accept(&["*/*", "application/*"]), Accepted::default());
+        assert_eq!(
+            accept(&[
+                "application/vnd.oci.image.manifest.v1+json;q=0.5, \
+                 APPLICATION/VND.OCI.IMAGE.INDEX.V1+JSON",
+                " application/vnd.docker.distribution.manifest.list.v2+json ; q=0"
+            ]),
+            everything
+        );
+        assert_eq!(
+            accept(&[media_type::OCI_MANIFEST]).refusal(media_type::OCI_MANIFEST),
+            None
+        );
+        assert!(accept(&["*/*"]).refusal(media_type::OCI_INDEX).is_some());
+        assert_eq!(accept(&[]).refusal(media_type::DOCKER_MANIFEST), None);
+    }
+
+    /// An `Accept` value of media types, some of those the registry looks for.
+    fn accept_text() -> impl Strategy<Value = String> {
+        let entry = prop_oneof![
+            prop::sample::select(vec![
+                media_type::OCI_MANIFEST,
+                media_type::OCI_INDEX,
+                media_type::DOCKER_MANIFEST,
+                media_type::DOCKER_MANIFEST_LIST,
+                "*/*",
+                "application/*",
+                "",
+            ])
+            .prop_map(str::to_owned),
+            "[a-z/.+*]{0,30}",
+        ];
+        let parameters = prop_oneof![
+            Just(""),
+            Just(";q=0.5"),
+            Just(" ; q=0"),
+            Just(";"),
+            Just(";;")
+        ];
+        prop::collection::vec((entry, parameters), 0..6).prop_map(|entries| {
+            entries
+                .into_iter()
+                .map(|(entry, parameters)| format!("{entry}{parameters}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        #[test]
+        fn any_accept_headers_name_what_they_list(
+            values in prop::collection::vec(header_value(accept_text()), 0..4),
+        ) {
+            let mut headers = HeaderMap::new();
+            for value in &values {
+                headers.append(header::ACCEPT, value.clone());
+            }
+            let accepted = Accepted::from_headers(&headers);
+            let lists = |wanted: &str| {
+                values.iter().filter_map(|v| v.to_str().ok()).any(|v| {
+                    v.to_ascii_lowercase().contains(wanted)
+                })
+            };
+            // Naming a type is necessary for accepting it (not sufficient: `...+json-x` is no match).
+            prop_assert!(!accepted.oci_manifest || lists(media_type::OCI_MANIFEST));
+            prop_assert!(!accepted.oci_index || lists(media_type::OCI_INDEX));
+            prop_assert!(!accepted.docker_list || lists(media_type::DOCKER_MANIFEST_LIST));
+        }
+    }
+}

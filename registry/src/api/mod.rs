@@ -5,6 +5,8 @@ mod listing;
 mod manifests;
 mod referrers;
 mod route;
+#[cfg(test)]
+mod strategies;
 mod token;
 mod uploads;
 
@@ -358,3 +360,76 @@ fn empty(
 }
 
 type HandlerResult = Result<Response>;
+
+#[cfg(test)]
+mod tests {
+    use axum::http::Uri;
+    use proptest::prelude::*;
+
+    use super::{Route, listing, mount_source, route, uploads};
+    use crate::api::strategies::CASES;
+
+    const DIGEST: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    /// A path below `/v2/`: the API's own words, names, digests, session ids and junk, joined
+    /// with `/`.
+    fn api_path() -> impl Strategy<Value = String> {
+        let segment = prop_oneof![
+            4 => prop::sample::select(vec![
+                "blobs", "uploads", "manifests", "tags", "list", "referrers", "_catalog", "",
+                "..", ".", "%2e", "%2F", DIGEST, "sha256:", "0b3ad7c4-6c2e-4a4f-9d51-1f2a3b4c5d6e",
+            ])
+            .prop_map(str::to_owned),
+            4 => "[a-zA-Z0-9._:%-]{0,24}",
+            1 => any::<String>(),
+        ];
+        prop::collection::vec(segment, 0..8).prop_map(|segments| segments.join("/"))
+    }
+
+    /// The path a parsed route came from, up to the optional `/` after `uploads`.
+    fn path_of(route: &Route) -> String {
+        match route {
+            Route::Catalog => "_catalog".to_owned(),
+            Route::Manifest(name, Ok(reference)) => format!("{name}/manifests/{reference}"),
+            Route::Manifest(name, Err(invalid)) => format!("{name}/manifests/{}", invalid.text),
+            Route::Blob(name, digest) => format!("{name}/blobs/{digest}"),
+            Route::UploadStart(name) => format!("{name}/blobs/uploads"),
+            Route::Upload(name, id) => format!("{name}/blobs/uploads/{id}"),
+            Route::Tags(name) => format!("{name}/tags/list"),
+            Route::Referrers(name, digest) => format!("{name}/referrers/{digest}"),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        #[test]
+        fn any_path_gives_the_route_it_spells_or_an_error(path in api_path()) {
+            if let Ok(route) = route::parse(&path) {
+                let spelled = path_of(&route);
+                prop_assert!(
+                    path == spelled || path == format!("{spelled}/"),
+                    "{path:?} parsed as {route:?}"
+                );
+            }
+        }
+
+        #[test]
+        fn any_query_parses_or_is_refused_without_panics(
+            query in prop_oneof![
+                "((mount|from|digest|n|last|scope|service)=[a-z0-9:/%+&=._-]{0,30}&?){0,4}",
+                any::<String>(),
+            ],
+            n in prop::option::of(any::<u64>()),
+        ) {
+            let n = n.map(|n| format!("&n={n}")).unwrap_or_default();
+            if let Ok(uri) = format!("/v2/a/blobs/uploads/?{query}{n}").parse::<Uri>() {
+                let _ = mount_source(&uri);
+                let _ = uploads::query(&uri);
+                if let Ok(page) = listing::page_request(&uri, 100) {
+                    prop_assert!(page.limit <= 100);
+                }
+            }
+        }
+    }
+}
