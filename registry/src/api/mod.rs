@@ -273,11 +273,19 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
         HeaderValue::from_static("registry/2.0"),
     );
     let status = response.status().as_u16();
-    let bytes = response
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .unwrap_or(0);
+    // The length a HEAD answer declares is that of the body a GET would send; none is sent.
+    // Bodies built whole (error JSON, small answers) get their length header only from hyper,
+    // later: their size is known here all the same.
+    let bytes = if method == Method::HEAD {
+        0
+    } else {
+        response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .or_else(|| axum::body::HttpBody::size_hint(response.body()).exact())
+            .unwrap_or(0)
+    };
     let route = response
         .extensions()
         .get::<RouteLabel>()
