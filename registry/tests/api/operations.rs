@@ -37,20 +37,13 @@ async fn the_json_request_log_has_one_line_per_request_with_its_fields() {
     let digest = api.push_blob("logged/app", &bytes).await;
     let blob = format!("logged/app/blobs/{digest}");
     api.expect_blob("logged/app", &digest, &bytes).await;
-    let sent = async || {
-        let reply = api.get("/metrics").await;
-        let text = String::from_utf8(reply.expect(200).body.clone()).expect("metrics are text");
-        let series = "berth_registry_sent_bytes_total ";
-        let line = text.lines().find_map(|line| line.strip_prefix(series));
-        let value: f64 = line.expect("bytes sent").parse().expect("a sample");
-        (value, reply.body.len() as f64)
-    };
-    let (before, metrics_body) = sent().await;
+    let sent = "berth_registry_sent_bytes_total";
+    let (before, page) = api.metric_and_page_size(sent).await;
     api.head(&blob).await.expect(200);
     assert_eq!(
-        sent().await.0,
-        before + metrics_body,
-        "only the metrics answer counts: a HEAD sends no body"
+        api.metric(sent).await,
+        before.map(|before| before + page as f64),
+        "only the metrics page counts: a HEAD sends no body"
     );
     api.get("logged/app/manifests/nothing?n=1")
         .await

@@ -367,12 +367,20 @@ impl Api {
 
     /// The value of the Prometheus sample named exactly `series` (name and labels), if any.
     pub(crate) async fn metric(&self, series: &str) -> Option<f64> {
+        self.metric_and_page_size(series).await.0
+    }
+
+    /// Like [`Api::metric`], with the size of the `/metrics` page it was read from.
+    pub(crate) async fn metric_and_page_size(&self, series: &str) -> (Option<f64>, usize) {
         let reply = self.get("/metrics").await;
         reply.expect(200);
+        let size = reply.body.len();
         let text = String::from_utf8(reply.body).expect("metrics are text");
-        text.lines()
+        let value = text
+            .lines()
             .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-            .map(|value| value.trim().parse().expect("a sample value"))
+            .map(|value| value.trim().parse().expect("a sample value"));
+        (value, size)
     }
 }
 
