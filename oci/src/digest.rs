@@ -184,4 +184,27 @@ mod tests {
         assert!(digest.to_string().starts_with("sha512:ddaf35a193617aba"));
         assert_eq!(digest.to_string().parse::<Digest>().unwrap(), digest);
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(100_000))]
+
+            #[test]
+            fn digests_parse_without_panics_and_print_as_given(
+                text in prop_oneof![
+                    4 => "(sha256|sha512|SHA256|md5|)(:|::|)[0-9a-fA-F]{0,130}",
+                    1 => any::<String>(),
+                ]
+            ) {
+                if let Ok(digest) = text.parse::<Digest>() {
+                    prop_assert_eq!(digest.to_string(), text);
+                    prop_assert_eq!(digest.hex().len(), digest.algorithm().hex_len());
+                }
+            }
+        }
+    }
 }

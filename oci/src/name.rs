@@ -223,4 +223,50 @@ mod tests {
         ));
         assert_eq!("sha256:zz".parse::<Reference>(), Err(NameError::Reference));
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Request text: mostly near the grammar (the characters names, tags and digests use,
+        /// lengths around the limits), the rest any Unicode.
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => "[a-z0-9._/-]{0,300}",
+                2 => "[a-zA-Z0-9._:/%-]{0,140}",
+                1 => "(sha256|sha512)?:[0-9a-fA-F]{0,130}",
+                1 => any::<String>(),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(100_000))]
+
+            #[test]
+            fn names_parse_without_panics_and_print_as_given(text in text()) {
+                if let Ok(name) = text.parse::<RepoName>() {
+                    prop_assert_eq!(name.as_str(), text.as_str());
+                    prop_assert!(name.as_str().len() <= MAX_NAME_LEN);
+                    prop_assert!(!name.as_str().contains(".."));
+                    prop_assert!(name.namespace().len() <= name.as_str().len());
+                }
+            }
+
+            #[test]
+            fn tags_parse_without_panics_and_print_as_given(text in text()) {
+                if let Ok(tag) = text.parse::<Tag>() {
+                    prop_assert_eq!(tag.as_str(), text.as_str());
+                    prop_assert!(tag.as_str().len() <= MAX_TAG_LEN);
+                }
+            }
+
+            #[test]
+            fn references_parse_without_panics_and_print_as_given(text in text()) {
+                if let Ok(reference) = text.parse::<Reference>() {
+                    prop_assert_eq!(reference.to_string(), text);
+                }
+            }
+        }
+    }
 }

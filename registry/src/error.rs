@@ -26,6 +26,13 @@ pub enum RegistryError {
     DigestInvalid(String),
     #[error("manifest unknown")]
     ManifestUnknown(String),
+    /// The manifest exists, but not in a form the client's `Accept` header names.
+    #[error("{reason}")]
+    ManifestNotAccepted {
+        reference: String,
+        media_type: String,
+        reason: String,
+    },
     #[error("manifest invalid: {0}")]
     ManifestInvalid(String),
     #[error("manifest references a blob or manifest unknown to this repository")]
@@ -40,8 +47,11 @@ pub enum RegistryError {
     TagInvalid(NameError),
     #[error("{0}")]
     Unsupported(String),
-    #[error("method not allowed; this path takes {allow}")]
-    MethodNotAllowed { allow: &'static str },
+    #[error("method not allowed; the Allow header lists what this path takes")]
+    MethodNotAllowed {
+        /// The `Allow` value, unless the router adds it itself.
+        allow: Option<&'static str>,
+    },
     #[error("not found")]
     NotFound,
     #[error("{message}")]
@@ -79,7 +89,10 @@ impl RegistryError {
             RangeInvalid(_) => ("BLOB_UPLOAD_INVALID", StatusCode::RANGE_NOT_SATISFIABLE),
             RangeNotSatisfiable(_) => ("UNSUPPORTED", StatusCode::RANGE_NOT_SATISFIABLE),
             DigestMismatch { .. } | DigestInvalid(_) => ("DIGEST_INVALID", StatusCode::BAD_REQUEST),
-            ManifestUnknown(_) => ("MANIFEST_UNKNOWN", StatusCode::NOT_FOUND),
+            // Distribution answers a client that cannot read the manifest as if it did not exist.
+            ManifestUnknown(_) | ManifestNotAccepted { .. } => {
+                ("MANIFEST_UNKNOWN", StatusCode::NOT_FOUND)
+            }
             ManifestInvalid(_) => ("MANIFEST_INVALID", StatusCode::BAD_REQUEST),
             ManifestBlobUnknown(_) => ("MANIFEST_BLOB_UNKNOWN", StatusCode::BAD_REQUEST),
             ManifestTooLarge { .. } => ("SIZE_INVALID", StatusCode::PAYLOAD_TOO_LARGE),
@@ -117,6 +130,11 @@ impl RegistryError {
                 serde_json::json!({ "expected": expected, "actual": actual })
             }
             ManifestUnknown(reference) => serde_json::json!({ "reference": reference }),
+            ManifestNotAccepted {
+                reference,
+                media_type,
+                ..
+            } => serde_json::json!({ "reference": reference, "mediaType": media_type }),
             NameUnknown(name) => serde_json::json!({ "name": name }),
             ManifestTooLarge { limit } => serde_json::json!({ "limit": limit }),
             _ => serde_json::Value::Null,
@@ -156,7 +174,7 @@ impl IntoResponse for RegistryError {
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, challenge);
             }
-            RegistryError::MethodNotAllowed { allow } => {
+            RegistryError::MethodNotAllowed { allow: Some(allow) } => {
                 response
                     .headers_mut()
                     .insert(header::ALLOW, HeaderValue::from_static(allow));

@@ -93,6 +93,22 @@ pub fn parse(
     })
 }
 
+/// The first image the index `body` lists for `os` and `architecture`, ignoring variants, as
+/// distribution chooses the image it serves to a client that cannot read an index.
+pub fn platform_image(body: &[u8], os: &str, architecture: &str) -> Option<Digest> {
+    ManifestDocument::parse(body)
+        .ok()?
+        .manifests?
+        .into_iter()
+        .find(|child| {
+            child
+                .platform
+                .as_ref()
+                .is_some_and(|p| p.os == os && p.architecture == architecture)
+        })
+        .map(|child| child.digest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,6 +226,106 @@ mod tests {
                 ),
                 "{body}"
             );
+        }
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+        use serde_json::Value;
+
+        use super::*;
+
+        const KEYS: &[&str] = &[
+            "schemaVersion",
+            "mediaType",
+            "config",
+            "layers",
+            "manifests",
+            "subject",
+            "artifactType",
+            "annotations",
+            "digest",
+            "size",
+            "urls",
+            "platform",
+            "os",
+            "architecture",
+        ];
+
+        fn media_types() -> Vec<&'static str> {
+            vec![
+                media_type::OCI_MANIFEST,
+                media_type::OCI_INDEX,
+                media_type::DOCKER_MANIFEST,
+                media_type::DOCKER_MANIFEST_LIST,
+                media_type::DOCKER_SCHEMA1_SIGNED,
+                "application/json",
+                "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+            ]
+        }
+
+        /// JSON shaped like manifests: their keys, media types, digests, sizes and platforms,
+        /// nested in every wrong way too.
+        fn manifest_json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                (-2i64..3).prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                prop::sample::select(media_types()).prop_map(Value::from),
+                prop::sample::select(vec![CONFIG, LAYER, "sha256:12", "linux", "amd64", ""])
+                    .prop_map(Value::from),
+                ".{0,12}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(4, 48, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::vec((prop::sample::select(KEYS), inner), 0..8).prop_map(
+                        |fields| {
+                            Value::Object(
+                                fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+                            )
+                        }
+                    ),
+                ]
+            })
+        }
+
+        fn body() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                4 => manifest_json().prop_map(|v| serde_json::to_vec(&v).unwrap()),
+                1 => (manifest_json(), any::<prop::sample::Index>()).prop_map(|(v, cut)| {
+                    let mut bytes = serde_json::to_vec(&v).unwrap();
+                    bytes.truncate(cut.index(bytes.len() + 1));
+                    bytes
+                }),
+                1 => prop::collection::vec(any::<u8>(), 0..64),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(100_000))]
+
+            #[test]
+            fn any_body_is_a_valid_manifest_or_manifest_invalid(
+                content_type in prop::option::of(prop_oneof![
+                    prop::sample::select(media_types()).prop_map(str::to_owned),
+                    ".{0,30}",
+                ]),
+                body in body(),
+            ) {
+                let digest = Digest::sha256_of(&body);
+                match parse(content_type.as_deref(), &body, digest.clone()) {
+                    Ok(manifest) => {
+                        prop_assert_eq!(manifest.size, body.len() as u64);
+                        prop_assert_eq!(manifest.digest, digest);
+                        prop_assert!(media_type::is_supported_manifest(&manifest.media_type));
+                    }
+                    Err(err) => prop_assert!(matches!(err, RegistryError::ManifestInvalid(_))),
+                }
+                let _ = platform_image(&body, "linux", "amd64");
+            }
         }
     }
 }

@@ -157,4 +157,25 @@ mod tests {
             );
         }
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::api::strategies::{CASES, range_text};
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+            #[test]
+            fn any_range_header_gives_a_range_inside_the_blob_or_an_error(
+                header in prop::option::of(range_text()),
+                size in prop_oneof![0u64..100, any::<u64>(), Just(u64::MAX)],
+            ) {
+                if let Ok(Some(range)) = byte_range(header.as_deref(), size) {
+                    prop_assert!(range.start < range.end && range.end <= size, "{range:?} of {size}");
+                }
+            }
+        }
+    }
 }

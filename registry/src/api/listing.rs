@@ -18,7 +18,7 @@ struct PageQuery {
     last: Option<String>,
 }
 
-fn page_request(uri: &Uri, max: u32) -> Result<PageRequest, RegistryError> {
+pub(super) fn page_request(uri: &Uri, max: u32) -> Result<PageRequest, RegistryError> {
     let query = Query::<PageQuery>::try_from_uri(uri)
         .map_err(|e| RegistryError::Unsupported(format!("pagination parameters: {e}")))?
         .0;

@@ -5,6 +5,8 @@ mod listing;
 mod manifests;
 mod referrers;
 mod route;
+#[cfg(test)]
+mod strategies;
 mod token;
 mod uploads;
 
@@ -95,6 +97,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(|| async { RegistryError::NotFound })
+        // Every route above but `/v2/{*path}`, which answers every method itself; the router adds
+        // the `Allow` header.
+        .method_not_allowed_fallback(|| async { RegistryError::MethodNotAllowed { allow: None } })
         .layer(middleware::from_fn(drain_request_body))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -213,15 +218,19 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
     let state = &*state;
     let allow = route.allowed_methods();
     let result = match (route, method) {
-        (Route::Manifest(repo, reference), Method::GET | Method::HEAD) => {
-            manifests::get(state, &repo, &reference, head).await
+        (Route::Manifest(repo, Ok(reference)), Method::GET | Method::HEAD) => {
+            manifests::get(state, &repo, &reference, &headers, head).await
         }
-        (Route::Manifest(repo, reference), Method::PUT) => {
+        (Route::Manifest(_, Err(invalid)), Method::GET | Method::HEAD) => {
+            Err(RegistryError::ManifestUnknown(invalid.text))
+        }
+        (Route::Manifest(repo, Ok(reference)), Method::PUT) => {
             manifests::put(state, &repo, &reference, &headers, body).await
         }
-        (Route::Manifest(repo, reference), Method::DELETE) => {
+        (Route::Manifest(repo, Ok(reference)), Method::DELETE) => {
             manifests::delete(state, &repo, &reference).await
         }
+        (Route::Manifest(_, Err(invalid)), Method::PUT | Method::DELETE) => Err(invalid.into()),
         (Route::Blob(repo, digest), Method::GET | Method::HEAD) => {
             let file_sender = (parts.version < Version::HTTP_2)
                 .then(|| parts.extensions.get::<FileSender>())
@@ -245,7 +254,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
         (Route::Referrers(repo, subject), Method::GET) => {
             referrers::list(state, &repo, &subject, &uri).await
         }
-        _ => Err(RegistryError::MethodNotAllowed { allow }),
+        _ => Err(RegistryError::MethodNotAllowed { allow: Some(allow) }),
     };
     let mut response = result.unwrap_or_else(IntoResponse::into_response);
     response.extensions_mut().insert(RouteLabel(label));
@@ -264,11 +273,19 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
         HeaderValue::from_static("registry/2.0"),
     );
     let status = response.status().as_u16();
-    let bytes = response
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .unwrap_or(0);
+    // The length a HEAD answer declares is that of the body a GET would send; none is sent.
+    // Bodies built whole (error JSON, small answers) get their length header only from hyper,
+    // later: their size is known here all the same.
+    let bytes = if method == Method::HEAD {
+        0
+    } else {
+        response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .or_else(|| axum::body::HttpBody::size_hint(response.body()).exact())
+            .unwrap_or(0)
+    };
     let route = response
         .extensions()
         .get::<RouteLabel>()
@@ -351,3 +368,84 @@ fn empty(
 }
 
 type HandlerResult = Result<Response>;
+
+#[cfg(test)]
+mod tests {
+    use axum::http::Uri;
+    use proptest::prelude::*;
+
+    use super::{Route, listing, mount_source, route, uploads};
+    use crate::api::strategies::CASES;
+
+    const DIGEST: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    /// A path below `/v2/`: the API's own words, names, digests, session ids and junk, joined
+    /// with `/`.
+    fn api_path() -> impl Strategy<Value = String> {
+        let segment = prop_oneof![
+            4 => prop::sample::select(vec![
+                "blobs", "uploads", "manifests", "tags", "list", "referrers", "_catalog", "",
+                "..", ".", "%2e", "%2F", DIGEST, "sha256:", "0b3ad7c4-6c2e-4a4f-9d51-1f2a3b4c5d6e",
+            ])
+            .prop_map(str::to_owned),
+            4 => "[a-zA-Z0-9._:%-]{0,24}",
+            // Session ids in the forms a UUID parser may take: hyphenated, simple, braced, URN.
+            1 => "(urn:uuid:|\\{)?[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\\}?",
+            1 => any::<String>(),
+        ];
+        prop::collection::vec(segment, 0..8).prop_map(|segments| segments.join("/"))
+    }
+
+    /// The path a parsed route came from, up to the optional `/` after `uploads`.
+    fn path_of(route: &Route) -> String {
+        match route {
+            Route::Catalog => "_catalog".to_owned(),
+            Route::Manifest(name, Ok(reference)) => format!("{name}/manifests/{reference}"),
+            Route::Manifest(name, Err(invalid)) => format!("{name}/manifests/{}", invalid.text),
+            Route::Blob(name, digest) => format!("{name}/blobs/{digest}"),
+            Route::UploadStart(name) => format!("{name}/blobs/uploads"),
+            Route::Upload(name, _) => format!("{name}/blobs/uploads/"),
+            Route::Tags(name) => format!("{name}/tags/list"),
+            Route::Referrers(name, digest) => format!("{name}/referrers/{digest}"),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        #[test]
+        fn any_path_gives_the_route_it_spells_or_an_error(path in api_path()) {
+            if let Ok(route) = route::parse(&path) {
+                let spelled = path_of(&route);
+                if let Route::Upload(_, id) = &route {
+                    // A session id may be spelled in any form the UUID parser takes.
+                    let parsed = path.strip_prefix(&spelled).and_then(|t| t.parse().ok());
+                    prop_assert_eq!(parsed.as_ref(), Some(id));
+                } else {
+                    prop_assert!(
+                        path == spelled || path == format!("{spelled}/"),
+                        "{path:?} parsed as {route:?}"
+                    );
+                }
+            }
+        }
+
+        #[test]
+        fn any_query_parses_or_is_refused_without_panics(
+            query in prop_oneof![
+                "((mount|from|digest|n|last|scope|service)=[a-z0-9:/%+&=._-]{0,30}&?){0,4}",
+                any::<String>(),
+            ],
+            n in prop::option::of(any::<u64>()),
+        ) {
+            let n = n.map(|n| format!("&n={n}")).unwrap_or_default();
+            if let Ok(uri) = format!("/v2/a/blobs/uploads/?{query}{n}").parse::<Uri>() {
+                let _ = mount_source(&uri);
+                let _ = uploads::query(&uri);
+                if let Ok(page) = listing::page_request(&uri, 100) {
+                    prop_assert!(page.limit <= 100);
+                }
+            }
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! Turns the path after `/v2/` into a typed route, validating every name, reference and digest.
 
-use berth_oci::{Digest, Reference, RepoName};
+use berth_oci::{Digest, DigestError, NameError, Reference, RepoName};
 
 use crate::content::UploadId;
 use crate::error::RegistryError;
@@ -8,7 +8,7 @@ use crate::error::RegistryError;
 #[derive(Debug, PartialEq)]
 pub(crate) enum Route {
     Catalog,
-    Manifest(RepoName, Reference),
+    Manifest(RepoName, Result<Reference, InvalidReference>),
     Blob(RepoName, Digest),
     UploadStart(RepoName),
     Upload(RepoName, UploadId),
@@ -41,9 +41,41 @@ impl Route {
     }
 }
 
+/// A manifest reference that is neither a tag nor a digest. No manifest can have it, so reading
+/// one is "unknown", as in distribution; writing one is invalid.
+#[derive(Debug, PartialEq)]
+pub(crate) struct InvalidReference {
+    pub(crate) text: String,
+    /// Why it is no digest, if it was meant as one (it has a `:`); otherwise it is no tag.
+    digest_error: Option<DigestError>,
+}
+
+impl From<InvalidReference> for RegistryError {
+    fn from(invalid: InvalidReference) -> Self {
+        match invalid.digest_error {
+            Some(err) => RegistryError::DigestInvalid(err.to_string()),
+            None => RegistryError::TagInvalid(NameError::Tag),
+        }
+    }
+}
+
+fn reference(text: &str) -> Result<Reference, InvalidReference> {
+    let invalid = |digest_error| InvalidReference {
+        text: text.to_owned(),
+        digest_error,
+    };
+    if text.contains(':') {
+        text.parse()
+            .map(Reference::Digest)
+            .map_err(|err| invalid(Some(err)))
+    } else {
+        text.parse().map(Reference::Tag).map_err(|_| invalid(None))
+    }
+}
+
 fn digest(text: &str) -> Result<Digest, RegistryError> {
     text.parse()
-        .map_err(|e: berth_oci::DigestError| RegistryError::DigestInvalid(e.to_string()))
+        .map_err(|e: DigestError| RegistryError::DigestInvalid(e.to_string()))
 }
 
 /// Splits `path` at the last `marker` whose remainder holds no `/`: names may contain the
@@ -79,13 +111,10 @@ pub(crate) fn parse(path: &str) -> Result<Route, RegistryError> {
         return Ok(Route::Blob(name(name_part)?, digest(reference)?));
     }
     if let Some((name_part, reference)) = split_last(path, "/manifests/") {
-        let name = name(name_part)?;
-        let reference = if reference.contains(':') {
-            Reference::Digest(digest(reference)?)
-        } else {
-            Reference::Tag(reference.parse()?)
-        };
-        return Ok(Route::Manifest(name, reference));
+        return Ok(Route::Manifest(
+            name(name_part)?,
+            self::reference(reference),
+        ));
     }
     if let Some((name_part, subject)) = split_last(path, "/referrers/") {
         return Ok(Route::Referrers(name(name_part)?, digest(subject)?));
@@ -124,11 +153,11 @@ mod tests {
         );
         assert_eq!(
             parse("a/manifests/latest").unwrap(),
-            Route::Manifest(repo("a"), Reference::Tag("latest".parse().unwrap()))
+            Route::Manifest(repo("a"), Ok(Reference::Tag("latest".parse().unwrap())))
         );
         assert_eq!(
             parse(&format!("a/manifests/{DIGEST}")).unwrap(),
-            Route::Manifest(repo("a"), Reference::Digest(d.clone()))
+            Route::Manifest(repo("a"), Ok(Reference::Digest(d.clone())))
         );
         assert_eq!(
             parse(&format!("a/referrers/{DIGEST}")).unwrap(),
@@ -163,10 +192,20 @@ mod tests {
                 "{path}"
             );
         }
-        assert!(matches!(
-            parse("a/manifests/bad%2Ftag"),
-            Err(RegistryError::TagInvalid(_))
-        ));
+        for (reference, as_digest) in [("bad%2Ftag", false), ("-dash", false), ("sha256:123", true)]
+        {
+            let Ok(Route::Manifest(_, Err(unusable))) = parse(&format!("a/manifests/{reference}"))
+            else {
+                panic!("{reference} must parse as a manifest route with an unusable reference");
+            };
+            assert_eq!(unusable.text, reference);
+            let err = RegistryError::from(unusable);
+            if as_digest {
+                assert!(matches!(err, RegistryError::DigestInvalid(_)), "{err:?}");
+            } else {
+                assert!(matches!(err, RegistryError::TagInvalid(_)), "{err:?}");
+            }
+        }
         assert!(matches!(
             parse("a/blobs/sha256:123"),
             Err(RegistryError::DigestInvalid(_))

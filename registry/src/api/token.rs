@@ -62,12 +62,36 @@ async fn oauth_for(
     parts: &axum::http::request::Parts,
     body: axum::body::Body,
 ) -> Result<Response, RegistryError> {
-    let invalid = |what: String| RegistryError::Unsupported(format!("token request form: {what}"));
     let bytes = axum::body::to_bytes(body, MAX_FORM_BYTES)
         .await
-        .map_err(|e| invalid(e.to_string()))?;
+        .map_err(|e| form_invalid(e.to_string()))?;
+    let request = oauth_request(&bytes)?;
+    let issued = state
+        .auth
+        .issue_token(
+            &request_info(parts),
+            request.credentials,
+            request.service.as_deref(),
+            &request.scopes,
+        )
+        .await?;
+    Ok(token_response(&issued))
+}
+
+fn form_invalid(what: String) -> RegistryError {
+    RegistryError::Unsupported(format!("token request form: {what}"))
+}
+
+/// What an OAuth2 password-grant form asks for.
+struct OAuthRequest {
+    credentials: TokenCredentials,
+    service: Option<String>,
+    scopes: Vec<String>,
+}
+
+fn oauth_request(form: &[u8]) -> Result<OAuthRequest, RegistryError> {
     let form: Vec<(String, String)> =
-        serde_urlencoded::from_bytes(&bytes).map_err(|e| invalid(e.to_string()))?;
+        serde_urlencoded::from_bytes(form).map_err(|e| form_invalid(e.to_string()))?;
     let field = |name: &str| {
         form.iter()
             .find(|(k, _)| k == name)
@@ -80,22 +104,22 @@ async fn oauth_for(
         },
         // No refresh tokens are ever issued, so none can be redeemed.
         other => {
-            return Err(invalid(format!(
+            return Err(form_invalid(format!(
                 "grant_type {other:?} is not supported; use password"
             )));
         }
     };
     // OAuth2 joins scopes with spaces in one field; some clients repeat the field instead.
-    let scopes: Vec<String> = form
+    let scopes = form
         .iter()
         .filter(|(k, _)| k == "scope")
         .map(|(_, v)| v.clone())
         .collect();
-    let issued = state
-        .auth
-        .issue_token(&request_info(parts), credentials, field("service"), &scopes)
-        .await?;
-    Ok(token_response(&issued))
+    Ok(OAuthRequest {
+        credentials,
+        service: field("service").map(str::to_owned),
+        scopes,
+    })
 }
 
 fn token_response(issued: &IssuedToken) -> Response {
@@ -109,4 +133,68 @@ fn token_response(issued: &IssuedToken) -> Response {
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderMap;
+    use base64::Engine;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::api::strategies::{CASES, header_value};
+
+    /// An `Authorization` value: a scheme, then base64 of `user:password` or a token, or junk.
+    fn authorization() -> impl Strategy<Value = String> {
+        let scheme = prop::sample::select(vec!["Basic", "basic", "BEARER", "Bearer", "Digest", ""]);
+        let credentials = prop_oneof![
+            ".{0,20}".prop_map(|pair| base64::engine::general_purpose::STANDARD.encode(pair)),
+            "[A-Za-z0-9+/=:._-]{0,60}",
+        ];
+        (
+            scheme,
+            prop_oneof![Just(" "), Just(""), Just("  ")],
+            credentials,
+        )
+            .prop_map(|(scheme, space, credentials)| format!("{scheme}{space}{credentials}"))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        #[test]
+        fn any_authorization_is_credentials_anonymous_or_malformed(
+            value in header_value(authorization()),
+        ) {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, value.clone());
+            if let TokenCredentials::Password { user, password } =
+                TokenCredentials::from_headers(&headers)
+            {
+                // Only what Basic credentials spell: `user:password` in base64.
+                let text = value.to_str().unwrap_or_default();
+                let (scheme, encoded) = text.split_once(' ').unwrap_or_default();
+                prop_assert!(scheme.eq_ignore_ascii_case("basic"));
+                let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim());
+                prop_assert_eq!(decoded.ok(), Some(format!("{user}:{password}").into_bytes()));
+            }
+        }
+
+        #[test]
+        fn any_oauth_form_is_a_password_grant_or_refused(
+            form in prop_oneof![
+                "((grant_type|username|password|scope|service)=[a-z0-9:/%+&=._ -]{0,20}&?){0,5}",
+                ".{0,60}",
+            ],
+        ) {
+            match oauth_request(form.as_bytes()) {
+                Ok(request) => {
+                    let password = matches!(request.credentials, TokenCredentials::Password { .. });
+                    prop_assert!(password);
+                    prop_assert!(form.contains("grant_type=password"));
+                }
+                Err(err) => prop_assert!(matches!(err, RegistryError::Unsupported(_))),
+            }
+        }
+    }
 }

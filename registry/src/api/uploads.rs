@@ -13,13 +13,13 @@ use crate::content::{ByteStream, ContentError, UploadId};
 use crate::error::RegistryError;
 
 #[derive(Deserialize, Default)]
-struct UploadQuery {
+pub(super) struct UploadQuery {
     digest: Option<String>,
     mount: Option<String>,
     from: Option<String>,
 }
 
-fn query(uri: &Uri) -> Result<UploadQuery, RegistryError> {
+pub(super) fn query(uri: &Uri) -> Result<UploadQuery, RegistryError> {
     Query::<UploadQuery>::try_from_uri(uri)
         .map(|q| q.0)
         .map_err(|e| RegistryError::UploadInvalid(format!("query: {e}")))
@@ -109,10 +109,12 @@ fn chunk_start(headers: &HeaderMap) -> Result<Option<u64>, RegistryError> {
     if end < start {
         return Err(invalid());
     }
+    // `0-18446744073709551615` is one byte longer than any length can say.
+    let chunk = (end - start).checked_add(1);
     let length = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if length.is_some_and(|len| len != end - start + 1) {
+    if length.is_some_and(|len| Some(len) != chunk) {
         return Err(RegistryError::RangeInvalid(format!(
             "Content-Range {start}-{end} does not match Content-Length"
         )));
@@ -309,4 +311,75 @@ pub(super) async fn cancel(state: &AppState, repo: &RepoName, id: UploadId) -> H
     }
     end_session(state, id).await?;
     Ok(empty(StatusCode::NO_CONTENT, []))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::api::strategies::{CASES, header_value, range_text};
+
+    #[test]
+    fn content_range_takes_start_and_checks_the_length() {
+        let headers = |range: &str, length: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_RANGE, range.parse().unwrap());
+            if let Some(length) = length {
+                headers.insert(header::CONTENT_LENGTH, length.parse().unwrap());
+            }
+            headers
+        };
+        assert_eq!(chunk_start(&HeaderMap::new()).unwrap(), None);
+        assert_eq!(chunk_start(&headers("5-9", Some("5"))).unwrap(), Some(5));
+        assert_eq!(chunk_start(&headers("bytes=5-9", None)).unwrap(), Some(5));
+        assert_eq!(
+            chunk_start(&headers("bytes 0-9/10", Some("10"))).unwrap(),
+            Some(0)
+        );
+        let max = u64::MAX;
+        for (range, length) in [
+            ("5-9", "4"),
+            ("9-5", "1"),
+            (&format!("0-{max}"), "0"),
+            (&format!("0-{max}"), &max.to_string()),
+            ("0-18446744073709551616", "1"),
+        ] {
+            assert!(
+                matches!(
+                    chunk_start(&headers(range, Some(length))),
+                    Err(RegistryError::RangeInvalid(_))
+                ),
+                "{range} with {length}"
+            );
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        #[test]
+        fn any_content_range_gives_a_start_that_fits_the_length_or_an_error(
+            range in prop::option::of(header_value(range_text())),
+            length in prop::option::of(prop_oneof![
+                (0u64..1000).prop_map(|n| n.to_string()),
+                any::<u64>().prop_map(|n| n.to_string()),
+                ".{0,22}",
+            ]),
+        ) {
+            let mut headers = HeaderMap::new();
+            if let Some(range) = range {
+                headers.insert(header::CONTENT_RANGE, range);
+            }
+            let length = length.and_then(|l| HeaderValue::from_str(&l).ok());
+            if let Some(length) = &length {
+                headers.insert(header::CONTENT_LENGTH, length.clone());
+            }
+            let length = length.and_then(|l| l.to_str().ok()?.parse::<u64>().ok());
+            if let (Ok(Some(start)), Some(length)) = (chunk_start(&headers), length) {
+                // The chunk's last byte, `start + length - 1`, is a `u64`.
+                prop_assert!(length >= 1 && start.checked_add(length - 1).is_some());
+            }
+        }
+    }
 }
