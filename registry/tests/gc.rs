@@ -108,7 +108,7 @@ fn pull_verifies(registry: &Registry, repo: &str, tag: &str) {
 
 #[test]
 fn collection_frees_exactly_what_nothing_references() {
-    let registry = collecting_registry(2);
+    let registry = collecting_registry(1);
     let kept = Image::generate(601, "amd64", &[300 * 1024, 20 * 1024]);
     let dropped = Image::generate(602, "amd64", &[200 * 1024]);
     let shared = Image::generate(603, "amd64", &[100 * 1024]);
@@ -130,7 +130,8 @@ fn collection_frees_exactly_what_nothing_references() {
         assert_eq!(delete(&registry, &target), 202, "{target}");
     }
     let before = stored(&registry.root());
-    std::thread::sleep(Duration::from_millis(2500));
+    // Rows carry whole seconds: 2.1 s puts everything so far past a 1 s grace.
+    std::thread::sleep(Duration::from_millis(2100));
     // Pushed within the grace period: kept however unreferenced.
     let young = Image::generate(607, "amd64", &[30 * 1024]);
     let young_layer = &young.layers[0].blob;
