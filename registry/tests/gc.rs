@@ -235,7 +235,7 @@ fn pushes_pulls_tag_moves_and_deletes_race_repeated_collections() {
         })
         .collect();
     let dockerd = Dockerd::start(&registry.host());
-    for i in 0..2 {
+    for (i, layout) in layouts.iter().take(2).enumerate() {
         let archive = registry.scratch().join(format!("race-{i}.tar"));
         run(skopeo()
             .arg("copy")
