@@ -239,7 +239,7 @@ fn pushes_pulls_tag_moves_and_deletes_race_repeated_collections() {
         let archive = registry.scratch().join(format!("race-{i}.tar"));
         run(skopeo()
             .arg("copy")
-            .arg(oci_ref(&layouts[i], "v1"))
+            .arg(oci_ref(layout, "v1"))
             .arg(format!(
                 "docker-archive:{}:race/local:{i}",
                 archive.display()
