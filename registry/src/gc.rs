@@ -31,6 +31,9 @@ use crate::metadata::Usage;
 
 /// Rows taken per metadata call, so one transaction stays short while the registry serves.
 const BATCH: u32 = 500;
+/// Digests swept at once: one claim, one deletion (a directory sync per shard touched) and one
+/// release per batch rather than per digest.
+const SWEEP_BATCH: u32 = 2000;
 
 /// What one collection did or, dry, would do.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,16 +153,16 @@ impl Collector {
         }
         while !metadata.queue_unreferenced(cutoff, BATCH).await?.is_empty() {}
         loop {
-            let queued = metadata.queued_garbage(BATCH).await?;
+            let queued = metadata.queued_garbage(SWEEP_BATCH).await?;
             if queued.is_empty() {
                 return Ok(());
             }
-            for garbage in queued {
-                if !metadata.begin_sweep(&garbage.digest).await? {
-                    continue;
-                }
-                self.state.content.delete(&garbage.digest).await?;
-                metadata.end_sweep(&garbage.digest).await?;
+            let digests: Vec<_> = queued.iter().map(|g| g.digest.clone()).collect();
+            let claimed = metadata.begin_sweep(&digests).await?;
+            self.state.content.delete(&claimed).await?;
+            metadata.end_sweep(&claimed).await?;
+            let claimed: std::collections::HashSet<_> = claimed.iter().collect();
+            for garbage in queued.iter().filter(|g| claimed.contains(&g.digest)) {
                 report.objects_deleted += 1;
                 report.bytes_freed += garbage.size;
             }

@@ -247,12 +247,12 @@ impl<S: MetadataStore> MetadataStore for CachedMetadata<S> {
         self.inner.queued_garbage(limit).await
     }
 
-    async fn begin_sweep(&self, digest: &Digest) -> Result<bool, MetadataError> {
-        self.inner.begin_sweep(digest).await
+    async fn begin_sweep(&self, digests: &[Digest]) -> Result<Vec<Digest>, MetadataError> {
+        self.inner.begin_sweep(digests).await
     }
 
-    async fn end_sweep(&self, digest: &Digest) -> Result<(), MetadataError> {
-        self.inner.end_sweep(digest).await
+    async fn end_sweep(&self, digests: &[Digest]) -> Result<(), MetadataError> {
+        self.inner.end_sweep(digests).await
     }
 
     async fn untagged_manifests(

@@ -657,16 +657,33 @@ impl MetadataStore for SqliteMetadataStore {
         self.with(move |conn| collect::queued(conn, limit)).await
     }
 
-    async fn begin_sweep(&self, digest: &Digest) -> Result<bool, MetadataError> {
-        let digest = digest.to_string();
-        self.write(move |conn| Ok(collect::begin_sweep(conn, &digest)?))
-            .await
+    async fn begin_sweep(&self, digests: &[Digest]) -> Result<Vec<Digest>, MetadataError> {
+        let digests = digests.to_vec();
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut claimed = Vec::with_capacity(digests.len());
+            for digest in digests {
+                if collect::begin_sweep(&tx, &digest.to_string())? {
+                    claimed.push(digest);
+                }
+            }
+            tx.commit()?;
+            Ok(claimed)
+        })
+        .await
     }
 
-    async fn end_sweep(&self, digest: &Digest) -> Result<(), MetadataError> {
-        let digest = digest.to_string();
-        self.write(move |conn| Ok(collect::end_sweep(conn, &digest)?))
-            .await
+    async fn end_sweep(&self, digests: &[Digest]) -> Result<(), MetadataError> {
+        let digests = digests.to_vec();
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for digest in digests {
+                collect::end_sweep(&tx, &digest.to_string())?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
     }
 
     async fn untagged_manifests(
