@@ -47,7 +47,7 @@ async fn deleted_objects_are_gone_and_deleting_twice_is_fine(store: &dyn Content
         store.read(&digest, 0..1).await,
         Err(ContentError::BlobUnknown)
     ));
-    store.delete(&[digest.clone()]).await.unwrap();
+    store.delete(std::slice::from_ref(&digest)).await.unwrap();
     // Written again after its deletion, it is whole again.
     store.put(&digest, bytes.clone()).await.unwrap();
     assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
