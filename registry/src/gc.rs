@@ -123,20 +123,22 @@ impl Collector {
         let metadata = &self.state.metadata;
         for prefix in &self.config.untagged {
             let prefix = if prefix == "*" { "" } else { prefix.as_str() };
+            if report.dry_run {
+                let found = metadata
+                    .untagged_manifests(prefix, cutoff, u32::MAX)
+                    .await?;
+                report.manifests_deleted += found.len() as u64;
+                continue;
+            }
+            // An index deleted here leaves its children untagged: the next batch takes them.
             loop {
-                let found = metadata.untagged_manifests(prefix, cutoff, BATCH).await?;
-                if report.dry_run {
-                    report.manifests_deleted += found.len() as u64;
+                let deleted = metadata
+                    .delete_untagged_manifests(prefix, cutoff, BATCH)
+                    .await?;
+                if deleted.is_empty() {
                     break;
                 }
-                if found.is_empty() {
-                    break;
-                }
-                for (repo, digest) in found {
-                    if metadata.delete_manifest(&repo, &digest).await? {
-                        report.manifests_deleted += 1;
-                    }
-                }
+                report.manifests_deleted += deleted.len() as u64;
             }
         }
         if report.dry_run {

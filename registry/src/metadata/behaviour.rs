@@ -282,6 +282,31 @@ async fn untagged_manifests_are_found_per_prefix(store: &dyn MetadataStore) {
             .unwrap()
             .is_empty()
     );
+    // Deleting decides again in its own transaction: a tag given meanwhile keeps its manifest.
+    store
+        .put_manifest(
+            &scratch,
+            &manifest(b"gc untagged", vec![]),
+            Some(&tag("late")),
+        )
+        .await
+        .unwrap();
+    let deleted = store
+        .delete_untagged_manifests("gc-scratch", after_now(), 100)
+        .await
+        .unwrap();
+    assert_eq!(deleted, vec![(scratch.clone(), orphan.digest.clone())]);
+    assert!(
+        queued(store).await.contains(&orphan.digest),
+        "its bytes are queued"
+    );
+    assert!(
+        store
+            .untagged_manifests("gc-scratch", after_now(), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn usage_counts_each_digest_once_per_scope(store: &dyn MetadataStore) {

@@ -266,6 +266,21 @@ impl<S: MetadataStore> MetadataStore for CachedMetadata<S> {
             .await
     }
 
+    async fn delete_untagged_manifests(
+        &self,
+        prefix: &str,
+        created_before: SystemTime,
+        limit: u32,
+    ) -> Result<Vec<(RepoName, Digest)>, MetadataError> {
+        self.writing(
+            true,
+            true,
+            self.inner
+                .delete_untagged_manifests(prefix, created_before, limit),
+        )
+        .await
+    }
+
     async fn usage(&self) -> Result<Usage, MetadataError> {
         self.inner.usage().await
     }

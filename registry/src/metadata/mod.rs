@@ -263,6 +263,16 @@ pub trait MetadataStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<(RepoName, Digest)>, MetadataError>;
 
+    /// Deletes what [`MetadataStore::untagged_manifests`] finds, in one transaction that decides
+    /// and deletes together (a tag or index pushed meanwhile keeps its manifest), queueing bytes
+    /// no repository holds any more; returns what it deleted.
+    async fn delete_untagged_manifests(
+        &self,
+        prefix: &str,
+        created_before: SystemTime,
+        limit: u32,
+    ) -> Result<Vec<(RepoName, Digest)>, MetadataError>;
+
     /// Storage in use per top-level namespace and per repository.
     async fn usage(&self) -> Result<Usage, MetadataError>;
 }

@@ -196,6 +196,19 @@ fn record_completions(conn: &mut Connection, batch: Vec<Completion>) {
     }
 }
 
+fn parse_manifest_names(
+    rows: Vec<(String, String)>,
+) -> Result<Vec<(RepoName, Digest)>, MetadataError> {
+    rows.into_iter()
+        .map(|(repo, digest)| {
+            let repo = repo
+                .parse()
+                .map_err(|_| MetadataError::Corrupt(format!("repository name {repo:?}")))?;
+            Ok((repo, parse_digest(digest)?))
+        })
+        .collect()
+}
+
 fn page_of(mut entries: Vec<String>, limit: u32) -> Page {
     let more = entries.len() > limit as usize;
     entries.truncate(limit as usize);
@@ -694,15 +707,23 @@ impl MetadataStore for SqliteMetadataStore {
     ) -> Result<Vec<(RepoName, Digest)>, MetadataError> {
         let (prefix, created_before) = (prefix.to_owned(), unix(created_before));
         self.with(move |conn| {
-            collect::untagged(conn, &prefix, created_before, limit)?
-                .into_iter()
-                .map(|(repo, digest)| {
-                    let repo = repo
-                        .parse()
-                        .map_err(|_| MetadataError::Corrupt(format!("repository name {repo:?}")))?;
-                    Ok((repo, parse_digest(digest)?))
-                })
-                .collect()
+            parse_manifest_names(collect::untagged(conn, &prefix, created_before, limit)?)
+        })
+        .await
+    }
+
+    async fn delete_untagged_manifests(
+        &self,
+        prefix: &str,
+        created_before: SystemTime,
+        limit: u32,
+    ) -> Result<Vec<(RepoName, Digest)>, MetadataError> {
+        let (prefix, created_before) = (prefix.to_owned(), unix(created_before));
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let deleted = collect::delete_untagged(&tx, &prefix, created_before, limit)?;
+            tx.commit()?;
+            parse_manifest_names(deleted)
         })
         .await
     }
