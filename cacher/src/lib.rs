@@ -5,6 +5,7 @@ pub mod client;
 pub mod config;
 pub mod copy;
 pub mod flags;
+pub mod identity;
 pub mod import;
 pub mod progress;
 pub mod reference;

@@ -5,6 +5,8 @@
 //! keyEncipherment and keyAgreement, extended key usages clientAuth and serverAuth; the
 //! certificate file holds the leaf then the instance identity CA, as `CF_INSTANCE_CERT` does.
 //!
+//! Also the self-signed server certificate the tests serve HTTPS with.
+//!
 //! `openssl ca` is used for leaves because it sets validity to the second, which expired and
 //! not-yet-valid certificates need.
 
@@ -234,4 +236,25 @@ impl DiegoCa {
         fs::write(&certificate, chain).expect("write the instance certificate");
         InstanceIdentity { certificate, key }
     }
+}
+
+/// A self-signed server certificate for 127.0.0.1 (EC P-256, two days) as `cert.pem` and
+/// `key.pem` in `dir`, its own trust anchor (CA:FALSE, or rustls refuses it as a leaf); returns
+/// the certificate's and the key's paths.
+pub fn loopback_server_certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let (certificate, private_key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    run_bytes(
+        openssl()
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .arg("ec_paramgen_curve:prime256v1")
+            .args(["-nodes", "-days", "2", "-subj", "/CN=berth-test"])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .args(["-addext", "extendedKeyUsage=serverAuth"])
+            .arg("-keyout")
+            .arg(&private_key)
+            .arg("-out")
+            .arg(&certificate),
+    );
+    (certificate, private_key)
 }

@@ -12,5 +12,5 @@ mod process;
 
 pub use content::*;
 pub use dockerd::{Dockerd, digest_after};
-pub use identity::{DiegoCa, InstanceIdentity, Leaf};
+pub use identity::{DiegoCa, InstanceIdentity, Leaf, loopback_server_certificate};
 pub use process::*;
