@@ -157,3 +157,79 @@ pub(super) fn is_guid(text: &str) -> bool {
         && !text.starts_with('-')
         && !text.ends_with('-')
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_testkit::{DiegoCa, Leaf};
+
+    const GUID: &str = "5f9c2a1e-0b7d-4c3e-9a61-2d8f4e7b1c90";
+
+    fn chain(path: &Path) -> Vec<CertificateDer<'static>> {
+        let pem = std::fs::read(path).unwrap();
+        rustls_pemfile::certs(&mut pem.as_slice())
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_app_and_its_groups_come_from_the_ous_of_a_leaf_that_chains() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DiegoCa::generate(dir.path(), "diego");
+        let trust = InstanceIdentity::load(&ca.bundle).unwrap();
+        let verify = |name: &str, units: &[&str]| {
+            let leaf = Leaf {
+                organizational_units: units.iter().map(|u| u.to_string()).collect(),
+                ..Leaf::for_app("o", "s", GUID)
+            };
+            trust.verify(&chain(&ca.issue(name, &leaf).certificate), UnixTime::now())
+        };
+        let who = verify(
+            "good",
+            &["organization:0c1d", "space:5a6b", &format!("app:{GUID}")],
+        )
+        .unwrap();
+        assert_eq!(who.user.as_deref(), Some(format!("app:{GUID}").as_str()));
+        // One multi-valued RDN, as Go writes it: DER orders a SET's members, so order is lost.
+        let mut groups = who.groups.clone();
+        groups.sort();
+        assert_eq!(groups, ["organization:0c1d", "space:5a6b"]);
+        assert!(who.is_app());
+        // Other OUs are ignored; an ambiguous or malformed app is refused.
+        let plain = verify("plain", &["team:x", &format!("app:{GUID}")]).unwrap();
+        assert!(plain.groups.is_empty());
+        assert!(matches!(
+            verify("two", &["app:aaaa", "app:bbbb"]),
+            Err(CertificateRefused::SeveralApps)
+        ));
+        for bad in ["app:..x", "app:", "app:UPPER", "space:Not_Guid"] {
+            assert!(
+                matches!(
+                    verify("bad", &[bad, "app:aaaa"]),
+                    Err(CertificateRefused::BadGuid(_))
+                ),
+                "{bad}"
+            );
+        }
+        // The leaf alone, without the instance identity CA the client sends with it, still
+        // chains: the CA is in the trusted bundle.
+        let full = chain(
+            &ca.issue("alone", &Leaf::for_app("o", "s", GUID))
+                .certificate,
+        );
+        assert!(trust.verify(&full[..1], UnixTime::now()).is_ok());
+        assert!(matches!(
+            trust.verify(&[], UnixTime::now()),
+            Err(CertificateRefused::Parse(_))
+        ));
+    }
+
+    #[test]
+    fn a_bundle_without_certificates_is_a_configuration_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty.pem");
+        std::fs::write(&path, "not a certificate\n").unwrap();
+        let err = InstanceIdentity::load(&path).err().unwrap().to_string();
+        assert!(err.contains("holds no PEM certificate"), "{err}");
+    }
+}
