@@ -350,8 +350,8 @@ async fn certificates_that_identify_no_app_get_401_token() {
     certificates_that_identify_no_app_get_401(Mode::Token).await;
 }
 
-/// skopeo, which presents no certificate, pushes with a password and pulls a cached image by
-/// name anonymously, as the cells do, from a registry that asks for client certificates.
+/// skopeo and docker, which present no certificate, push with a password and pull a cached image
+/// by name anonymously, as the cells do, from a registry that asks for client certificates.
 #[tokio::test]
 async fn clients_without_a_certificate_work_as_before() {
     for mode in [Mode::Basic, Mode::Token] {
@@ -378,6 +378,13 @@ async fn clients_without_a_certificate_work_as_before() {
             .args(["copy", "--src-tls-verify=false"])
             .arg(format!("docker://{host}/{repo}@{}", image.manifest.digest))
             .arg(oci_ref(&pulled, "v1")));
+        // So does docker (127.0.0.1 is insecure-allowed: it speaks TLS without verifying), in
+        // token mode, the foundation's: a Basic challenge it answers only with credentials.
+        if mode == Mode::Token {
+            let dockerd = Dockerd::start(&host);
+            let pinned = format!("{host}/{repo}@{}", image.manifest.digest);
+            dockerd.pull_expecting(&pinned, &image.manifest.digest);
+        }
         // Foreign credentials count as anonymous for those pulls, as before.
         run(skopeo()
             .args(["inspect", "--raw", "--tls-verify=false", "--creds"])

@@ -133,9 +133,7 @@ pub async fn serve(
                     match tokio::time::timeout(tls_handshake, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
                             info.client_certificates =
-                                stream.get_ref().1.peer_certificates().map(|chain| {
-                                    chain.iter().map(|c| c.clone().into_owned()).collect()
-                                });
+                                stream.get_ref().1.peer_certificates().map(Arc::from);
                             Either::Right(stream)
                         }
                         Ok(Err(err)) => {
