@@ -28,6 +28,29 @@ RSpec.describe 'berth-lifecycle job' do
       )
     end
 
+    it 'carries no credential at all when the registry trusts instance identities' do
+      registry_link['properties']['berth']['cache']['instance_identity'] = { 'ca_certificates' => ['CA PEM'] }
+      rendered = job.render('config/berth-cacher.yml', properties: {}, links: { 'berth-registry' => registry_link })
+      expect(YAML.safe_load(rendered)['registry']).to eq('url' => 'https://berth-registry.service.cf.internal:8443',
+                                                         'ca_file' => '/tmp/lifecycle/berth-registry-ca.pem',
+                                                         'identity' => 'instance')
+      expect(rendered).not_to match(/password|username|robot|repository_key|PRIVATE KEY/)
+      # Even with a password offered, by the link (a robot kept while moving over) or a property.
+      own = job.render('config/berth-cacher.yml', properties: { 'berth' => { 'cacher' => { 'registry' => { 'password' => 'own-pw' } } } },
+                                                  links: { 'berth-registry' => registry_link })
+      expect(own).not_to include('robot-pw', 'own-pw')
+    end
+
+    it 'follows its own identity property over the link' do
+      registry_link['properties']['berth']['cache']['instance_identity'] = { 'ca_certificates' => ['CA PEM'] }
+      config = cacher_config('berth' => { 'cacher' => { 'registry' => { 'identity' => 'password' } } })
+      expect(config['registry']).to include('username' => 'robot$berth-cacher', 'password' => 'robot-pw')
+      expect { cacher_config('berth' => { 'cacher' => { 'registry' => { 'identity' => 'token' } } }) }
+        .to raise_error(/must be instance or password/)
+      expect { cacher_config({ 'berth' => { 'cacher' => { 'registry' => { 'url' => 'http://r:1', 'identity' => 'instance' } } } }, {}) }
+        .to raise_error(/identity instance needs TLS/)
+    end
+
     it "falls back to the link's BOSH DNS address without an external name" do
       registry_link['properties']['berth']['registry'].delete('external_name')
       expect(cacher_config['registry']['url']).to eq('https://q-s0.berth-registry.default.cf.bosh:8443')

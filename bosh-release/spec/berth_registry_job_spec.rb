@@ -82,6 +82,50 @@ RSpec.describe 'berth-registry job' do
       )
     end
 
+    context 'with instance identity' do
+      let(:identity_ca) { BerthSpec.instance_identity_ca }
+      let(:with_identity) do
+        { 'berth' => { 'registry' => { 'tls' => tls },
+                       'cache' => { 'instance_identity' => { 'ca_certificates' => [identity_ca['certificate'], identity_ca['ca']] } } } }
+      end
+
+      it 'binds each app to its own repositories, needs no robot, and trusts the bundle' do
+        rendered = config(with_identity)
+        expect(rendered['auth']['access']).to eq([{ 'repositories' => 'cache/{app}', 'anonymous' => 'by-name',
+                                                    'foreign_credentials_as_anonymous' => true,
+                                                    'grants' => { 'app:{app}' => ['push-by-name'] } }])
+        expect(rendered['auth']['instance_identity']).to eq('ca_file' => '/var/vcap/jobs/berth-registry/config/instance-identity-ca.pem')
+        expect(job.render('config/instance-identity-ca.pem', properties: with_identity))
+          .to eq(identity_ca['certificate'] + identity_ca['ca'])
+        expect(job.render('config/passwords', properties: with_identity)).to eq('')
+      end
+
+      it 'keeps the robot beside the apps while a foundation moves over' do
+        rendered = config(merge(with_identity, 'berth' => { 'cache' => { 'robot_password' => 'x' } }))
+        expect(rendered['auth']['access'].last['grants']).to eq('app:{app}' => ['push-by-name'],
+                                                                 'robot:berth-cacher' => ['push-by-name'])
+      end
+
+      it 'refuses access control off, a rule of its own for cache/{app}, and a bundle that is no PEM' do
+        expect { config(merge(with_identity, 'berth' => { 'registry' => { 'auth' => { 'mode' => 'none' } } })) }
+          .to raise_error(/instance_identity needs berth.registry.auth.mode basic or token/)
+        expect { config(merge(with_identity, 'berth' => { 'registry' => { 'auth' => { 'access' => [{ 'repositories' => 'cache/{app}' }] } } })) }
+          .to raise_error(/rule for the cache namespace "cache" is generated/)
+        expect { job.render('config/instance-identity-ca.pem', properties: { 'berth' => { 'cache' => { 'instance_identity' => { 'ca_certificates' => ['x'] } } } }) }
+          .to raise_error(/ca_certificates\[0\] is not a PEM certificate/)
+      end
+
+      it 'renders a configuration the real berth-registry accepts' do
+        root = tmp
+        install_job(root, 'berth-registry', properties: with_identity, spec: disk)
+        output = run!({ 'BERTH_JOB_DIR' => "#{root}/jobs/berth-registry", 'BERTH_DATA_DIR' => "#{root}/data/berth-registry",
+                        'BERTH_PACKAGE_DIR' => install_package(root), 'BERTH_OWNER' => owner },
+                      "#{root}/jobs/berth-registry/bin/pre-start")
+        expect(output).to include('berth-registry.yml: ok')
+        expect(File.read("#{root}/data/berth-registry/htpasswd")).to eq('')
+      end
+    end
+
     it 'leaves the cache rule out when caching is off, and then needs no robot password' do
       rendered = config('berth' => { 'registry' => { 'tls' => tls }, 'cache' => { 'enabled' => false } })
       expect(rendered['auth']).not_to have_key('access')

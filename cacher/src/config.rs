@@ -69,6 +69,18 @@ pub struct InternalRegistry {
     pub username: Option<String>,
     #[serde(default)]
     pub password: Option<Secret>,
+    /// How the cacher proves who it is besides (or instead of) a password.
+    #[serde(default)]
+    pub identity: Option<RegistryIdentity>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistryIdentity {
+    /// The staging container's instance identity certificate (`CF_INSTANCE_CERT`,
+    /// `CF_INSTANCE_KEY`) as the TLS client identity: no password, and the app's repositories
+    /// are under the GUID the certificate names.
+    Instance,
 }
 
 fn default_namespace() -> String {
@@ -141,6 +153,18 @@ impl CacherConfig {
         if self.registry.username.is_some() != self.registry.password.is_some() {
             return invalid("registry.username and registry.password go together".into());
         }
+        if self.registry.identity == Some(RegistryIdentity::Instance) {
+            if self.registry.password.is_some() {
+                return invalid(
+                    "registry.identity instance needs no password: leave registry.username and \
+                     registry.password out"
+                        .into(),
+                );
+            }
+            if !self.registry.url.starts_with("https://") {
+                return invalid("registry.identity instance needs an https:// registry.url".into());
+            }
+        }
         if let Some(key) = &self.repository_key
             && (key.expose().len() < 32 || hex::decode(key.expose()).is_err())
         {
@@ -201,6 +225,9 @@ mod tests {
             "registry: {url: 'http://r'}\nplatform: linux",
             "registry: {url: 'http://r'}\nunknown_key: 1",
             "registry: {url: 'http://r'}\ncopy_timeout_seconds: 0",
+            "registry: {url: 'https://r', identity: instance, username: u, password: p}",
+            "registry: {url: 'http://r', identity: instance}",
+            "registry: {url: 'https://r', identity: password}",
         ] {
             assert!(parse(bad).is_err(), "{bad} should be rejected");
         }

@@ -11,8 +11,9 @@ use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{ClientError, ClientOptions, Credentials, RegistryClient, RetryPolicy};
-use crate::config::CacherConfig;
+use crate::config::{CacherConfig, RegistryIdentity};
 use crate::copy::{self, CopyError, CopyOptions, Destination, Platform, Source};
+use crate::identity::{IdentityError, IdentityFiles, InstanceIdentity};
 use crate::progress::{Progress, REPORT_INTERVAL, human_bytes, rate};
 use crate::reference::{ImageReference, ReferenceError};
 use crate::result::{self, ExecutionMetadata, MetadataError};
@@ -31,6 +32,8 @@ pub enum StageError {
     Copy(#[from] CopyError),
     #[error(transparent)]
     Metadata(#[from] MetadataError),
+    #[error("instance identity: {0}")]
+    Identity(#[from] IdentityError),
     #[error("reading trusted certificates from {0}: {1}")]
     Certificates(PathBuf, String),
     #[error("writing the staging result to {0}: {1}")]
@@ -56,6 +59,8 @@ pub struct StagingEnv {
     pub cache: Option<bool>,
     /// Directory of extra trusted certificates (`CF_SYSTEM_CERT_PATH`).
     pub cert_dir: PathBuf,
+    /// The container's instance identity files (`CF_INSTANCE_CERT`, `CF_INSTANCE_KEY`).
+    pub instance_identity: Option<IdentityFiles>,
 }
 
 impl StagingEnv {
@@ -74,6 +79,7 @@ impl StagingEnv {
             cache: flag("BERTH_CACHE").or_else(|| flag("DIEGO_DOCKER_CACHE").filter(|on| *on)),
             cert_dir: std::env::var_os("CF_SYSTEM_CERT_PATH")
                 .map_or_else(|| PathBuf::from(CF_SYSTEM_CERTS), PathBuf::from),
+            instance_identity: IdentityFiles::from_env(),
         }
     }
 }
@@ -94,6 +100,7 @@ pub async fn run(
         credentials: request.credentials,
         insecure: request.insecure_registries.contains(&reference.registry),
         extra_roots: roots.clone(),
+        identity: None,
         retry,
     };
     // The destination's client is built on another thread while the source is contacted: loading
@@ -183,6 +190,15 @@ fn destination(
         .clone()
         .zip(config.registry.password.clone())
         .map(|(username, password)| Credentials { username, password });
+    // With an instance identity the app is the one its certificate names: the registry lets it
+    // push under that GUID alone.
+    let (identity, app_id) = match config.registry.identity {
+        Some(RegistryIdentity::Instance) => {
+            let identity = InstanceIdentity::load(env.instance_identity.as_ref())?;
+            (Some(identity.tls), Some(identity.app_guid))
+        }
+        None => (None, env.app_id.clone()),
+    };
     Ok(Destination {
         client: Arc::new(RegistryClient::new(
             &config.registry.url,
@@ -190,12 +206,13 @@ fn destination(
                 credentials,
                 insecure: false,
                 extra_roots: roots,
+                identity,
                 retry,
             },
         )?),
         repo: cache_repository(
             &config.namespace,
-            env.app_id.as_deref(),
+            app_id.as_deref(),
             config.repository_key.as_ref(),
         ),
     })

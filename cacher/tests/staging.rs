@@ -1157,3 +1157,75 @@ fn cacher_pushes_as_its_robot_and_cells_pull_by_name_with_origin_credentials() {
     let digests: Vec<&str> = other.blobs().iter().map(|b| b.digest.as_str()).collect();
     assert_not_stored(&berth, &digests);
 }
+
+/// The internal registry on a foundation with instance identity: each app pushes under its own
+/// GUID, by its certificate, and anyone pulls by exact name.
+fn internal_identity_mode(bundle: &Path) -> String {
+    format!(
+        "mode: token\ninstance_identity: {{ ca_file: {} }}\n\
+         access:\n  - repositories: cache/{{app}}\n    anonymous: by-name\n    \
+         foreign_credentials_as_anonymous: true\n    grants: {{ \"app:{{app}}\": [push-by-name] }}\n",
+        bundle.display()
+    )
+}
+
+#[test]
+fn cacher_stages_an_app_with_its_instance_identity_and_no_password() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let ca = DiegoCa::generate(dir.path(), "diego");
+    let (certificate, key) = loopback_server_certificate(dir.path());
+    let berth =
+        Berth::start_with_identity(&internal_identity_mode(&ca.bundle), (&certificate, &key));
+    let upstream = Upstream::start(None);
+    let image = web_image(17, &[200 * KIB, 50 * KIB]);
+    upstream.push("library/web:1.0", &image.manifest, &image.blobs());
+    let reference = format!("{}/library/web:1.0", upstream.host());
+
+    // The GUID comes from the certificate, the only one the registry lets this app push under,
+    // whatever the environment says.
+    let (app, elsewhere) = (new_guid(), new_guid());
+    let identity = ca.issue("app", &Leaf::for_app(&new_guid(), &new_guid(), &app));
+    let cacher = Cacher::caching_into_with_identity(&berth, &certificate, &identity)
+        .app(&elsewhere)
+        .env("BERTH_CACHE", "true");
+    let config = fs::read_to_string(cacher.dir().join("berth-cacher.yml")).expect("the config");
+    assert!(
+        !config.contains("password") && !config.contains("username"),
+        "{config}"
+    );
+    let outcome = cacher.run(&cacher.builder_args(&reference, &[]));
+    outcome.expect_code(0);
+    let cached = berth.pinned(&cache_repository(&app), &image.manifest.digest);
+    assert_eq!(cacher.result(), web_staging_result(&cached));
+    // A cell pulls the exact name without credentials, or with the origin's.
+    for credentials in [None, Some(("dockerhub-user", "origin-password"))] {
+        let (digest, manifest) = skopeo_pull_as(&cached, cacher.dir(), credentials);
+        assert_eq!(digest, image.manifest.digest, "{credentials:?}");
+        assert_eq!(manifest_layers(&manifest), image.layer_digests());
+    }
+
+    // Re-staging another app with the same base: its own certificate, its own repository.
+    let second = new_guid();
+    let identity = ca.issue("second", &Leaf::for_app(&new_guid(), &new_guid(), &second));
+    let cacher = Cacher::caching_into_with_identity(&berth, &certificate, &identity)
+        .app(&second)
+        .env("BERTH_CACHE", "true");
+    cacher
+        .run(&cacher.builder_args(&reference, &[]))
+        .expect_code(0);
+    let cached = berth.pinned(&cache_repository(&second), &image.manifest.digest);
+    assert_eq!(cacher.result(), web_staging_result(&cached));
+
+    // Identity on but no certificate in the environment: staging fails and says why.
+    let cacher = Cacher::caching_into_with_identity(&berth, &certificate, &identity)
+        .env("CF_INSTANCE_CERT", "")
+        .app(&app)
+        .env("BERTH_CACHE", "true");
+    let outcome = cacher.run(&cacher.builder_args(&reference, &[]));
+    outcome.expect_code(2);
+    assert!(
+        outcome.stderr.contains("CF_INSTANCE_CERT"),
+        "{}",
+        outcome.stderr
+    );
+}

@@ -277,6 +277,11 @@ impl Config {
             .map_err(|e| ConfigError::Invalid(format!("log.level {:?}: {e}", self.log.level)))?;
         if let Some(tls) = &self.tls {
             crate::server::ServerTls::load(tls)?;
+        } else if self.auth.instance_identity.is_some() {
+            return Err(ConfigError::Invalid(
+                "auth.instance_identity needs tls: client certificates come with the TLS handshake"
+                    .into(),
+            ));
         }
         crate::auth::Auth::check(&self.auth)
     }

@@ -174,9 +174,9 @@ fn init_logging(config: &Config) {
     }
 }
 
-/// Re-reads the access control part of the configuration, and the certificate and key files named
-/// at start-up, on every SIGHUP `hangups` delivers. A broken file or certificate is reported and
-/// the running one kept.
+/// Re-reads the access control part of the configuration (with the instance identity CA bundle),
+/// and the certificate and key files named at start-up, on every SIGHUP `hangups` delivers. A
+/// broken file or certificate is reported and the running one kept.
 async fn reload_on_hangup(
     mut hangups: tokio::signal::unix::Signal,
     state: Arc<AppState>,
@@ -201,7 +201,11 @@ async fn reload_on_hangup(
             continue;
         };
         let reloaded = match Config::load(Some(file)) {
-            Ok(config) => state.auth.reload(&config.auth).await,
+            Ok(config) => state.auth.reload(&config.auth).await.map(|()| {
+                if let Some((tls, _)) = &tls {
+                    tls.request_client_certificates(config.auth.instance_identity.is_some());
+                }
+            }),
             Err(err) => Err(err),
         };
         match reloaded {
@@ -288,6 +292,9 @@ async fn serve(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<(
         .as_ref()
         .map(server::ServerTls::load)
         .transpose()?;
+    if let Some(tls) = &tls {
+        tls.request_client_certificates(config.auth.instance_identity.is_some());
+    }
     tokio::spawn(reload_on_hangup(
         hangups,
         state.clone(),

@@ -140,6 +140,8 @@ pub struct ClientOptions {
     pub insecure: bool,
     /// PEM roots trusted in addition to the system's (neither is used for an insecure registry).
     pub extra_roots: Vec<reqwest::Certificate>,
+    /// The TLS client certificate to present, if any.
+    pub identity: Option<reqwest::Identity>,
     pub retry: RetryPolicy,
 }
 
@@ -200,6 +202,9 @@ impl RegistryClient {
             for root in options.extra_roots {
                 builder = builder.add_root_certificate(root);
             }
+        }
+        if let Some(identity) = options.identity {
+            builder = builder.identity(identity);
         }
         let http = builder
             .build()

@@ -386,7 +386,11 @@ struct BackgroundServer {
 }
 
 impl BackgroundServer {
-    fn start(name: &str, router: impl FnOnce() -> Router + Send + 'static) -> BackgroundServer {
+    fn start(
+        name: &str,
+        tls: Option<berth_registry::server::ServerTls>,
+        router: impl FnOnce() -> Router + Send + 'static,
+    ) -> BackgroundServer {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = thread::Builder::new()
@@ -410,7 +414,7 @@ impl BackgroundServer {
                     berth_registry::server::serve(
                         listener,
                         router(),
-                        None,
+                        tls,
                         shutdown,
                         &berth_registry::config::Limits {
                             shutdown_grace_seconds: 1,
@@ -450,12 +454,13 @@ impl Drop for BackgroundServer {
 pub struct Berth {
     dir: TempDir,
     server: BackgroundServer,
+    tls: bool,
 }
 
 impl Berth {
     /// Open to everyone, as the internal registry on a trusted network.
     pub fn start() -> Berth {
-        Berth::serve(tempdir("berth-cacher-e2e-"), None)
+        Berth::serve(tempdir("berth-cacher-e2e-"), None, None)
     }
 
     /// With access control: `auth_yaml` is an `auth:` section (`mode`, `access`, `token`, ...);
@@ -469,10 +474,35 @@ impl Berth {
             write_htpasswd(&htpasswd, users);
             config.htpasswd.get_or_insert(htpasswd);
         }
-        Berth::serve(dir, Some(config))
+        Berth::serve(dir, Some(config), None)
     }
 
-    fn serve(dir: TempDir, auth: Option<berth_registry::auth::AuthConfig>) -> Berth {
+    /// Over HTTPS with the certificate and key `tls`, asking clients for a certificate: with
+    /// `auth_yaml` naming an `instance_identity` bundle, apps present their instance identity.
+    pub fn start_with_identity(
+        auth_yaml: &str,
+        (certificate, private_key): (&Path, &Path),
+    ) -> Berth {
+        let config: berth_registry::auth::AuthConfig =
+            serde_norway::from_str(auth_yaml).expect("an auth configuration");
+        let tls = berth_registry::server::ServerTls::load(&berth_registry::config::TlsConfig {
+            certificate: certificate.to_owned(),
+            private_key: private_key.to_owned(),
+        })
+        .expect("load the server certificate");
+        tls.request_client_certificates(true);
+        Berth::serve(
+            tempdir("berth-cacher-e2e-identity-"),
+            Some(config),
+            Some(tls),
+        )
+    }
+
+    fn serve(
+        dir: TempDir,
+        auth: Option<berth_registry::auth::AuthConfig>,
+        tls: Option<berth_registry::server::ServerTls>,
+    ) -> Berth {
         use berth_registry::api::{AppState, router};
         use berth_registry::auth::Auth;
         use berth_registry::config::Limits;
@@ -481,7 +511,8 @@ impl Berth {
 
         let auth = auth.map(|config| block_on(Auth::load(&config)).expect("load the auth config"));
         let root = dir.path().join("root");
-        let server = BackgroundServer::start("berth-registry", move || {
+        let https = tls.is_some();
+        let server = BackgroundServer::start("berth-registry", tls, move || {
             let content = FsContentStore::open(&root).expect("open the content store");
             let metadata = SqliteMetadataStore::open(&root.join("metadata.sqlite"))
                 .expect("open the metadata store");
@@ -491,7 +522,11 @@ impl Berth {
                 None => state,
             }))
         });
-        Berth { dir, server }
+        Berth {
+            dir,
+            server,
+            tls: https,
+        }
     }
 
     /// `127.0.0.1:PORT`, as image references spell it.
@@ -500,7 +535,8 @@ impl Berth {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.server.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.server.addr)
     }
 
     /// `host/repo@digest`: the reference pinning manifest `digest` of `repo` here.
@@ -636,7 +672,7 @@ impl Proxy {
             log: Mutex::default(),
         });
         let state = context.clone();
-        let server = BackgroundServer::start("proxy", move || {
+        let server = BackgroundServer::start("proxy", None, move || {
             Router::new().fallback(relay).with_state(state)
         });
         Proxy { context, server }
@@ -1020,6 +1056,20 @@ impl Cacher {
     /// Configured to cache into `berth` under [`REPOSITORY_KEY`]; `extra` is more YAML.
     pub fn caching_into(berth: &Berth, extra: &str) -> Cacher {
         Cacher::configured(berth, "", extra)
+    }
+
+    /// Configured to cache into `berth` (serving HTTPS with the certificate `ca_file`) with the
+    /// instance identity `identity` and no password, as the BOSH job configures it on
+    /// foundations with instance identity.
+    pub fn caching_into_with_identity(
+        berth: &Berth,
+        ca_file: &Path,
+        identity: &InstanceIdentity,
+    ) -> Cacher {
+        let lines = format!("  identity: instance\n  ca_file: {}\n", ca_file.display());
+        Cacher::configured(berth, &lines, "")
+            .env("CF_INSTANCE_CERT", &identity.certificate.to_string_lossy())
+            .env("CF_INSTANCE_KEY", &identity.key.to_string_lossy())
     }
 
     /// Like [`Cacher::caching_into`], pushing as `user` with `password`, as the BOSH job

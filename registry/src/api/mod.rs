@@ -129,6 +129,7 @@ fn request_info(parts: &axum::http::request::Parts) -> RequestInfo<'_> {
             .or_else(|| parts.headers.get(header::HOST)?.to_str().ok()),
         peer: connection.map(|c| c.peer.ip()),
         secure: connection.is_some_and(|c| c.tls),
+        client_certificates: connection.and_then(|c| c.client_certificates.as_deref()),
     }
 }
 

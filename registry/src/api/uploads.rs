@@ -184,9 +184,11 @@ async fn commit(
 /// Repositories a mount without `from` considers when looking for the blob.
 const MOUNT_CANDIDATES: u32 = 64;
 
-/// Mounts `digest` into `repo` from `from` or, without `from`, from any repository holding it that
-/// the caller may pull by a grant of its own: knowing a digest must not let anyone with push
-/// somewhere copy a layer out of a by-name namespace.
+/// Mounts `digest` into `repo` from `from` or, without `from`, from any repository holding it,
+/// either only if the caller may pull the source by a grant of its own: knowing a digest or a
+/// name must not let anyone with push somewhere link a layer out of a by-name namespace (an app
+/// out of another app's cache). Otherwise the client gets an upload session, as for any blob the
+/// registry does not have.
 async fn try_mount(
     state: &AppState,
     repo: &RepoName,
@@ -197,7 +199,9 @@ async fn try_mount(
     let mut size = None;
     match from {
         Some(from) => {
-            if let Ok(from) = from.parse::<RepoName>() {
+            if let Ok(from) = from.parse::<RepoName>()
+                && grant.pulls_by_grant(&from)
+            {
                 size = state.metadata.repository_blob(&from, digest).await?;
             }
         }
