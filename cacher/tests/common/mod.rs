@@ -449,13 +449,21 @@ impl Drop for BackgroundServer {
 /// into, or (with access control) an upstream of the kind the cacher pulls from.
 pub struct Berth {
     dir: TempDir,
+    root: PathBuf,
     server: BackgroundServer,
 }
 
 impl Berth {
     /// Open to everyone, as the internal registry on a trusted network.
     pub fn start() -> Berth {
-        Berth::serve(tempdir("berth-cacher-e2e-"), None)
+        let dir = tempdir("berth-cacher-e2e-");
+        let root = dir.path().join("root");
+        Berth::serve(dir, root, None)
+    }
+
+    /// Like [`Berth::start`], storing everything under `root` (a small disk, say).
+    pub fn start_on(root: &Path) -> Berth {
+        Berth::serve(tempdir("berth-cacher-e2e-"), root.to_owned(), None)
     }
 
     /// With access control: `auth_yaml` is an `auth:` section (`mode`, `access`, `token`, ...);
@@ -469,10 +477,11 @@ impl Berth {
             write_htpasswd(&htpasswd, users);
             config.htpasswd.get_or_insert(htpasswd);
         }
-        Berth::serve(dir, Some(config))
+        let root = dir.path().join("root");
+        Berth::serve(dir, root, Some(config))
     }
 
-    fn serve(dir: TempDir, auth: Option<berth_registry::auth::AuthConfig>) -> Berth {
+    fn serve(dir: TempDir, root: PathBuf, auth: Option<berth_registry::auth::AuthConfig>) -> Berth {
         use berth_registry::api::{AppState, router};
         use berth_registry::auth::Auth;
         use berth_registry::config::Limits;
@@ -480,8 +489,9 @@ impl Berth {
         use berth_registry::metadata::SqliteMetadataStore;
 
         let auth = auth.map(|config| block_on(Auth::load(&config)).expect("load the auth config"));
-        let root = dir.path().join("root");
+        let store = root.clone();
         let server = BackgroundServer::start("berth-registry", move || {
+            let root = store;
             let content = FsContentStore::open(&root).expect("open the content store");
             let metadata = SqliteMetadataStore::open(&root.join("metadata.sqlite"))
                 .expect("open the metadata store");
@@ -491,7 +501,7 @@ impl Berth {
                 None => state,
             }))
         });
-        Berth { dir, server }
+        Berth { dir, root, server }
     }
 
     /// `127.0.0.1:PORT`, as image references spell it.
@@ -509,7 +519,7 @@ impl Berth {
     }
 
     pub fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
+        self.root.clone()
     }
 
     pub fn catalog(&self) -> Vec<String> {
@@ -1150,6 +1160,21 @@ pub fn cache_repository(guid: &str) -> String {
         "cache/{guid}/{}",
         hex::encode(&mac.finalize().into_bytes()[..16])
     )
+}
+
+/// The tag that marks app `guid`'s newest staging of `reference` read with `credentials` in its
+/// repository: `src-<first 16 bytes of HMAC-SHA256(key, parts joined by NUL), hex>`, the parts
+/// being `staging-source`, the GUID, the normalised reference (the tests name images on a
+/// `host:port`, which normalisation leaves alone), and the user and password if any.
+pub fn record_tag(guid: &str, reference: &str, credentials: Option<(&str, &str)>) -> String {
+    use hmac::{Hmac, Mac};
+    let key = hex::decode(REPOSITORY_KEY).expect("a hex key");
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).expect("any key length");
+    mac.update(format!("staging-source\0{guid}\0{reference}").as_bytes());
+    if let Some((user, password)) = credentials {
+        mac.update(format!("\0{user}\0{password}").as_bytes());
+    }
+    format!("src-{}", hex::encode(&mac.finalize().into_bytes()[..16]))
 }
 
 pub fn new_guid() -> String {
