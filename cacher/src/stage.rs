@@ -311,6 +311,16 @@ async fn from_cache(
     println!(
         "Warning: staging from this app's newest cached staging of {reference}: {docker_image}"
     );
+    // This staging's own tag, so retention counts the image among the app's newest stagings.
+    // Without it the staging still stands: the droplet pins the image by digest.
+    let tag = staging_tag().to_string();
+    if let Err(err) = dest
+        .client
+        .put_manifest(&dest.repo, &tag, &image.image)
+        .await
+    {
+        println!("Warning: the staging could not be tagged in the internal registry: {err}");
+    }
     Some((docker_image, metadata))
 }
 

@@ -444,6 +444,34 @@ fn a_stopped_internal_registry_stages_uncached_unless_configured_to_fail() {
     assert!(!outcome.stdout.contains("Warning"), "{}", outcome.stdout);
 }
 
+/// Berth as an internal registry that lets the cacher's robot pull but not push, answering
+/// `403 DENIED` as it does a push over quota.
+#[test]
+fn an_internal_registry_denying_the_push_stages_uncached_with_a_warning() {
+    let robot = ("robot$berth-cacher", unique_secret());
+    let berth = Berth::start_with_auth(
+        "mode: basic\naccess:\n  - repositories: cache\n    grants: { \"robot:berth-cacher\": [pull] }\n",
+        &[(robot.0, &robot.1)],
+    );
+    let upstream = Upstream::start(None);
+    let image = web_image(28, &[64 * KIB]);
+    upstream.push("team/app:1.0", &image.manifest, &image.blobs());
+    let reference = format!("{}/team/app:1.0", upstream.host());
+
+    let cacher = Cacher::caching_into_as(&berth, (robot.0, &robot.1), "")
+        .app(&new_guid())
+        .env("BERTH_CACHE", "true");
+    let outcome = cacher.run(&cacher.builder_args(&reference, &[]));
+    outcome.expect_code(0);
+    let why = "the internal registry denied the copy (over quota, or not allowed)";
+    assert_staged_uncached(&cacher, &outcome, &reference, why);
+    assert!(
+        outcome.stdout.contains("403 Forbidden: DENIED"),
+        "{}",
+        outcome.stdout
+    );
+}
+
 #[test]
 fn restage_with_the_upstream_down_uses_the_apps_newest_cached_staging_of_that_reference() {
     let mut upstream = Upstream::start(None);
@@ -461,9 +489,20 @@ fn restage_with_the_upstream_down_uses_the_apps_newest_cached_staging_of_that_re
     }
     upstream.stop();
 
+    let repo = cache_repository(&guid);
+    let before = berth.tags(&repo);
     let (cacher, outcome) = stage_cached(&berth, "attempts: 2\n", &reference, &guid, &[]);
-    let cached = berth.pinned(&cache_repository(&guid), &second.manifest.digest);
+    let cached = berth.pinned(&repo, &second.manifest.digest);
     assert_eq!(cacher.result(), web_staging_result(&cached));
+    // The restage is a staging of its own for retention: a new staging tag on the image it uses.
+    let mut added = berth.tags(&repo);
+    added.retain(|tag| !before.contains(tag));
+    assert_eq!(added.len(), 1, "{added:?}");
+    assert!(added[0].starts_with('s'), "{added:?}");
+    assert_eq!(
+        berth.manifest(&repo, &added[0]).as_deref(),
+        Some(&second.manifest.bytes[..])
+    );
     assert!(
         outcome.stdout.contains(&format!(
             "Warning: staging from this app's newest cached staging of {reference}: {cached}\n"
