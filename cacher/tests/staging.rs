@@ -444,6 +444,29 @@ fn a_stopped_internal_registry_stages_uncached_unless_configured_to_fail() {
     assert!(!outcome.stdout.contains("Warning"), "{}", outcome.stdout);
 }
 
+#[test]
+fn a_cacher_that_cannot_set_up_its_registry_client_stages_uncached_with_a_warning() {
+    let upstream = Upstream::start(None);
+    let image = web_image(29, &[64 * KIB]);
+    upstream.push("team/app:1.0", &image.manifest, &image.blobs());
+    let reference = format!("{}/team/app:1.0", upstream.host());
+    let berth = Berth::start();
+    let missing = berth.root().join("no-such-ca.pem");
+    let cacher = Cacher::configured(&berth, &format!("  ca_file: {}\n", missing.display()), "")
+        .app(&new_guid())
+        .env("BERTH_CACHE", "true");
+    let outcome = cacher.run(&cacher.builder_args(&reference, &[]));
+    outcome.expect_code(0);
+    let why = "the cacher cannot set up its connection to the internal registry";
+    assert_staged_uncached(&cacher, &outcome, &reference, why);
+    assert!(
+        outcome.stdout.contains("no-such-ca.pem"),
+        "{}",
+        outcome.stdout
+    );
+    assert_eq!(berth.catalog(), Vec::<String>::new());
+}
+
 /// Berth as an internal registry that lets the cacher's robot pull but not push, answering
 /// `403 DENIED` as it does a push over quota.
 #[test]

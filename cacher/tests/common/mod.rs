@@ -1039,7 +1039,9 @@ impl Cacher {
         Cacher::configured(berth, &login, extra)
     }
 
-    fn configured(berth: &Berth, registry_lines: &str, extra: &str) -> Cacher {
+    /// Like [`Cacher::caching_into`], with `registry_lines` (indented YAML) added to the
+    /// `registry:` section.
+    pub fn configured(berth: &Berth, registry_lines: &str, extra: &str) -> Cacher {
         let cacher = Cacher::new();
         let config = cacher.dir.path().join("berth-cacher.yml");
         fs::write(
