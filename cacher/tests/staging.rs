@@ -543,6 +543,31 @@ fn restage_with_the_upstream_down_uses_the_apps_newest_cached_staging_of_that_re
 }
 
 #[test]
+fn restage_with_the_upstream_answering_503_or_429_uses_the_cached_staging() {
+    let upstream = Upstream::start(None);
+    let proxy = Proxy::start(&upstream.host());
+    let berth = Berth::start();
+    let image = web_image(30, &[64 * KIB]);
+    upstream.push("team/app:1.0", &image.manifest, &image.blobs());
+    let guid = new_guid();
+    let reference = format!("{}/team/app:1.0", proxy.host());
+    stage_cached(&berth, "", &reference, &guid, &[]);
+
+    let cached = berth.pinned(&cache_repository(&guid), &image.manifest.digest);
+    for status in [503, 429] {
+        // Both tries of the cacher's first request.
+        proxy.inject("/v2/", Fault::Status(status), Some(2));
+        let (cacher, outcome) = stage_cached(&berth, "attempts: 2\n", &reference, &guid, &[]);
+        assert_eq!(cacher.result(), web_staging_result(&cached), "{status}");
+        assert!(
+            outcome.stdout.contains(&format!("answered {status}")),
+            "{}",
+            outcome.stdout
+        );
+    }
+}
+
+#[test]
 fn restage_with_the_upstream_down_never_takes_another_reference_or_another_apps_cache() {
     let mut upstream = Upstream::start(None);
     let berth = Berth::start();
