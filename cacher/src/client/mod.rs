@@ -91,6 +91,17 @@ impl ClientError {
             ClientError::Auth(_) | ClientError::Invalid(_) => false,
         }
     }
+
+    /// Whether the registry could not be reached or kept failing as a server in trouble does
+    /// (DNS, connection, TLS, timeouts, 5xx, 429), as opposed to answering that something is
+    /// wrong with the request.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            ClientError::Transport { .. } => true,
+            ClientError::Status { status, .. } => retry::is_retryable_status(*status),
+            _ => false,
+        }
+    }
 }
 
 /// The access a request needs, as token-service scopes (`repository:NAME:pull,push`).

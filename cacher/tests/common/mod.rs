@@ -453,6 +453,7 @@ impl Drop for BackgroundServer {
 /// into, or (with access control) an upstream of the kind the cacher pulls from.
 pub struct Berth {
     dir: TempDir,
+    root: PathBuf,
     server: BackgroundServer,
     tls: bool,
 }
@@ -460,7 +461,14 @@ pub struct Berth {
 impl Berth {
     /// Open to everyone, as the internal registry on a trusted network.
     pub fn start() -> Berth {
-        Berth::serve(tempdir("berth-cacher-e2e-"), None, None)
+        let dir = tempdir("berth-cacher-e2e-");
+        let root = dir.path().join("root");
+        Berth::serve(dir, root, None, None)
+    }
+
+    /// Like [`Berth::start`], storing everything under `root` (a small disk, say).
+    pub fn start_on(root: &Path) -> Berth {
+        Berth::serve(tempdir("berth-cacher-e2e-"), root.to_owned(), None, None)
     }
 
     /// With access control: `auth_yaml` is an `auth:` section (`mode`, `access`, `token`, ...);
@@ -474,7 +482,8 @@ impl Berth {
             write_htpasswd(&htpasswd, users);
             config.htpasswd.get_or_insert(htpasswd);
         }
-        Berth::serve(dir, Some(config), None)
+        let root = dir.path().join("root");
+        Berth::serve(dir, root, Some(config), None)
     }
 
     /// Over HTTPS with the certificate and key `tls`, asking clients for a certificate: with
@@ -491,15 +500,14 @@ impl Berth {
         })
         .expect("load the server certificate");
         tls.request_client_certificates(true);
-        Berth::serve(
-            tempdir("berth-cacher-e2e-identity-"),
-            Some(config),
-            Some(tls),
-        )
+        let dir = tempdir("berth-cacher-e2e-identity-");
+        let root = dir.path().join("root");
+        Berth::serve(dir, root, Some(config), Some(tls))
     }
 
     fn serve(
         dir: TempDir,
+        root: PathBuf,
         auth: Option<berth_registry::auth::AuthConfig>,
         tls: Option<berth_registry::server::ServerTls>,
     ) -> Berth {
@@ -510,9 +518,10 @@ impl Berth {
         use berth_registry::metadata::SqliteMetadataStore;
 
         let auth = auth.map(|config| block_on(Auth::load(&config)).expect("load the auth config"));
-        let root = dir.path().join("root");
         let https = tls.is_some();
+        let store = root.clone();
         let server = BackgroundServer::start("berth-registry", tls, move || {
+            let root = store;
             let content = FsContentStore::open(&root).expect("open the content store");
             let metadata = SqliteMetadataStore::open(&root.join("metadata.sqlite"))
                 .expect("open the metadata store");
@@ -524,6 +533,7 @@ impl Berth {
         });
         Berth {
             dir,
+            root,
             server,
             tls: https,
         }
@@ -545,7 +555,7 @@ impl Berth {
     }
 
     pub fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
+        self.root.clone()
     }
 
     pub fn catalog(&self) -> Vec<String> {
@@ -1079,7 +1089,9 @@ impl Cacher {
         Cacher::configured(berth, &login, extra)
     }
 
-    fn configured(berth: &Berth, registry_lines: &str, extra: &str) -> Cacher {
+    /// Like [`Cacher::caching_into`], with `registry_lines` (indented YAML) added to the
+    /// `registry:` section.
+    pub fn configured(berth: &Berth, registry_lines: &str, extra: &str) -> Cacher {
         let cacher = Cacher::new();
         let config = cacher.dir.path().join("berth-cacher.yml");
         fs::write(
@@ -1200,6 +1212,21 @@ pub fn cache_repository(guid: &str) -> String {
         "cache/{guid}/{}",
         hex::encode(&mac.finalize().into_bytes()[..16])
     )
+}
+
+/// The tag that marks app `guid`'s newest staging of `reference` read with `credentials` in its
+/// repository: `src-<first 16 bytes of HMAC-SHA256(key, parts joined by NUL), hex>`, the parts
+/// being `staging-source`, the GUID, the normalised reference (the tests name images on a
+/// `host:port`, which normalisation leaves alone), and the user and password if any.
+pub fn record_tag(guid: &str, reference: &str, credentials: Option<(&str, &str)>) -> String {
+    use hmac::{Hmac, Mac};
+    let key = hex::decode(REPOSITORY_KEY).expect("a hex key");
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).expect("any key length");
+    mac.update(format!("staging-source\0{guid}\0{reference}").as_bytes());
+    if let Some((user, password)) = credentials {
+        mac.update(format!("\0{user}\0{password}").as_bytes());
+    }
+    format!("src-{}", hex::encode(&mac.finalize().into_bytes()[..16]))
 }
 
 pub fn new_guid() -> String {
