@@ -174,8 +174,8 @@ fn init_logging(config: &Config) {
     }
 }
 
-/// Re-reads the access control part of the configuration, and the certificate and key files named
-/// at start-up, on every SIGHUP `hangups` delivers. A broken file or certificate is reported and
+/// Re-reads the access control and quota parts of the configuration, and the certificate and key
+/// files named at start-up, on every SIGHUP `hangups` delivers. A broken file or certificate is reported and
 /// the running one kept.
 async fn reload_on_hangup(
     mut hangups: tokio::signal::unix::Signal,
@@ -200,14 +200,24 @@ async fn reload_on_hangup(
             );
             continue;
         };
-        let reloaded = match Config::load(Some(file)) {
-            Ok(config) => state.auth.reload(&config.auth).await,
-            Err(err) => Err(err),
+        let config = match Config::load(Some(file)) {
+            Ok(config) => config,
+            Err(err) => {
+                tracing::error!(file = %file.display(), error = %err, "reload failed; keeping the running configuration");
+                continue;
+            }
         };
-        match reloaded {
+        match state.auth.reload(&config.auth).await {
             Ok(()) => tracing::info!(file = %file.display(), "access control reloaded"),
             Err(err) => {
-                tracing::error!(file = %file.display(), error = %err, "reload failed; keeping the running configuration")
+                tracing::error!(file = %file.display(), error = %err, "reload failed; keeping the running configuration");
+                continue;
+            }
+        }
+        match state.metadata.set_quotas(&config.quotas).await {
+            Ok(()) => tracing::info!(quotas = config.quotas.len(), "quotas reloaded"),
+            Err(err) => {
+                tracing::error!(error = %err, "putting the reloaded quotas in force failed; keeping the running ones")
             }
         }
     }
@@ -258,6 +268,11 @@ async fn serve(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<(
     let root = &config.storage.root;
     let _data_lock = claim_data_directory(root)?;
     let state = open_state(&config).await?;
+    state
+        .metadata
+        .set_quotas(&config.quotas)
+        .await
+        .context("putting the configured quotas in force")?;
     let open_uploads = state
         .metadata
         .uploads()

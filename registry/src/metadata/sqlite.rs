@@ -15,13 +15,16 @@ use super::{
     Usage,
 };
 use crate::content::UploadId;
+use crate::quota::{Quota, QuotaUsage};
 
 mod collect;
+mod quota;
 
 /// Versioned schema changes, applied in order at start-up; never edit a released one.
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/0001_initial.sql")),
     (2, include_str!("../../migrations/0002_collection.sql")),
+    (4, include_str!("../../migrations/0004_quotas.sql")),
 ];
 
 /// A finished upload waiting to be recorded by the next group commit.
@@ -62,12 +65,13 @@ fn parse_digest(text: String) -> Result<Digest, MetadataError> {
 fn migrate(conn: &mut Connection) -> Result<(), MetadataError> {
     conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)")?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let current: i64 = tx.query_row(
-        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-        [],
-        |r| r.get(0),
-    )?;
-    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+    // Each version not applied yet, not only those above the highest applied: migrations written
+    // side by side on branches may land in either order.
+    let applied = tx
+        .prepare("SELECT version FROM schema_migrations")?
+        .query_map([], |r| r.get::<_, i64>(0))?
+        .collect::<Result<std::collections::HashSet<_>, _>>()?;
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| !applied.contains(v)) {
         tx.execute_batch(sql)?;
         tx.execute(
             "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
@@ -138,6 +142,8 @@ fn insert_blob_link(
     digest: &str,
     size: u64,
 ) -> Result<(), MetadataError> {
+    // Before taking queued bytes back: refused bytes stay queued for the collector.
+    quota::check(tx, repo.as_str(), digest, size)?;
     collect::reclaim(tx, digest)?;
     let repo_id = ensure_repository(tx, repo)?;
     tx.execute(
@@ -145,11 +151,14 @@ fn insert_blob_link(
          ON CONFLICT (digest) DO UPDATE SET last_linked_at = excluded.last_linked_at",
         params![digest, size as i64, now()],
     )?;
-    tx.execute(
+    let linked = tx.execute(
         "INSERT INTO repository_blobs (repository_id, digest, created_at) VALUES (?1, ?2, ?3) \
          ON CONFLICT (repository_id, digest) DO NOTHING",
         params![repo_id, digest, now()],
     )?;
+    if linked == 1 {
+        quota::add_holder(tx, repo.as_str(), digest, size)?;
+    }
     Ok(())
 }
 
@@ -176,6 +185,11 @@ fn record_completions(conn: &mut Connection, batch: Vec<Completion>) {
             })();
             if result.is_ok() {
                 savepoint.commit()?;
+            } else if matches!(result, Err(MetadataError::QuotaExceeded(_))) {
+                // The bytes were published for this upload; unless someone holds them, the
+                // collector deletes them.
+                drop(savepoint);
+                collect::queue_if_orphaned(&tx, &completion.digest, completion.size)?;
             }
             results.push(result);
         }
@@ -323,11 +337,16 @@ impl MetadataStore for SqliteMetadataStore {
     async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetadataError> {
         let (repo, digest) = (repo.clone(), digest.to_string());
         self.write(move |conn| {
-            let removed = conn.execute(
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let removed = tx.execute(
                 "DELETE FROM repository_blobs WHERE digest = ?2 \
                  AND repository_id = (SELECT id FROM repositories WHERE name = ?1)",
                 params![repo.as_str(), digest],
             )?;
+            if removed > 0 {
+                quota::remove_holder(&tx, repo.as_str(), &digest)?;
+            }
+            tx.commit()?;
             Ok(removed > 0)
         })
         .await
@@ -342,13 +361,20 @@ impl MetadataStore for SqliteMetadataStore {
         let (repo, manifest, tag) = (repo.clone(), manifest.clone(), tag.cloned());
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let digest = manifest.digest.to_string();
+            if let Err(refused) = quota::check(&tx, repo.as_str(), &digest, manifest.size) {
+                // Its bytes were stored for this push; unless someone holds them, the collector
+                // deletes them.
+                collect::queue_if_orphaned(&tx, &digest, manifest.size)?;
+                tx.commit()?;
+                return Err(refused);
+            }
             let repo_id = ensure_repository(&tx, &repo)?;
             if let Some(missing) = first_missing(&tx, Some(repo_id), &manifest)? {
                 return Err(MetadataError::MissingReference(missing));
             }
-            let digest = manifest.digest.to_string();
             collect::reclaim(&tx, &digest)?;
-            tx.execute(
+            let recorded = tx.execute(
                 "INSERT INTO manifests (repository_id, digest, media_type, size, artifact_type, subject, annotations, created_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (repository_id, digest) DO NOTHING",
                 params![
@@ -362,6 +388,9 @@ impl MetadataStore for SqliteMetadataStore {
                     now()
                 ],
             )?;
+            if recorded == 1 {
+                quota::add_holder(&tx, repo.as_str(), &digest, manifest.size)?;
+            }
             {
                 let mut reference = tx.prepare_cached(
                     "INSERT INTO manifest_references (repository_id, manifest_digest, child_digest) VALUES (?1, ?2, ?3) \
@@ -447,6 +476,7 @@ impl MetadataStore for SqliteMetadataStore {
                 )
                 .optional()?;
             if let Some(size) = size {
+                quota::remove_holder(&tx, repo.as_str(), &digest)?;
                 collect::queue_if_orphaned(&tx, &digest, size as u64)?;
             }
             tx.commit()?;
@@ -699,6 +729,32 @@ impl MetadataStore for SqliteMetadataStore {
             })
         })
         .await
+    }
+
+    async fn set_quotas(&self, quotas: &[Quota]) -> Result<(), MetadataError> {
+        let quotas = quotas.to_vec();
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            quota::configure(&tx, &quotas)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn check_quotas(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<(), MetadataError> {
+        let (repo, digest) = (repo.clone(), digest.to_string());
+        self.with(move |conn| quota::check(conn, repo.as_str(), &digest, size))
+            .await
+    }
+
+    async fn quota_usage(&self) -> Result<Vec<QuotaUsage>, MetadataError> {
+        self.with(|conn| quota::usage(conn)).await
     }
 }
 
