@@ -77,6 +77,21 @@ fn skopeo_push(registry: &Registry, image: &Image, repo: &str, tag: &str) -> std
     )
 }
 
+/// Pushes `blob` into `repo` in one request (a monolithic upload); the status.
+fn push_blob(registry: &Registry, repo: &str, blob: &Blob) -> u16 {
+    let target = format!("/v2/{repo}/blobs/uploads/?digest={}", blob.digest);
+    blocking_request_with(
+        registry.addr(),
+        "POST",
+        &target,
+        &[("Content-Type", "application/octet-stream")],
+        &blob.bytes,
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|e| panic!("POST {target}: {e}"))
+    .status
+}
+
 /// Asserts that `repo` has no tag `tag` and cannot read any of `digests`.
 #[track_caller]
 fn assert_absent(registry: &Registry, repo: &str, tag: &str, digests: &[&str]) {
@@ -247,19 +262,7 @@ fn concurrent_pushes_never_take_a_scope_past_its_quota() {
             .enumerate()
             .map(|(i, blob)| {
                 let registry = &registry;
-                threads.spawn(move || {
-                    let target = format!("/v2/race/r{i}/blobs/uploads/?digest={}", blob.digest);
-                    blocking_request_with(
-                        registry.addr(),
-                        "POST",
-                        &target,
-                        &[("Content-Type", "application/octet-stream")],
-                        &blob.bytes,
-                        Duration::from_secs(60),
-                    )
-                    .unwrap()
-                    .status
-                })
+                threads.spawn(move || push_blob(registry, &format!("race/r{i}"), blob))
             })
             .collect();
         pushes
@@ -289,4 +292,37 @@ fn concurrent_pushes_never_take_a_scope_past_its_quota() {
     let (blobs_left, uploads_left) = stored(&registry);
     assert_eq!(blobs_left.len(), 5, "{blobs_left:?}");
     assert!(uploads_left.is_empty(), "{uploads_left:?}");
+}
+
+#[test]
+fn a_reload_puts_changed_quotas_in_force() {
+    let registry = quota_registry("  - {repositories: hup, max_bytes: 1MiB}\n");
+    let blob = |seed| Blob::new("application/octet-stream", Rng::new(seed).bytes(10 * KIB));
+    assert_eq!(push_blob(&registry, "hup/a", &blob(900)), 201);
+    registry.write_config(
+        "gc:\n  interval_seconds: 0\nquotas:\n  - {repositories: hup, max_bytes: 15KiB}\n  \
+         - {repositories: other/*, max_bytes: 1KiB}\n",
+    );
+    assert!(registry.reload());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !registry.log().contains("quotas reloaded") {
+        assert!(std::time::Instant::now() < deadline, "{}", registry.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(push_blob(&registry, "hup/b", &blob(901)), 403);
+    assert_eq!(push_blob(&registry, "other/x/y", &blob(902)), 403);
+    let text = metrics(&registry);
+    for line in [
+        format!(
+            "berth_registry_quota_limit_bytes{{quota=\"hup\"}} {}",
+            15 * KIB
+        ),
+        format!(
+            "berth_registry_quota_used_bytes{{quota=\"hup\"}} {}",
+            10 * KIB
+        ),
+        "berth_registry_quota_scopes{quota=\"other/*\"} 0".to_owned(),
+    ] {
+        assert!(text.contains(&line), "{line} in\n{text}");
+    }
 }
