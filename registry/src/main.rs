@@ -160,6 +160,15 @@ fn print_usage(usage: &Usage) {
         }
         println!();
     }
+    if !usage.quota_scopes.is_empty() {
+        println!("{:>16}  {:>16}  scope (quota)", "bytes", "limit");
+        for scope in &usage.quota_scopes {
+            println!(
+                "{:>16}  {:>16}  {} ({})",
+                scope.bytes, scope.max_bytes, scope.scope, scope.quota
+            );
+        }
+    }
 }
 
 fn init_logging(config: &Config) {

@@ -221,6 +221,15 @@ pub struct QuotaUsage {
     pub max_used_bytes: u64,
 }
 
+/// What one scope holds against its quota, for `berth-registry usage`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScopeUsage {
+    pub quota: String,
+    pub scope: String,
+    pub bytes: u64,
+    pub max_bytes: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -57,6 +57,17 @@ fn status(registry: &Registry, method: &str, target: &str) -> u16 {
     request(registry, method, target).status
 }
 
+/// Runs `berth-registry ARGS` against `registry`'s configuration and storage; its stdout.
+fn berth(registry: &Registry, args: &[&str]) -> String {
+    run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_berth-registry"))
+            .arg("--config")
+            .arg(registry.config_path())
+            .args(args)
+            .env("BERTH_STORAGE_ROOT", registry.root()),
+    )
+}
+
 fn metrics(registry: &Registry) -> String {
     String::from_utf8(request(registry, "GET", "/metrics").body).unwrap()
 }
@@ -185,6 +196,18 @@ fn skopeo_push_past_a_quota_is_denied_and_leaves_nothing_behind() {
         assert!(text.contains(&line), "{line} in\n{text}");
     }
 
+    let usage = berth(&registry, &["usage"]);
+    let line = |bytes: usize, scope: &str| format!("{bytes:>16}  {:>16}  {scope}", 400 * KIB);
+    assert!(usage.contains(&line(b_used, "team/b (team/*)")), "{usage}");
+    // With the refused image's config, if it was linked before its layer was refused.
+    let with_config = used + big.config.bytes.len();
+    assert!(
+        [used, with_config]
+            .iter()
+            .any(|bytes| usage.contains(&line(*bytes, "team/a (team/*)"))),
+        "{usage}"
+    );
+
     // Deleting makes room again: once team/a holds nothing of v1, the big image fits.
     let target = format!("/v2/team/a/app/manifests/{}", small.manifest.digest);
     assert_eq!(status(&registry, "DELETE", &target), 202);
@@ -282,13 +305,7 @@ fn concurrent_pushes_never_take_a_scope_past_its_quota() {
     assert!(text.contains(&line), "{line} in\n{text}");
     // Bytes a refused push had already published are queued for the collector: after one run
     // the storage holds exactly the blobs that were taken.
-    run(
-        std::process::Command::new(env!("CARGO_BIN_EXE_berth-registry"))
-            .arg("--config")
-            .arg(registry.config_path())
-            .arg("gc")
-            .env("BERTH_STORAGE_ROOT", registry.root()),
-    );
+    berth(&registry, &["gc"]);
     let (blobs_left, uploads_left) = stored(&registry);
     assert_eq!(blobs_left.len(), 5, "{blobs_left:?}");
     assert!(uploads_left.is_empty(), "{uploads_left:?}");

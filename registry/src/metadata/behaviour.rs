@@ -437,6 +437,21 @@ async fn quotas_refuse_what_passes_them_and_count_each_digest_once(store: &dyn M
             ("quota-ns/*".into(), 2, 400 + small_size)
         ]
     );
+    let scope = |quota: &str, scope: &str, bytes, max_bytes| crate::quota::ScopeUsage {
+        quota: quota.into(),
+        scope: scope.into(),
+        bytes,
+        max_bytes,
+    };
+    assert_eq!(
+        store.usage().await.unwrap().quota_scopes,
+        vec![
+            scope("quota-ns", "quota-ns", 800 + small_size, 1000),
+            scope("quota-ns/*", "quota-ns/app1", 400 + small_size, 600),
+            scope("quota-ns/*", "quota-ns/app2", 400, 600),
+        ],
+        "fullest first"
+    );
 
     // Deleting lowers the usage once no repository of the scope holds the digest any more.
     assert!(store.unlink_blob(&app1_other, &a).await.unwrap());

@@ -114,6 +114,9 @@ pub struct UsageEntry {
 pub struct Usage {
     pub namespaces: Vec<UsageEntry>,
     pub repositories: Vec<UsageEntry>,
+    /// Every scope of the quotas in force that holds anything, fullest (by share) first.
+    #[serde(default)]
+    pub quota_scopes: Vec<crate::quota::ScopeUsage>,
 }
 
 /// A page of a sorted listing: entries after `last`, at most `limit` of them.

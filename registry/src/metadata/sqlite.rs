@@ -726,6 +726,7 @@ impl MetadataStore for SqliteMetadataStore {
             Ok(Usage {
                 namespaces,
                 repositories,
+                quota_scopes: quota::scopes_by_use(conn)?,
             })
         })
         .await

@@ -10,7 +10,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::metadata::MetadataError;
-use crate::quota::{Quota, QuotaExceeded, QuotaUsage, Rule};
+use crate::quota::{Quota, QuotaExceeded, QuotaUsage, Rule, ScopeUsage};
 
 /// The configured rules and their limits.
 fn rules(conn: &Connection) -> Result<Vec<(Rule, u64)>, MetadataError> {
@@ -221,6 +221,24 @@ pub(super) fn usage(conn: &Connection) -> Result<Vec<QuotaUsage>, MetadataError>
             max_bytes: r.get::<_, i64>(1)? as u64,
             scopes: r.get::<_, i64>(2)? as u64,
             max_used_bytes: r.get::<_, i64>(3)? as u64,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Every scope holding anything, fullest (by share of its limit) first.
+pub(super) fn scopes_by_use(conn: &Connection) -> Result<Vec<ScopeUsage>, MetadataError> {
+    let mut statement = conn.prepare_cached(
+        "SELECT s.rule, s.scope, s.bytes, q.max_bytes FROM quota_scopes s \
+         JOIN quota_rules q ON q.rule = s.rule \
+         ORDER BY CAST(s.bytes AS REAL) / q.max_bytes DESC, s.rule, s.scope",
+    )?;
+    let rows = statement.query_map([], |r| {
+        Ok(ScopeUsage {
+            quota: r.get(0)?,
+            scope: r.get(1)?,
+            bytes: r.get::<_, i64>(2)? as u64,
+            max_bytes: r.get::<_, i64>(3)? as u64,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
