@@ -62,7 +62,7 @@ fn parse_digest(text: String) -> Result<Digest, MetadataError> {
     text.parse().map_err(|_| MetadataError::Corrupt(text))
 }
 
-fn migrate(conn: &mut Connection) -> Result<(), MetadataError> {
+fn migrate(conn: &mut Connection, migrations: &[(i64, &str)]) -> Result<(), MetadataError> {
     conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)")?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     // Each version not applied yet, not only those above the highest applied: migrations written
@@ -71,7 +71,7 @@ fn migrate(conn: &mut Connection) -> Result<(), MetadataError> {
         .prepare("SELECT version FROM schema_migrations")?
         .query_map([], |r| r.get::<_, i64>(0))?
         .collect::<Result<std::collections::HashSet<_>, _>>()?;
-    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| !applied.contains(v)) {
+    for (version, sql) in migrations.iter().filter(|(v, _)| !applied.contains(v)) {
         tx.execute_batch(sql)?;
         tx.execute(
             "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
@@ -232,7 +232,7 @@ impl SqliteMetadataStore {
             .max_size(8)
             .min_idle(Some(1))
             .build(manager)?;
-        migrate(&mut *pool.get()?)?;
+        migrate(&mut *pool.get()?, MIGRATIONS)?;
         Ok(SqliteMetadataStore {
             pool,
             completions: Arc::default(),
@@ -768,6 +768,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteMetadataStore::open(&dir.path().join("metadata.sqlite")).unwrap();
         crate::metadata::behaviour::run_all(&store).await;
+    }
+
+    #[test]
+    fn a_migration_that_lands_after_a_higher_one_is_still_applied() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        let (one, three, four) = (
+            (1, "CREATE TABLE one (x INTEGER);"),
+            (3, "CREATE TABLE three (x INTEGER);"),
+            (4, "CREATE TABLE four (x INTEGER);"),
+        );
+        migrate(&mut conn, &[one, four]).unwrap();
+        // Re-running 1 or 4 would fail: their tables exist.
+        migrate(&mut conn, &[one, three, four]).unwrap();
+        let versions: Vec<i64> = conn
+            .prepare("SELECT version FROM schema_migrations ORDER BY version")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(versions, [1, 3, 4]);
+        conn.execute("INSERT INTO three (x) VALUES (1)", [])
+            .unwrap();
     }
 
     #[tokio::test]
