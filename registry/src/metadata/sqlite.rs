@@ -362,12 +362,15 @@ impl MetadataStore for SqliteMetadataStore {
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let digest = manifest.digest.to_string();
-            if let Err(refused) = quota::check(&tx, repo.as_str(), &digest, manifest.size) {
-                // Its bytes were stored for this push; unless someone holds them, the collector
-                // deletes them.
-                collect::queue_if_orphaned(&tx, &digest, manifest.size)?;
-                tx.commit()?;
-                return Err(refused);
+            match quota::check(&tx, repo.as_str(), &digest, manifest.size) {
+                Err(refused @ MetadataError::QuotaExceeded(_)) => {
+                    // Its bytes were stored for this push; unless someone holds them, the
+                    // collector deletes them.
+                    collect::queue_if_orphaned(&tx, &digest, manifest.size)?;
+                    tx.commit()?;
+                    return Err(refused);
+                }
+                checked => checked?,
             }
             let repo_id = ensure_repository(&tx, &repo)?;
             if let Some(missing) = first_missing(&tx, Some(repo_id), &manifest)? {
