@@ -38,6 +38,8 @@ pub struct Config {
     /// Who may do what; open to everyone unless set.
     pub auth: AuthConfig,
     pub gc: GcConfig,
+    /// Byte quotas per repository prefix; none by default.
+    pub quotas: Vec<crate::quota::Quota>,
 }
 
 /// Garbage collection: what is deleted, and how often the server collects on its own.
@@ -132,6 +134,7 @@ impl Default for Config {
             limits: Limits::default(),
             auth: AuthConfig::default(),
             gc: GcConfig::default(),
+            quotas: Vec::new(),
         }
     }
 }
@@ -268,6 +271,7 @@ impl Config {
                 )));
             }
         }
+        crate::quota::validate(&self.quotas).map_err(ConfigError::Invalid)?;
         if self.storage.root.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "storage.root must not be empty".into(),
@@ -327,6 +331,41 @@ mod tests {
         let err = load_text("listen: 127.0.0.1:6000\nstorage:\n  rot: /typo\n", &[]).unwrap_err();
         assert!(err.to_string().contains("unknown field `rot`"), "{err}");
         assert!(load_text("colour: blue\n", &[]).is_err());
+    }
+
+    #[test]
+    fn quotas_are_checked() {
+        let config = load_text(
+            "quotas:\n  - {repositories: cache, max_bytes: 100GiB}\n  - {repositories: \"cache/*\", max_bytes: 2GiB}\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.quotas.len(), 2);
+        for (yaml, expected) in [
+            (
+                "quotas:\n  - {repositories: cache/*/x, max_bytes: 1}\n",
+                "cache/*/x",
+            ),
+            (
+                "quotas:\n  - {repositories: cache, max_bytes: 0}\n",
+                "above zero",
+            ),
+            (
+                "quotas:\n  - {repositories: cache, max_bytes: 1}\n  - {repositories: cache, max_bytes: 2}\n",
+                "more than once",
+            ),
+            (
+                "quotas:\n  - {repositories: cache, max_bytes: 1TB}\n",
+                "KiB",
+            ),
+            (
+                "quotas:\n  - {repositories: cache, bytes: 1}\n",
+                "unknown field",
+            ),
+        ] {
+            let err = load_text(yaml, &[]).unwrap_err().to_string();
+            assert!(err.contains(expected), "{yaml}: {err}");
+        }
     }
 
     #[test]

@@ -12,4 +12,5 @@ pub mod gc;
 pub mod manifest;
 pub mod metadata;
 pub mod metrics;
+pub mod quota;
 pub mod server;

@@ -471,6 +471,23 @@ impl Berth {
         Berth::serve(tempdir("berth-cacher-e2e-"), root.to_owned(), None, None)
     }
 
+    /// Open to everyone, with `quotas_yaml` (a list, as under `quotas:` in its configuration) in
+    /// force. The registry keeps its quotas in its database, so they are put there before it
+    /// serves.
+    pub fn start_with_quotas(quotas_yaml: &str) -> Berth {
+        use berth_registry::metadata::{MetadataStore, SqliteMetadataStore};
+
+        let dir = tempdir("berth-cacher-e2e-quota-");
+        let quotas: Vec<berth_registry::quota::Quota> =
+            serde_norway::from_str(quotas_yaml).expect("a quota list");
+        let root = dir.path().join("root");
+        fs::create_dir_all(&root).expect("create the storage root");
+        let metadata = SqliteMetadataStore::open(&root.join("metadata.sqlite"))
+            .expect("open the metadata store");
+        block_on(metadata.set_quotas(&quotas)).expect("put the quotas in force");
+        Berth::serve(dir, root, None, None)
+    }
+
     /// With access control: `auth_yaml` is an `auth:` section (`mode`, `access`, `token`, ...);
     /// `users` become the htpasswd file (bcrypt) its `htpasswd` is pointed at.
     pub fn start_with_auth(auth_yaml: &str, users: &[(&str, &str)]) -> Berth {

@@ -178,6 +178,10 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    // Read at each scrape: one row per rule, and exact at that moment.
+    if let Ok(quotas) = state.metadata.quota_usage().await {
+        state.metrics.set_quotas(&quotas);
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -19,6 +19,7 @@ use super::{
     Usage,
 };
 use crate::content::UploadId;
+use crate::quota::{Quota, QuotaUsage};
 
 /// Entries per cache; an entry is a few hundred bytes, so each cache stays within a few MiB.
 const ENTRIES: usize = 16_384;
@@ -283,6 +284,23 @@ impl<S: MetadataStore> MetadataStore for CachedMetadata<S> {
 
     async fn usage(&self) -> Result<Usage, MetadataError> {
         self.inner.usage().await
+    }
+
+    async fn set_quotas(&self, quotas: &[Quota]) -> Result<(), MetadataError> {
+        self.inner.set_quotas(quotas).await
+    }
+
+    async fn check_quotas(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<(), MetadataError> {
+        self.inner.check_quotas(repo, digest, size).await
+    }
+
+    async fn quota_usage(&self) -> Result<Vec<QuotaUsage>, MetadataError> {
+        self.inner.quota_usage().await
     }
 }
 
