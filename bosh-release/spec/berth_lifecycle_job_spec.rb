@@ -24,8 +24,18 @@ RSpec.describe 'berth-lifecycle job' do
                         'ca_file' => '/tmp/lifecycle/berth-registry-ca.pem',
                         'username' => 'robot$berth-cacher', 'password' => 'robot-pw' },
         'namespace' => 'cache', 'cache_by_default' => false,
-        'platform' => 'linux/amd64', 'keep_index' => false, 'parallel_blobs' => 8, 'attempts' => 5
+        'platform' => 'linux/amd64', 'keep_index' => false, 'parallel_blobs' => 8, 'attempts' => 5,
+        'copy_timeout_seconds' => 600, 'on_cache_failure' => 'stage-uncached'
       )
+    end
+
+    it 'takes the copy deadline and what to do when caching fails, and refuses nonsense' do
+      config = cacher_config('berth' => { 'cacher' => { 'copy_timeout_seconds' => 120, 'on_cache_failure' => 'fail' } })
+      expect(config).to include('copy_timeout_seconds' => 120, 'on_cache_failure' => 'fail')
+      expect { cacher_config('berth' => { 'cacher' => { 'on_cache_failure' => 'retry' } }) }
+        .to raise_error(/on_cache_failure must be stage-uncached or fail/)
+      expect { cacher_config('berth' => { 'cacher' => { 'copy_timeout_seconds' => 0 } }) }
+        .to raise_error(/copy_timeout_seconds must be at least 1/)
     end
 
     it 'carries no credential at all when the registry trusts instance identities' do
@@ -70,7 +80,8 @@ RSpec.describe 'berth-lifecycle job' do
                         'ca_file' => '/bundle/berth-registry-ca.pem',
                         'username' => 'robot$berth-cacher', 'password' => 'own-pw' },
         'namespace' => 'mirror', 'cache_by_default' => true, 'platform' => 'linux/arm64/v8',
-        'keep_index' => true, 'parallel_blobs' => 8, 'attempts' => 2
+        'keep_index' => true, 'parallel_blobs' => 8, 'attempts' => 2,
+        'copy_timeout_seconds' => 600, 'on_cache_failure' => 'stage-uncached'
       )
     end
 

@@ -65,11 +65,28 @@ RSpec.describe 'berth-registry job' do
       expect(rendered['limits']).to eq('max_page_entries' => 500, 'shutdown_grace_seconds' => 5,
                                        'body_timeout_seconds' => 30)
       expect(rendered['gc']).to eq('interval_seconds' => 0, 'grace_seconds' => 60, 'untagged' => ['ci'])
+      expect(rendered).not_to have_key('quotas')
       auth = rendered['auth']
       expect(auth).to include('mode' => 'basic', 'max_failures_per_minute' => 0,
                               'groups' => { 'platform' => ['alice'] }, 'admins' => ['group:platform'])
       expect(auth['access'].map { |rule| rule['repositories'] }).to eq(%w[team-a mirror])
       expect(auth).not_to have_key('token')
+    end
+
+    it "renders quotas, the cache namespace's own included, that the real registry accepts" do
+      properties = merge(secure, 'berth' => {
+                           'registry' => { 'quotas' => [{ 'repositories' => 'team', 'max_bytes' => '10GiB' }] },
+                           'cache' => { 'quota' => { 'total' => '200GiB', 'per_app' => 5_368_709_120 } }
+                         })
+      expect(config(properties)['quotas']).to eq([{ 'repositories' => 'team', 'max_bytes' => '10GiB' },
+                                                  { 'repositories' => 'cache', 'max_bytes' => '200GiB' },
+                                                  { 'repositories' => 'cache/*', 'max_bytes' => 5_368_709_120 }])
+      root = tmp
+      install_job(root, 'berth-registry', properties: properties, spec: disk)
+      output = run!({ 'BERTH_JOB_DIR' => "#{root}/jobs/berth-registry", 'BERTH_DATA_DIR' => "#{root}/data/berth-registry",
+                      'BERTH_PACKAGE_DIR' => install_package(root), 'BERTH_OWNER' => owner },
+                    "#{root}/jobs/berth-registry/bin/pre-start")
+      expect(output).to include('berth-registry.yml: ok')
     end
 
     it 'points at the token signing key only when one is given' do
