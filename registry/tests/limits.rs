@@ -462,3 +462,45 @@ async fn invented_methods_do_not_grow_the_metrics() {
     }
     assert_eq!(series().await, before, "300 invented methods added series");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_http2_download_outlasts_the_header_timeout() {
+    let registry = start(with_limits(
+        "  header_read_timeout_seconds: 2\n  idle_timeout_seconds: 60\n",
+    ))
+    .await;
+    let blob = vec![5u8; 48 << 20];
+    let digest = format!("sha256:{:x}", Sha256::digest(&blob));
+    let pushed = reqwest::Client::new()
+        .post(format!(
+            "{}/v2/h2/blobs/uploads/?digest={digest}",
+            registry.url()
+        ))
+        .body(blob.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pushed.status(), 201);
+    // HTTP/2 (curl, prior knowledge), read at 12 MB/s: about 4 s, twice the header timeout.
+    // While the body streams the client's window updates arrive as reads, which must not count
+    // as a request head that never completes.
+    let url = format!("{}/v2/h2/blobs/{digest}", registry.url());
+    let started = Instant::now();
+    let out = tokio::task::spawn_blocking(move || {
+        run(std::process::Command::new(require_tool("curl"))
+            .args([
+                "-sS",
+                "--http2-prior-knowledge",
+                "--limit-rate",
+                "12M",
+                "-o",
+                "/dev/null",
+            ])
+            .args(["-w", "%{http_code} %{http_version} %{size_download}"])
+            .arg(url))
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.trim(), format!("200 2 {}", blob.len()), "curl: {out}");
+    assert!(started.elapsed() > Duration::from_secs(2));
+}

@@ -209,24 +209,20 @@ pub(super) async fn put(
         Reference::Tag(tag) => Some(tag),
         Reference::Digest(_) => None,
     };
-    // The same bytes may have been queued for deletion when no repository held them any more;
-    // recording the manifest takes them back, unless the collector is deleting them right now:
-    // then they are written again once it is done, which takes milliseconds.
-    let mut attempts = 0;
-    loop {
-        state.content.put(&digest, bytes.clone()).await?;
-        match state.metadata.put_manifest(repo, &manifest, tag).await {
-            Ok(()) => break,
-            Err(MetadataError::MissingReference(digest)) => {
-                return Err(RegistryError::ManifestBlobUnknown(digest));
-            }
-            Err(MetadataError::BeingCollected(_)) if attempts < 100 => {
-                attempts += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            Err(other) => return Err(other.into()),
-        }
-    }
+    // Held from storing to recording, so the collector cannot delete the bytes in between (they
+    // may be queued already, when no repository held this manifest any more: recording takes
+    // them back).
+    let held = state.reservations.hold(&digest).await;
+    state.content.put(&digest, bytes.clone()).await?;
+    state
+        .metadata
+        .put_manifest(repo, &manifest, tag)
+        .await
+        .map_err(|err| match err {
+            MetadataError::MissingReference(digest) => RegistryError::ManifestBlobUnknown(digest),
+            other => other.into(),
+        })?;
+    drop(held);
     state.manifest_bytes.insert(digest.clone(), bytes);
     let mut response_headers = vec![
         (

@@ -40,6 +40,8 @@ pub struct AppState {
     pub limits: Limits,
     pub metrics: Metrics,
     pub auth: Auth,
+    /// Digests pushes are storing, kept away from the garbage collector's sweep.
+    pub reservations: crate::gc::Reservations,
     /// Manifest bytes by digest. Content-addressed bytes never change, so entries never go stale;
     /// whether a repository may see a digest is still asked of the metadata store every time.
     manifest_bytes: quick_cache::sync::Cache<Digest, Bytes, ByteWeighter>,
@@ -71,6 +73,7 @@ impl AppState {
             limits,
             metrics: Metrics::default(),
             auth: Auth::open(),
+            reservations: Default::default(),
             manifest_bytes,
         }
     }

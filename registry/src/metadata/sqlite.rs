@@ -162,6 +162,24 @@ fn insert_blob_link(
     Ok(())
 }
 
+/// Deletes manifest `digest` of `repo` (its tags and references go with it), gives back its
+/// quota, and queues its bytes if no repository holds them any more; false if there was none.
+fn delete_manifest_row(tx: &Connection, repo: &str, digest: &str) -> Result<bool, MetadataError> {
+    let size: Option<i64> = tx
+        .query_row(
+            "DELETE FROM manifests WHERE digest = ?2 \
+             AND repository_id = (SELECT id FROM repositories WHERE name = ?1) RETURNING size",
+            params![repo, digest],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(size) = size {
+        quota::remove_holder(tx, repo, digest)?;
+        collect::queue_if_orphaned(tx, digest, size as u64)?;
+    }
+    Ok(size.is_some())
+}
+
 /// Records `batch` in one transaction, each completion in a savepoint of its own so that one
 /// that fails leaves the others to commit, and answers every one.
 fn record_completions(conn: &mut Connection, batch: Vec<Completion>) {
@@ -483,20 +501,9 @@ impl MetadataStore for SqliteMetadataStore {
         let (repo, digest) = (repo.clone(), digest.to_string());
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let size: Option<i64> = tx
-                .query_row(
-                    "DELETE FROM manifests WHERE digest = ?2 \
-                     AND repository_id = (SELECT id FROM repositories WHERE name = ?1) RETURNING size",
-                    params![repo.as_str(), digest],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if let Some(size) = size {
-                quota::remove_holder(&tx, repo.as_str(), &digest)?;
-                collect::queue_if_orphaned(&tx, &digest, size as u64)?;
-            }
+            let deleted = delete_manifest_row(&tx, repo.as_str(), &digest)?;
             tx.commit()?;
-            Ok(size.is_some())
+            Ok(deleted)
         })
         .await
     }

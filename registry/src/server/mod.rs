@@ -25,7 +25,7 @@ mod watch;
 pub use sendfile::FileSender;
 use sendfile::SendfileStream;
 pub use tls::ServerTls;
-use watch::{Activity, Expired, Watched};
+use watch::{Activity, Expired, InFlightBody, Watched};
 
 /// Facts about the connection a request arrived on, attached to every request.
 #[derive(Debug, Clone)]
@@ -153,9 +153,12 @@ pub async fn serve(
                     .map_future(move |answer| {
                         let in_flight = requests.request();
                         async move {
-                            let answered = answer.await;
-                            drop(in_flight);
-                            answered
+                            // In flight until the response body is sent (or dropped): an HTTP/2
+                            // client's window updates during a long download are no request head.
+                            let answered: Result<axum::response::Response, _> = answer.await;
+                            answered.map(|response| {
+                                response.map(|body| InFlightBody::new(body, in_flight))
+                            })
                         }
                     })
                     .map_request(move |request: axum::http::Request<hyper::body::Incoming>| {

@@ -52,6 +52,42 @@ impl Activity {
 
 pub(super) struct InFlight(Arc<Activity>);
 
+/// A response body that keeps its request in flight until it is sent or dropped. Frames pass
+/// through untouched (the sendfile transport recognises its placeholders by address).
+pub(super) struct InFlightBody<B> {
+    body: B,
+    _in_flight: InFlight,
+}
+
+impl<B> InFlightBody<B> {
+    pub(super) fn new(body: B, in_flight: InFlight) -> InFlightBody<B> {
+        InFlightBody {
+            body,
+            _in_flight: in_flight,
+        }
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for InFlightBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.mark_boundary();

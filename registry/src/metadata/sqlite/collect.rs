@@ -163,13 +163,8 @@ pub(super) fn delete_untagged(
     limit: u32,
 ) -> Result<Vec<(String, String)>, MetadataError> {
     let found = untagged(tx, prefix, created_before, limit)?;
-    let mut delete = tx.prepare_cached(
-        "DELETE FROM manifests WHERE digest = ?2 \
-         AND repository_id = (SELECT id FROM repositories WHERE name = ?1) RETURNING size",
-    )?;
     for (repo, digest) in &found {
-        let size: i64 = delete.query_row(params![repo, digest], |r| r.get(0))?;
-        queue_if_orphaned(tx, digest, size as u64)?;
+        super::delete_manifest_row(tx, repo, digest)?;
     }
     Ok(found)
 }

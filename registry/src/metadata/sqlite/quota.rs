@@ -295,6 +295,20 @@ mod tests {
                 .await
                 .unwrap()
         );
+        // Garbage collection's deletion of untagged manifests gives their quota back too.
+        store
+            .put_manifest(&b, &manifest(b"q untagged", vec![]), None)
+            .await
+            .unwrap();
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(2);
+        assert_eq!(
+            store
+                .delete_untagged_manifests("q/b", later, 100)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
         store
             .queue_unreferenced(
                 std::time::SystemTime::now() + std::time::Duration::from_secs(2),

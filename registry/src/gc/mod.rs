@@ -15,6 +15,11 @@
 //!   queued digest in the recording transaction, unless a sweep has claimed it.
 //! - *sweep*: a transaction claims a queued digest, then its bytes are deleted, then it leaves the
 //!   queue. While claimed, recording those bytes fails (the client's retry writes them anew).
+//! - *hold*: a push stores its bytes before it records them, and a store that finds the bytes
+//!   present does not write them again; so between the two a push holds the digest
+//!   ([`Reservations`]): a sweep leaves held digests queued, and a push waits out a sweep of its
+//!   digest before storing. Without the hold, a sweep between a push's store and its record would
+//!   leave a recorded blob or manifest with no bytes.
 //!
 //! A crash at any point leaves a state the next run finishes: queued digests stay queued (claimed
 //! or not) until swept, and deleting bytes that are already gone is no error.
@@ -28,6 +33,10 @@ use crate::api::AppState;
 use crate::config::GcConfig;
 use crate::error::RegistryError;
 use crate::metadata::Usage;
+
+mod reservations;
+
+pub use reservations::{Held, Reservations};
 
 /// Rows taken per metadata call, so one transaction stays short while the registry serves.
 const BATCH: u32 = 500;
@@ -159,10 +168,23 @@ impl Collector {
             if queued.is_empty() {
                 return Ok(());
             }
-            let digests: Vec<_> = queued.iter().map(|g| g.digest.clone()).collect();
-            let claimed = metadata.begin_sweep(&digests).await?;
-            self.state.content.delete(&claimed).await?;
-            metadata.end_sweep(&claimed).await?;
+            let digests = self
+                .state
+                .reservations
+                .take_for_sweep(queued.iter().map(|g| g.digest.clone()).collect());
+            if digests.is_empty() {
+                // Everything left is held by pushes that will record it: their business now.
+                return Ok(());
+            }
+            let swept = async {
+                let claimed = metadata.begin_sweep(&digests).await?;
+                self.state.content.delete(&claimed).await?;
+                metadata.end_sweep(&claimed).await?;
+                Ok::<_, RegistryError>(claimed)
+            }
+            .await;
+            self.state.reservations.release(&digests);
+            let claimed = swept?;
             let claimed: std::collections::HashSet<_> = claimed.iter().collect();
             for garbage in queued.iter().filter(|g| claimed.contains(&g.digest)) {
                 report.objects_deleted += 1;
