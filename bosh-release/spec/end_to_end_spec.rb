@@ -167,11 +167,26 @@ RSpec.describe 'berth-registry and berth-lifecycle, end to end' do
     expect(status).to be_success, err
   end
 
-  it 'fails the staging, not silently, when the registry refuses the robot' do
+  it 'stages uncached, not silently, when the registry refuses the robot' do
     start_registry
     push_image
     registry_properties['berth']['cache']['robot_password'] = 'not-the-password'
     lifecycle = repack_bundle
+
+    output, status, result = stage(lifecycle, "#{host}/team/app:1")
+    expect(status).to be_success, output
+    expect(result['lifecycle_metadata']['docker_image']).to eq("#{host}/team/app:1")
+    expect(output).to match(/Warning: the image is not cached: .*refused the cacher's credentials/)
+    expect(output).not_to include('not-the-password', admin_password)
+  end
+
+  it 'fails the staging, not silently, when the registry refuses the robot and on_cache_failure is fail' do
+    start_registry
+    push_image
+    registry_properties['berth']['cache']['robot_password'] = 'not-the-password'
+    lifecycle = repack_bundle
+    config = File.join(lifecycle, 'berth-cacher.yml')
+    File.write(config, File.read(config).sub('on_cache_failure: stage-uncached', 'on_cache_failure: fail'))
 
     output, status, = stage(lifecycle, "#{host}/team/app:1")
     expect(status.exitstatus).to eq(2), output
@@ -238,14 +253,15 @@ RSpec.describe 'berth-registry and berth-lifecycle, end to end' do
       expect(output + File.read(log)).not_to include(admin_password)
     end
 
-    it 'fails the staging, not silently, without a certificate to present' do
+    it 'stages uncached, not silently, without a certificate to present' do
       start_registry
       push_image
       lifecycle = repack_bundle
 
-      output, status, = stage(lifecycle, "#{host}/team/app:1")
-      expect(status.exitstatus).to eq(2), output
-      expect(output).to include('CF_INSTANCE_CERT')
+      output, status, result = stage(lifecycle, "#{host}/team/app:1")
+      expect(status).to be_success, output
+      expect(result['lifecycle_metadata']['docker_image']).to eq("#{host}/team/app:1")
+      expect(output).to include('Warning', 'CF_INSTANCE_CERT')
     end
   end
 end

@@ -249,7 +249,10 @@ mod tests {
                     prop_assert_eq!(name.as_str(), text.as_str());
                     prop_assert!(name.as_str().len() <= MAX_NAME_LEN);
                     prop_assert!(!name.as_str().contains(".."));
-                    prop_assert!(name.namespace().len() <= name.as_str().len());
+                    // The namespace is the first path component, never empty, never a slash.
+                    let namespace = name.namespace();
+                    prop_assert!(!namespace.is_empty() && !namespace.contains('/'));
+                    prop_assert!(text.split('/').next() == Some(namespace));
                 }
             }
 

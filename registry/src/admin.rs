@@ -1,22 +1,26 @@
 //! The local maintenance socket: `berth-registry gc` and `usage` reach a running server through
-//! it, since with the embedded stores the server owns the data directory alone. Its file mode
-//! (owner only) is its access control. One JSON request line in, one JSON answer line out.
+//! it, since with the embedded stores the server owns the data directory alone. It lives in a
+//! directory only the owner may enter, which is its access control. One JSON request line in
+//! (at most 4 KiB), one JSON answer line out.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use crate::gc::{Collector, GcReport};
 use crate::metadata::Usage;
 
 /// Where the socket lives in a storage root.
 pub fn socket_path(root: &Path) -> PathBuf {
-    root.join("admin.sock")
+    root.join("admin").join("socket")
 }
+
+/// Longest request line read.
+const MAX_REQUEST: u64 = 4096;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "lowercase")]
@@ -36,16 +40,23 @@ pub enum Answer {
 /// Serves requests on `path` until the process ends. A socket file left by a process that died
 /// is replaced.
 pub async fn serve(path: PathBuf, collector: Arc<Collector>) -> std::io::Result<()> {
+    // The directory, not the socket's own mode, keeps others out: a socket exists with the
+    // umask's mode from bind until a chmod could narrow it.
+    let dir = path.parent().expect("the socket path has a directory");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     loop {
         let (stream, _) = listener.accept().await?;
         let collector = collector.clone();
         tokio::spawn(async move {
             let (reader, mut writer) = stream.into_split();
             let mut line = String::new();
-            let mut reader = tokio::io::BufReader::new(reader);
+            let mut reader = tokio::io::BufReader::new(reader.take(MAX_REQUEST));
             if reader.read_line(&mut line).await.is_err() {
                 return;
             }

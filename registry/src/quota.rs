@@ -148,10 +148,12 @@ impl TryFrom<SizeText> for ByteSize {
 pub fn validate(quotas: &[Quota]) -> Result<(), String> {
     let mut seen = std::collections::BTreeSet::new();
     for quota in quotas {
-        if quota.max_bytes.0 == 0 {
+        // The store keeps figures as signed 64-bit numbers.
+        if quota.max_bytes.0 == 0 || quota.max_bytes.0 > i64::MAX as u64 {
             return Err(format!(
-                "quotas {}: max_bytes must be above zero",
-                quota.repositories
+                "quotas {}: max_bytes must be above zero and at most {} bytes",
+                quota.repositories,
+                i64::MAX
             ));
         }
         if !seen.insert(&quota.repositories) {
@@ -308,6 +310,11 @@ mod tests {
             max_bytes: ByteSize(bytes),
         };
         assert!(validate(&[quota("cache", 0)]).is_err());
+        assert!(
+            validate(&[quota("cache", u64::MAX)]).is_err(),
+            "beyond what the store counts"
+        );
+        assert!(validate(&[quota("cache", i64::MAX as u64)]).is_ok());
         assert!(validate(&[quota("cache", 1), quota("cache", 2)]).is_err());
         assert!(validate(&[quota("cache", 1), quota("cache/*", 2)]).is_ok());
     }

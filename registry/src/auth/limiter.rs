@@ -1,5 +1,7 @@
 //! Counts failed logins per user and client address and turns that pair away once it has too
-//! many, so one tenant's mistakes behind a shared address (a Diego cell) lock out no one else.
+//! many, so one tenant's mistakes behind a shared address (a Diego cell) lock out no one else;
+//! and per address alone, with a larger allowance, so rotating user names does not buy unlimited
+//! bcrypt work.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -8,11 +10,15 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const WINDOW: Duration = Duration::from_secs(60);
-/// Pairs tracked at most; beyond it the oldest windows are forgotten first.
+/// Windows tracked at most; beyond it the oldest are forgotten first.
 const MAX_TRACKED: usize = 65_536;
+/// An address's allowance over all user names, as a multiple of the per-user one: large enough
+/// for the many tenants behind one cell, small enough to bound the bcrypt work one address causes.
+const ADDRESS_FACTOR: u32 = 10;
 
-/// A user name is kept as a keyed hash: names are the caller's choice and may be long.
-type Key = (u64, IpAddr);
+/// A user name is kept as a keyed hash (names are the caller's choice and may be long); `None`
+/// counts for the address as a whole.
+type Key = (Option<u64>, IpAddr);
 
 pub(super) struct FailureLimiter {
     per_minute: u32,
@@ -30,35 +36,54 @@ impl FailureLimiter {
         }
     }
 
-    fn key(&self, user: &str, client: Option<IpAddr>) -> Option<Key> {
+    fn keys(&self, user: &str, client: Option<IpAddr>) -> Option<[(Key, u32); 2]> {
         let client = client.filter(|_| self.per_minute > 0)?;
-        Some((self.hasher.hash_one(user), client))
+        Some([
+            ((Some(self.hasher.hash_one(user)), client), self.per_minute),
+            (
+                (None, client),
+                self.per_minute.saturating_mul(ADDRESS_FACTOR),
+            ),
+        ])
     }
 
-    /// Whether `user` has used up its failures from `client` for the current minute.
+    /// Whether `user` has used up its failures from `client` for the current minute, or
+    /// `client` its failures over all users.
     pub(super) fn is_blocked(&self, user: &str, client: Option<IpAddr>) -> bool {
-        let Some(key) = self.key(user, client) else {
+        let Some(keys) = self.keys(user, client) else {
             return false;
         };
         let windows = self.windows.lock().expect("limiter lock");
-        windows
-            .get(&key)
-            .is_some_and(|(start, count)| start.elapsed() < WINDOW && *count >= self.per_minute)
+        keys.iter().any(|(key, allowance)| {
+            windows
+                .get(key)
+                .is_some_and(|(start, count)| start.elapsed() < WINDOW && count >= allowance)
+        })
     }
 
     pub(super) fn record_failure(&self, user: &str, client: Option<IpAddr>) {
-        let Some(key) = self.key(user, client) else {
+        let Some(keys) = self.keys(user, client) else {
             return;
         };
         let mut windows = self.windows.lock().expect("limiter lock");
         if windows.len() >= MAX_TRACKED {
             windows.retain(|_, (start, _)| start.elapsed() < WINDOW);
         }
-        let window = windows.entry(key).or_insert((Instant::now(), 0));
-        if window.0.elapsed() >= WINDOW {
-            *window = (Instant::now(), 0);
+        while windows.len() >= MAX_TRACKED {
+            let oldest = windows
+                .iter()
+                .min_by_key(|(_, (start, _))| *start)
+                .map(|(key, _)| *key)
+                .expect("a full map has entries");
+            windows.remove(&oldest);
         }
-        window.1 += 1;
+        for (key, _) in keys {
+            let window = windows.entry(key).or_insert((Instant::now(), 0));
+            if window.0.elapsed() >= WINDOW {
+                *window = (Instant::now(), 0);
+            }
+            window.1 += 1;
+        }
     }
 }
 
@@ -83,5 +108,17 @@ mod tests {
             unlimited.record_failure("bob", a);
         }
         assert!(!unlimited.is_blocked("bob", a));
+    }
+
+    #[test]
+    fn rotating_user_names_runs_into_the_addresses_allowance() {
+        let limiter = FailureLimiter::new(2);
+        let a = Some(IpAddr::from([10, 0, 0, 1]));
+        for i in 0..2 * ADDRESS_FACTOR {
+            assert!(!limiter.is_blocked(&format!("guess{i}"), a), "{i}");
+            limiter.record_failure(&format!("guess{i}"), a);
+        }
+        assert!(limiter.is_blocked("anyone", a));
+        assert!(!limiter.is_blocked("anyone", Some(IpAddr::from([10, 0, 0, 2]))));
     }
 }
