@@ -7,6 +7,8 @@ use berth_oci::{Digest, Reference, RepoName, Tag};
 use super::{Garbage, MetadataError, MetadataStore, NewManifest, PageRequest, UsageEntry};
 use crate::content::UploadId;
 
+mod retention;
+
 fn repo(name: &str) -> RepoName {
     name.parse().unwrap()
 }
@@ -62,6 +64,7 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
     deleted_manifests_free_their_bytes_and_references(store).await;
     untagged_manifests_are_found_per_prefix(store).await;
     usage_counts_each_digest_once_per_scope(store).await;
+    retention::run_all(store).await;
 }
 
 /// A cutoff after everything recorded so far, and one before all of it.
