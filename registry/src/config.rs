@@ -38,6 +38,7 @@ pub struct Config {
     /// Who may do what; open to everyone unless set.
     pub auth: AuthConfig,
     pub gc: GcConfig,
+    pub retention: crate::retention::RetentionConfig,
 }
 
 /// Garbage collection: what is deleted, and how often the server collects on its own.
@@ -132,6 +133,7 @@ impl Default for Config {
             limits: Limits::default(),
             auth: AuthConfig::default(),
             gc: GcConfig::default(),
+            retention: Default::default(),
         }
     }
 }
@@ -268,6 +270,7 @@ impl Config {
                 )));
             }
         }
+        self.retention.check()?;
         if self.storage.root.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "storage.root must not be empty".into(),

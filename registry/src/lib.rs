@@ -12,4 +12,6 @@ pub mod gc;
 pub mod manifest;
 pub mod metadata;
 pub mod metrics;
+pub mod pulls;
+pub mod retention;
 pub mod server;
