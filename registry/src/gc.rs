@@ -66,18 +66,18 @@ impl std::fmt::Display for GcReport {
         };
         write!(
             f,
-            "{verb} {} stagings and {} tags with {} manifests by retention, {} untagged manifests \
-             and {} objects, {} bytes, in {} ms",
-            self.expired_stagings,
-            self.expired_tags,
-            self.expired_manifests,
+            "{verb} {} untagged manifests and {} objects, {} bytes, in {} ms; retention: {} \
+             stagings, {} tags, {} manifests",
             self.manifests_deleted,
             self.objects_deleted,
             self.bytes_freed,
-            self.duration_ms
+            self.duration_ms,
+            self.expired_stagings,
+            self.expired_tags,
+            self.expired_manifests
         )?;
         if let Some(reason) = &self.retention_skipped {
-            write!(f, "; retention skipped: {reason}")?;
+            write!(f, " (skipped: {reason})")?;
         }
         Ok(())
     }
