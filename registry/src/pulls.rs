@@ -7,15 +7,17 @@
 //! send it to check whether what they hold is current (Docker before every pull, a restage
 //! re-resolving a tag), which says nothing about anyone still using the image.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use berth_oci::{Digest, RepoName};
+use rustc_hash::FxHashMap;
 
 use crate::metadata::{MetadataError, MetadataStore, Pull};
 
-type Notes = HashMap<RepoName, HashMap<Digest, u64>>;
+// FxHash: every key is a name or digest the registry already holds, so flooding a bucket takes
+// pushing that many repositories or manifests, and SipHash's resistance would only slow pulls.
+type Notes = FxHashMap<RepoName, FxHashMap<Digest, u64>>;
 
 /// Pulls noted since the last write, per repository and manifest, in unix seconds.
 pub struct PullNotes {
@@ -59,7 +61,9 @@ impl PullNotes {
                 }
             },
             None => {
-                notes.insert(repo.clone(), HashMap::from([(digest.clone(), now)]));
+                let mut digests = FxHashMap::default();
+                digests.insert(digest.clone(), now);
+                notes.insert(repo.clone(), digests);
             }
         }
     }
