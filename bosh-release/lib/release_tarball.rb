@@ -73,7 +73,7 @@ class ReleaseTarball
   end
 
   def build_jobs(work, packages)
-    Dir[File.join(@repo, 'jobs', '*', 'spec')].sort.map do |spec_path|
+    Dir[File.join(@repo, 'jobs', '*', 'spec')].sort_by { |path| File.basename(File.dirname(path)) }.map do |spec_path|
       spec = YAML.safe_load(File.read(spec_path))
       name = spec.fetch('name')
       dir = File.dirname(spec_path)

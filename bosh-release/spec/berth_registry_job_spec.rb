@@ -29,6 +29,7 @@ RSpec.describe 'berth-registry job' do
         'listen' => '0.0.0.0:8443',
         'storage' => { 'root' => '/var/vcap/store/berth-registry' },
         'log' => { 'format' => 'json', 'level' => 'info' },
+        'gc' => { 'interval_seconds' => 3600, 'grace_seconds' => 7200, 'untagged' => [] },
         'tls' => { 'certificate' => '/var/vcap/jobs/berth-registry/config/tls.crt',
                    'private_key' => '/var/vcap/jobs/berth-registry/config/tls.key' },
         'auth' => {
@@ -47,7 +48,9 @@ RSpec.describe 'berth-registry job' do
       rendered = config(merge(secure, 'berth' => {
                                 'registry' => {
                                   'listen_address' => '::', 'port' => 5000, 'log_level' => 'warn',
-                                  'limits' => { 'max_page_entries' => 500, 'shutdown_grace_seconds' => 5 },
+                                  'limits' => { 'max_page_entries' => 500, 'shutdown_grace_seconds' => 5,
+                                                'body_timeout_seconds' => 30 },
+                                  'gc' => { 'interval_seconds' => 0, 'grace_seconds' => 60, 'untagged' => ['ci'] },
                                   'auth' => {
                                     'mode' => 'basic', 'max_failures_per_minute' => 0,
                                     'users' => [{ 'name' => 'alice', 'password' => 'a' }],
@@ -59,7 +62,9 @@ RSpec.describe 'berth-registry job' do
                               }))
       expect(rendered['listen']).to eq('[::]:5000')
       expect(rendered['log']['level']).to eq('warn')
-      expect(rendered['limits']).to eq('max_page_entries' => 500, 'shutdown_grace_seconds' => 5)
+      expect(rendered['limits']).to eq('max_page_entries' => 500, 'shutdown_grace_seconds' => 5,
+                                       'body_timeout_seconds' => 30)
+      expect(rendered['gc']).to eq('interval_seconds' => 0, 'grace_seconds' => 60, 'untagged' => ['ci'])
       auth = rendered['auth']
       expect(auth).to include('mode' => 'basic', 'max_failures_per_minute' => 0,
                               'groups' => { 'platform' => ['alice'] }, 'admins' => ['group:platform'])

@@ -149,6 +149,23 @@ RSpec.describe 'berth-registry and berth-lifecycle, end to end' do
     expect(output + File.read(log)).not_to include(admin_password, robot_password)
   end
 
+  it 'collects garbage with the berth-registry-gc errand while the registry serves' do
+    start_registry
+    push_image
+    config = "#{root}/jobs/berth-registry/config/berth-registry.yml"
+    errand = lambda do |dry_run|
+      install_job(root, 'berth-registry-gc', properties: { 'berth' => { 'gc' => { 'dry_run' => dry_run } } })
+      run!({ 'BERTH_REGISTRY_CONFIG' => config, 'BERTH_PACKAGE_DIR' => package }, "#{root}/jobs/berth-registry-gc/bin/run")
+    end
+    expect(errand.call(true)).to match(/\Awould delete 0 untagged manifests and 0 objects, 0 bytes, in \d+ ms\n\z/)
+    expect(errand.call(false)).to match(/\Adeleted 0 untagged manifests and 0 objects, 0 bytes, in \d+ ms\n\z/)
+    expect(File.read(log)).to include('garbage collection done')
+    # The image is still whole.
+    _, err, status = skopeo('inspect', '--raw', '--authfile', authfile('admin', admin_password), '--cert-dir', certs,
+                            "docker://#{host}/team/app:1")
+    expect(status).to be_success, err
+  end
+
   it 'fails the staging, not silently, when the registry refuses the robot' do
     start_registry
     push_image

@@ -53,6 +53,7 @@ RSpec.describe 'manifests' do
       expect(registry['persistent_disk_type']).to eq('100GB')
       expect(registry['instances']).to eq(1)
       expect(registry_job).to include('release' => 'berth', 'provides' => { 'berth-registry' => { 'as' => 'berth-registry' } })
+      expect(job_in(manifest, 'berth-registry', 'berth-registry-gc')).to eq('name' => 'berth-registry-gc', 'release' => 'berth')
     end
 
     it 'renders a registry configuration from what it sets' do
@@ -162,7 +163,7 @@ RSpec.describe 'manifests' do
 
     it 'deploys the registry under bpm on a persistent disk' do
       group = group(manifest, 'berth-registry')
-      expect(group['jobs'].map { |j| j['name'] }).to eq(%w[bpm berth-registry])
+      expect(group['jobs'].map { |j| j['name'] }).to eq(%w[bpm berth-registry berth-registry-gc])
       expect(group['persistent_disk']).to be > 0
       expect(manifest['releases'].map { |r| r['name'] }).to contain_exactly('berth', 'bpm')
     end

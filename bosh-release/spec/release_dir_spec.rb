@@ -126,7 +126,7 @@ RSpec.describe 'the release directory' do
       expect(status).to be_success, err
       release = unpack(out)
       names = Dir.children(repo_path('jobs')).sort
-      expect(Dir.children(File.join(release, 'jobs')).sort).to eq(names.map { |n| "#{n}.tgz" })
+      expect(Dir.children(File.join(release, 'jobs')).sort).to eq(names.map { |n| "#{n}.tgz" }.sort)
       names.each do |name|
         expect(contents(File.join(release, 'jobs', "#{name}.tgz"))).to eq(bosh_job(name)), "job #{name}"
       end

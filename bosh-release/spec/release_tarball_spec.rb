@@ -59,7 +59,7 @@ RSpec.describe 'bosh-release/build' do
 
     it 'lists every archive with its sha1 and nothing else' do
       archives = Dir.glob('{jobs,packages}/*.tgz', base: @release).sort
-      expect(archives).to eq(job_names.map { |n| "jobs/#{n}.tgz" } + ['packages/berth.tgz'])
+      expect(archives).to eq((job_names.map { |n| "jobs/#{n}.tgz" } + ['packages/berth.tgz']).sort)
       @manifest['jobs'].each do |job|
         expect(Digest::SHA1.file(File.join(@release, 'jobs', "#{job['name']}.tgz")).hexdigest).to eq(job['sha1'])
       end

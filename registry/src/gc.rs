@@ -32,6 +32,9 @@ use crate::retention::Retention;
 
 /// Rows taken per metadata call, so one transaction stays short while the registry serves.
 const BATCH: u32 = 500;
+/// Digests swept at once: one claim, one deletion (a directory sync per shard touched) and one
+/// release per batch rather than per digest.
+const SWEEP_BATCH: u32 = 2000;
 
 /// What one collection did or, dry, would do.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,20 +162,22 @@ impl Collector {
         }
         for prefix in &self.config.untagged {
             let prefix = if prefix == "*" { "" } else { prefix.as_str() };
+            if report.dry_run {
+                let found = metadata
+                    .untagged_manifests(prefix, cutoff, u32::MAX)
+                    .await?;
+                report.manifests_deleted += found.len() as u64;
+                continue;
+            }
+            // An index deleted here leaves its children untagged: the next batch takes them.
             loop {
-                let found = metadata.untagged_manifests(prefix, cutoff, BATCH).await?;
-                if report.dry_run {
-                    report.manifests_deleted += found.len() as u64;
+                let deleted = metadata
+                    .delete_untagged_manifests(prefix, cutoff, BATCH)
+                    .await?;
+                if deleted.is_empty() {
                     break;
                 }
-                if found.is_empty() {
-                    break;
-                }
-                for (repo, digest) in found {
-                    if metadata.delete_manifest(&repo, &digest).await? {
-                        report.manifests_deleted += 1;
-                    }
-                }
+                report.manifests_deleted += deleted.len() as u64;
             }
         }
         if report.dry_run {
@@ -189,16 +194,16 @@ impl Collector {
         }
         while !metadata.queue_unreferenced(cutoff, BATCH).await?.is_empty() {}
         loop {
-            let queued = metadata.queued_garbage(BATCH).await?;
+            let queued = metadata.queued_garbage(SWEEP_BATCH).await?;
             if queued.is_empty() {
                 return Ok(());
             }
-            for garbage in queued {
-                if !metadata.begin_sweep(&garbage.digest).await? {
-                    continue;
-                }
-                self.state.content.delete(&garbage.digest).await?;
-                metadata.end_sweep(&garbage.digest).await?;
+            let digests: Vec<_> = queued.iter().map(|g| g.digest.clone()).collect();
+            let claimed = metadata.begin_sweep(&digests).await?;
+            self.state.content.delete(&claimed).await?;
+            metadata.end_sweep(&claimed).await?;
+            let claimed: std::collections::HashSet<_> = claimed.iter().collect();
+            for garbage in queued.iter().filter(|g| claimed.contains(&g.digest)) {
                 report.objects_deleted += 1;
                 report.bytes_freed += garbage.size;
             }

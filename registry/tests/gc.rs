@@ -6,7 +6,9 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -201,4 +203,193 @@ fn collection_frees_exactly_what_nothing_references() {
         assert!(usage.contains(repo), "{repo} in\n{usage}");
     }
     assert!(registry.log().contains("garbage collection done"));
+}
+
+/// Pushes of every kind race repeated collections for a minute: skopeo pushes and moves tags
+/// (images share a base layer, so mounts and deduplication race the collector too) and pulls,
+/// docker pushes and moves a tag, whole repositories' manifests are deleted. Afterwards every tag
+/// pulls and verifies, and storage holds exactly the live content, computed from what the test
+/// itself pushed and deleted.
+#[test]
+fn pushes_pulls_tag_moves_and_deletes_race_repeated_collections() {
+    const RUN: Duration = Duration::from_secs(60);
+    const GRACE: u64 = 5;
+    let registry = Registry::start_with_config(&format!(
+        "gc:\n  interval_seconds: 0\n  grace_seconds: {GRACE}\n"
+    ));
+    let mut rng = Rng::new(77);
+    let base = make_layer(&mut rng, "race-base", 96 * 1024);
+    let images: Vec<Image> = (0..10u64)
+        .map(|i| {
+            let own = make_layer(&mut rng, &format!("race-{i}"), 24 * 1024 + i as usize * 512);
+            Image::from_layers(700 + i, "amd64", vec![base.clone(), own])
+        })
+        .collect();
+    let layouts: Vec<_> = images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| {
+            let layout = registry.scratch().join(format!("race-src-{i}"));
+            write_oci_layout(&layout, "v1", &image.manifest, &image.blobs());
+            layout
+        })
+        .collect();
+    let dockerd = Dockerd::start(&registry.host());
+    for (i, layout) in layouts.iter().take(2).enumerate() {
+        let archive = registry.scratch().join(format!("race-{i}.tar"));
+        run(skopeo()
+            .arg("copy")
+            .arg(oci_ref(layout, "v1"))
+            .arg(format!(
+                "docker-archive:{}:race/local:{i}",
+                archive.display()
+            ))
+            .arg("--quiet"));
+        run(dockerd.docker().arg("load").arg("-i").arg(&archive));
+    }
+
+    let stop = AtomicBool::new(false);
+    // (repository, manifest digest) pairs that must live on, and those deleted.
+    let live = Mutex::new(BTreeSet::new());
+    let started = Instant::now();
+    let host = registry.host();
+    std::thread::scope(|scope| {
+        let collections = scope.spawn(|| {
+            let mut runs = 0;
+            while !stop.load(Ordering::Relaxed) {
+                berth(&registry, &["gc"]);
+                runs += 1;
+                std::thread::sleep(Duration::from_millis(150));
+            }
+            runs
+        });
+        let skopeo_pushes = scope.spawn(|| {
+            let mut pushes = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let i = pushes % images.len();
+                // Tags move between images; every 4th push goes to a repository of its own that
+                // the deleter empties.
+                let (repo, tag) = if pushes % 4 == 3 {
+                    (format!("race/del{pushes}"), "v1".to_string())
+                } else {
+                    (format!("race/s{}", pushes % 3), format!("t{}", pushes % 2))
+                };
+                run(skopeo()
+                    .args(["copy", "--quiet", "--dest-tls-verify=false"])
+                    .arg(oci_ref(&layouts[i], "v1"))
+                    .arg(format!("docker://{host}/{repo}:{tag}")));
+                if !repo.starts_with("race/del") {
+                    live.lock()
+                        .unwrap()
+                        .insert((repo, images[i].manifest.digest.clone()));
+                }
+                pushes += 1;
+            }
+            pushes
+        });
+        let deletes = scope.spawn(|| {
+            let mut deleted = 0;
+            let mut next = 3;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(400));
+                let i = next % images.len();
+                let target = format!("/v2/race/del{next}/manifests/{}", images[i].manifest.digest);
+                match delete(&registry, &target) {
+                    202 => {
+                        deleted += 1;
+                        next += 4;
+                    }
+                    404 => {} // not pushed yet
+                    status => panic!("DELETE {target}: {status}"),
+                }
+            }
+            deleted
+        });
+        let docker_pushes = scope.spawn(|| {
+            let mut pushes = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let k = pushes % 2;
+                let remote = format!("{host}/race/docker:latest");
+                let out = dockerd.tag_and_push(&format!("race/local:{k}"), &remote);
+                let digest = digest_after(&out, "digest:")
+                    .unwrap_or_else(|| panic!("no digest in docker push output: {out}"));
+                live.lock()
+                    .unwrap()
+                    .insert(("race/docker".to_string(), digest));
+                pushes += 1;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            pushes
+        });
+        let pulls = scope.spawn(|| {
+            let mut pulls = 0;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(500));
+                let repo = format!("race/s{}", pulls % 3);
+                let tag = format!("t{}", pulls % 2);
+                let listed = request(&registry, "GET", &format!("/v2/{repo}/tags/list"), &[], b"");
+                if listed.status == 404 || !String::from_utf8_lossy(&listed.body).contains(&tag) {
+                    continue;
+                }
+                // Tags there only ever move between live images: each pull must verify.
+                pull_verifies(&registry, &repo, &tag);
+                pulls += 1;
+            }
+            pulls
+        });
+        std::thread::sleep(RUN);
+        stop.store(true, Ordering::Relaxed);
+        let counts = [
+            ("collections", collections.join().unwrap()),
+            ("skopeo pushes", skopeo_pushes.join().unwrap()),
+            ("deletes", deletes.join().unwrap()),
+            ("docker pushes", docker_pushes.join().unwrap()),
+            ("pulls", pulls.join().unwrap()),
+        ];
+        eprintln!("after {:?}: {counts:?}", started.elapsed());
+        for (what, count) in counts {
+            assert!(count >= 3, "only {count} {what} in a minute");
+        }
+    });
+
+    // Past the grace period, what nothing references goes; the rest stays, byte for byte.
+    std::thread::sleep(Duration::from_secs(GRACE + 2));
+    berth(&registry, &["gc"]);
+    let mut expected = BTreeSet::new();
+    for (repo, digest) in live.lock().unwrap().iter() {
+        let got = request(
+            &registry,
+            "GET",
+            &format!("/v2/{repo}/manifests/{digest}"),
+            &[(
+                "Accept",
+                "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
+            )],
+            b"",
+        );
+        assert_eq!(got.status, 200, "{repo}@{digest}");
+        let manifest: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+        expected.insert(digest.clone());
+        expected.insert(manifest["config"]["digest"].as_str().unwrap().to_string());
+        for layer in manifest["layers"].as_array().unwrap() {
+            expected.insert(layer["digest"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(
+        stored(&registry.root()),
+        expected,
+        "storage holds exactly the live content"
+    );
+    for repo in ["race/s0", "race/s1", "race/s2"] {
+        for tag in ["t0", "t1"] {
+            pull_verifies(&registry, repo, tag);
+        }
+    }
+    // docker pulls the image its tag names now, every layer fetched again.
+    let ids = run(dockerd.docker().args(["images", "-q", "--no-trunc"]));
+    let ids: BTreeSet<&str> = ids.split_whitespace().collect();
+    run(dockerd.docker().args(["rmi", "-f"]).args(&ids));
+    run(dockerd
+        .docker()
+        .args(["pull", &format!("{host}/race/docker:latest")]));
 }

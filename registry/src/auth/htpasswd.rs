@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::config::ConfigError;
 
 /// Cost of the hashes [`entry`] writes, and of the stand-in hash checked for unknown users when
-/// the file is empty: ~60 ms a check, paid once per five minutes per client (see `auth`).
+/// the file is empty: htpasswd's own default, paid once per five minutes per client (see `auth`).
 const DEFAULT_COST: u32 = 10;
 
 pub(super) struct Htpasswd {

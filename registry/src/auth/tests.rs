@@ -281,3 +281,97 @@ async fn broken_tokens_are_invalid_not_insufficient() {
         Err(RegistryError::Unauthorized { .. })
     ));
 }
+
+/// The parsers of what any client may send to access control: never a panic, and only what the
+/// input spells.
+mod properties {
+    use proptest::prelude::*;
+
+    use super::super::token::{SigningKey, TokenVerifier};
+    use super::super::{Presented, TokenConfig, parse_scopes, presented};
+    use axum::http::{HeaderMap, HeaderValue, header};
+    use base64::Engine;
+
+    const CASES: u32 = 100_000;
+
+    fn scope() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "(repository|registry|plugin):[a-z0-9/:._-]{0,24}:[a-z*,]{0,16}",
+            "[ -~]{0,40}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        #[test]
+        fn any_scope_list_yields_only_what_it_spells(
+            scopes in prop::collection::vec(scope(), 0..4),
+        ) {
+            for parsed in parse_scopes(&scopes) {
+                let spelled = format!("{}:{}:{}", parsed.kind, parsed.name, parsed.actions.join(","));
+                prop_assert!(
+                    scopes.iter().any(|s| s.split_whitespace().any(|w| w == spelled)),
+                    "{spelled:?} from {scopes:?}"
+                );
+            }
+        }
+
+        #[test]
+        fn any_authorization_header_is_nothing_basic_bearer_or_malformed(
+            value in prop_oneof![
+                "(Basic|basic|Bearer|bearer|Digest|) {0,2}[ -~]{0,80}",
+                ".{0,40}".prop_map(|pair| format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(pair)
+                )),
+            ],
+        ) {
+            let Ok(value) = HeaderValue::from_str(&value) else { return Ok(()) };
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, value.clone());
+            match presented(&headers) {
+                Presented::Basic { user, password } => {
+                    let text = value.to_str().unwrap();
+                    prop_assert!(text[..5].eq_ignore_ascii_case("basic"));
+                    prop_assert!(!(user.is_empty() && password.is_empty()));
+                }
+                Presented::Bearer(token) => prop_assert!(!token.is_empty()),
+                Presented::Nothing | Presented::Malformed => {}
+            }
+        }
+    }
+
+    #[test]
+    fn any_bearer_token_from_nowhere_is_refused() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let verifier = TokenVerifier::new(
+            std::sync::Arc::new(SigningKey::generate()),
+            &TokenConfig::default(),
+        )
+        .unwrap();
+        let b64 = |text: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text);
+        let token = prop_oneof![
+            "[A-Za-z0-9_.=-]{0,120}",
+            ("[ -~]{0,40}", "[ -~]{0,60}", "[A-Za-z0-9_-]{0,40}")
+                .prop_map(move |(h, p, s)| format!("{}.{}.{s}", b64(&h), b64(&p))),
+            ("(ES256|RS256|none|HS256)", "[ -~]{0,20}").prop_map(move |(alg, iss)| {
+                let header = format!(r#"{{"alg":"{alg}","typ":"JWT"}}"#);
+                let claims = format!(r#"{{"iss":"{iss}","sub":"x","exp":9999999999}}"#);
+                format!("{}.{}.c2ln", b64(&header), b64(&claims))
+            }),
+        ];
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(CASES));
+        runner
+            .run(&token, |token| {
+                prop_assert!(
+                    runtime.block_on(verifier.verify(&token)).is_err(),
+                    "{token}"
+                );
+                Ok(())
+            })
+            .unwrap();
+    }
+}

@@ -34,13 +34,20 @@ async fn deleted_objects_are_gone_and_deleting_twice_is_fine(store: &dyn Content
     let bytes = Bytes::from_static(b"collected");
     let digest = Digest::sha256_of(&bytes);
     store.put(&digest, bytes.clone()).await.unwrap();
-    store.delete(&digest).await.unwrap();
+    let other = Bytes::from_static(b"collected too");
+    let other_digest = Digest::sha256_of(&other);
+    store.put(&other_digest, other).await.unwrap();
+    store
+        .delete(&[digest.clone(), other_digest.clone()])
+        .await
+        .unwrap();
     assert_eq!(store.stat(&digest).await.unwrap(), None);
+    assert_eq!(store.stat(&other_digest).await.unwrap(), None);
     assert!(matches!(
         store.read(&digest, 0..1).await,
         Err(ContentError::BlobUnknown)
     ));
-    store.delete(&digest).await.unwrap();
+    store.delete(std::slice::from_ref(&digest)).await.unwrap();
     // Written again after its deletion, it is whole again.
     store.put(&digest, bytes.clone()).await.unwrap();
     assert_eq!(store.read_all(&digest).await.unwrap(), bytes);

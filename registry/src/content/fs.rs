@@ -441,18 +441,28 @@ impl ContentStore for FsContentStore {
         committed
     }
 
-    async fn delete(&self, digest: &Digest) -> Result<(), ContentError> {
-        let path = self.blob_path(digest);
+    async fn delete(&self, digests: &[Digest]) -> Result<(), ContentError> {
+        let paths: Vec<PathBuf> = digests.iter().map(|d| self.blob_path(d)).collect();
         blocking(move || {
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(err) => return Err(ContentError::from_io(err)),
+            let mut touched = BTreeSet::new();
+            for path in paths {
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                    Err(err) => return Err(ContentError::from_io(err)),
+                }
+                touched.insert(
+                    path.parent()
+                        .expect("blob paths have a parent")
+                        .to_path_buf(),
+                );
             }
             // Synced, or a crash could bring back bytes the metadata no longer tracks, and nothing
-            // would ever collect them again.
-            sync_dir(path.parent().expect("blob paths have a parent"))
-                .map_err(ContentError::from_io)
+            // would ever collect them again; once per shard directory for the whole batch.
+            for dir in touched {
+                sync_dir(&dir).map_err(ContentError::from_io)?;
+            }
+            Ok(())
         })
         .await
     }

@@ -103,9 +103,10 @@ pub trait ContentStore: Send + Sync + 'static {
     /// Stores `bytes` under `digest`, verifying first that they hash to it. Idempotent.
     async fn put(&self, digest: &Digest, bytes: Bytes) -> Result<(), ContentError>;
 
-    /// Deletes committed object `digest`, durably; deleting one that is not there is no error.
-    /// Only the garbage collector calls it, for content the metadata says nothing can reach.
-    async fn delete(&self, digest: &Digest) -> Result<(), ContentError>;
+    /// Deletes committed objects `digests`, durably once it returns; one that is not there is no
+    /// error. Only the garbage collector calls it, for content the metadata says nothing can
+    /// reach, in batches so that a backend can make a batch durable at once.
+    async fn delete(&self, digests: &[Digest]) -> Result<(), ContentError>;
 
     /// Starts empty upload data for `id`.
     async fn create_upload(&self, id: UploadId) -> Result<(), ContentError>;

@@ -138,8 +138,9 @@ async fn collection_takes_only_what_nothing_references(store: &dyn MetadataStore
     assert_eq!(store.repository_blob(&r, &layer).await.unwrap(), Some(7));
     assert!(store.link_blob(&repo("gc/b"), &layer).await.unwrap());
 
-    assert!(store.begin_sweep(&loose).await.unwrap());
-    store.end_sweep(&loose).await.unwrap();
+    let loose_only = std::slice::from_ref(&loose);
+    assert_eq!(store.begin_sweep(loose_only).await.unwrap(), loose_only);
+    store.end_sweep(loose_only).await.unwrap();
     assert!(!queued(store).await.contains(&loose));
 }
 
@@ -153,14 +154,19 @@ async fn a_collected_digest_can_be_pushed_again(store: &dyn MetadataStore) {
     push_blob(store, &r, &digest, 3).await;
     assert!(!queued(store).await.contains(&digest));
     assert!(
-        !store.begin_sweep(&digest).await.unwrap(),
+        store
+            .begin_sweep(std::slice::from_ref(&digest))
+            .await
+            .unwrap()
+            .is_empty(),
         "nothing left to sweep"
     );
     assert_eq!(store.repository_blob(&r, &digest).await.unwrap(), Some(3));
 
     // Pushed while the sweep deletes the bytes: refused, to be retried after it.
     store.queue_unreferenced(after_now(), 10_000).await.unwrap();
-    assert!(store.begin_sweep(&digest).await.unwrap());
+    let only = std::slice::from_ref(&digest);
+    assert_eq!(store.begin_sweep(only).await.unwrap(), only);
     let id = UploadId::new();
     store.create_upload(&r, id).await.unwrap();
     let err = store.complete_upload(id, &r, &digest, 3).await.unwrap_err();
@@ -169,7 +175,7 @@ async fn a_collected_digest_can_be_pushed_again(store: &dyn MetadataStore) {
         "{err:?}"
     );
     assert_eq!(store.repository_blob(&r, &digest).await.unwrap(), None);
-    store.end_sweep(&digest).await.unwrap();
+    store.end_sweep(only).await.unwrap();
     assert!(
         store.complete_upload(id, &r, &digest, 3).await.unwrap(),
         "the session survived"
@@ -275,6 +281,31 @@ async fn untagged_manifests_are_found_per_prefix(store: &dyn MetadataStore) {
     assert!(
         store
             .untagged_manifests("gc-scr", after_now(), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Deleting decides again in its own transaction: a tag given meanwhile keeps its manifest.
+    store
+        .put_manifest(
+            &scratch,
+            &manifest(b"gc untagged", vec![]),
+            Some(&tag("late")),
+        )
+        .await
+        .unwrap();
+    let deleted = store
+        .delete_untagged_manifests("gc-scratch", after_now(), 100)
+        .await
+        .unwrap();
+    assert_eq!(deleted, vec![(scratch.clone(), orphan.digest.clone())]);
+    assert!(
+        queued(store).await.contains(&orphan.digest),
+        "its bytes are queued"
+    );
+    assert!(
+        store
+            .untagged_manifests("gc-scratch", after_now(), 100)
             .await
             .unwrap()
             .is_empty()

@@ -247,12 +247,12 @@ impl<S: MetadataStore> MetadataStore for CachedMetadata<S> {
         self.inner.queued_garbage(limit).await
     }
 
-    async fn begin_sweep(&self, digest: &Digest) -> Result<bool, MetadataError> {
-        self.inner.begin_sweep(digest).await
+    async fn begin_sweep(&self, digests: &[Digest]) -> Result<Vec<Digest>, MetadataError> {
+        self.inner.begin_sweep(digests).await
     }
 
-    async fn end_sweep(&self, digest: &Digest) -> Result<(), MetadataError> {
-        self.inner.end_sweep(digest).await
+    async fn end_sweep(&self, digests: &[Digest]) -> Result<(), MetadataError> {
+        self.inner.end_sweep(digests).await
     }
 
     async fn untagged_manifests(
@@ -264,6 +264,21 @@ impl<S: MetadataStore> MetadataStore for CachedMetadata<S> {
         self.inner
             .untagged_manifests(prefix, created_before, limit)
             .await
+    }
+
+    async fn delete_untagged_manifests(
+        &self,
+        prefix: &str,
+        created_before: SystemTime,
+        limit: u32,
+    ) -> Result<Vec<(RepoName, Digest)>, MetadataError> {
+        self.writing(
+            true,
+            true,
+            self.inner
+                .delete_untagged_manifests(prefix, created_before, limit),
+        )
+        .await
     }
 
     async fn usage(&self) -> Result<Usage, MetadataError> {

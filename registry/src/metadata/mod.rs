@@ -275,18 +275,28 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Up to `limit` queued digests, including those a sweep that died had claimed.
     async fn queued_garbage(&self, limit: u32) -> Result<Vec<Garbage>, MetadataError>;
 
-    /// Claims queued `digest` for deleting its bytes; false if a push took it back. Until
-    /// [`MetadataStore::end_sweep`], pushes of these bytes fail with
-    /// [`MetadataError::BeingCollected`].
-    async fn begin_sweep(&self, digest: &Digest) -> Result<bool, MetadataError>;
+    /// Claims the queued `digests` for deleting their bytes, in one transaction; returns those
+    /// still queued (a push may have taken some back). Until [`MetadataStore::end_sweep`], pushes
+    /// of those bytes fail with [`MetadataError::BeingCollected`].
+    async fn begin_sweep(&self, digests: &[Digest]) -> Result<Vec<Digest>, MetadataError>;
 
-    /// Removes `digest` from the queue once its bytes are gone.
-    async fn end_sweep(&self, digest: &Digest) -> Result<(), MetadataError>;
+    /// Removes `digests` from the queue once their bytes are gone.
+    async fn end_sweep(&self, digests: &[Digest]) -> Result<(), MetadataError>;
 
     /// Up to `limit` manifests of repositories under `prefix` (every repository if empty),
     /// created before `created_before`, that no tag points at, no index in their repository
     /// lists, and whose subject (if any) is gone from their repository.
     async fn untagged_manifests(
+        &self,
+        prefix: &str,
+        created_before: SystemTime,
+        limit: u32,
+    ) -> Result<Vec<(RepoName, Digest)>, MetadataError>;
+
+    /// Deletes what [`MetadataStore::untagged_manifests`] finds, in one transaction that decides
+    /// and deletes together (a tag or index pushed meanwhile keeps its manifest), queueing bytes
+    /// no repository holds any more; returns what it deleted.
+    async fn delete_untagged_manifests(
         &self,
         prefix: &str,
         created_before: SystemTime,

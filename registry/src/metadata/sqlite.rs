@@ -198,6 +198,19 @@ fn record_completions(conn: &mut Connection, batch: Vec<Completion>) {
     }
 }
 
+fn parse_manifest_names(
+    rows: Vec<(String, String)>,
+) -> Result<Vec<(RepoName, Digest)>, MetadataError> {
+    rows.into_iter()
+        .map(|(repo, digest)| {
+            let repo = repo
+                .parse()
+                .map_err(|_| MetadataError::Corrupt(format!("repository name {repo:?}")))?;
+            Ok((repo, parse_digest(digest)?))
+        })
+        .collect()
+}
+
 fn page_of(mut entries: Vec<String>, limit: u32) -> Page {
     let more = entries.len() > limit as usize;
     entries.truncate(limit as usize);
@@ -659,16 +672,33 @@ impl MetadataStore for SqliteMetadataStore {
         self.with(move |conn| collect::queued(conn, limit)).await
     }
 
-    async fn begin_sweep(&self, digest: &Digest) -> Result<bool, MetadataError> {
-        let digest = digest.to_string();
-        self.write(move |conn| Ok(collect::begin_sweep(conn, &digest)?))
-            .await
+    async fn begin_sweep(&self, digests: &[Digest]) -> Result<Vec<Digest>, MetadataError> {
+        let digests = digests.to_vec();
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut claimed = Vec::with_capacity(digests.len());
+            for digest in digests {
+                if collect::begin_sweep(&tx, &digest.to_string())? {
+                    claimed.push(digest);
+                }
+            }
+            tx.commit()?;
+            Ok(claimed)
+        })
+        .await
     }
 
-    async fn end_sweep(&self, digest: &Digest) -> Result<(), MetadataError> {
-        let digest = digest.to_string();
-        self.write(move |conn| Ok(collect::end_sweep(conn, &digest)?))
-            .await
+    async fn end_sweep(&self, digests: &[Digest]) -> Result<(), MetadataError> {
+        let digests = digests.to_vec();
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for digest in digests {
+                collect::end_sweep(&tx, &digest.to_string())?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
     }
 
     async fn untagged_manifests(
@@ -679,15 +709,23 @@ impl MetadataStore for SqliteMetadataStore {
     ) -> Result<Vec<(RepoName, Digest)>, MetadataError> {
         let (prefix, created_before) = (prefix.to_owned(), unix(created_before));
         self.with(move |conn| {
-            collect::untagged(conn, &prefix, created_before, limit)?
-                .into_iter()
-                .map(|(repo, digest)| {
-                    let repo = repo
-                        .parse()
-                        .map_err(|_| MetadataError::Corrupt(format!("repository name {repo:?}")))?;
-                    Ok((repo, parse_digest(digest)?))
-                })
-                .collect()
+            parse_manifest_names(collect::untagged(conn, &prefix, created_before, limit)?)
+        })
+        .await
+    }
+
+    async fn delete_untagged_manifests(
+        &self,
+        prefix: &str,
+        created_before: SystemTime,
+        limit: u32,
+    ) -> Result<Vec<(RepoName, Digest)>, MetadataError> {
+        let (prefix, created_before) = (prefix.to_owned(), unix(created_before));
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let deleted = collect::delete_untagged(&tx, &prefix, created_before, limit)?;
+            tx.commit()?;
+            parse_manifest_names(deleted)
         })
         .await
     }

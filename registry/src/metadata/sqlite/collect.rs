@@ -153,6 +153,26 @@ pub(super) fn untagged(
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// Deletes what [`untagged`] finds, deciding and deleting in the caller's transaction so that a
+/// tag or an index pushed meanwhile keeps its manifest; queues bytes no repository holds any more.
+pub(super) fn delete_untagged(
+    tx: &Transaction<'_>,
+    prefix: &str,
+    created_before: i64,
+    limit: u32,
+) -> Result<Vec<(String, String)>, MetadataError> {
+    let found = untagged(tx, prefix, created_before, limit)?;
+    let mut delete = tx.prepare_cached(
+        "DELETE FROM manifests WHERE digest = ?2 \
+         AND repository_id = (SELECT id FROM repositories WHERE name = ?1) RETURNING size",
+    )?;
+    for (repo, digest) in &found {
+        let size: i64 = delete.query_row(params![repo, digest], |r| r.get(0))?;
+        queue_if_orphaned(tx, digest, size as u64)?;
+    }
+    Ok(found)
+}
+
 /// Bytes each repository and each top-level namespace can read: its blobs and manifests, each
 /// digest counted once per repository and once per namespace. Largest first.
 pub(super) fn usage(
