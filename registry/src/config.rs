@@ -338,5 +338,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("/missing/cert.pem"), "{err}");
+        let err = load_text("retention:\n  cache:\n    keep_stagings: 0\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("keep_stagings"), "{err}");
     }
 }

@@ -45,7 +45,8 @@ enum Command {
     /// Print an htpasswd line (bcrypt) for USER, reading the password from the first line of
     /// standard input so it never appears in a process list.
     Htpasswd { user: String },
-    /// Collect garbage now: untagged manifests where configured, then blobs nothing references.
+    /// Collect garbage now: retention first, untagged manifests where configured, then blobs
+    /// nothing references.
     /// Asks the running server if there is one, else works on the storage itself.
     Gc {
         /// Only say what would be deleted.
