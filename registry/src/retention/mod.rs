@@ -178,6 +178,8 @@ pub struct Retention {
 pub struct Expiry {
     pub tag: TaggedManifest,
     pub pulled_before: Option<SystemTime>,
+    /// Whether the tag is a cache staging's.
+    pub staging: bool,
 }
 
 /// What one run would expire.
@@ -255,12 +257,14 @@ impl Retention {
             // Everything, the cache's tags included.
             listed = tags;
         }
-        report.expired_stagings = plan.stagings;
         if report.dry_run {
+            report.expired_stagings = plan.stagings;
             report.expired_tags = plan.expiries.len() as u64;
             report.expired_manifests = left_untagged(&plan.expiries, &listed);
             return Ok(());
         }
+        // A staging counts once, if any of its tags went (a restage racing retention keeps it).
+        let mut stagings = std::collections::HashSet::new();
         for expiry in &plan.expiries {
             let tag = &expiry.tag;
             let expired = metadata
@@ -274,7 +278,11 @@ impl Retention {
                 .await?;
             report.expired_tags += expired.tags;
             report.expired_manifests += expired.manifests;
+            if expiry.staging && expired.tags > 0 {
+                stagings.insert((&tag.repo, &tag.digest));
+            }
         }
+        report.expired_stagings = stagings.len() as u64;
         Ok(())
     }
 }
@@ -358,6 +366,7 @@ pub fn plan_cache(
                 .extend(staging.tags.into_iter().map(|tag| Expiry {
                     tag: tag.clone(),
                     pulled_before: Some(pulled_since),
+                    staging: true,
                 }));
         }
     }
@@ -420,6 +429,7 @@ pub fn plan_rules(
             plan.expiries.push(Expiry {
                 tag: tag.clone(),
                 pulled_before: pulled_before[i],
+                staging: false,
             });
         }
     }
