@@ -24,8 +24,41 @@ RSpec.describe 'berth-lifecycle job' do
                         'ca_file' => '/tmp/lifecycle/berth-registry-ca.pem',
                         'username' => 'robot$berth-cacher', 'password' => 'robot-pw' },
         'namespace' => 'cache', 'cache_by_default' => false,
-        'platform' => 'linux/amd64', 'keep_index' => false, 'parallel_blobs' => 8, 'attempts' => 5
+        'platform' => 'linux/amd64', 'keep_index' => false, 'parallel_blobs' => 8, 'attempts' => 5,
+        'copy_timeout_seconds' => 600, 'on_cache_failure' => 'stage-uncached'
       )
+    end
+
+    it 'takes the copy deadline and what to do when caching fails, and refuses nonsense' do
+      config = cacher_config('berth' => { 'cacher' => { 'copy_timeout_seconds' => 120, 'on_cache_failure' => 'fail' } })
+      expect(config).to include('copy_timeout_seconds' => 120, 'on_cache_failure' => 'fail')
+      expect { cacher_config('berth' => { 'cacher' => { 'on_cache_failure' => 'retry' } }) }
+        .to raise_error(/on_cache_failure must be stage-uncached or fail/)
+      expect { cacher_config('berth' => { 'cacher' => { 'copy_timeout_seconds' => 0 } }) }
+        .to raise_error(/copy_timeout_seconds must be at least 1/)
+    end
+
+    it 'carries no credential at all when the registry trusts instance identities' do
+      registry_link['properties']['berth']['cache']['instance_identity'] = { 'ca_certificates' => ['CA PEM'] }
+      rendered = job.render('config/berth-cacher.yml', properties: {}, links: { 'berth-registry' => registry_link })
+      expect(YAML.safe_load(rendered)['registry']).to eq('url' => 'https://berth-registry.service.cf.internal:8443',
+                                                         'ca_file' => '/tmp/lifecycle/berth-registry-ca.pem',
+                                                         'identity' => 'instance')
+      expect(rendered).not_to match(/password|username|robot|repository_key|PRIVATE KEY/)
+      # Even with a password offered, by the link (a robot kept while moving over) or a property.
+      own = job.render('config/berth-cacher.yml', properties: { 'berth' => { 'cacher' => { 'registry' => { 'password' => 'own-pw' } } } },
+                                                  links: { 'berth-registry' => registry_link })
+      expect(own).not_to include('robot-pw', 'own-pw')
+    end
+
+    it 'follows its own identity property over the link' do
+      registry_link['properties']['berth']['cache']['instance_identity'] = { 'ca_certificates' => ['CA PEM'] }
+      config = cacher_config('berth' => { 'cacher' => { 'registry' => { 'identity' => 'password' } } })
+      expect(config['registry']).to include('username' => 'robot$berth-cacher', 'password' => 'robot-pw')
+      expect { cacher_config('berth' => { 'cacher' => { 'registry' => { 'identity' => 'token' } } }) }
+        .to raise_error(/must be instance or password/)
+      expect { cacher_config({ 'berth' => { 'cacher' => { 'registry' => { 'url' => 'http://r:1', 'identity' => 'instance' } } } }, {}) }
+        .to raise_error(/identity instance needs TLS/)
     end
 
     it "falls back to the link's BOSH DNS address without an external name" do
@@ -47,7 +80,8 @@ RSpec.describe 'berth-lifecycle job' do
                         'ca_file' => '/bundle/berth-registry-ca.pem',
                         'username' => 'robot$berth-cacher', 'password' => 'own-pw' },
         'namespace' => 'mirror', 'cache_by_default' => true, 'platform' => 'linux/arm64/v8',
-        'keep_index' => true, 'parallel_blobs' => 8, 'attempts' => 2
+        'keep_index' => true, 'parallel_blobs' => 8, 'attempts' => 2,
+        'copy_timeout_seconds' => 600, 'on_cache_failure' => 'stage-uncached'
       )
     end
 

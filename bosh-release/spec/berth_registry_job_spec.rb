@@ -65,11 +65,28 @@ RSpec.describe 'berth-registry job' do
       expect(rendered['limits']).to eq('max_page_entries' => 500, 'shutdown_grace_seconds' => 5,
                                        'body_timeout_seconds' => 30)
       expect(rendered['gc']).to eq('interval_seconds' => 0, 'grace_seconds' => 60, 'untagged' => ['ci'])
+      expect(rendered).not_to have_key('quotas')
       auth = rendered['auth']
       expect(auth).to include('mode' => 'basic', 'max_failures_per_minute' => 0,
                               'groups' => { 'platform' => ['alice'] }, 'admins' => ['group:platform'])
       expect(auth['access'].map { |rule| rule['repositories'] }).to eq(%w[team-a mirror])
       expect(auth).not_to have_key('token')
+    end
+
+    it "renders quotas, the cache namespace's own included, that the real registry accepts" do
+      properties = merge(secure, 'berth' => {
+                           'registry' => { 'quotas' => [{ 'repositories' => 'team', 'max_bytes' => '10GiB' }] },
+                           'cache' => { 'quota' => { 'total' => '200GiB', 'per_app' => 5_368_709_120 } }
+                         })
+      expect(config(properties)['quotas']).to eq([{ 'repositories' => 'team', 'max_bytes' => '10GiB' },
+                                                  { 'repositories' => 'cache', 'max_bytes' => '200GiB' },
+                                                  { 'repositories' => 'cache/*', 'max_bytes' => 5_368_709_120 }])
+      root = tmp
+      install_job(root, 'berth-registry', properties: properties, spec: disk)
+      output = run!({ 'BERTH_JOB_DIR' => "#{root}/jobs/berth-registry", 'BERTH_DATA_DIR' => "#{root}/data/berth-registry",
+                      'BERTH_PACKAGE_DIR' => install_package(root), 'BERTH_OWNER' => owner },
+                    "#{root}/jobs/berth-registry/bin/pre-start")
+      expect(output).to include('berth-registry.yml: ok')
     end
 
     it 'points at the token signing key only when one is given' do
@@ -80,6 +97,50 @@ RSpec.describe 'berth-registry job' do
         'service' => 's', 'issuer' => 'i', 'lifetime_seconds' => 60,
         'signing_key' => '/var/vcap/jobs/berth-registry/config/token-signing-key.pem'
       )
+    end
+
+    context 'with instance identity' do
+      let(:identity_ca) { BerthSpec.instance_identity_ca }
+      let(:with_identity) do
+        { 'berth' => { 'registry' => { 'tls' => tls },
+                       'cache' => { 'instance_identity' => { 'ca_certificates' => [identity_ca['certificate'], identity_ca['ca']] } } } }
+      end
+
+      it 'binds each app to its own repositories, needs no robot, and trusts the bundle' do
+        rendered = config(with_identity)
+        expect(rendered['auth']['access']).to eq([{ 'repositories' => 'cache/{app}', 'anonymous' => 'by-name',
+                                                    'foreign_credentials_as_anonymous' => true,
+                                                    'grants' => { 'app:{app}' => ['push-by-name'] } }])
+        expect(rendered['auth']['instance_identity']).to eq('ca_file' => '/var/vcap/jobs/berth-registry/config/instance-identity-ca.pem')
+        expect(job.render('config/instance-identity-ca.pem', properties: with_identity))
+          .to eq(identity_ca['certificate'] + identity_ca['ca'])
+        expect(job.render('config/passwords', properties: with_identity)).to eq('')
+      end
+
+      it 'keeps the robot beside the apps while a foundation moves over' do
+        rendered = config(merge(with_identity, 'berth' => { 'cache' => { 'robot_password' => 'x' } }))
+        expect(rendered['auth']['access'].last['grants']).to eq('app:{app}' => ['push-by-name'],
+                                                                 'robot:berth-cacher' => ['push-by-name'])
+      end
+
+      it 'refuses access control off, a rule of its own for cache/{app}, and a bundle that is no PEM' do
+        expect { config(merge(with_identity, 'berth' => { 'registry' => { 'auth' => { 'mode' => 'none' } } })) }
+          .to raise_error(/instance_identity needs berth.registry.auth.mode basic or token/)
+        expect { config(merge(with_identity, 'berth' => { 'registry' => { 'auth' => { 'access' => [{ 'repositories' => 'cache/{app}' }] } } })) }
+          .to raise_error(/rule for the cache namespace "cache" is generated/)
+        expect { job.render('config/instance-identity-ca.pem', properties: { 'berth' => { 'cache' => { 'instance_identity' => { 'ca_certificates' => ['x'] } } } }) }
+          .to raise_error(/ca_certificates\[0\] is not a PEM certificate/)
+      end
+
+      it 'renders a configuration the real berth-registry accepts' do
+        root = tmp
+        install_job(root, 'berth-registry', properties: with_identity, spec: disk)
+        output = run!({ 'BERTH_JOB_DIR' => "#{root}/jobs/berth-registry", 'BERTH_DATA_DIR' => "#{root}/data/berth-registry",
+                        'BERTH_PACKAGE_DIR' => install_package(root), 'BERTH_OWNER' => owner },
+                      "#{root}/jobs/berth-registry/bin/pre-start")
+        expect(output).to include('berth-registry.yml: ok')
+        expect(File.read("#{root}/data/berth-registry/htpasswd")).to eq('')
+      end
     end
 
     it 'leaves the cache rule out when caching is off, and then needs no robot password' do

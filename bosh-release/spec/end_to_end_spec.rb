@@ -108,11 +108,12 @@ RSpec.describe 'berth-registry and berth-lifecycle, end to end' do
 
   # As Cloud Controller runs it: flags on the command line, the app's environment, the origin
   # registry's password given the way the cacher also accepts it, out of argv.
-  def stage(lifecycle, reference)
+  def stage(lifecycle, reference, identity = {})
     result = File.join(root, 'result.json')
     env = { 'VCAP_APPLICATION' => JSON.dump('application_id' => app_guid), 'BERTH_CACHE' => 'true',
             'CF_DOCKER_PASSWORD' => admin_password, 'CF_SYSTEM_CERT_PATH' => certs, 'BERTH_CACHER_CONFIG' => nil,
-            'NO_PROXY' => '127.0.0.1', 'no_proxy' => '127.0.0.1' }
+            'CF_INSTANCE_CERT' => nil, 'CF_INSTANCE_KEY' => nil, 'NO_PROXY' => '127.0.0.1', 'no_proxy' => '127.0.0.1' }
+      .merge(identity)
     out, err, status = Open3.capture3(env, File.join(lifecycle, 'builder'), "-outputMetadataJSONFilename=#{result}",
                                       "-dockerRef=#{reference}", '-dockerUser=admin')
     [out + err, status, status.success? ? JSON.parse(File.read(result)) : nil]
@@ -175,5 +176,76 @@ RSpec.describe 'berth-registry and berth-lifecycle, end to end' do
     output, status, = stage(lifecycle, "#{host}/team/app:1")
     expect(status.exitstatus).to eq(2), output
     expect(output).not_to include('not-the-password', admin_password)
+  end
+
+  context 'with instance identity, as the cf-deployment ops file sets it up' do
+    let(:identity_ca) { BerthSpec.instance_identity_ca }
+    let(:registry_properties) do
+      { 'berth' => {
+        'registry' => { 'listen_address' => '127.0.0.1', 'port' => port, 'external_name' => '127.0.0.1', 'tls' => tls,
+                        'auth' => { 'users' => [{ 'name' => 'admin', 'password' => admin_password }], 'admins' => ['user:admin'] } },
+        'cache' => { 'instance_identity' => { 'ca_certificates' => [identity_ca['certificate'], identity_ca['ca']] } }
+      } }
+    end
+
+    # A cert dir as containers/image reads it: the registry's CA, and the container's instance
+    # identity as its client certificate.
+    def client_cert_dir(identity)
+      dir = File.join(root, 'client-certs')
+      FileUtils.mkdir_p(dir)
+      FileUtils.cp(File.join(certs, 'ca.crt'), dir)
+      FileUtils.cp(identity['CF_INSTANCE_CERT'], File.join(dir, 'client.cert'))
+      FileUtils.cp(identity['CF_INSTANCE_KEY'], File.join(dir, 'client.key'))
+      dir
+    end
+
+    it "caches into cache/<app guid>/<id> with the staging container's certificate, from a bundle with no secret" do
+      start_registry
+      digest = push_image
+      lifecycle = repack_bundle
+      shipped = File.read(File.join(lifecycle, 'berth-cacher.yml'))
+      expect(YAML.safe_load(shipped)['registry']).to include('identity' => 'instance')
+      expect(shipped).not_to match(/password|username|robot|repository_key|PRIVATE KEY/)
+      expect(File.read("#{root}/data/berth-registry/htpasswd")).not_to include('robot')
+
+      identity = BerthSpec.instance_identity(root, app_guid)
+      output, status, result = stage(lifecycle, "#{host}/team/app:1", identity)
+      expect(status).to be_success, output
+      image = result['lifecycle_metadata']['docker_image']
+      expect(image).to match(%r{\A#{Regexp.escape(host)}/cache/#{app_guid}/\h+@#{digest}\z})
+
+      # Cells pull it anonymously, or with credentials of the origin registry, by its exact name.
+      _, err, anonymous = skopeo('inspect', '--raw', '--no-creds', '--cert-dir', certs, "docker://#{image}")
+      expect(anonymous).to be_success, err
+      _, err, foreign = skopeo('inspect', '--raw', '--authfile', authfile('someone', 'origin-password'), '--cert-dir', certs,
+                               "docker://#{image}")
+      expect(foreign).to be_success, err
+
+      # The app's certificate opens its own cache to it, and nothing else.
+      cert_dir = client_cert_dir(identity)
+      other_app = SecureRandom.uuid
+      _, err, own = skopeo('copy', '--dest-cert-dir', cert_dir, "oci:#{root}/image:latest", "docker://#{host}/cache/#{app_guid}/again:1")
+      expect(own).to be_success, err
+      ["cache/#{other_app}/x:1", 'team/app-was-here:1'].each do |target|
+        _, refusal, pushed = skopeo('copy', '--dest-cert-dir', cert_dir, "oci:#{root}/image:latest", "docker://#{host}/#{target}")
+        expect(pushed).not_to be_success, target
+        expect(refusal).to match(/unauthorized|authentication required|denied/i)
+      end
+      _, refusal, listed = skopeo('list-tags', '--cert-dir', cert_dir, "docker://#{image.split('@').first}")
+      expect(listed).not_to be_success
+      expect(refusal).to match(/unauthorized|authentication required|denied/i)
+
+      expect(output + File.read(log)).not_to include(admin_password)
+    end
+
+    it 'fails the staging, not silently, without a certificate to present' do
+      start_registry
+      push_image
+      lifecycle = repack_bundle
+
+      output, status, = stage(lifecycle, "#{host}/team/app:1")
+      expect(status.exitstatus).to eq(2), output
+      expect(output).to include('CF_INSTANCE_CERT')
+    end
   end
 end

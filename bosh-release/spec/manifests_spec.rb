@@ -3,10 +3,11 @@ require_relative 'spec_helper'
 
 RSpec.describe 'manifests' do
   let(:tls) { BerthSpec.tls }
+  let(:identity_ca) { BerthSpec.instance_identity_ca }
   let(:vars) do
     { 'berth_release_version' => '1.0.0', 'berth_registry_ip' => '10.0.1.50', 'registry_name' => 'registry.example.internal',
       'berth_registry_tls' => tls, 'berth_cacher_password' => 'robot-pw', 'berth_admin_password' => 'admin-pw',
-      'cc_db_encryption_key' => 'k' }
+      'diego_instance_identity_ca' => identity_ca, 'cc_db_encryption_key' => 'k' }
   end
 
   def load(path)
@@ -31,7 +32,8 @@ RSpec.describe 'manifests' do
       raw = { 'berth' => { 'registry' => { 'tls' => { 'certificate' => '((berth_registry_tls.certificate))' } } } }
       expect(provided_link('berth-registry', raw, vars)['properties']).to eq(
         'berth' => { 'registry' => { 'port' => 8443, 'external_name' => nil, 'tls' => { 'certificate' => tls['certificate'], 'ca' => nil } },
-                     'cache' => { 'enabled' => true, 'namespace' => 'cache', 'robot_password' => nil } }
+                     'cache' => { 'enabled' => true, 'namespace' => 'cache', 'robot_password' => nil,
+                                  'instance_identity' => { 'ca_certificates' => [] } } }
       )
     end
   end
@@ -61,9 +63,12 @@ RSpec.describe 'manifests' do
                                                                                                  spec: { 'persistent_disk' => 102_400 }))
       expect(config['listen']).to eq('0.0.0.0:8443')
       expect(config['auth']['mode']).to eq('token')
-      expect(config['auth']['access']).to eq([{ 'repositories' => 'cache', 'anonymous' => 'by-name',
+      expect(config['auth']['access']).to eq([{ 'repositories' => 'cache/{app}', 'anonymous' => 'by-name',
                                                 'foreign_credentials_as_anonymous' => true,
-                                                'grants' => { 'robot:berth-cacher' => ['push-by-name'] } }])
+                                                'grants' => { 'app:{app}' => ['push-by-name'] } }])
+      expect(config['auth']['instance_identity']).to eq('ca_file' => '/var/vcap/jobs/berth-registry/config/instance-identity-ca.pem')
+      bundle = release_job('berth-registry').render('config/instance-identity-ca.pem', properties: registry_properties)
+      expect(bundle).to eq(identity_ca['certificate'] + identity_ca['ca'])
     end
 
     it 'colocates berth-lifecycle with file_server, wired to the registry link' do
@@ -74,7 +79,7 @@ RSpec.describe 'manifests' do
                                                                     properties: interpolate(lifecycle.fetch('properties', {}), vars),
                                                                     links: { 'berth-registry' => registry_link }))
       expect(config['registry']).to eq('url' => "https://#{name}:#{port}", 'ca_file' => '/tmp/lifecycle/berth-registry-ca.pem',
-                                        'username' => 'robot$berth-cacher', 'password' => 'robot-pw')
+                                        'identity' => 'instance')
       expect(config).not_to have_key('repository_key')
     end
 
@@ -114,10 +119,15 @@ RSpec.describe 'manifests' do
       expect(certificate['options']).to include('ca' => 'service_cf_internal_ca', 'common_name' => name, 'alternative_names' => [name])
     end
 
-    it 'generates the robot password and no repository key' do
+    it "trusts Diego's instance identity CA by leaf variables, and generates no robot password or repository key" do
       variables = manifest['variables'].to_h { |v| [v['name'], v] }
-      expect(variables['berth_cacher_password']['type']).to eq('password')
-      expect(variables.keys.grep(/repository_key/)).to be_empty
+      expect(variables.keys.grep(/berth_cacher_password|repository_key/)).to be_empty
+      identity = registry_job['properties']['berth']['cache']
+      expect(identity).to eq('instance_identity' => { 'ca_certificates' => ['((diego_instance_identity_ca.certificate))',
+                                                                            '((diego_instance_identity_ca.ca))'] })
+      expect(variables['diego_instance_identity_ca']['options']).to include('ca' => 'application_ca', 'is_ca' => true)
+      expect(registry_link['properties']['berth']['cache']['instance_identity']['ca_certificates'])
+        .to eq([identity_ca['certificate'], identity_ca['ca']])
     end
 
     it 'provides the link the director computes from the manifest as written' do

@@ -47,6 +47,37 @@ module BerthSpec
     end
   end
 
+  # Diego's instance identity CA as cf-deployment generates it (diego_instance_identity_ca, signed
+  # by application_ca), as a CredHub certificate variable: certificate, ca, private_key.
+  def self.instance_identity_ca
+    @instance_identity_ca ||= begin
+      ca_extensions = [['basicConstraints', 'CA:TRUE', true], ['keyUsage', 'keyCertSign,cRLSign', true]]
+      root_key = OpenSSL::PKey::RSA.new(2048)
+      root = certificate('/CN=appRootCA', root_key, root_key, nil, ca_extensions)
+      key = OpenSSL::PKey::RSA.new(2048)
+      ca = certificate('/CN=instanceIdentityCA', key, root_key, root, ca_extensions)
+      { 'certificate' => ca.to_pem, 'ca' => root.to_pem, 'private_key' => key.to_pem }
+    end
+  end
+
+  # What the rep gives a staging container of app `app_guid`: the CF_INSTANCE_CERT file (the leaf
+  # with the OUs Cloud Controller asks for, then the instance identity CA) and the CF_INSTANCE_KEY
+  # file (an RSA key in PKCS#1), written into `dir`.
+  def self.instance_identity(dir, app_guid)
+    ca = instance_identity_ca
+    key = OpenSSL::PKey::RSA.new(2048)
+    subject = "/CN=#{SecureRandom.uuid}/OU=organization:#{SecureRandom.uuid}/OU=space:#{SecureRandom.uuid}/OU=app:#{app_guid}"
+    leaf = certificate(subject, key, OpenSSL::PKey::RSA.new(ca['private_key']), OpenSSL::X509::Certificate.new(ca['certificate']), [
+                         ['basicConstraints', 'CA:FALSE', true],
+                         ['keyUsage', 'digitalSignature,keyEncipherment,keyAgreement', true],
+                         ['extendedKeyUsage', 'clientAuth,serverAuth', false]
+                       ])
+    files = { 'CF_INSTANCE_CERT' => File.join(dir, 'instance.crt'), 'CF_INSTANCE_KEY' => File.join(dir, 'instance.key') }
+    File.write(files['CF_INSTANCE_CERT'], leaf.to_pem + ca['certificate'])
+    File.write(files['CF_INSTANCE_KEY'], key.to_pem)
+    files
+  end
+
   def self.certificate(subject, key, signing_key, issuer, extensions)
     cert = OpenSSL::X509::Certificate.new
     cert.version = 2

@@ -49,9 +49,25 @@ pub struct CacherConfig {
     /// Attempts per request or blob before the copy fails.
     #[serde(default = "default_attempts")]
     pub attempts: u32,
-    /// How long copying an image may take before the cacher stops it and fails the staging.
+    /// How long copying an image may take before the cacher stops it.
     #[serde(default = "default_copy_timeout")]
     pub copy_timeout_seconds: u64,
+    /// What a staging does when the internal registry cannot take the copy.
+    #[serde(default)]
+    pub on_cache_failure: OnCacheFailure,
+}
+
+/// What becomes of a staging whose image cannot be cached: the internal registry is unreachable,
+/// full, over quota or refuses the copy, or the copy runs out of time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnCacheFailure {
+    /// Stage with the original reference, as the builder does without caching, and warn: an
+    /// outage of the internal registry must not stop apps from staging.
+    #[default]
+    StageUncached,
+    /// Fail the staging.
+    Fail,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -69,6 +85,18 @@ pub struct InternalRegistry {
     pub username: Option<String>,
     #[serde(default)]
     pub password: Option<Secret>,
+    /// How the cacher proves who it is besides (or instead of) a password.
+    #[serde(default)]
+    pub identity: Option<RegistryIdentity>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistryIdentity {
+    /// The staging container's instance identity certificate (`CF_INSTANCE_CERT`,
+    /// `CF_INSTANCE_KEY`) as the TLS client identity: no password, and the app's repositories
+    /// are under the GUID the certificate names.
+    Instance,
 }
 
 fn default_namespace() -> String {
@@ -141,6 +169,18 @@ impl CacherConfig {
         if self.registry.username.is_some() != self.registry.password.is_some() {
             return invalid("registry.username and registry.password go together".into());
         }
+        if self.registry.identity == Some(RegistryIdentity::Instance) {
+            if self.registry.password.is_some() {
+                return invalid(
+                    "registry.identity instance needs no password: leave registry.username and \
+                     registry.password out"
+                        .into(),
+                );
+            }
+            if !self.registry.url.starts_with("https://") {
+                return invalid("registry.identity instance needs an https:// registry.url".into());
+            }
+        }
         if let Some(key) = &self.repository_key
             && (key.expose().len() < 32 || hex::decode(key.expose()).is_err())
         {
@@ -189,6 +229,9 @@ mod tests {
         assert_eq!(config.registry_name(), "registry.internal:8080");
         assert!(!config.cache_by_default);
         assert_eq!(config.copy_timeout_seconds, 600);
+        assert_eq!(config.on_cache_failure, OnCacheFailure::StageUncached);
+        let failing = parse("registry: {url: 'http://r'}\non_cache_failure: fail").unwrap();
+        assert_eq!(failing.on_cache_failure, OnCacheFailure::Fail);
     }
 
     #[test]
@@ -201,6 +244,10 @@ mod tests {
             "registry: {url: 'http://r'}\nplatform: linux",
             "registry: {url: 'http://r'}\nunknown_key: 1",
             "registry: {url: 'http://r'}\ncopy_timeout_seconds: 0",
+            "registry: {url: 'https://r', identity: instance, username: u, password: p}",
+            "registry: {url: 'http://r', identity: instance}",
+            "registry: {url: 'https://r', identity: password}",
+            "registry: {url: 'http://r'}\non_cache_failure: retry",
         ] {
             assert!(parse(bad).is_err(), "{bad} should be rejected");
         }

@@ -20,8 +20,12 @@ const MAX_CONFIG_BYTES: usize = 8 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
+    /// The source, or a manifest or blob read from it.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// The registry copied into.
+    #[error(transparent)]
+    Destination(ClientError),
     #[error(
         "{0} uses the Docker schema 1 manifest format, which is deprecated and cannot be cached. \
          Push the image again with a current docker, podman, buildah or skopeo: they write \
@@ -36,8 +40,11 @@ pub enum CopyError {
     },
     #[error("manifest {0}")]
     Manifest(String),
-    #[error("blob {digest}: {reason}")]
-    Blob { digest: Digest, reason: String },
+    #[error("blob {digest}: {failure}")]
+    Blob {
+        digest: Digest,
+        failure: BlobFailure,
+    },
     /// Another part of the staging failed; the copy stopped and cancelled its uploads.
     #[error("the copy was stopped")]
     Stopped,
@@ -48,6 +55,39 @@ pub enum CopyError {
         .0.as_secs()
     )]
     TimedOut(Duration),
+}
+
+/// Why a blob could not be copied.
+#[derive(Debug)]
+pub enum BlobFailure {
+    /// What the source sent, or failed to send.
+    Source(String),
+    /// The destination failed or refused the upload.
+    Destination(Box<ClientError>),
+}
+
+impl fmt::Display for BlobFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BlobFailure::Source(reason) => f.write_str(reason),
+            BlobFailure::Destination(err) => err.fmt(f),
+        }
+    }
+}
+
+impl CopyError {
+    /// The destination's error, when the copy failed because of where it was going
+    /// (unreachable, full, over quota, refusing) rather than the image or where it comes from.
+    pub fn destination_error(&self) -> Option<&ClientError> {
+        match self {
+            CopyError::Destination(err) => Some(err),
+            CopyError::Blob {
+                failure: BlobFailure::Destination(err),
+                ..
+            } => Some(err),
+            _ => None,
+        }
+    }
 }
 
 /// An `os/architecture[/variant]` platform.
@@ -149,7 +189,8 @@ pub async fn resolve(source: &Source, platform: &Platform) -> Result<ResolvedIma
 }
 
 /// Reads the image's config, from `cache` when it holds it already, so re-caching an unchanged
-/// image reads no blob from the source.
+/// image reads no blob from the source. A cache that cannot answer is passed over: the staging
+/// needs the config whatever becomes of the copy.
 pub async fn read_config(
     source: &Source,
     image: &ResolvedImage,
@@ -160,7 +201,9 @@ pub async fn read_config(
             Some(dest) => dest
                 .client
                 .blob_size(&dest.repo, &image.config_digest)
-                .await?
+                .await
+                .ok()
+                .flatten()
                 .map(|_| dest),
             None => None,
         };
@@ -244,8 +287,8 @@ pub struct CopyOptions {
     pub parallel: usize,
     /// Tries per blob.
     pub attempts: u32,
-    /// Tag the copied image with this; it stays addressable by digest.
-    pub tag: Option<Tag>,
+    /// Tag the copied image with these, in order; it stays addressable by digest.
+    pub tags: Vec<Tag>,
     /// How long the whole copy may take before it is stopped.
     pub timeout: Duration,
 }
@@ -304,10 +347,10 @@ pub async fn copy(
 /// `work`, unless `stop` fires first.
 async fn or_stopped<T>(
     stop: &CancellationToken,
-    work: impl Future<Output = Result<T, ClientError>>,
+    work: impl Future<Output = Result<T, CopyError>>,
 ) -> Result<T, CopyError> {
     tokio::select! {
-        done = work => Ok(done?),
+        done = work => done,
         () = stop.cancelled() => Err(CopyError::Stopped),
     }
 }
@@ -327,7 +370,7 @@ async fn copy_until_stopped(
         for entry in entries.iter().filter(|e| e.digest != image.image.digest) {
             let reference = entry.digest.to_string();
             let manifest = source.client.get_manifest(&source.repo, &reference);
-            manifests.push(or_stopped(stop, manifest).await?);
+            manifests.push(or_stopped(stop, async { Ok(manifest.await?) }).await?);
         }
     }
     let mut blobs = BTreeMap::new();
@@ -372,7 +415,7 @@ async fn copy_until_stopped(
     // manifest only when all it references is already there. A lone image is stored by its tag
     // alone, which makes it addressable by digest too, one durable commit fewer.
     // Registries name a manifest pushed by tag with its sha256 digest.
-    let tag_stores_all = options.tag.is_some()
+    let tag_stores_all = !options.tags.is_empty()
         && manifests.len() == 1
         && image.image.digest.algorithm() == Algorithm::Sha256;
     let mut pushes: Vec<(String, &Manifest)> = manifests
@@ -383,12 +426,12 @@ async fn copy_until_stopped(
     if manifests.len() > 1 {
         pushes.push((image.top.digest.to_string(), &image.top));
     }
-    if let Some(tag) = &options.tag {
+    for tag in &options.tags {
         pushes.push((tag.to_string(), &image.image));
     }
     for (reference, manifest) in pushes {
         let push = dest.client.put_manifest(&dest.repo, &reference, manifest);
-        or_stopped(&stop, push).await?;
+        or_stopped(&stop, async { push.await.map_err(CopyError::Destination) }).await?;
     }
     let mut report = CopyReport {
         bytes: progress.counter().get() - before,
@@ -422,7 +465,8 @@ async fn copy_blob(
     if dest
         .client
         .blob_size(&dest.repo, &blob.digest)
-        .await?
+        .await
+        .map_err(CopyError::Destination)?
         .is_some()
     {
         progress.skip(blob.size);
@@ -442,7 +486,8 @@ async fn copy_blob(
         let location = match dest
             .client
             .start_upload(&dest.repo, Some(&blob.digest))
-            .await?
+            .await
+            .map_err(CopyError::Destination)?
         {
             UploadStart::Mounted => {
                 progress.skip(blob.size);
@@ -495,16 +540,26 @@ async fn copy_blob(
         };
         dest.client.cancel_upload(&dest.repo, location).await;
         let source_failure = failure.and_then(|f| f.lock().expect("failure lock").take());
-        let transient = source_failure.is_some() || err.is_transient();
-        let reason = source_failure.unwrap_or_else(|| err.to_string());
+        // A blob the destination refused as corrupted came so from the source.
+        let failure = match source_failure {
+            Some(reason) => BlobFailure::Source(reason),
+            None if matches!(err, ClientError::Corrupted { .. }) => {
+                BlobFailure::Source(err.to_string())
+            }
+            None => BlobFailure::Destination(Box::new(err)),
+        };
+        let transient = match &failure {
+            BlobFailure::Source(_) => true,
+            BlobFailure::Destination(err) => err.is_transient(),
+        };
         if !transient || attempt >= options.attempts {
             return Err(CopyError::Blob {
                 digest: blob.digest.clone(),
-                reason,
+                failure,
             });
         }
         eprintln!(
-            "  blob {}: {reason}; starting it again (try {}/{})",
+            "  blob {}: {failure}; starting it again (try {}/{})",
             short(&blob.digest),
             attempt + 1,
             options.attempts

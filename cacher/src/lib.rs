@@ -7,6 +7,7 @@ pub mod copy;
 pub mod flags;
 #[cfg(test)]
 mod generated;
+pub mod identity;
 pub mod import;
 pub mod progress;
 pub mod reference;

@@ -11,8 +11,9 @@ use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{ClientError, ClientOptions, Credentials, RegistryClient, RetryPolicy};
-use crate::config::CacherConfig;
+use crate::config::{CacherConfig, OnCacheFailure, RegistryIdentity};
 use crate::copy::{self, CopyError, CopyOptions, Destination, Platform, Source};
+use crate::identity::{IdentityError, IdentityFiles, InstanceIdentity};
 use crate::progress::{Progress, REPORT_INTERVAL, human_bytes, rate};
 use crate::reference::{ImageReference, ReferenceError};
 use crate::result::{self, ExecutionMetadata, MetadataError};
@@ -31,6 +32,8 @@ pub enum StageError {
     Copy(#[from] CopyError),
     #[error(transparent)]
     Metadata(#[from] MetadataError),
+    #[error("instance identity: {0}")]
+    Identity(#[from] IdentityError),
     #[error("reading trusted certificates from {0}: {1}")]
     Certificates(PathBuf, String),
     #[error("writing the staging result to {0}: {1}")]
@@ -56,6 +59,8 @@ pub struct StagingEnv {
     pub cache: Option<bool>,
     /// Directory of extra trusted certificates (`CF_SYSTEM_CERT_PATH`).
     pub cert_dir: PathBuf,
+    /// The container's instance identity files (`CF_INSTANCE_CERT`, `CF_INSTANCE_KEY`).
+    pub instance_identity: Option<IdentityFiles>,
 }
 
 impl StagingEnv {
@@ -74,6 +79,7 @@ impl StagingEnv {
             cache: flag("BERTH_CACHE").or_else(|| flag("DIEGO_DOCKER_CACHE").filter(|on| *on)),
             cert_dir: std::env::var_os("CF_SYSTEM_CERT_PATH")
                 .map_or_else(|| PathBuf::from(CF_SYSTEM_CERTS), PathBuf::from),
+            instance_identity: IdentityFiles::from_env(),
         }
     }
 }
@@ -90,36 +96,64 @@ pub async fn run(
         ..RetryPolicy::default()
     };
     let roots = load_roots(&env.cert_dir)?;
+    let caching = config.filter(|config| env.cache.unwrap_or(config.cache_by_default));
+    let record = caching
+        .and_then(|config| record_tag(config, env, &reference, request.credentials.as_ref()));
     let source_options = ClientOptions {
         credentials: request.credentials,
         insecure: request.insecure_registries.contains(&reference.registry),
         extra_roots: roots.clone(),
+        identity: None,
         retry,
     };
     // The destination's client is built on another thread while the source is contacted: loading
     // the system roots takes milliseconds a re-cache would otherwise wait for.
-    let caching = config.filter(|config| env.cache.unwrap_or(config.cache_by_default));
     let building = caching.map(|config| {
         let (config, env) = (config.clone(), env.clone());
         tokio::task::spawn_blocking(move || destination(&config, &env, roots, retry))
     });
-    let source = Source {
-        client: Arc::new(RegistryClient::connect(reference.api_host(), source_options).await?),
-        repo: reference.repository.clone(),
-        reference: reference.manifest_reference(),
-    };
     let platform = match config {
         Some(config) => Platform::parse(&config.platform).expect("validated with the config"),
         None => Platform::parse("linux/amd64").expect("valid platform"),
     };
-    let image = copy::resolve(&source, &platform).await?;
+    let resolved = async {
+        let client = RegistryClient::connect(reference.api_host(), source_options).await?;
+        let source = Source {
+            client: Arc::new(client),
+            repo: reference.repository.clone(),
+            reference: reference.manifest_reference(),
+        };
+        let image = copy::resolve(&source, &platform).await?;
+        Ok::<_, CopyError>((source, image))
+    };
+    let resolved = resolved.await;
     let dest = match building {
-        Some(building) => Some(building.await.expect("building a client does not panic")?),
+        Some(building) => Some(building.await.expect("building a client does not panic")),
         None => None,
+    };
+    let (source, image) = match (resolved, caching.zip(dest.as_ref())) {
+        (Ok(resolved), _) => resolved,
+        (Err(CopyError::Client(err)), Some((config, Ok(dest)))) if err.is_unavailable() => {
+            let restaged =
+                from_cache(&reference, record.as_ref(), config, dest, &platform, &err).await;
+            let (docker_image, metadata) = restaged.ok_or(CopyError::Client(err))?;
+            return finish(&request.output, &docker_image, &metadata);
+        }
+        (Err(err), _) => return Err(err.into()),
+    };
+    let dest = match (caching, dest) {
+        (Some(config), Some(Err(err))) => {
+            if config.on_cache_failure == OnCacheFailure::Fail {
+                return Err(err);
+            }
+            warn_uncached(&reference, &err);
+            None
+        }
+        (_, dest) => dest.and_then(Result::ok),
     };
     // The config (for the metadata) is read while the layers stream: a slow upstream answers
     // even a small blob in milliseconds. A bad config stops the copy, which cancels its uploads.
-    // A failed copy (a stalled source that ran out its time, say) abandons the config too.
+    // A copy that fails the staging (a corrupt source, say) abandons the config too.
     let stop = CancellationToken::new();
     let copy_failed = CancellationToken::new();
     let metadata = async {
@@ -141,16 +175,25 @@ pub async fn run(
     let (metadata, docker_image) = match (caching, &dest) {
         (Some(config), Some(dest)) => {
             let copied = async {
-                let copied = cache(&reference, &source, &image, config, dest, &stop).await;
-                if copied.is_err() {
+                let record = record.as_ref();
+                let copied = cache(&reference, record, &source, &image, config, dest, &stop).await;
+                if copied
+                    .as_ref()
+                    .is_err_and(|err| !goes_on_uncached(config, err))
+                {
                     copy_failed.cancel();
                 }
                 copied
             };
             match tokio::join!(metadata, copied) {
                 // A bad config is why the copy stopped.
-                (Some(Err(err)), _) | (_, Err(err)) => return Err(err),
+                (Some(Err(err)), _) => return Err(err),
                 (Some(Ok(metadata)), Ok(copied)) => (metadata, copied),
+                (Some(Ok(metadata)), Err(err)) if goes_on_uncached(config, &err) => {
+                    warn_uncached(&reference, &err);
+                    (metadata, reference.builder_form())
+                }
+                (_, Err(err)) => return Err(err),
                 (None, Ok(_)) => unreachable!("the config is abandoned only when the copy fails"),
             }
         }
@@ -161,10 +204,147 @@ pub async fn run(
             reference.builder_form(),
         ),
     };
-    let bytes = result::render(&docker_image, &metadata)?;
-    result::write(&request.output, &bytes)
-        .map_err(|e| StageError::WriteResult(request.output.clone(), e))?;
-    Ok(docker_image)
+    finish(&request.output, &docker_image, &metadata)
+}
+
+/// Writes the staging result and returns the image it names.
+fn finish(
+    output: &Path,
+    docker_image: &str,
+    metadata: &ExecutionMetadata,
+) -> Result<String, StageError> {
+    let bytes = result::render(docker_image, metadata)?;
+    result::write(output, &bytes).map_err(|e| StageError::WriteResult(output.to_owned(), e))?;
+    Ok(docker_image.to_owned())
+}
+
+/// Whether a failed copy failed because of the internal registry (unreachable, full, over
+/// quota, refusing), or ran out of time, rather than because of the image or its source.
+fn is_cache_failure(err: &StageError) -> bool {
+    matches!(err, StageError::Copy(err)
+        if matches!(err, CopyError::TimedOut(_)) || err.destination_error().is_some())
+}
+
+fn goes_on_uncached(config: &CacherConfig, err: &StageError) -> bool {
+    config.on_cache_failure == OnCacheFailure::StageUncached && is_cache_failure(err)
+}
+
+/// What kept the image out of the internal registry, in the words an app developer reads in the
+/// staging log.
+fn why_not_cached(err: &StageError) -> &'static str {
+    let StageError::Copy(err) = err else {
+        return "the cacher cannot set up its connection to the internal registry";
+    };
+    match err.destination_error() {
+        None => "the copy ran out of time",
+        Some(ClientError::Transport { .. }) => "the internal registry cannot be reached",
+        Some(ClientError::Auth(_)) => "the internal registry refused the cacher's credentials",
+        Some(ClientError::Status { status, .. }) if status.as_u16() == 507 => {
+            "the internal registry's storage is full"
+        }
+        Some(ClientError::Status { codes, .. }) if codes.iter().any(|code| code == "DENIED") => {
+            "the internal registry denied the copy (over quota, or not allowed)"
+        }
+        Some(err) if err.is_unavailable() => "the internal registry is unavailable",
+        Some(_) => "the internal registry refused the copy",
+    }
+}
+
+/// The staging log's word that the staging goes on without the cache, and why.
+fn warn_uncached(reference: &ImageReference, err: &StageError) {
+    println!(
+        "Warning: the image is not cached: {}: {err}",
+        why_not_cached(err)
+    );
+    println!(
+        "Warning: staging goes on uncached: the app starts from {}, pulled from its own \
+         registry at every start (on_cache_failure: stage-uncached)",
+        reference.builder_form()
+    );
+}
+
+/// The newest staging of `reference` this app cached, as the docker image a result names and
+/// its metadata, when its source `unavailable` cannot be reached. `None` when there is none, or
+/// it cannot be read; the staging then fails for the source's reason.
+async fn from_cache(
+    reference: &ImageReference,
+    record: Option<&Tag>,
+    config: &CacherConfig,
+    dest: &Destination,
+    platform: &Platform,
+    unavailable: &ClientError,
+) -> Option<(String, ExecutionMetadata)> {
+    let Some(tag) = record else {
+        println!(
+            "{} cannot be reached, and without a repository_key and the app's GUID no cached \
+             staging of it can be found",
+            reference.registry
+        );
+        return None;
+    };
+    let cached = Source {
+        client: dest.client.clone(),
+        repo: dest.repo.clone(),
+        reference: tag.to_string(),
+    };
+    let read = async {
+        let image = copy::resolve(&cached, platform).await?;
+        let config = copy::read_config(&cached, &image, None).await?;
+        let metadata = ExecutionMetadata::from_image_config(&config).map_err(StageError::from)?;
+        Ok::<_, StageError>((image, metadata))
+    };
+    let (image, metadata) = match read.await {
+        Ok(found) => found,
+        Err(err) => {
+            println!(
+                "{} cannot be reached, and no cached staging of {reference} for this app could \
+                 be read from the internal registry ({})",
+                reference.registry,
+                lookup_failure(&err)
+            );
+            return None;
+        }
+    };
+    let docker_image = format!(
+        "{}/{}@{}",
+        config.registry_name(),
+        dest.repo,
+        image.digest()
+    );
+    println!(
+        "Warning: {} cannot be reached: {unavailable}",
+        reference.registry
+    );
+    println!(
+        "Warning: staging from this app's newest cached staging of {reference}: {docker_image}"
+    );
+    // This staging's own tag, so retention counts the image among the app's newest stagings.
+    // Without it the staging still stands: the droplet pins the image by digest.
+    let tag = staging_tag().to_string();
+    if let Err(err) = dest
+        .client
+        .put_manifest(&dest.repo, &tag, &image.image)
+        .await
+    {
+        println!("Warning: the staging could not be tagged in the internal registry: {err}");
+    }
+    Some((docker_image, metadata))
+}
+
+/// Why the lookup of a cached staging failed, without the names the error carries: the record
+/// tag must not reach the staging log, which more people read than know the image's password.
+fn lookup_failure(err: &StageError) -> String {
+    match err {
+        StageError::Copy(CopyError::Client(err)) => match err {
+            ClientError::Status { status, .. } if status.as_u16() == 404 => "there is none".into(),
+            ClientError::Status { status, detail, .. } => format!("it answered {status}{detail}"),
+            ClientError::Transport { reason, .. } => reason.clone(),
+            ClientError::Auth(_) => "it refused the cacher's credentials".into(),
+            _ => "what it served is not what was cached".into(),
+        },
+        StageError::Metadata(err) => err.to_string(),
+        _ => "what it holds is not a usable image".into(),
+    }
 }
 
 /// The app's repository in the internal registry.
@@ -183,6 +363,15 @@ fn destination(
         .clone()
         .zip(config.registry.password.clone())
         .map(|(username, password)| Credentials { username, password });
+    // With an instance identity the app is the one its certificate names: the registry lets it
+    // push under that GUID alone.
+    let (identity, app_id) = match config.registry.identity {
+        Some(RegistryIdentity::Instance) => {
+            let identity = InstanceIdentity::load(env.instance_identity.as_ref())?;
+            (Some(identity.tls), Some(identity.app_guid))
+        }
+        None => (None, env.app_id.clone()),
+    };
     Ok(Destination {
         client: Arc::new(RegistryClient::new(
             &config.registry.url,
@@ -190,12 +379,13 @@ fn destination(
                 credentials,
                 insecure: false,
                 extra_roots: roots,
+                identity,
                 retry,
             },
         )?),
         repo: cache_repository(
             &config.namespace,
-            env.app_id.as_deref(),
+            app_id.as_deref(),
             config.repository_key.as_ref(),
         ),
     })
@@ -203,6 +393,7 @@ fn destination(
 
 async fn cache(
     reference: &ImageReference,
+    record: Option<&Tag>,
     source: &Source,
     image: &copy::ResolvedImage,
     config: &CacherConfig,
@@ -220,7 +411,9 @@ async fn cache(
         keep_index: config.keep_index,
         parallel: config.parallel_blobs,
         attempts: config.attempts,
-        tag: Some(staging_tag()),
+        tags: std::iter::once(staging_tag())
+            .chain(record.cloned())
+            .collect(),
         timeout: Duration::from_secs(config.copy_timeout_seconds),
     };
     let report = copy::copy(source, image, dest, &options, &progress, stop).await;
@@ -242,27 +435,78 @@ async fn cache(
 /// stagings; `ID` is an HMAC of the GUID under the operator's key (stable across stagings, so
 /// re-staging reuses the repository) or random without a key, and never guessable from the GUID.
 fn cache_repository(namespace: &str, app_id: Option<&str>, key: Option<&Secret>) -> RepoName {
-    let app = app_id.filter(|id| {
-        !id.is_empty()
-            && id.len() <= 64
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !id.starts_with('-')
-            && !id.ends_with('-')
-    });
+    let app = app_id.filter(|id| is_path_safe(id));
     let id = match (app, key) {
-        (Some(app), Some(key)) => {
-            let key = hex::decode(key.expose()).expect("validated with the config");
-            let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("HMAC takes any key length");
-            mac.update(app.as_bytes());
-            hex::encode(&mac.finalize().into_bytes()[..16])
-        }
+        (Some(app), Some(key)) => keyed_id(key, &[app.as_bytes()]),
         _ => uuid::Uuid::new_v4().simple().to_string(),
     };
     format!("{namespace}/{}/{id}", app.unwrap_or("unknown-app"))
         .parse()
         .expect("namespace, GUID and hex id form a valid name")
+}
+
+/// The app's GUID when it is safe as a repository path component.
+fn app_guid(env: &StagingEnv) -> Option<&str> {
+    env.app_id.as_deref().filter(|id| is_path_safe(id))
+}
+
+fn is_path_safe(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !id.starts_with('-')
+        && !id.ends_with('-')
+}
+
+/// 32 hex digits of HMAC-SHA256 under `key` over `parts` joined by NUL. Only the last part may
+/// hold a NUL, so no two lists of parts share an input.
+fn keyed_id(key: &Secret, parts: &[&[u8]]) -> String {
+    let key = hex::decode(key.expose()).expect("validated with the config");
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("HMAC takes any key length");
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            mac.update(b"\0");
+        }
+        mac.update(part);
+    }
+    hex::encode(&mac.finalize().into_bytes()[..16])
+}
+
+/// `src-ID`: the tag that marks, in the app's repository, its newest staging of `reference`, so
+/// a restage can find it by exact name when the source is down. `ID` is an HMAC under the
+/// operator's key of the app's GUID, the normalised reference and the credentials the image was
+/// read with: a different reference or app never shares it, nobody without the key can name it,
+/// and, for an image that needed credentials, nobody without those either, the key leaked or not.
+/// Only with a key and the app's GUID, which make the repository the app's own at every staging.
+fn record_tag(
+    config: &CacherConfig,
+    env: &StagingEnv,
+    reference: &ImageReference,
+    credentials: Option<&Credentials>,
+) -> Option<Tag> {
+    let app = app_guid(env)?;
+    let key = config.repository_key.as_ref()?;
+    let reference = reference.to_string();
+    let mut parts = vec![
+        b"staging-source".as_slice(),
+        app.as_bytes(),
+        reference.as_bytes(),
+    ];
+    // Neither the reference nor a user name from the command line holds a NUL, so the parts
+    // stay apart however the password is spelt.
+    if let Some(credentials) = credentials {
+        parts.extend([
+            credentials.username.as_bytes(),
+            credentials.password.expose().as_bytes(),
+        ]);
+    }
+    Some(
+        format!("src-{}", keyed_id(key, &parts))
+            .parse()
+            .expect("a valid tag"),
+    )
 }
 
 /// `s<unix seconds>-<random>`: sorts by staging time for retention, unique per staging.
@@ -326,6 +570,57 @@ mod tests {
         // A GUID that is not a safe path component is not used.
         let odd = cache_repository("cache", Some("../../x"), Some(&key));
         assert!(odd.as_str().starts_with("cache/unknown-app/"));
+    }
+
+    #[test]
+    fn record_tags_are_per_app_and_reference_and_need_a_key() {
+        let config = |key: Option<&str>| CacherConfig {
+            repository_key: key.map(|key| Secret::new(key.into())),
+            ..serde_norway::from_str("registry: {url: 'http://r'}").unwrap()
+        };
+        let env = |app: &str| StagingEnv {
+            app_id: Some(app.into()),
+            ..StagingEnv::default()
+        };
+        let keyed = config(Some("00112233445566778899aabbccddeeff"));
+        let tag = |config: &CacherConfig, app: &str, reference: &str| {
+            let reference = ImageReference::parse(reference).unwrap();
+            record_tag(config, &env(app), &reference, None)
+        };
+        let first = tag(&keyed, GUID, "team/app:1.0").expect("a tag");
+        assert!(first.as_str().starts_with("src-") && first.as_str().len() == 36);
+        // The reference is compared normalised.
+        assert_eq!(
+            Some(&first),
+            tag(&keyed, GUID, "docker.io/team/app:1.0").as_ref()
+        );
+        assert_ne!(Some(&first), tag(&keyed, GUID, "team/app:1.1").as_ref());
+        let pinned = format!("team/app:1.0@sha256:{}", "0".repeat(64));
+        assert_ne!(Some(&first), tag(&keyed, GUID, &pinned).as_ref());
+        let other_app = "0b7d5f9c-2a1e-4c3e-9a61-2d8f4e7b1c90";
+        assert_ne!(
+            Some(&first),
+            tag(&keyed, other_app, "team/app:1.0").as_ref()
+        );
+        let other_key = config(Some("ffeeddccbbaa99887766554433221100"));
+        assert_ne!(Some(&first), tag(&other_key, GUID, "team/app:1.0").as_ref());
+        // Without a key or a usable GUID the app's repository is new at every staging.
+        assert_eq!(tag(&config(None), GUID, "team/app:1.0"), None);
+        assert_eq!(tag(&keyed, "../x", "team/app:1.0"), None);
+        // An image read with credentials is found again only with the same ones.
+        let reference = ImageReference::parse("team/app:1.0").unwrap();
+        let with = |username: &str, password: &str| {
+            let credentials = Credentials {
+                username: username.into(),
+                password: Secret::new(password.into()),
+            };
+            record_tag(&keyed, &env(GUID), &reference, Some(&credentials))
+        };
+        let private = with("alice", "secret");
+        assert_eq!(private, with("alice", "secret"));
+        for other in [with("alice", "secreT"), with("bob", "secret"), Some(first)] {
+            assert_ne!(private, other);
+        }
     }
 
     #[test]

@@ -137,14 +137,15 @@ fn docker_image(result: &Value) -> &str {
 
 /// Asserts a clean staging of `image` for app `guid` cached it by digest: nothing on stderr, the
 /// closing line on stdout, a result that starts apps from the cached copy, and one repository
-/// for the app with one staging tag on the very bytes the upstream served. Returns the cached
-/// reference and the staging tag.
+/// for the app with one staging tag, and the `record` tag marking the app's newest staging of
+/// the reference, on the very bytes the upstream served. Returns the cached reference and the
+/// staging tag.
 #[track_caller]
 fn assert_cached_staging(
     berth: &Berth,
     cacher: &Cacher,
     outcome: &Outcome,
-    guid: &str,
+    (guid, record): (&str, &str),
     image: &Image,
 ) -> (String, String) {
     assert_eq!(outcome.stderr, "", "a clean staging warns about nothing");
@@ -157,13 +158,18 @@ fn assert_cached_staging(
     let cached = berth.pinned(&repo, &image.manifest.digest);
     assert_eq!(cacher.result(), web_staging_result(&cached));
     assert_eq!(berth.catalog(), [repo.as_str()]);
+    let record = record.to_owned();
     let mut tags = berth.tags(&repo);
-    assert_eq!(tags.len(), 1, "{tags:?}");
+    tags.retain(|tag| *tag != record);
+    assert_eq!(tags.len(), 1, "{tags:?} besides {record}");
     let tag = tags.remove(0);
-    assert_eq!(
-        berth.manifest(&repo, &tag).as_deref(),
-        Some(&image.manifest.bytes[..])
-    );
+    for tag in [&tag, &record] {
+        assert_eq!(
+            berth.manifest(&repo, tag).as_deref(),
+            Some(&image.manifest.bytes[..]),
+            "{tag}"
+        );
+    }
     (cached, tag)
 }
 
@@ -208,6 +214,27 @@ fn assert_not_stored(berth: &Berth, digests: &[&str]) {
     }
 }
 
+/// Asserts a staging of `reference` went on uncached: the result the builder writes without a
+/// cache, and a warning in the staging log saying `why`.
+#[track_caller]
+fn assert_staged_uncached(cacher: &Cacher, outcome: &Outcome, reference: &str, why: &str) {
+    assert_eq!(cacher.result(), web_staging_result(reference));
+    let warning = format!("Warning: the image is not cached: {why}: ");
+    assert!(outcome.stdout.contains(&warning), "{}", outcome.stdout);
+    assert!(
+        outcome.stdout.contains(&format!(
+            "Warning: staging goes on uncached: the app starts from {reference}, "
+        )),
+        "{}",
+        outcome.stdout
+    );
+    assert!(
+        outcome.stdout.ends_with("Staging process finished\n"),
+        "{}",
+        outcome.stdout
+    );
+}
+
 /// The `Staging process failed: ...` line of a failed run.
 fn failure_line(outcome: &Outcome) -> &str {
     outcome
@@ -238,7 +265,8 @@ fn private_image_is_cached_by_digest_and_pulls_without_the_upstream() {
         outcome.stdout
     );
     // One repository for the app, one staging tag on the very bytes the upstream served.
-    let (cached, tag) = assert_cached_staging(&berth, &cacher, &outcome, &guid, &image);
+    let record = record_tag(&guid, &reference, Some(("team-user", &password)));
+    let (cached, tag) = assert_cached_staging(&berth, &cacher, &outcome, (&guid, &record), &image);
     assert!(
         tag.len() == 21
             && tag.starts_with('s')
@@ -361,6 +389,243 @@ fn caching_off_writes_the_builder_reference_and_pushes_nothing() {
         assert_eq!(cacher.result(), web_staging_result(&reference));
     }
     assert_eq!(berth.catalog(), Vec::<String>::new());
+}
+
+#[test]
+fn a_full_internal_registry_stages_uncached_with_a_warning() {
+    let upstream = Upstream::start(None);
+    let disk = SmallDisk::mount(6);
+    let berth = Berth::start_on(&disk.root);
+    // Random bytes do not compress: the layers alone are more than the disk holds.
+    let image = web_image(21, &[3 << 20, 3 << 20, 2 << 20]);
+    upstream.push("team/app:1.0", &image.manifest, &image.blobs());
+
+    let reference = format!("{}/team/app:1.0", upstream.host());
+    let (cacher, outcome) = stage_cached(&berth, "", &reference, &new_guid(), &[]);
+    assert_staged_uncached(
+        &cacher,
+        &outcome,
+        &reference,
+        "the internal registry's storage is full",
+    );
+    for repo in berth.catalog() {
+        assert_eq!(berth.tags(&repo), Vec::<String>::new(), "{repo}");
+    }
+}
+
+#[test]
+fn a_stopped_internal_registry_stages_uncached_unless_configured_to_fail() {
+    let upstream = Upstream::start(None);
+    let image = web_image(22, &[256 * KIB]);
+    upstream.push("team/app:1.0", &image.manifest, &image.blobs());
+    let reference = format!("{}/team/app:1.0", upstream.host());
+    let mut berth = Berth::start();
+    berth.stop();
+
+    let (cacher, outcome) = stage_cached(&berth, "attempts: 2\n", &reference, &new_guid(), &[]);
+    assert_staged_uncached(
+        &cacher,
+        &outcome,
+        &reference,
+        "the internal registry cannot be reached",
+    );
+
+    let (_, outcome) = stage_failing(
+        &berth,
+        "attempts: 2\non_cache_failure: fail\n",
+        &reference,
+        &[],
+    );
+    let failure = failure_line(&outcome);
+    assert!(
+        failure.contains(" in cache/") && failure.contains("Connection refused"),
+        "{failure}"
+    );
+    assert!(!outcome.stdout.contains("Warning"), "{}", outcome.stdout);
+}
+
+#[test]
+fn a_cacher_that_cannot_set_up_its_registry_client_stages_uncached_with_a_warning() {
+    let upstream = Upstream::start(None);
+    let image = web_image(29, &[64 * KIB]);
+    upstream.push("team/app:1.0", &image.manifest, &image.blobs());
+    let reference = format!("{}/team/app:1.0", upstream.host());
+    let berth = Berth::start();
+    let missing = berth.root().join("no-such-ca.pem");
+    let cacher = Cacher::configured(&berth, &format!("  ca_file: {}\n", missing.display()), "")
+        .app(&new_guid())
+        .env("BERTH_CACHE", "true");
+    let outcome = cacher.run(&cacher.builder_args(&reference, &[]));
+    outcome.expect_code(0);
+    let why = "the cacher cannot set up its connection to the internal registry";
+    assert_staged_uncached(&cacher, &outcome, &reference, why);
+    assert!(
+        outcome.stdout.contains("no-such-ca.pem"),
+        "{}",
+        outcome.stdout
+    );
+    assert_eq!(berth.catalog(), Vec::<String>::new());
+}
+
+/// Berth as an internal registry that lets the cacher's robot pull but not push, answering
+/// `403 DENIED` as it does a push over quota.
+#[test]
+fn an_internal_registry_denying_the_push_stages_uncached_with_a_warning() {
+    let robot = ("robot$berth-cacher", unique_secret());
+    let berth = Berth::start_with_auth(
+        "mode: basic\naccess:\n  - repositories: cache\n    grants: { \"robot:berth-cacher\": [pull] }\n",
+        &[(robot.0, &robot.1)],
+    );
+    let upstream = Upstream::start(None);
+    let image = web_image(28, &[64 * KIB]);
+    upstream.push("team/app:1.0", &image.manifest, &image.blobs());
+    let reference = format!("{}/team/app:1.0", upstream.host());
+
+    let cacher = Cacher::caching_into_as(&berth, (robot.0, &robot.1), "")
+        .app(&new_guid())
+        .env("BERTH_CACHE", "true");
+    let outcome = cacher.run(&cacher.builder_args(&reference, &[]));
+    outcome.expect_code(0);
+    let why = "the internal registry denied the copy (over quota, or not allowed)";
+    assert_staged_uncached(&cacher, &outcome, &reference, why);
+    assert!(
+        outcome.stdout.contains("403 Forbidden: DENIED"),
+        "{}",
+        outcome.stdout
+    );
+}
+
+#[test]
+fn restage_with_the_upstream_down_uses_the_apps_newest_cached_staging_of_that_reference() {
+    let mut upstream = Upstream::start(None);
+    let berth = Berth::start();
+    let guid = new_guid();
+    let reference = format!("{}/team/app:1.0", upstream.host());
+    // 1.0 is staged twice, the tag moving between stagings; then the app stages 2.0.
+    let first = web_image(23, &[128 * KIB]);
+    let second = web_image(24, &[128 * KIB]);
+    let other = web_image(25, &[128 * KIB]);
+    for (image, tag) in [(&first, "1.0"), (&second, "1.0"), (&other, "2.0")] {
+        upstream.push(&format!("team/app:{tag}"), &image.manifest, &image.blobs());
+        let reference = format!("{}/team/app:{tag}", upstream.host());
+        stage_cached(&berth, "", &reference, &guid, &[]);
+    }
+    upstream.stop();
+
+    let repo = cache_repository(&guid);
+    let before = berth.tags(&repo);
+    let (cacher, outcome) = stage_cached(&berth, "attempts: 2\n", &reference, &guid, &[]);
+    let cached = berth.pinned(&repo, &second.manifest.digest);
+    assert_eq!(cacher.result(), web_staging_result(&cached));
+    // The restage is a staging of its own for retention: a new staging tag on the image it uses.
+    let mut added = berth.tags(&repo);
+    added.retain(|tag| !before.contains(tag));
+    assert_eq!(added.len(), 1, "{added:?}");
+    assert!(added[0].starts_with('s'), "{added:?}");
+    assert_eq!(
+        berth.manifest(&repo, &added[0]).as_deref(),
+        Some(&second.manifest.bytes[..])
+    );
+    assert!(
+        outcome.stdout.contains(&format!(
+            "Warning: staging from this app's newest cached staging of {reference}: {cached}\n"
+        )),
+        "{}",
+        outcome.stdout
+    );
+    assert!(
+        outcome
+            .stdout
+            .contains(&format!("Warning: {} cannot be reached: ", upstream.host())),
+        "{}",
+        outcome.stdout
+    );
+}
+
+#[test]
+fn restage_with_the_upstream_answering_503_or_429_uses_the_cached_staging() {
+    let upstream = Upstream::start(None);
+    let proxy = Proxy::start(&upstream.host());
+    let berth = Berth::start();
+    let image = web_image(30, &[64 * KIB]);
+    upstream.push("team/app:1.0", &image.manifest, &image.blobs());
+    let guid = new_guid();
+    let reference = format!("{}/team/app:1.0", proxy.host());
+    stage_cached(&berth, "", &reference, &guid, &[]);
+
+    let cached = berth.pinned(&cache_repository(&guid), &image.manifest.digest);
+    for status in [503, 429] {
+        // Both tries of the cacher's first request.
+        proxy.inject("/v2/", Fault::Status(status), Some(2));
+        let (cacher, outcome) = stage_cached(&berth, "attempts: 2\n", &reference, &guid, &[]);
+        assert_eq!(cacher.result(), web_staging_result(&cached), "{status}");
+        assert!(
+            outcome.stdout.contains(&format!("answered {status}")),
+            "{}",
+            outcome.stdout
+        );
+    }
+}
+
+#[test]
+fn restage_with_the_upstream_down_never_takes_another_reference_or_another_apps_cache() {
+    let mut upstream = Upstream::start(None);
+    let berth = Berth::start();
+    let image = web_image(26, &[128 * KIB]);
+    upstream.push("team/app:1.0", &image.manifest, &image.blobs());
+    upstream.push("team/app:1.1", &image.manifest, &image.blobs());
+    let guid = new_guid();
+    let reference = format!("{}/team/app:1.0", upstream.host());
+    stage_cached(&berth, "", &reference, &guid, &[]);
+    upstream.stop();
+
+    // Another tag of the same image, and the same reference for another app.
+    let same_image = format!("{}/team/app:1.1", upstream.host());
+    for (reference, guid) in [(&same_image, guid.as_str()), (&reference, &new_guid())] {
+        let cacher = opted_in(&berth, "attempts: 2\n", guid);
+        let outcome = cacher.run(&cacher.builder_args(reference, &[]));
+        outcome.expect_code(2);
+        assert!(!cacher.result_path().exists());
+        assert!(
+            outcome.stdout.contains(&format!(
+                "cannot be reached, and no cached staging of {reference} for this app could be \
+                 read from the internal registry (there is none)\n"
+            )),
+            "{}",
+            outcome.stdout
+        );
+        let failure = failure_line(&outcome);
+        assert!(failure.contains(&upstream.host()), "{failure}");
+        // The tag a cached staging would carry stays out of the staging log.
+        let record = record_tag(guid, reference, None);
+        assert!(!outcome.stdout.contains(&record) && !outcome.stderr.contains(&record));
+    }
+}
+
+#[test]
+fn restage_of_a_private_image_with_the_upstream_down_needs_the_credentials_it_was_staged_with() {
+    let password = unique_secret();
+    let mut upstream = Upstream::start(Some(("team-user", &password)));
+    let berth = Berth::start();
+    let image = web_image(27, &[128 * KIB]);
+    upstream.push("team/app:1.0", &image.manifest, &image.blobs());
+    let guid = new_guid();
+    let reference = format!("{}/team/app:1.0", upstream.host());
+    let password_flag = format!("-dockerPassword={password}");
+    let staged = ["-dockerUser=team-user", password_flag.as_str()];
+    stage_cached(&berth, "", &reference, &guid, &staged);
+    upstream.stop();
+
+    let (cacher, _) = stage_cached(&berth, "attempts: 2\n", &reference, &guid, &staged);
+    let cached = berth.pinned(&cache_repository(&guid), &image.manifest.digest);
+    assert_eq!(cacher.result(), web_staging_result(&cached));
+
+    // Whoever holds the repository key and knows the app and the image still needs the password.
+    let guessed = ["-dockerUser=team-user", "-dockerPassword=not-the-password"];
+    let cacher = opted_in(&berth, "attempts: 2\n", &guid);
+    let outcome = cacher.run(&cacher.builder_args(&reference, &guessed));
+    outcome.expect_code(2);
+    assert!(!cacher.result_path().exists());
 }
 
 /// On the registry as a foundation runs it (token mode, the robot's `push-by-name` on the cache,
@@ -641,7 +906,7 @@ fn a_slow_layer_reports_progress_every_few_seconds_in_the_staging_log() {
 }
 
 #[test]
-fn a_stalled_upstream_ends_the_copy_at_its_deadline_and_leaves_nothing_behind() {
+fn a_stalled_upstream_ends_the_copy_at_its_deadline_leaves_nothing_behind_and_stages_uncached() {
     let upstream = Upstream::start(None);
     let proxy = Proxy::start(&upstream.host());
     let berth = Berth::start();
@@ -654,13 +919,22 @@ fn a_stalled_upstream_ends_the_copy_at_its_deadline_and_leaves_nothing_behind() 
 
     let reference = format!("{}/team/app:1.0", proxy.host());
     let started = Instant::now();
-    let (_, outcome) = stage_failing(&berth, "copy_timeout_seconds: 3\n", &reference, &[]);
+    let (cacher, outcome) = stage_cached(
+        &berth,
+        "copy_timeout_seconds: 3\n",
+        &reference,
+        &new_guid(),
+        &[],
+    );
     let took = started.elapsed();
-    let failure = failure_line(&outcome);
+    assert_staged_uncached(&cacher, &outcome, &reference, "the copy ran out of time");
     assert!(
-        failure.contains("did not finish within 3 s (copy_timeout_seconds")
-            && failure.contains("nothing was cached"),
-        "{failure}"
+        outcome
+            .stdout
+            .contains("did not finish within 3 s (copy_timeout_seconds")
+            && outcome.stdout.contains("nothing was cached"),
+        "{}",
+        outcome.stdout
     );
     assert!(
         took >= Duration::from_secs(3) && took < Duration::from_secs(10),
@@ -965,7 +1239,8 @@ fn private_image_from_a_token_mode_berth_registry_is_cached_and_pulls_without_it
     let reference = format!("{}/private/app:1.0", upstream.host());
     let login = ["-dockerUser=alice", &format!("-dockerPassword={password}")];
     let (cacher, outcome) = stage_cached(&berth, "", &reference, &guid, &login);
-    let (cached, _) = assert_cached_staging(&berth, &cacher, &outcome, &guid, &image);
+    let record = record_tag(&guid, &reference, Some(("alice", &password)));
+    let (cached, _) = assert_cached_staging(&berth, &cacher, &outcome, (&guid, &record), &image);
     assert_never_shown(
         "alice",
         &password,
@@ -1145,7 +1420,8 @@ fn cacher_pushes_as_its_robot_and_cells_pull_by_name_with_origin_credentials() {
         tags.status
     );
 
-    // Without the robot's password the cacher cannot push, and nothing lands.
+    // Without the robot's password the cacher cannot push, and nothing lands: the app stages
+    // uncached.
     let other = web_image(16, &[64 * KIB]);
     upstream.push("library/other:1.0", &other.manifest, &other.blobs());
     let cacher = Cacher::caching_into_as(&berth, (robot.0, "not-the-robot-password"), "")
@@ -1153,7 +1429,81 @@ fn cacher_pushes_as_its_robot_and_cells_pull_by_name_with_origin_credentials() {
         .env("BERTH_CACHE", "true");
     let reference = format!("{}/library/other:1.0", upstream.host());
     let outcome = cacher.run(&cacher.builder_args(&reference, &[]));
-    outcome.expect_code(2);
+    outcome.expect_code(0);
+    let why = "the internal registry refused the cacher's credentials";
+    assert_staged_uncached(&cacher, &outcome, &reference, why);
     let digests: Vec<&str> = other.blobs().iter().map(|b| b.digest.as_str()).collect();
     assert_not_stored(&berth, &digests);
+}
+
+/// The internal registry on a foundation with instance identity: each app pushes under its own
+/// GUID, by its certificate, and anyone pulls by exact name.
+fn internal_identity_mode(bundle: &Path) -> String {
+    format!(
+        "mode: token\ninstance_identity: {{ ca_file: {} }}\n\
+         access:\n  - repositories: cache/{{app}}\n    anonymous: by-name\n    \
+         foreign_credentials_as_anonymous: true\n    grants: {{ \"app:{{app}}\": [push-by-name] }}\n",
+        bundle.display()
+    )
+}
+
+#[test]
+fn cacher_stages_an_app_with_its_instance_identity_and_no_password() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let ca = DiegoCa::generate(dir.path(), "diego");
+    let (certificate, key) = loopback_server_certificate(dir.path());
+    let berth =
+        Berth::start_with_identity(&internal_identity_mode(&ca.bundle), (&certificate, &key));
+    let upstream = Upstream::start(None);
+    let image = web_image(17, &[200 * KIB, 50 * KIB]);
+    upstream.push("library/web:1.0", &image.manifest, &image.blobs());
+    let reference = format!("{}/library/web:1.0", upstream.host());
+
+    // The GUID comes from the certificate, the only one the registry lets this app push under,
+    // whatever the environment says.
+    let (app, elsewhere) = (new_guid(), new_guid());
+    let identity = ca.issue("app", &Leaf::for_app(&new_guid(), &new_guid(), &app));
+    let cacher = Cacher::caching_into_with_identity(&berth, &certificate, &identity)
+        .app(&elsewhere)
+        .env("BERTH_CACHE", "true");
+    let config = fs::read_to_string(cacher.dir().join("berth-cacher.yml")).expect("the config");
+    assert!(
+        !config.contains("password") && !config.contains("username"),
+        "{config}"
+    );
+    let outcome = cacher.run(&cacher.builder_args(&reference, &[]));
+    outcome.expect_code(0);
+    let cached = berth.pinned(&cache_repository(&app), &image.manifest.digest);
+    assert_eq!(cacher.result(), web_staging_result(&cached));
+    // A cell pulls the exact name without credentials, or with the origin's.
+    for credentials in [None, Some(("dockerhub-user", "origin-password"))] {
+        let (digest, manifest) = skopeo_pull_as(&cached, cacher.dir(), credentials);
+        assert_eq!(digest, image.manifest.digest, "{credentials:?}");
+        assert_eq!(manifest_layers(&manifest), image.layer_digests());
+    }
+
+    // Re-staging another app with the same base: its own certificate, its own repository.
+    let second = new_guid();
+    let identity = ca.issue("second", &Leaf::for_app(&new_guid(), &new_guid(), &second));
+    let cacher = Cacher::caching_into_with_identity(&berth, &certificate, &identity)
+        .app(&second)
+        .env("BERTH_CACHE", "true");
+    cacher
+        .run(&cacher.builder_args(&reference, &[]))
+        .expect_code(0);
+    let cached = berth.pinned(&cache_repository(&second), &image.manifest.digest);
+    assert_eq!(cacher.result(), web_staging_result(&cached));
+
+    // Identity on but no certificate in the environment: staging fails and says why.
+    let cacher = Cacher::caching_into_with_identity(&berth, &certificate, &identity)
+        .env("CF_INSTANCE_CERT", "")
+        .app(&app)
+        .env("BERTH_CACHE", "true");
+    let outcome = cacher.run(&cacher.builder_args(&reference, &[]));
+    outcome.expect_code(2);
+    assert!(
+        outcome.stderr.contains("CF_INSTANCE_CERT"),
+        "{}",
+        outcome.stderr
+    );
 }

@@ -39,6 +39,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub gc: GcConfig,
     pub retention: crate::retention::RetentionConfig,
+    /// Byte quotas per repository prefix; none by default.
+    pub quotas: Vec<crate::quota::Quota>,
 }
 
 /// Garbage collection: what is deleted, and how often the server collects on its own.
@@ -134,6 +136,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             gc: GcConfig::default(),
             retention: Default::default(),
+            quotas: Vec::new(),
         }
     }
 }
@@ -271,6 +274,7 @@ impl Config {
             }
         }
         self.retention.check()?;
+        crate::quota::validate(&self.quotas).map_err(ConfigError::Invalid)?;
         if self.storage.root.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "storage.root must not be empty".into(),
@@ -280,6 +284,11 @@ impl Config {
             .map_err(|e| ConfigError::Invalid(format!("log.level {:?}: {e}", self.log.level)))?;
         if let Some(tls) = &self.tls {
             crate::server::ServerTls::load(tls)?;
+        } else if self.auth.instance_identity.is_some() {
+            return Err(ConfigError::Invalid(
+                "auth.instance_identity needs tls: client certificates come with the TLS handshake"
+                    .into(),
+            ));
         }
         crate::auth::Auth::check(&self.auth)
     }
@@ -325,6 +334,41 @@ mod tests {
         let err = load_text("listen: 127.0.0.1:6000\nstorage:\n  rot: /typo\n", &[]).unwrap_err();
         assert!(err.to_string().contains("unknown field `rot`"), "{err}");
         assert!(load_text("colour: blue\n", &[]).is_err());
+    }
+
+    #[test]
+    fn quotas_are_checked() {
+        let config = load_text(
+            "quotas:\n  - {repositories: cache, max_bytes: 100GiB}\n  - {repositories: \"cache/*\", max_bytes: 2GiB}\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.quotas.len(), 2);
+        for (yaml, expected) in [
+            (
+                "quotas:\n  - {repositories: cache/*/x, max_bytes: 1}\n",
+                "cache/*/x",
+            ),
+            (
+                "quotas:\n  - {repositories: cache, max_bytes: 0}\n",
+                "above zero",
+            ),
+            (
+                "quotas:\n  - {repositories: cache, max_bytes: 1}\n  - {repositories: cache, max_bytes: 2}\n",
+                "more than once",
+            ),
+            (
+                "quotas:\n  - {repositories: cache, max_bytes: 1TB}\n",
+                "KiB",
+            ),
+            (
+                "quotas:\n  - {repositories: cache, bytes: 1}\n",
+                "unknown field",
+            ),
+        ] {
+            let err = load_text(yaml, &[]).unwrap_err().to_string();
+            assert!(err.contains(expected), "{yaml}: {err}");
+        }
     }
 
     #[test]

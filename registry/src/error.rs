@@ -6,6 +6,7 @@ use berth_oci::{Digest, NameError};
 
 use crate::content::ContentError;
 use crate::metadata::MetadataError;
+use crate::quota::QuotaExceeded;
 
 /// Everything a request can fail with. Each variant maps to exactly one OCI error code and status.
 #[derive(Debug, thiserror::Error)]
@@ -62,12 +63,23 @@ pub enum RegistryError {
     },
     #[error("requested access to the resource is denied")]
     Denied,
+    #[error("{0}")]
+    QuotaExceeded(QuotaExceeded),
     #[error("too many failed logins from this address; try again in a minute")]
     TooManyRequests,
     #[error("storage: {0}")]
     Content(#[from] ContentError),
     #[error("metadata: {0}")]
-    Metadata(#[from] MetadataError),
+    Metadata(#[source] MetadataError),
+}
+
+impl From<MetadataError> for RegistryError {
+    fn from(err: MetadataError) -> Self {
+        match err {
+            MetadataError::QuotaExceeded(refusal) => RegistryError::QuotaExceeded(refusal),
+            other => RegistryError::Metadata(other),
+        }
+    }
 }
 
 impl From<NameError> for RegistryError {
@@ -106,7 +118,7 @@ impl RegistryError {
             // A path outside the API: the spec has no code for it, UNSUPPORTED is the nearest.
             NotFound => ("UNSUPPORTED", StatusCode::NOT_FOUND),
             Unauthorized { .. } => ("UNAUTHORIZED", StatusCode::UNAUTHORIZED),
-            Denied => ("DENIED", StatusCode::FORBIDDEN),
+            Denied | QuotaExceeded(_) => ("DENIED", StatusCode::FORBIDDEN),
             TooManyRequests => ("TOOMANYREQUESTS", StatusCode::TOO_MANY_REQUESTS),
             Content(ContentError::UploadUnknown) => ("BLOB_UPLOAD_UNKNOWN", StatusCode::NOT_FOUND),
             Content(ContentError::BlobUnknown) => ("BLOB_UNKNOWN", StatusCode::NOT_FOUND),
@@ -137,6 +149,7 @@ impl RegistryError {
             } => serde_json::json!({ "reference": reference, "mediaType": media_type }),
             NameUnknown(name) => serde_json::json!({ "name": name }),
             ManifestTooLarge { limit } => serde_json::json!({ "limit": limit }),
+            QuotaExceeded(refusal) => serde_json::json!(refusal),
             _ => serde_json::Value::Null,
         }
     }
@@ -200,6 +213,28 @@ mod tests {
         RegistryError::Metadata(MetadataError::Database(rusqlite::Error::SqliteFailure(
             failure, None,
         )))
+    }
+
+    #[tokio::test]
+    async fn a_quota_refusal_is_denied_with_its_figures() {
+        let refusal = crate::quota::QuotaExceeded {
+            quota: "cache".into(),
+            scope: "cache".into(),
+            max_bytes: 100,
+            used_bytes: 90,
+            needed_bytes: 20,
+        };
+        let response =
+            RegistryError::from(MetadataError::QuotaExceeded(refusal.clone())).into_response();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let error = &body["errors"][0];
+        assert_eq!(error["code"], "DENIED");
+        assert_eq!(error["message"], refusal.to_string());
+        assert_eq!(error["detail"]["used_bytes"], 90);
     }
 
     #[test]

@@ -13,5 +13,6 @@ pub mod manifest;
 pub mod metadata;
 pub mod metrics;
 pub mod pulls;
+pub mod quota;
 pub mod retention;
 pub mod server;

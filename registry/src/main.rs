@@ -162,6 +162,15 @@ fn print_usage(usage: &Usage) {
         }
         println!();
     }
+    if !usage.quota_scopes.is_empty() {
+        println!("{:>16}  {:>16}  scope (quota)", "bytes", "limit");
+        for scope in &usage.quota_scopes {
+            println!(
+                "{:>16}  {:>16}  {} ({})",
+                scope.bytes, scope.max_bytes, scope.scope, scope.quota
+            );
+        }
+    }
 }
 
 fn init_logging(config: &Config) {
@@ -176,9 +185,9 @@ fn init_logging(config: &Config) {
     }
 }
 
-/// Re-reads the access control part of the configuration, and the certificate and key files named
-/// at start-up, on every SIGHUP `hangups` delivers. A broken file or certificate is reported and
-/// the running one kept.
+/// Re-reads the access control (with the instance identity CA bundle) and quota parts of the
+/// configuration, and the certificate and key files named at start-up, on every SIGHUP `hangups`
+/// delivers. A broken file or certificate is reported and the running one kept.
 async fn reload_on_hangup(
     mut hangups: tokio::signal::unix::Signal,
     state: Arc<AppState>,
@@ -202,14 +211,29 @@ async fn reload_on_hangup(
             );
             continue;
         };
-        let reloaded = match Config::load(Some(file)) {
-            Ok(config) => state.auth.reload(&config.auth).await,
-            Err(err) => Err(err),
-        };
-        match reloaded {
-            Ok(()) => tracing::info!(file = %file.display(), "access control reloaded"),
+        let config = match Config::load(Some(file)) {
+            Ok(config) => config,
             Err(err) => {
-                tracing::error!(file = %file.display(), error = %err, "reload failed; keeping the running configuration")
+                tracing::error!(file = %file.display(), error = %err, "reload failed; keeping the running configuration");
+                continue;
+            }
+        };
+        match state.auth.reload(&config.auth).await {
+            Ok(()) => {
+                if let Some((tls, _)) = &tls {
+                    tls.request_client_certificates(config.auth.instance_identity.is_some());
+                }
+                tracing::info!(file = %file.display(), "access control reloaded")
+            }
+            Err(err) => {
+                tracing::error!(file = %file.display(), error = %err, "reload failed; keeping the running configuration");
+                continue;
+            }
+        }
+        match state.metadata.set_quotas(&config.quotas).await {
+            Ok(()) => tracing::info!(quotas = config.quotas.len(), "quotas reloaded"),
+            Err(err) => {
+                tracing::error!(error = %err, "putting the reloaded quotas in force failed; keeping the running ones")
             }
         }
     }
@@ -267,6 +291,11 @@ async fn serve(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<(
     let root = &config.storage.root;
     let _data_lock = claim_data_directory(root)?;
     let state = open_state(&config).await?;
+    state
+        .metadata
+        .set_quotas(&config.quotas)
+        .await
+        .context("putting the configured quotas in force")?;
     let open_uploads = state
         .metadata
         .uploads()
@@ -301,6 +330,9 @@ async fn serve(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<(
         .as_ref()
         .map(server::ServerTls::load)
         .transpose()?;
+    if let Some(tls) = &tls {
+        tls.request_client_certificates(config.auth.instance_identity.is_some());
+    }
     tokio::spawn(reload_on_hangup(
         hangups,
         state.clone(),

@@ -11,6 +11,7 @@ use std::sync::atomic::AtomicU64;
 
 use crate::gc::GcReport;
 use crate::metadata::Usage;
+use crate::quota::QuotaUsage;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -23,6 +24,20 @@ struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NamespaceLabels {
     namespace: String,
+}
+
+/// One value per configured quota rule, never per scope: a per-child rule such as `cache/*` has a
+/// scope per app, and a series per app would grow without bound.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QuotaLabels {
+    quota: String,
+}
+
+#[derive(Default)]
+struct QuotaGauges {
+    limit: Family<QuotaLabels, Gauge>,
+    used: Family<QuotaLabels, Gauge>,
+    scopes: Family<QuotaLabels, Gauge>,
 }
 
 /// The last garbage collection: when it finished, how long it took, what it freed.
@@ -41,6 +56,7 @@ struct Inner {
     registry: Registry,
     gc: GcGauges,
     storage_bytes: Family<NamespaceLabels, Gauge>,
+    quotas: QuotaGauges,
     requests: Family<RequestLabels, Counter>,
     bytes_received: Counter,
     bytes_sent: Counter,
@@ -147,10 +163,27 @@ impl Default for Metrics {
             "Bytes of blobs and manifests each top-level namespace can read, each digest counted once, as of the last garbage collection",
             storage_bytes.clone(),
         );
+        let quotas = QuotaGauges::default();
+        registry.register(
+            "quota_limit_bytes",
+            "Bytes each scope of the quota may hold",
+            quotas.limit.clone(),
+        );
+        registry.register(
+            "quota_used_bytes",
+            "Bytes the quota's fullest scope holds, each digest counted once (for a plain prefix, its only scope)",
+            quotas.used.clone(),
+        );
+        registry.register(
+            "quota_scopes",
+            "Scopes of the quota holding anything (1 for a plain prefix, one per child for PREFIX/*)",
+            quotas.scopes.clone(),
+        );
         Metrics(Arc::new(Inner {
             registry,
             gc,
             storage_bytes,
+            quotas,
             requests,
             bytes_received,
             bytes_sent,
@@ -232,6 +265,31 @@ impl Metrics {
         }
     }
 
+    /// Replaces the quota figures with `usage` (a rule no longer configured drops out).
+    pub fn set_quotas(&self, usage: &[QuotaUsage]) {
+        let gauges = &self.0.quotas;
+        for family in [&gauges.limit, &gauges.used, &gauges.scopes] {
+            family.clear();
+        }
+        for entry in usage {
+            let labels = QuotaLabels {
+                quota: entry.quota.clone(),
+            };
+            gauges
+                .limit
+                .get_or_create(&labels)
+                .set(entry.max_bytes as i64);
+            gauges
+                .used
+                .get_or_create(&labels)
+                .set(entry.max_used_bytes as i64);
+            gauges
+                .scopes
+                .get_or_create(&labels)
+                .set(entry.scopes as i64);
+        }
+    }
+
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -265,6 +323,27 @@ mod tests {
             text.contains("berth_registry_storage_errors_total 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn quotas_are_labelled_by_rule_and_dropped_with_it() {
+        let metrics = Metrics::default();
+        metrics.set_quotas(&[QuotaUsage {
+            quota: "cache/*".into(),
+            max_bytes: 10,
+            scopes: 3,
+            max_used_bytes: 7,
+        }]);
+        let text = metrics.render();
+        for line in [
+            r#"berth_registry_quota_limit_bytes{quota="cache/*"} 10"#,
+            r#"berth_registry_quota_used_bytes{quota="cache/*"} 7"#,
+            r#"berth_registry_quota_scopes{quota="cache/*"} 3"#,
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        metrics.set_quotas(&[]);
+        assert!(!metrics.render().contains("cache/*"));
     }
 
     #[test]

@@ -237,3 +237,28 @@ pub fn short_tempdir(prefix: &str) -> TempDir {
         .tempdir_in("/tmp")
         .expect("create a temporary directory under /tmp")
 }
+
+/// A directory on a tmpfs of a few MiB: a full disk a test can cause and relieve. Mounting needs
+/// root, as the suites' dockerd tests do; without it the test fails.
+pub struct SmallDisk {
+    _dir: TempDir,
+    pub root: PathBuf,
+}
+
+impl SmallDisk {
+    pub fn mount(mib: u32) -> SmallDisk {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let root = dir.path().join("root");
+        fs::create_dir(&root).expect("create the mount point");
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(&root));
+        SmallDisk { _dir: dir, root }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.root).status();
+    }
+}

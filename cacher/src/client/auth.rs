@@ -152,17 +152,21 @@ impl Authenticator {
             .map_err(|e| ClientError::transport("requesting a token", e))?;
         if !response.status().is_success() {
             let status = response.status();
-            return Err(ClientError::Auth(
-                match (status.as_u16(), self.has_credentials()) {
-                    (401 | 403, true) => {
-                        format!("the token service refused the credentials ({status})")
-                    }
-                    (401 | 403, false) => {
-                        format!("the token service requires credentials for this image ({status})")
-                    }
-                    _ => format!("the token service answered {status}"),
+            return Err(match (status.as_u16(), self.has_credentials()) {
+                (401 | 403, true) => ClientError::Auth(format!(
+                    "the token service refused the credentials ({status})"
+                )),
+                (401 | 403, false) => ClientError::Auth(format!(
+                    "the token service requires credentials for this image ({status})"
+                )),
+                // A token service in trouble is the registry in trouble.
+                _ => ClientError::Status {
+                    context: "requesting a token".into(),
+                    status,
+                    codes: Vec::new(),
+                    detail: String::new(),
                 },
-            ));
+            });
         }
         let what = "reading the token response";
         let body = super::read_limited_vec(response, MAX_TOKEN_RESPONSE, what).await?;

@@ -91,6 +91,17 @@ impl ClientError {
             ClientError::Auth(_) | ClientError::Invalid(_) => false,
         }
     }
+
+    /// Whether the registry could not be reached or kept failing as a server in trouble does
+    /// (DNS, connection, TLS, timeouts, 5xx, 429), as opposed to answering that something is
+    /// wrong with the request.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            ClientError::Transport { .. } => true,
+            ClientError::Status { status, .. } => retry::is_retryable_status(*status),
+            _ => false,
+        }
+    }
 }
 
 /// The access a request needs, as token-service scopes (`repository:NAME:pull,push`).
@@ -140,6 +151,8 @@ pub struct ClientOptions {
     pub insecure: bool,
     /// PEM roots trusted in addition to the system's (neither is used for an insecure registry).
     pub extra_roots: Vec<reqwest::Certificate>,
+    /// The TLS client certificate to present, if any.
+    pub identity: Option<reqwest::Identity>,
     pub retry: RetryPolicy,
 }
 
@@ -200,6 +213,9 @@ impl RegistryClient {
             for root in options.extra_roots {
                 builder = builder.add_root_certificate(root);
             }
+        }
+        if let Some(identity) = options.identity {
+            builder = builder.identity(identity);
         }
         let http = builder
             .build()

@@ -386,7 +386,11 @@ struct BackgroundServer {
 }
 
 impl BackgroundServer {
-    fn start(name: &str, router: impl FnOnce() -> Router + Send + 'static) -> BackgroundServer {
+    fn start(
+        name: &str,
+        tls: Option<berth_registry::server::ServerTls>,
+        router: impl FnOnce() -> Router + Send + 'static,
+    ) -> BackgroundServer {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = thread::Builder::new()
@@ -410,7 +414,7 @@ impl BackgroundServer {
                     berth_registry::server::serve(
                         listener,
                         router(),
-                        None,
+                        tls,
                         shutdown,
                         &berth_registry::config::Limits {
                             shutdown_grace_seconds: 1,
@@ -449,13 +453,39 @@ impl Drop for BackgroundServer {
 /// into, or (with access control) an upstream of the kind the cacher pulls from.
 pub struct Berth {
     dir: TempDir,
+    root: PathBuf,
     server: BackgroundServer,
+    tls: bool,
 }
 
 impl Berth {
     /// Open to everyone, as the internal registry on a trusted network.
     pub fn start() -> Berth {
-        Berth::serve(tempdir("berth-cacher-e2e-"), None)
+        let dir = tempdir("berth-cacher-e2e-");
+        let root = dir.path().join("root");
+        Berth::serve(dir, root, None, None)
+    }
+
+    /// Like [`Berth::start`], storing everything under `root` (a small disk, say).
+    pub fn start_on(root: &Path) -> Berth {
+        Berth::serve(tempdir("berth-cacher-e2e-"), root.to_owned(), None, None)
+    }
+
+    /// Open to everyone, with `quotas_yaml` (a list, as under `quotas:` in its configuration) in
+    /// force. The registry keeps its quotas in its database, so they are put there before it
+    /// serves.
+    pub fn start_with_quotas(quotas_yaml: &str) -> Berth {
+        use berth_registry::metadata::{MetadataStore, SqliteMetadataStore};
+
+        let dir = tempdir("berth-cacher-e2e-quota-");
+        let quotas: Vec<berth_registry::quota::Quota> =
+            serde_norway::from_str(quotas_yaml).expect("a quota list");
+        let root = dir.path().join("root");
+        fs::create_dir_all(&root).expect("create the storage root");
+        let metadata = SqliteMetadataStore::open(&root.join("metadata.sqlite"))
+            .expect("open the metadata store");
+        block_on(metadata.set_quotas(&quotas)).expect("put the quotas in force");
+        Berth::serve(dir, root, None, None)
     }
 
     /// With access control: `auth_yaml` is an `auth:` section (`mode`, `access`, `token`, ...);
@@ -469,10 +499,35 @@ impl Berth {
             write_htpasswd(&htpasswd, users);
             config.htpasswd.get_or_insert(htpasswd);
         }
-        Berth::serve(dir, Some(config))
+        let root = dir.path().join("root");
+        Berth::serve(dir, root, Some(config), None)
     }
 
-    fn serve(dir: TempDir, auth: Option<berth_registry::auth::AuthConfig>) -> Berth {
+    /// Over HTTPS with the certificate and key `tls`, asking clients for a certificate: with
+    /// `auth_yaml` naming an `instance_identity` bundle, apps present their instance identity.
+    pub fn start_with_identity(
+        auth_yaml: &str,
+        (certificate, private_key): (&Path, &Path),
+    ) -> Berth {
+        let config: berth_registry::auth::AuthConfig =
+            serde_norway::from_str(auth_yaml).expect("an auth configuration");
+        let tls = berth_registry::server::ServerTls::load(&berth_registry::config::TlsConfig {
+            certificate: certificate.to_owned(),
+            private_key: private_key.to_owned(),
+        })
+        .expect("load the server certificate");
+        tls.request_client_certificates(true);
+        let dir = tempdir("berth-cacher-e2e-identity-");
+        let root = dir.path().join("root");
+        Berth::serve(dir, root, Some(config), Some(tls))
+    }
+
+    fn serve(
+        dir: TempDir,
+        root: PathBuf,
+        auth: Option<berth_registry::auth::AuthConfig>,
+        tls: Option<berth_registry::server::ServerTls>,
+    ) -> Berth {
         use berth_registry::api::{AppState, router};
         use berth_registry::auth::Auth;
         use berth_registry::config::Limits;
@@ -480,8 +535,10 @@ impl Berth {
         use berth_registry::metadata::SqliteMetadataStore;
 
         let auth = auth.map(|config| block_on(Auth::load(&config)).expect("load the auth config"));
-        let root = dir.path().join("root");
-        let server = BackgroundServer::start("berth-registry", move || {
+        let https = tls.is_some();
+        let store = root.clone();
+        let server = BackgroundServer::start("berth-registry", tls, move || {
+            let root = store;
             let content = FsContentStore::open(&root).expect("open the content store");
             let metadata = SqliteMetadataStore::open(&root.join("metadata.sqlite"))
                 .expect("open the metadata store");
@@ -491,7 +548,12 @@ impl Berth {
                 None => state,
             }))
         });
-        Berth { dir, server }
+        Berth {
+            dir,
+            root,
+            server,
+            tls: https,
+        }
     }
 
     /// `127.0.0.1:PORT`, as image references spell it.
@@ -500,7 +562,8 @@ impl Berth {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.server.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.server.addr)
     }
 
     /// `host/repo@digest`: the reference pinning manifest `digest` of `repo` here.
@@ -509,7 +572,7 @@ impl Berth {
     }
 
     pub fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
+        self.root.clone()
     }
 
     pub fn catalog(&self) -> Vec<String> {
@@ -636,7 +699,7 @@ impl Proxy {
             log: Mutex::default(),
         });
         let state = context.clone();
-        let server = BackgroundServer::start("proxy", move || {
+        let server = BackgroundServer::start("proxy", None, move || {
             Router::new().fallback(relay).with_state(state)
         });
         Proxy { context, server }
@@ -1022,6 +1085,20 @@ impl Cacher {
         Cacher::configured(berth, "", extra)
     }
 
+    /// Configured to cache into `berth` (serving HTTPS with the certificate `ca_file`) with the
+    /// instance identity `identity` and no password, as the BOSH job configures it on
+    /// foundations with instance identity.
+    pub fn caching_into_with_identity(
+        berth: &Berth,
+        ca_file: &Path,
+        identity: &InstanceIdentity,
+    ) -> Cacher {
+        let lines = format!("  identity: instance\n  ca_file: {}\n", ca_file.display());
+        Cacher::configured(berth, &lines, "")
+            .env("CF_INSTANCE_CERT", &identity.certificate.to_string_lossy())
+            .env("CF_INSTANCE_KEY", &identity.key.to_string_lossy())
+    }
+
     /// Like [`Cacher::caching_into`], pushing as `user` with `password`, as the BOSH job
     /// configures the cacher's robot account.
     pub fn caching_into_as(berth: &Berth, (user, password): (&str, &str), extra: &str) -> Cacher {
@@ -1029,7 +1106,9 @@ impl Cacher {
         Cacher::configured(berth, &login, extra)
     }
 
-    fn configured(berth: &Berth, registry_lines: &str, extra: &str) -> Cacher {
+    /// Like [`Cacher::caching_into`], with `registry_lines` (indented YAML) added to the
+    /// `registry:` section.
+    pub fn configured(berth: &Berth, registry_lines: &str, extra: &str) -> Cacher {
         let cacher = Cacher::new();
         let config = cacher.dir.path().join("berth-cacher.yml");
         fs::write(
@@ -1150,6 +1229,21 @@ pub fn cache_repository(guid: &str) -> String {
         "cache/{guid}/{}",
         hex::encode(&mac.finalize().into_bytes()[..16])
     )
+}
+
+/// The tag that marks app `guid`'s newest staging of `reference` read with `credentials` in its
+/// repository: `src-<first 16 bytes of HMAC-SHA256(key, parts joined by NUL), hex>`, the parts
+/// being `staging-source`, the GUID, the normalised reference (the tests name images on a
+/// `host:port`, which normalisation leaves alone), and the user and password if any.
+pub fn record_tag(guid: &str, reference: &str, credentials: Option<(&str, &str)>) -> String {
+    use hmac::{Hmac, Mac};
+    let key = hex::decode(REPOSITORY_KEY).expect("a hex key");
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).expect("any key length");
+    mac.update(format!("staging-source\0{guid}\0{reference}").as_bytes());
+    if let Some((user, password)) = credentials {
+        mac.update(format!("\0{user}\0{password}").as_bytes());
+    }
+    format!("src-{}", hex::encode(&mac.finalize().into_bytes()[..16]))
 }
 
 pub fn new_guid() -> String {

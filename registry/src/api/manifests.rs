@@ -201,6 +201,11 @@ pub(super) async fn put(
     if let Some(missing) = state.metadata.missing_reference(repo, &manifest).await? {
         return Err(RegistryError::ManifestBlobUnknown(missing));
     }
+    // Before its bytes are stored: a manifest its scope has no room for leaves nothing behind.
+    state
+        .metadata
+        .check_quotas(repo, &digest, bytes.len() as u64)
+        .await?;
     let tag = match reference {
         Reference::Tag(tag) => Some(tag),
         Reference::Digest(_) => None,

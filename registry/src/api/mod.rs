@@ -140,6 +140,7 @@ fn request_info(parts: &axum::http::request::Parts) -> RequestInfo<'_> {
             .or_else(|| parts.headers.get(header::HOST)?.to_str().ok()),
         peer: connection.map(|c| c.peer.ip()),
         secure: connection.is_some_and(|c| c.tls),
+        client_certificates: connection.and_then(|c| c.client_certificates.as_deref()),
     }
 }
 
@@ -188,6 +189,10 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    // Read at each scrape: one row per rule, and exact at that moment.
+    if let Ok(quotas) = state.metadata.quota_usage().await {
+        state.metrics.set_quotas(&quotas);
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -11,6 +11,7 @@ use super::{AppState, HandlerResult, empty, header_value, location};
 use crate::auth::Grant;
 use crate::content::{ByteStream, ContentError, UploadId};
 use crate::error::RegistryError;
+use crate::metadata::MetadataError;
 
 #[derive(Deserialize, Default)]
 pub(super) struct UploadQuery {
@@ -152,24 +153,43 @@ async fn end_session(state: &AppState, id: UploadId) -> Result<(), RegistryError
     Ok(())
 }
 
+/// Ends upload session `id` and discards its data.
+async fn discard_session(state: &AppState, id: UploadId) -> Result<(), RegistryError> {
+    match state.content.delete_upload(id).await {
+        Ok(()) | Err(ContentError::UploadUnknown) => {}
+        Err(err) => return Err(err.into()),
+    }
+    end_session(state, id).await
+}
+
 /// Commits upload `id` as `digest` and gives `repo` the blob. A digest mismatch ends the session
-/// too, since the data is discarded and the client must start over.
+/// too, since the data is discarded and the client must start over; so does a quota refusal,
+/// since no retry can succeed until the scope has room again.
 async fn commit(
     state: &AppState,
     repo: &RepoName,
     id: UploadId,
     digest: &Digest,
 ) -> Result<(), RegistryError> {
+    // Asked before the bytes are published, so a full scope usually leaves nothing to collect;
+    // the store checks again as it links, which decides between pushes racing for the last room.
+    let size = state.content.upload_size(id).await.map_err(content_error)?;
+    if let Err(refused) = state.metadata.check_quotas(repo, digest, size).await {
+        discard_session(state, id).await?;
+        return Err(refused.into());
+    }
     match state.content.commit_upload(id, digest).await {
         Ok(size) => {
-            // Failing here leaves a published blob unlinked and the session's row behind: the
-            // client retries, and the purge of idle sessions removes the row.
-            if state
-                .metadata
-                .complete_upload(id, repo, digest, size)
-                .await?
-            {
-                state.metrics.upload_ended();
+            // Failing otherwise leaves a published blob unlinked and the session's row behind:
+            // the client retries, and the purge of idle sessions removes the row.
+            match state.metadata.complete_upload(id, repo, digest, size).await {
+                Ok(true) => state.metrics.upload_ended(),
+                Ok(false) => {}
+                Err(refused @ MetadataError::QuotaExceeded(_)) => {
+                    end_session(state, id).await?;
+                    return Err(refused.into());
+                }
+                Err(err) => return Err(err.into()),
             }
             Ok(())
         }
@@ -184,9 +204,11 @@ async fn commit(
 /// Repositories a mount without `from` considers when looking for the blob.
 const MOUNT_CANDIDATES: u32 = 64;
 
-/// Mounts `digest` into `repo` from `from` or, without `from`, from any repository holding it that
-/// the caller may pull by a grant of its own: knowing a digest must not let anyone with push
-/// somewhere copy a layer out of a by-name namespace.
+/// Mounts `digest` into `repo` from `from` or, without `from`, from any repository holding it,
+/// either only if the caller may pull the source by a grant of its own: knowing a digest or a
+/// name must not let anyone with push somewhere link a layer out of a by-name namespace (an app
+/// out of another app's cache). Otherwise the client gets an upload session, as for any blob the
+/// registry does not have.
 async fn try_mount(
     state: &AppState,
     repo: &RepoName,
@@ -197,7 +219,9 @@ async fn try_mount(
     let mut size = None;
     match from {
         Some(from) => {
-            if let Ok(from) = from.parse::<RepoName>() {
+            if let Ok(from) = from.parse::<RepoName>()
+                && grant.pulls_by_grant(&from)
+            {
                 size = state.metadata.repository_blob(&from, digest).await?;
             }
         }
@@ -305,11 +329,7 @@ pub(super) async fn status(state: &AppState, repo: &RepoName, id: UploadId) -> H
 
 pub(super) async fn cancel(state: &AppState, repo: &RepoName, id: UploadId) -> HandlerResult {
     owned_upload(state, repo, id).await?;
-    match state.content.delete_upload(id).await {
-        Ok(()) | Err(ContentError::UploadUnknown) => {}
-        Err(err) => return Err(err.into()),
-    }
-    end_session(state, id).await?;
+    discard_session(state, id).await?;
     Ok(empty(StatusCode::NO_CONTENT, []))
 }
 

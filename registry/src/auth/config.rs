@@ -38,6 +38,17 @@ pub struct AuthConfig {
     /// Failed logins allowed per user, client address and minute before that pair gets 429; 0 for
     /// no limit.
     pub max_failures_per_minute: u32,
+    /// TLS client certificates accepted as app identities: Cloud Foundry's instance identity
+    /// certificates (`app:GUID` with groups `space:GUID`, `organization:GUID` in the rules).
+    pub instance_identity: Option<InstanceIdentityConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceIdentityConfig {
+    /// PEM bundle of the CAs the certificates must chain to (Diego's instance identity CA and
+    /// the application CA above it); reloaded with the rest of `auth` on SIGHUP.
+    pub ca_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -55,7 +66,8 @@ pub enum AnonymousAccess {
 #[serde(deny_unknown_fields)]
 pub struct AccessRule {
     /// A repository name prefix on path-component boundaries (`team-a` covers `team-a/app`), or
-    /// `*` for every repository.
+    /// `*` for every repository. One whole component may be `{app}` (`cache/{app}`): it stands
+    /// for any app's GUID, and the principal `app:{app}` then means that app alone.
     pub repositories: String,
     #[serde(default)]
     pub anonymous: AnonymousAccess,
@@ -63,7 +75,8 @@ pub struct AccessRule {
     /// here instead of failing: Diego cells present the origin registry's credentials.
     #[serde(default)]
     pub foreign_credentials_as_anonymous: bool,
-    /// `user:NAME`, `group:NAME`, `robot:NAME` or `authenticated`, to actions.
+    /// `user:NAME`, `group:NAME`, `robot:NAME`, `authenticated`, a trusted issuer's forms, or an
+    /// app's (`app:GUID`, `app:{app}`, `space:GUID`, `organization:GUID`), to actions.
     #[serde(default)]
     pub grants: BTreeMap<String, Vec<Action>>,
 }

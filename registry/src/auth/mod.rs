@@ -1,6 +1,7 @@
 //! Access control: who a request comes from (Basic or Bearer), what it may do (the policy), the
 //! challenge it gets when it may not, and the tokens the registry issues.
 
+mod certificate;
 mod config;
 mod htpasswd;
 mod limiter;
@@ -17,14 +18,19 @@ use base64::Engine;
 use berth_oci::RepoName;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use tokio_rustls::rustls::pki_types::{CertificateDer, UnixTime};
 
-pub use config::{AccessRule, AnonymousAccess, AuthConfig, AuthMode, TokenConfig, TrustedIssuer};
+pub use config::{
+    AccessRule, AnonymousAccess, AuthConfig, AuthMode, InstanceIdentityConfig, TokenConfig,
+    TrustedIssuer,
+};
 pub use htpasswd::entry as htpasswd_entry;
 pub use policy::{Action, Actions, Identity};
 pub use token::{AccessEntry, IssuedToken, SigningKey};
 
 use crate::config::ConfigError;
 use crate::error::RegistryError;
+use certificate::InstanceIdentity;
 use htpasswd::Htpasswd;
 use limiter::FailureLimiter;
 use policy::Policy;
@@ -56,6 +62,9 @@ pub struct RequestInfo<'a> {
     pub peer: Option<IpAddr>,
     /// Whether the request arrived over TLS.
     pub secure: bool,
+    /// The chain the client presented in the TLS handshake (leaf first), whose key it proved to
+    /// hold; not yet validated.
+    pub client_certificates: Option<&'a [CertificateDer<'static>]>,
 }
 
 enum Presented {
@@ -194,7 +203,7 @@ impl Grant {
     fn allows_catalog(&self) -> bool {
         match &self.kind {
             GrantKind::Open => true,
-            GrantKind::Identity(who) => !who.is_anonymous(),
+            GrantKind::Identity(who) => !who.is_anonymous() && !who.is_app(),
             GrantKind::Token(token) => match &token.access {
                 Some(access) => access
                     .iter()
@@ -272,6 +281,7 @@ struct AuthState {
     signing_key_generated: bool,
     issuer: Option<TokenIssuer>,
     verifier: Option<TokenVerifier>,
+    instance_identity: Option<InstanceIdentity>,
     realm: Option<String>,
     limiter: FailureLimiter,
     logins: LoginMemory,
@@ -280,6 +290,17 @@ struct AuthState {
 impl AuthState {
     fn build(config: &AuthConfig, previous: Option<&AuthState>) -> Result<AuthState, ConfigError> {
         let policy = Policy::new(config)?;
+        let instance_identity = match (&config.instance_identity, config.mode) {
+            (Some(_), AuthMode::None) => {
+                return Err(ConfigError::Invalid(
+                    "auth.instance_identity needs auth.mode basic or token: without access \
+                     control an identity grants nothing"
+                        .into(),
+                ));
+            }
+            (Some(identity), _) => Some(InstanceIdentity::load(&identity.ca_file)?),
+            (None, _) => None,
+        };
         let htpasswd = match (&config.htpasswd, config.mode) {
             (Some(path), _) => Some(Arc::new(Htpasswd::load(path)?)),
             (None, AuthMode::Basic) => {
@@ -320,6 +341,7 @@ impl AuthState {
             signing_key_generated,
             issuer,
             verifier,
+            instance_identity,
             realm: token.realm.clone(),
             limiter: FailureLimiter::new(config.max_failures_per_minute),
             logins: LoginMemory::new(),
@@ -335,6 +357,33 @@ impl AuthState {
                 who
             }
         }
+    }
+
+    /// The app the client certificate of the request identifies, checked now (a connection may
+    /// outlive its certificate). A certificate that does not identify one is refused, never taken
+    /// as no credentials.
+    fn certificate_identity(
+        &self,
+        info: &RequestInfo<'_>,
+        needs: &[Need<'_>],
+    ) -> Result<Option<Identity>, RegistryError> {
+        let Some(chain) = info.client_certificates else {
+            return Ok(None);
+        };
+        let verified = match &self.instance_identity {
+            Some(trust) => trust.verify(chain, UnixTime::now()),
+            None => Err(certificate::CertificateRefused::NotConfigured),
+        };
+        verified.map(Some).map_err(|err| {
+            tracing::warn!(peer = ?info.peer, error = %err, "client certificate refused");
+            RegistryError::Unauthorized {
+                challenge: match self.mode {
+                    AuthMode::Token => self.bearer_challenge(info, needs, None),
+                    _ => self.basic_challenge(),
+                },
+                message: "the client certificate does not identify an app here",
+            }
+        })
     }
 
     async fn password_ok(&self, user: &str, password: &str) -> bool {
@@ -552,9 +601,15 @@ impl Auth {
         needs: &[Need<'_>],
     ) -> Result<Grant, RegistryError> {
         let state = self.current();
-        let kind = match state.mode {
-            AuthMode::None => GrantKind::Open,
-            AuthMode::Basic => match presented(info.headers) {
+        let app = match state.mode {
+            AuthMode::None => None,
+            _ => state.certificate_identity(info, needs)?,
+        };
+        let kind = match (state.mode, app) {
+            (AuthMode::None, _) => GrantKind::Open,
+            // A certificate that validated is the caller, whatever the headers say.
+            (AuthMode::Basic, Some(app)) => GrantKind::Identity(app),
+            (AuthMode::Basic, None) => match presented(info.headers) {
                 Presented::Nothing => GrantKind::Identity(Identity::anonymous()),
                 Presented::Basic { user, password } => GrantKind::Identity(
                     state
@@ -568,10 +623,11 @@ impl Auth {
                     });
                 }
             },
-            AuthMode::Token => match presented(info.headers) {
-                // Basic credentials are for the token endpoint; here they count as none.
+            (AuthMode::Token, app) => match presented(info.headers) {
+                // Basic credentials are for the token endpoint; here they count as none. A
+                // certificate needs no token: it is checked on every request anyway.
                 Presented::Nothing | Presented::Basic { .. } => {
-                    GrantKind::Identity(Identity::anonymous())
+                    GrantKind::Identity(app.unwrap_or_else(Identity::anonymous))
                 }
                 Presented::Bearer(token) => {
                     let verifier = state.verifier.as_ref().expect("token mode has a verifier");
@@ -653,8 +709,11 @@ impl Auth {
                 Some((repo, actions))
             })
             .collect();
-        let who = match credentials {
-            TokenCredentials::Password { user, password } => {
+        let app = state.certificate_identity(info, &[Need::Login])?;
+        let who = match (app, credentials) {
+            // A certificate that validated is the caller, whatever the request also carries.
+            (Some(app), _) => app,
+            (None, TokenCredentials::Password { user, password }) => {
                 let needs: Vec<Need<'_>> = if repos.len() == requested.len() {
                     repos.iter().map(|(r, a)| Need::Repository(r, *a)).collect()
                 } else {
@@ -664,8 +723,8 @@ impl Auth {
                     .basic_login(&user, &password, info.peer, &needs)
                     .await?
             }
-            TokenCredentials::Anonymous => Identity::anonymous(),
-            TokenCredentials::Malformed => {
+            (None, TokenCredentials::Anonymous) => Identity::anonymous(),
+            (None, TokenCredentials::Malformed) => {
                 return Err(RegistryError::Unauthorized {
                     challenge: state.basic_challenge(),
                     message: "malformed Authorization header",
@@ -692,7 +751,7 @@ impl Auth {
         let wants_catalog = requested
             .iter()
             .any(|s| s.kind == "registry" && s.name == "catalog");
-        if wants_catalog && !who.is_anonymous() {
+        if wants_catalog && !who.is_anonymous() && !who.is_app() {
             access.push(AccessEntry {
                 kind: "registry".into(),
                 name: "catalog".into(),

@@ -99,6 +99,14 @@ impl Identity {
     pub fn is_anonymous(&self) -> bool {
         self.user.is_none()
     }
+
+    /// Whether this is a Cloud Foundry app, known by its instance identity certificate.
+    pub fn is_app(&self) -> bool {
+        self.user.as_deref().is_some_and(|user| {
+            user.split_once(NAMESPACE_SEPARATOR)
+                .is_some_and(|(namespace, _)| namespace == APP_NAMESPACE)
+        })
+    }
 }
 
 /// How htpasswd names a robot account: `robot$NAME`.
@@ -108,6 +116,31 @@ const ROBOT_PREFIX: &str = "robot$";
 /// store one, and configured group names are checked), so the two never meet.
 const NAMESPACE_SEPARATOR: char = ':';
 
+/// The namespaces of Cloud Foundry instance identities: an app is the user `app:GUID`, its space
+/// and organization are the groups `space:GUID` and `organization:GUID`. No trusted issuer may
+/// take these names, so nothing else can ever be called that.
+const APP_NAMESPACE: &str = "app";
+const SPACE_NAMESPACE: &str = "space";
+const ORGANIZATION_NAMESPACE: &str = "organization";
+pub(super) const RESERVED_NAMESPACES: [&str; 3] =
+    [APP_NAMESPACE, SPACE_NAMESPACE, ORGANIZATION_NAMESPACE];
+
+/// The placeholder that binds a rule's repositories to the calling app: `cache/{app}` covers
+/// `cache/<any guid>/...`, and the principal `app:{app}` matches only the app of that GUID.
+const APP_PLACEHOLDER: &str = "{app}";
+
+pub(super) fn app_user(guid: &str) -> String {
+    format!("{APP_NAMESPACE}:{guid}")
+}
+
+pub(super) fn space_group(guid: &str) -> String {
+    format!("{SPACE_NAMESPACE}:{guid}")
+}
+
+pub(super) fn organization_group(guid: &str) -> String {
+    format!("{ORGANIZATION_NAMESPACE}:{guid}")
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Principal {
     User(String),
@@ -116,6 +149,8 @@ enum Principal {
     Authenticated,
     /// Every user a trusted issuer's tokens name.
     AuthenticatedBy(String),
+    /// `app:{app}`: the app whose GUID the rule's placeholder took from the repository name.
+    OwnApp,
 }
 
 impl Principal {
@@ -125,14 +160,22 @@ impl Principal {
         let invalid = |why: &str| {
             ConfigError::Invalid(format!(
                 "auth principal {text:?}: {why}; expected user:NAME, group:NAME, robot:NAME, \
-                 authenticated, or user:ISSUER:NAME, group:ISSUER:NAME, authenticated:ISSUER for a \
-                 trusted issuer"
+                 authenticated, user:ISSUER:NAME, group:ISSUER:NAME, authenticated:ISSUER for a \
+                 trusted issuer, or app:GUID, app:{{app}}, space:GUID, organization:GUID for Cloud \
+                 Foundry instance identities"
             ))
         };
         let issuer_known = |name: &str| match name.split_once(NAMESPACE_SEPARATOR) {
             None => Ok(()),
             Some((issuer, rest)) if issuers.contains(&issuer) && !rest.is_empty() => Ok(()),
             Some((issuer, _)) => Err(invalid(&format!("no trusted issuer is named {issuer:?}"))),
+        };
+        let guid = |guid: &str| {
+            if super::certificate::is_guid(guid) {
+                Ok(())
+            } else {
+                Err(invalid("not a GUID"))
+            }
         };
         let principal = match text.split_once(':') {
             Some(("user", name)) if !name.is_empty() => {
@@ -152,18 +195,34 @@ impl Principal {
             Some(("authenticated", issuer)) => {
                 return Err(invalid(&format!("no trusted issuer is named {issuer:?}")));
             }
+            Some((APP_NAMESPACE, APP_PLACEHOLDER)) => Principal::OwnApp,
+            Some((APP_NAMESPACE, id)) => {
+                guid(id)?;
+                Principal::User(app_user(id))
+            }
+            Some((SPACE_NAMESPACE, id)) => {
+                guid(id)?;
+                Principal::Group(space_group(id))
+            }
+            Some((ORGANIZATION_NAMESPACE, id)) => {
+                guid(id)?;
+                Principal::Group(organization_group(id))
+            }
             None if text == "authenticated" => Principal::Authenticated,
             _ => return Err(invalid("unknown form")),
         };
         Ok(principal)
     }
 
-    fn matches(&self, who: &Identity) -> bool {
+    /// Whether the principal names `who`; `app` is the GUID a rule's placeholder took from the
+    /// repository name, if it has one.
+    fn matches(&self, who: &Identity, app: Option<&str>) -> bool {
         match (self, &who.user) {
             (_, None) => false,
             // People, not robots: a robot's credential sits in automation and may leak, so it gets
             // only what a grant names it for. Nor anyone a trusted issuer vouches for: such an
             // issuer (a foundation's UAA) speaks for many more people than this registry's users.
+            // Nor apps, which hold an identity of their own, not an account.
             (Principal::Authenticated, Some(user)) => {
                 !user.starts_with(ROBOT_PREFIX) && !user.contains(NAMESPACE_SEPARATOR)
             }
@@ -172,14 +231,25 @@ impl Principal {
                 .is_some_and(|(namespace, _)| namespace == issuer),
             (Principal::User(name), Some(user)) => name == user,
             (Principal::Group(group), Some(_)) => who.groups.iter().any(|g| g == group),
+            (Principal::OwnApp, Some(user)) => app.is_some_and(|app| *user == app_user(app)),
         }
     }
 }
 
+/// One path component of a rule's repositories.
+#[derive(Debug, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    /// `{app}`: any GUID, which `app:{app}` grants then compare with the caller's.
+    App,
+}
+
 #[derive(Debug)]
 struct Rule {
+    /// As configured (`*`, `team-a`, `cache/{app}`), to name the rule in errors.
+    text: String,
     /// Empty for every repository.
-    prefix: String,
+    pattern: Vec<Segment>,
     anonymous: Actions,
     foreign_credentials_as_anonymous: bool,
     grants: Vec<(Principal, Actions)>,
@@ -187,15 +257,32 @@ struct Rule {
 
 impl Rule {
     fn compile(rule: &AccessRule, issuers: &[&str]) -> Result<Rule, ConfigError> {
-        let prefix = match rule.repositories.as_str() {
-            "*" => String::new(),
+        let invalid = || {
+            ConfigError::Invalid(format!(
+                "auth.access repositories {:?}: expected * or a repository name prefix, in which \
+                 one whole path component may be {APP_PLACEHOLDER}",
+                rule.repositories
+            ))
+        };
+        let pattern: Vec<Segment> = match rule.repositories.as_str() {
+            "*" => Vec::new(),
             prefix => {
-                prefix.parse::<RepoName>().map_err(|_| {
-                    ConfigError::Invalid(format!(
-                        "auth.access repositories {prefix:?}: expected * or a repository name prefix"
-                    ))
-                })?;
-                prefix.to_owned()
+                let pattern: Vec<Segment> = prefix
+                    .split('/')
+                    .map(|component| match component {
+                        APP_PLACEHOLDER => Segment::App,
+                        literal => Segment::Literal(literal.to_owned()),
+                    })
+                    .collect();
+                // Checked as a name with a sample GUID in the placeholder's place.
+                prefix
+                    .replace(APP_PLACEHOLDER, "0")
+                    .parse::<RepoName>()
+                    .map_err(|_| invalid())?;
+                if pattern.iter().filter(|s| **s == Segment::App).count() > 1 {
+                    return Err(invalid());
+                }
+                pattern
             }
         };
         let anonymous = match rule.anonymous {
@@ -203,7 +290,7 @@ impl Rule {
             AnonymousAccess::Pull => Actions::from(Action::Pull),
             AnonymousAccess::ByName => Actions::PULL,
         };
-        let grants = rule
+        let grants: Vec<(Principal, Actions)> = rule
             .grants
             .iter()
             .map(|(who, actions)| {
@@ -213,26 +300,51 @@ impl Rule {
                 Ok((Principal::parse(who, issuers)?, actions))
             })
             .collect::<Result<_, ConfigError>>()?;
+        if !pattern.contains(&Segment::App)
+            && grants.iter().any(|(who, _)| *who == Principal::OwnApp)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "auth.access repositories {:?}: app:{APP_PLACEHOLDER} needs {APP_PLACEHOLDER} in \
+                 the repositories, e.g. cache/{APP_PLACEHOLDER}",
+                rule.repositories
+            )));
+        }
         Ok(Rule {
-            prefix,
+            text: rule.repositories.clone(),
+            pattern,
             anonymous,
             foreign_credentials_as_anonymous: rule.foreign_credentials_as_anonymous,
             grants,
         })
     }
 
-    fn covers(&self, repo: &str) -> bool {
-        self.prefix.is_empty()
-            || repo
-                .strip_prefix(&self.prefix)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    /// Whether the rule covers `repo` (its prefix on path-component boundaries), and the GUID its
+    /// placeholder took, if it has one.
+    fn covers<'r>(&self, repo: &'r str) -> Option<Option<&'r str>> {
+        let mut components = repo.split('/');
+        let mut app = None;
+        for segment in &self.pattern {
+            let component = components.next()?;
+            match segment {
+                Segment::Literal(literal) if literal == component => {}
+                Segment::Literal(_) => return None,
+                Segment::App => app = Some(component),
+            }
+        }
+        Some(app)
+    }
+
+    /// Sort key putting the most specific rule first: more components, then literals before the
+    /// placeholder (`cache/special` decides over `cache/{app}`).
+    fn specificity(&self) -> (usize, bool) {
+        (self.pattern.len(), !self.pattern.contains(&Segment::App))
     }
 }
 
 #[derive(Debug)]
 pub(super) struct Policy {
     admins: Vec<Principal>,
-    /// Longest prefix first, so the first rule covering a repository is the one that decides.
+    /// Most specific first, so the first rule covering a repository is the one that decides.
     rules: Vec<Rule>,
     groups_of: HashMap<String, Vec<String>>,
 }
@@ -245,6 +357,15 @@ impl Policy {
             .iter()
             .map(|issuer| issuer.name.as_str())
             .collect();
+        if let Some(issuer) = issuers
+            .iter()
+            .find(|issuer| RESERVED_NAMESPACES.contains(issuer))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "auth.token.trusted_issuers name {issuer:?} is kept for Cloud Foundry instance \
+                 identities; choose another"
+            )));
+        }
         if let Some(group) = config
             .groups
             .keys()
@@ -261,7 +382,8 @@ impl Policy {
             .collect::<Result<Vec<_>, _>>()?;
         if rules.is_empty() {
             rules.push(Rule {
-                prefix: String::new(),
+                text: "*".into(),
+                pattern: Vec::new(),
                 anonymous: Actions::NONE,
                 foreign_credentials_as_anonymous: false,
                 grants: vec![(Principal::Authenticated, Actions::ALL)],
@@ -269,18 +391,14 @@ impl Policy {
         }
         let mut prefixes = std::collections::HashSet::new();
         for rule in &rules {
-            if !prefixes.insert(rule.prefix.as_str()) {
+            if !prefixes.insert(rule.text.as_str()) {
                 return Err(ConfigError::Invalid(format!(
                     "auth.access: two rules for repositories {:?}",
-                    if rule.prefix.is_empty() {
-                        "*"
-                    } else {
-                        &rule.prefix
-                    }
+                    rule.text
                 )));
             }
         }
-        rules.sort_by_key(|rule| std::cmp::Reverse(rule.prefix.len()));
+        rules.sort_by_key(|rule| std::cmp::Reverse(rule.specificity()));
         let mut groups_of: HashMap<String, Vec<String>> = HashMap::new();
         for (group, members) in &config.groups {
             for member in members {
@@ -293,7 +411,12 @@ impl Policy {
         let admins = config
             .admins
             .iter()
-            .map(|who| Principal::parse(who, &issuers))
+            .map(|who| match Principal::parse(who, &issuers)? {
+                Principal::OwnApp => Err(ConfigError::Invalid(format!(
+                    "auth.admins {who:?}: {APP_PLACEHOLDER} only has a meaning in a rule's grants"
+                ))),
+                admin => Ok(admin),
+            })
             .collect::<Result<_, _>>()?;
         Ok(Policy {
             admins,
@@ -310,37 +433,40 @@ impl Policy {
         }
     }
 
-    fn rule(&self, repo: &str) -> Option<&Rule> {
-        self.rules.iter().find(|rule| rule.covers(repo))
+    /// The rule deciding for `repo`, and the GUID its placeholder took from the name.
+    fn rule<'r>(&self, repo: &'r str) -> Option<(&Rule, Option<&'r str>)> {
+        self.rules
+            .iter()
+            .find_map(|rule| Some((rule, rule.covers(repo)?)))
     }
 
     /// Everything `who` may do in `repo`. Anonymous permissions apply to everyone.
     pub(super) fn allowed(&self, who: &Identity, repo: &RepoName) -> Actions {
         let anonymous = self
             .rule(repo.as_str())
-            .map_or(Actions::NONE, |rule| rule.anonymous);
+            .map_or(Actions::NONE, |(rule, _)| rule.anonymous);
         self.granted(who, repo).union(anonymous)
     }
 
     /// What `who` may do in `repo` because a grant (or `admins`) names it, leaving out what
     /// anyone may do there.
     pub(super) fn granted(&self, who: &Identity, repo: &RepoName) -> Actions {
-        if self.admins.iter().any(|admin| admin.matches(who)) {
+        if self.admins.iter().any(|admin| admin.matches(who, None)) {
             return Actions::ALL;
         }
-        let Some(rule) = self.rule(repo.as_str()) else {
+        let Some((rule, app)) = self.rule(repo.as_str()) else {
             return Actions::NONE;
         };
         rule.grants
             .iter()
-            .filter(|(principal, _)| principal.matches(who))
+            .filter(|(principal, _)| principal.matches(who, app))
             .fold(Actions::NONE, |all, (_, actions)| all.union(*actions))
     }
 
     /// Whether credentials this registry cannot verify count as anonymous when pulling `repo`.
     pub(super) fn foreign_credentials_as_anonymous(&self, repo: &RepoName) -> bool {
         self.rule(repo.as_str())
-            .is_some_and(|rule| rule.foreign_credentials_as_anonymous)
+            .is_some_and(|(rule, _)| rule.foreign_credentials_as_anonymous)
     }
 }
 
@@ -549,6 +675,67 @@ access:
             let err = Policy::new(&config).unwrap_err().to_string();
             assert!(err.contains(wanted), "{yaml}: {err}");
         }
+    }
+
+    const APPS: &str = r#"
+token:
+  trusted_issuers:
+    - { name: uaa, issuer: "https://uaa.example/oauth/token" }
+access:
+  - repositories: "*"
+    grants: { "authenticated": [pull], "authenticated:uaa": [pull] }
+  - repositories: cache/{app}
+    anonymous: by-name
+    grants: { "app:{app}": [push-by-name], "robot:berth-cacher": [push-by-name] }
+  - repositories: cache/special
+    grants: { "app:5f9c2a1e-0000-4000-8000-000000000001": [pull] }
+  - repositories: shared
+    grants: { "space:5a6b": [pull], "organization:0c1d": [push] }
+"#;
+
+    fn app(p: &Policy, guid: &str, groups: &[&str]) -> Identity {
+        let mut who = p.identity(&app_user(guid));
+        who.groups.extend(groups.iter().map(|g| g.to_string()));
+        who
+    }
+
+    #[test]
+    fn the_app_placeholder_binds_an_app_to_its_own_repositories() {
+        let p = policy(APPS);
+        let a = app(&p, "aaaa", &[]);
+        let own = p.allowed(&a, &repo("cache/aaaa/x"));
+        assert!(own.contains(Actions::PUSH) && own.contains(Actions::PULL));
+        assert!(!own.contains(Actions::LIST) && !own.contains(Actions::DELETE));
+        assert!(p.allowed(&a, &repo("cache/aaaa")).contains(Actions::PUSH));
+        // Another app's repositories: what anyone may do there, nothing of its own.
+        assert_eq!(p.allowed(&a, &repo("cache/bbbb/x")), Actions::PULL);
+        assert_eq!(p.granted(&a, &repo("cache/bbbb/x")), Actions::NONE);
+        assert_eq!(p.granted(&a, &repo("cache/aaaab/x")), Actions::NONE);
+        // The rule's other grants cover every app's repositories.
+        let robot = p.identity("robot$berth-cacher");
+        assert!(
+            p.allowed(&robot, &repo("cache/bbbb/x"))
+                .contains(Actions::PUSH)
+        );
+        // A literal rule as deep as the placeholder is more specific.
+        let special = app(&p, "5f9c2a1e-0000-4000-8000-000000000001", &[]);
+        assert_eq!(
+            p.allowed(&special, &repo("cache/special/x")),
+            Actions::PULL.union(Actions::LIST)
+        );
+        assert_eq!(
+            p.allowed(&app(&p, "special", &[]), &repo("cache/special/x")),
+            Actions::NONE
+        );
+        // Apps are neither local users nor a trusted issuer's: `authenticated` does not cover them.
+        assert_eq!(p.allowed(&a, &repo("team/x")), Actions::NONE);
+        // Spaces and organizations are the app's groups.
+        let grouped = app(&p, "aaaa", &["space:5a6b", "organization:0c1d"]);
+        assert!(
+            p.allowed(&grouped, &repo("shared/x"))
+                .contains(Actions::PUSH)
+        );
+        assert!(a.is_app() && !p.identity("alice").is_app());
     }
 
     #[test]

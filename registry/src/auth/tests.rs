@@ -68,6 +68,7 @@ fn info(headers: &HeaderMap) -> RequestInfo<'_> {
         host: Some("registry.test:5000"),
         peer: Some(IpAddr::from([192, 0, 2, 1])),
         secure: true,
+        client_certificates: None,
     }
 }
 

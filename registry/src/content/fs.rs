@@ -443,24 +443,23 @@ impl ContentStore for FsContentStore {
 
     async fn delete(&self, digests: &[Digest]) -> Result<(), ContentError> {
         let paths: Vec<PathBuf> = digests.iter().map(|d| self.blob_path(d)).collect();
+        let root = self.dirs.root.clone();
         blocking(move || {
-            let mut touched = BTreeSet::new();
+            let mut deleted = false;
             for path in paths {
                 match fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                    Ok(()) => deleted = true,
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
                     Err(err) => return Err(ContentError::from_io(err)),
                 }
-                touched.insert(
-                    path.parent()
-                        .expect("blob paths have a parent")
-                        .to_path_buf(),
-                );
             }
-            // Synced, or a crash could bring back bytes the metadata no longer tracks, and nothing
-            // would ever collect them again; once per shard directory for the whole batch.
-            for dir in touched {
-                sync_dir(&dir).map_err(ContentError::from_io)?;
+            // Durable, or a crash could bring back bytes the metadata no longer tracks, and
+            // nothing would ever collect them again. One filesystem sync commits the whole batch's
+            // directory entries in one journal commit, where a sync per shard directory would
+            // commit once per shard.
+            if deleted {
+                let root = File::open(&root).map_err(ContentError::from_io)?;
+                rustix::fs::syncfs(&root).map_err(|e| ContentError::from_io(e.into()))?;
             }
             Ok(())
         })

@@ -7,6 +7,7 @@ use berth_oci::{Digest, Reference, RepoName, Tag};
 use super::{Garbage, MetadataError, MetadataStore, NewManifest, PageRequest, UsageEntry};
 use crate::content::UploadId;
 
+mod quota;
 mod retention;
 
 fn repo(name: &str) -> RepoName {
@@ -65,6 +66,8 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
     untagged_manifests_are_found_per_prefix(store).await;
     usage_counts_each_digest_once_per_scope(store).await;
     retention::run_all(store).await;
+    // Last: it collects every unreferenced blob, and it leaves no quota in force.
+    quota::quotas_refuse_what_passes_them_and_count_each_digest_once(store).await;
 }
 
 /// A cutoff after everything recorded so far, and one before all of it.

@@ -19,6 +19,7 @@ use super::{
     Pull, Referrer, TaggedManifest, Usage,
 };
 use crate::content::UploadId;
+use crate::quota::{Quota, QuotaUsage};
 
 /// Entries per cache; an entry is a few hundred bytes, so each cache stays within a few MiB.
 const ENTRIES: usize = 16_384;
@@ -308,6 +309,23 @@ impl<S: MetadataStore> MetadataStore for CachedMetadata<S> {
                 .expire_tag(repo, tag, digest, tagged_at, pulled_before),
         )
         .await
+    }
+
+    async fn set_quotas(&self, quotas: &[Quota]) -> Result<(), MetadataError> {
+        self.inner.set_quotas(quotas).await
+    }
+
+    async fn check_quotas(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<(), MetadataError> {
+        self.inner.check_quotas(repo, digest, size).await
+    }
+
+    async fn quota_usage(&self) -> Result<Vec<QuotaUsage>, MetadataError> {
+        self.inner.quota_usage().await
     }
 }
 

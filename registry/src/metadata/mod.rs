@@ -11,6 +11,7 @@ use berth_oci::{Digest, Reference, RepoName, Tag};
 use serde::Serialize;
 
 use crate::content::UploadId;
+use crate::quota::{Quota, QuotaExceeded, QuotaUsage};
 
 pub use cached::CachedMetadata;
 pub use sqlite::SqliteMetadataStore;
@@ -33,6 +34,9 @@ pub enum MetadataError {
     /// The garbage collector is deleting these bytes right now; write them again shortly.
     #[error("{0} is being garbage-collected; retry")]
     BeingCollected(Digest),
+    /// Recording this would take a scope past its quota; nothing was recorded.
+    #[error("{0}")]
+    QuotaExceeded(QuotaExceeded),
 }
 
 impl MetadataError {
@@ -110,6 +114,9 @@ pub struct UsageEntry {
 pub struct Usage {
     pub namespaces: Vec<UsageEntry>,
     pub repositories: Vec<UsageEntry>,
+    /// Every scope of the quotas in force that holds anything, fullest (by share) first.
+    #[serde(default)]
+    pub quota_scopes: Vec<crate::quota::ScopeUsage>,
 }
 
 /// A manifest GET served: `repo` gave out manifest `digest` at `at`.
@@ -328,6 +335,24 @@ pub trait MetadataStore: Send + Sync + 'static {
         tagged_at: SystemTime,
         pulled_before: Option<SystemTime>,
     ) -> Result<Expired, MetadataError>;
+    /// Makes `quotas` the ones in force. From then on every write that gives a repository a
+    /// digest its scope does not hold yet (an upload completing, a mount, a manifest) fails with
+    /// [`MetadataError::QuotaExceeded`] if that takes a scope past its limit, checked in the
+    /// write's own transaction; bytes a refused upload or manifest published are queued for the
+    /// collector unless someone holds them. A new rule's scopes are counted from what is stored.
+    async fn set_quotas(&self, quotas: &[Quota]) -> Result<(), MetadataError>;
+
+    /// Whether `repo` could be given `digest` of `size` bytes now without passing a quota, asked
+    /// before the bytes are published so a refused push usually publishes nothing.
+    async fn check_quotas(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<(), MetadataError>;
+
+    /// Use against each quota in force.
+    async fn quota_usage(&self) -> Result<Vec<QuotaUsage>, MetadataError>;
 }
 
 #[cfg(test)]

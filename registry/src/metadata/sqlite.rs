@@ -15,8 +15,10 @@ use super::{
     Pull, Referrer, TaggedManifest, Usage,
 };
 use crate::content::UploadId;
+use crate::quota::{Quota, QuotaUsage};
 
 mod collect;
+mod quota;
 mod retention;
 
 /// Versioned schema changes, applied in order at start-up; never edit a released one.
@@ -24,6 +26,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/0001_initial.sql")),
     (2, include_str!("../../migrations/0002_collection.sql")),
     (3, include_str!("../../migrations/0003_retention.sql")),
+    (4, include_str!("../../migrations/0004_quotas.sql")),
 ];
 
 /// A finished upload waiting to be recorded by the next group commit.
@@ -61,15 +64,16 @@ fn parse_digest(text: String) -> Result<Digest, MetadataError> {
     text.parse().map_err(|_| MetadataError::Corrupt(text))
 }
 
-fn migrate(conn: &mut Connection) -> Result<(), MetadataError> {
+fn migrate(conn: &mut Connection, migrations: &[(i64, &str)]) -> Result<(), MetadataError> {
     conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)")?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let current: i64 = tx.query_row(
-        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-        [],
-        |r| r.get(0),
-    )?;
-    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+    // Each version not applied yet, not only those above the highest applied: migrations written
+    // side by side on branches may land in either order.
+    let applied = tx
+        .prepare("SELECT version FROM schema_migrations")?
+        .query_map([], |r| r.get::<_, i64>(0))?
+        .collect::<Result<std::collections::HashSet<_>, _>>()?;
+    for (version, sql) in migrations.iter().filter(|(v, _)| !applied.contains(v)) {
         tx.execute_batch(sql)?;
         tx.execute(
             "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
@@ -140,6 +144,8 @@ fn insert_blob_link(
     digest: &str,
     size: u64,
 ) -> Result<(), MetadataError> {
+    // Before taking queued bytes back: refused bytes stay queued for the collector.
+    quota::check(tx, repo.as_str(), digest, size)?;
     collect::reclaim(tx, digest)?;
     let repo_id = ensure_repository(tx, repo)?;
     tx.execute(
@@ -147,11 +153,14 @@ fn insert_blob_link(
          ON CONFLICT (digest) DO UPDATE SET last_linked_at = excluded.last_linked_at",
         params![digest, size as i64, now()],
     )?;
-    tx.execute(
+    let linked = tx.execute(
         "INSERT INTO repository_blobs (repository_id, digest, created_at) VALUES (?1, ?2, ?3) \
          ON CONFLICT (repository_id, digest) DO NOTHING",
         params![repo_id, digest, now()],
     )?;
+    if linked == 1 {
+        quota::add_holder(tx, repo.as_str(), digest, size)?;
+    }
     Ok(())
 }
 
@@ -178,6 +187,11 @@ fn record_completions(conn: &mut Connection, batch: Vec<Completion>) {
             })();
             if result.is_ok() {
                 savepoint.commit()?;
+            } else if matches!(result, Err(MetadataError::QuotaExceeded(_))) {
+                // The bytes were published for this upload; unless someone holds them, the
+                // collector deletes them.
+                drop(savepoint);
+                collect::queue_if_orphaned(&tx, &completion.digest, completion.size)?;
             }
             results.push(result);
         }
@@ -233,7 +247,7 @@ impl SqliteMetadataStore {
             .max_size(8)
             .min_idle(Some(1))
             .build(manager)?;
-        migrate(&mut *pool.get()?)?;
+        migrate(&mut *pool.get()?, MIGRATIONS)?;
         Ok(SqliteMetadataStore {
             pool,
             completions: Arc::default(),
@@ -338,11 +352,16 @@ impl MetadataStore for SqliteMetadataStore {
     async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetadataError> {
         let (repo, digest) = (repo.clone(), digest.to_string());
         self.write(move |conn| {
-            let removed = conn.execute(
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let removed = tx.execute(
                 "DELETE FROM repository_blobs WHERE digest = ?2 \
                  AND repository_id = (SELECT id FROM repositories WHERE name = ?1)",
                 params![repo.as_str(), digest],
             )?;
+            if removed > 0 {
+                quota::remove_holder(&tx, repo.as_str(), &digest)?;
+            }
+            tx.commit()?;
             Ok(removed > 0)
         })
         .await
@@ -357,13 +376,23 @@ impl MetadataStore for SqliteMetadataStore {
         let (repo, manifest, tag) = (repo.clone(), manifest.clone(), tag.cloned());
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let digest = manifest.digest.to_string();
+            match quota::check(&tx, repo.as_str(), &digest, manifest.size) {
+                Err(refused @ MetadataError::QuotaExceeded(_)) => {
+                    // Its bytes were stored for this push; unless someone holds them, the
+                    // collector deletes them.
+                    collect::queue_if_orphaned(&tx, &digest, manifest.size)?;
+                    tx.commit()?;
+                    return Err(refused);
+                }
+                checked => checked?,
+            }
             let repo_id = ensure_repository(&tx, &repo)?;
             if let Some(missing) = first_missing(&tx, Some(repo_id), &manifest)? {
                 return Err(MetadataError::MissingReference(missing));
             }
-            let digest = manifest.digest.to_string();
             collect::reclaim(&tx, &digest)?;
-            tx.execute(
+            let recorded = tx.execute(
                 "INSERT INTO manifests (repository_id, digest, media_type, size, artifact_type, subject, annotations, created_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (repository_id, digest) DO NOTHING",
                 params![
@@ -377,6 +406,9 @@ impl MetadataStore for SqliteMetadataStore {
                     now()
                 ],
             )?;
+            if recorded == 1 {
+                quota::add_holder(&tx, repo.as_str(), &digest, manifest.size)?;
+            }
             {
                 let mut reference = tx.prepare_cached(
                     "INSERT INTO manifest_references (repository_id, manifest_digest, child_digest) VALUES (?1, ?2, ?3) \
@@ -462,6 +494,7 @@ impl MetadataStore for SqliteMetadataStore {
                 )
                 .optional()?;
             if let Some(size) = size {
+                quota::remove_holder(&tx, repo.as_str(), &digest)?;
                 collect::queue_if_orphaned(&tx, &digest, size as u64)?;
             }
             tx.commit()?;
@@ -736,6 +769,7 @@ impl MetadataStore for SqliteMetadataStore {
             Ok(Usage {
                 namespaces,
                 repositories,
+                quota_scopes: quota::scopes_by_use(conn)?,
             })
         })
         .await
@@ -746,6 +780,17 @@ impl MetadataStore for SqliteMetadataStore {
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             retention::record_pulls(&tx, &pulls)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_quotas(&self, quotas: &[Quota]) -> Result<(), MetadataError> {
+        let quotas = quotas.to_vec();
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            quota::configure(&tx, &quotas)?;
             tx.commit()?;
             Ok(())
         })
@@ -783,6 +828,21 @@ impl MetadataStore for SqliteMetadataStore {
         })
         .await
     }
+
+    async fn check_quotas(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<(), MetadataError> {
+        let (repo, digest) = (repo.clone(), digest.to_string());
+        self.with(move |conn| quota::check(conn, repo.as_str(), &digest, size))
+            .await
+    }
+
+    async fn quota_usage(&self) -> Result<Vec<QuotaUsage>, MetadataError> {
+        self.with(|conn| quota::usage(conn)).await
+    }
 }
 
 #[cfg(test)]
@@ -794,6 +854,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteMetadataStore::open(&dir.path().join("metadata.sqlite")).unwrap();
         crate::metadata::behaviour::run_all(&store).await;
+    }
+
+    #[test]
+    fn a_migration_that_lands_after_a_higher_one_is_still_applied() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        let (one, three, four) = (
+            (1, "CREATE TABLE one (x INTEGER);"),
+            (3, "CREATE TABLE three (x INTEGER);"),
+            (4, "CREATE TABLE four (x INTEGER);"),
+        );
+        migrate(&mut conn, &[one, four]).unwrap();
+        // Re-running 1 or 4 would fail: their tables exist.
+        migrate(&mut conn, &[one, three, four]).unwrap();
+        let versions: Vec<i64> = conn
+            .prepare("SELECT version FROM schema_migrations ORDER BY version")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(versions, [1, 3, 4]);
+        conn.execute("INSERT INTO three (x) VALUES (1)", [])
+            .unwrap();
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_util::either::Either;
 use tower_http::timeout::TimeoutBody;
 
@@ -27,10 +28,13 @@ pub use tls::ServerTls;
 use watch::{Activity, Expired, Watched};
 
 /// Facts about the connection a request arrived on, attached to every request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectionInfo {
     pub peer: std::net::SocketAddr,
     pub tls: bool,
+    /// The chain the client presented in the TLS handshake, leaf first. The handshake proved the
+    /// client holds the leaf's key; whether the chain is trusted is for access control to say.
+    pub client_certificates: Option<Arc<[CertificateDer<'static>]>>,
 }
 
 /// Says how many connections were turned away since it last spoke, at most once a second, so a
@@ -109,46 +113,29 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let info = ConnectionInfo {
-            peer,
-            tls: tls.is_some(),
-        };
         let activity = Arc::new(Activity::default());
         let file_sender = FileSender::default();
         let request_sender = tls.is_none().then(|| file_sender.clone());
-        let requests = activity.clone();
-        let service = TowerToHyperService::new(
-            tower::ServiceBuilder::new()
-                .map_future(move |answer| {
-                    let in_flight = requests.request();
-                    async move {
-                        let answered = answer.await;
-                        drop(in_flight);
-                        answered
-                    }
-                })
-                .map_request(move |request: axum::http::Request<hyper::body::Incoming>| {
-                    // A body that stops arriving fails its read, so its handler lets go of
-                    // what it holds (an upload keeps the pieces that arrived).
-                    let mut request = request.map(|incoming| TimeoutBody::new(body, incoming));
-                    request.extensions_mut().insert(info);
-                    if let Some(sender) = &request_sender {
-                        request.extensions_mut().insert(sender.clone());
-                    }
-                    request
-                })
-                .service(app.clone()),
-        );
+        let app = app.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let acceptor = tls.as_ref().map(|tls| tls.acceptor().clone());
         tokio::spawn(async move {
             let _slot = slot;
+            let mut info = ConnectionInfo {
+                peer,
+                tls: acceptor.is_some(),
+                client_certificates: None,
+            };
             let io = match acceptor {
                 None => Either::Left(SendfileStream::new(stream, file_sender)),
                 Some(acceptor) => {
                     match tokio::time::timeout(tls_handshake, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => Either::Right(stream),
+                        Ok(Ok(stream)) => {
+                            info.client_certificates =
+                                stream.get_ref().1.peer_certificates().map(Arc::from);
+                            Either::Right(stream)
+                        }
                         Ok(Err(err)) => {
                             tracing::debug!(%peer, error = %err, "TLS handshake failed");
                             return;
@@ -160,6 +147,29 @@ pub async fn serve(
                     }
                 }
             };
+            let requests = activity.clone();
+            let service = TowerToHyperService::new(
+                tower::ServiceBuilder::new()
+                    .map_future(move |answer| {
+                        let in_flight = requests.request();
+                        async move {
+                            let answered = answer.await;
+                            drop(in_flight);
+                            answered
+                        }
+                    })
+                    .map_request(move |request: axum::http::Request<hyper::body::Incoming>| {
+                        // A body that stops arriving fails its read, so its handler lets go of
+                        // what it holds (an upload keeps the pieces that arrived).
+                        let mut request = request.map(|incoming| TimeoutBody::new(body, incoming));
+                        request.extensions_mut().insert(info.clone());
+                        if let Some(sender) = &request_sender {
+                            request.extensions_mut().insert(sender.clone());
+                        }
+                        request
+                    })
+                    .service(app),
+            );
             let connection = watcher.watch(
                 builder
                     .serve_connection_with_upgrades(

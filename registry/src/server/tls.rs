@@ -3,13 +3,19 @@
 
 use std::io::BufReader;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::client::danger::HandshakeSignatureValid;
+use tokio_rustls::rustls::crypto::WebPkiSupportedAlgorithms;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use tokio_rustls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
-use tokio_rustls::rustls::{ServerConfig, crypto};
+use tokio_rustls::rustls::{
+    DigitallySignedStruct, DistinguishedName, Error, ServerConfig, SignatureScheme, crypto,
+};
 
 use crate::config::{ConfigError, TlsConfig};
 
@@ -23,10 +29,69 @@ impl ResolvesServerCert for CurrentCertificate {
     }
 }
 
+/// Optional client certificates, accepted at the TLS layer whoever signed them: the client only
+/// has to prove it holds the certificate's key (rustls checks its CertificateVerify signature
+/// here). Whether the certificate means anything is decided per request, against the instance
+/// identity CA bundle, so that a certificate that does not validate is answered with `401` and the
+/// OCI error JSON instead of a TLS alert the client cannot explain.
+#[derive(Debug)]
+struct AnyClientCertificate {
+    /// Whether handshakes ask for a certificate at all: only with instance identity configured,
+    /// read per handshake so a reload can turn it on or off.
+    requested: AtomicBool,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for AnyClientCertificate {
+    fn offer_client_auth(&self) -> bool {
+        self.requested.load(Ordering::Relaxed)
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
 /// A TLS acceptor (HTTP/2 and HTTP/1.1 by ALPN) whose certificate can be replaced while serving.
 #[derive(Clone)]
 pub struct ServerTls {
     current: Arc<CurrentCertificate>,
+    clients: Arc<AnyClientCertificate>,
     acceptor: TlsAcceptor,
 }
 
@@ -34,14 +99,24 @@ impl ServerTls {
     /// Loads the certificate chain and key named by `tls`, checking that they belong together.
     pub fn load(tls: &TlsConfig) -> Result<ServerTls, ConfigError> {
         let current = Arc::new(CurrentCertificate(RwLock::new(certified_key(tls)?)));
+        let clients = Arc::new(AnyClientCertificate {
+            requested: AtomicBool::new(false),
+            algorithms: crypto::ring::default_provider().signature_verification_algorithms,
+        });
         let mut config = ServerConfig::builder()
-            .with_no_client_auth()
+            .with_client_cert_verifier(clients.clone())
             .with_cert_resolver(current.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(ServerTls {
             current,
+            clients,
             acceptor: TlsAcceptor::from(Arc::new(config)),
         })
+    }
+
+    /// Whether new handshakes ask clients for an (optional) certificate.
+    pub fn request_client_certificates(&self, requested: bool) {
+        self.clients.requested.store(requested, Ordering::Relaxed);
     }
 
     pub fn acceptor(&self) -> &TlsAcceptor {

@@ -165,34 +165,6 @@ async fn errors_decided_before_the_body_reach_a_client_still_sending_it() {
     expect_session(status.expect(204), "early", 10);
 }
 
-/// A storage root on a tmpfs of a few MiB: a full disk a test can cause and relieve. Mounting
-/// needs root, as the rest of these suites do for dockerd; without it the test fails.
-struct SmallDisk {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-}
-
-impl SmallDisk {
-    fn mount(mib: u32) -> SmallDisk {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let root = dir.path().join("root");
-        std::fs::create_dir(&root).expect("create the mount point");
-        run(std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(&root));
-        SmallDisk { _dir: dir, root }
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.root)
-            .status();
-    }
-}
-
 #[tokio::test]
 async fn a_full_disk_is_507_leaves_nothing_partial_and_the_server_keeps_serving() {
     let disk = SmallDisk::mount(24);

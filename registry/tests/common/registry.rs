@@ -41,28 +41,11 @@ impl Tls {
     /// A self-signed leaf for 127.0.0.1 in `dir`, its own trust anchor (CA:FALSE, or rustls
     /// refuses it as a leaf).
     pub fn generate(dir: &Path) -> Tls {
-        let tls = Tls {
-            certificate: dir.join("cert.pem"),
-            private_key: dir.join("key.pem"),
-        };
-        run(Command::new(require_tool("openssl"))
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-            ])
-            .args(["-nodes", "-days", "2", "-subj", "/CN=berth-test"])
-            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-            .args(["-addext", "extendedKeyUsage=serverAuth"])
-            .arg("-keyout")
-            .arg(&tls.private_key)
-            .arg("-out")
-            .arg(&tls.certificate));
-        tls
+        let (certificate, private_key) = loopback_server_certificate(dir);
+        Tls {
+            certificate,
+            private_key,
+        }
     }
 
     /// A client that trusts this certificate and nothing else.

@@ -45,6 +45,7 @@ pub(super) fn queue_unreferenced(
     let mut forget = tx.prepare_cached("DELETE FROM blobs WHERE digest = ?1")?;
     for garbage in &found {
         let digest = garbage.digest.to_string();
+        super::quota::remove_all_links(tx, &digest)?;
         unlink.execute([&digest])?;
         forget.execute([&digest])?;
         queue(tx, &digest, garbage.size)?;

@@ -1,0 +1,167 @@
+//! Quotas: refusals as content is linked, mounted or recorded, usage counted once per scope, and
+//! lowered by deletes and collection.
+
+use berth_oci::{Digest, Reference};
+
+use super::{after_now, manifest, push_blob, queued, repo, tag};
+use crate::content::UploadId;
+use crate::metadata::{MetadataError, MetadataStore};
+use crate::quota::{Quota, QuotaExceeded, ScopeUsage};
+
+fn quota_refusal(err: MetadataError) -> QuotaExceeded {
+    match err {
+        MetadataError::QuotaExceeded(refusal) => refusal,
+        other => panic!("expected a quota refusal, got {other:?}"),
+    }
+}
+
+async fn quota_figures(store: &dyn MetadataStore) -> Vec<(String, u64, u64)> {
+    let usage = store.quota_usage().await.unwrap();
+    usage
+        .into_iter()
+        .map(|u| (u.quota, u.scopes, u.max_used_bytes))
+        .collect()
+}
+
+pub(super) async fn quotas_refuse_what_passes_them_and_count_each_digest_once(
+    store: &dyn MetadataStore,
+) {
+    let blob = |name: &str| Digest::sha256_of(format!("quota {name}").as_bytes());
+    let (a, b, c, d) = (blob("a"), blob("b"), blob("c"), blob("d"));
+    let (app1, app1_other, app2, app3) = (
+        repo("quota-ns/app1/r1"),
+        repo("quota-ns/app1/r2"),
+        repo("quota-ns/app2"),
+        repo("quota-ns/app3/r"),
+    );
+    // Stored before the quotas come into force: counted when they do.
+    push_blob(store, &repo("quota-ns/app1/r0"), &d, 100).await;
+    let quotas: Vec<Quota> = serde_norway::from_str(
+        "- {repositories: quota-ns, max_bytes: 1000}\n- {repositories: quota-ns/*, max_bytes: 600}\n",
+    )
+    .unwrap();
+    store.set_quotas(&quotas).await.unwrap();
+    assert_eq!(
+        quota_figures(store).await,
+        vec![("quota-ns".into(), 1, 100), ("quota-ns/*".into(), 1, 100)]
+    );
+
+    push_blob(store, &app1, &a, 300).await;
+    assert!(store.link_blob(&app1_other, &a).await.unwrap());
+    // Held in the scope already: another repository of it adds nothing.
+    store
+        .check_quotas(&repo("quota-ns/app1/r3"), &a, 300)
+        .await
+        .unwrap();
+    assert_eq!(
+        quota_figures(store).await,
+        vec![("quota-ns".into(), 1, 400), ("quota-ns/*".into(), 1, 400)]
+    );
+
+    // app1 holds 400 of 600: 400 more is refused, before and as it is recorded.
+    let refusal = quota_refusal(store.check_quotas(&app1, &b, 400).await.unwrap_err());
+    assert_eq!(
+        refusal,
+        QuotaExceeded {
+            quota: "quota-ns/*".into(),
+            scope: "quota-ns/app1".into(),
+            max_bytes: 600,
+            used_bytes: 400,
+            needed_bytes: 400,
+        }
+    );
+    let id = UploadId::new();
+    store.create_upload(&app1, id).await.unwrap();
+    let refused = store.complete_upload(id, &app1, &b, 400).await.unwrap_err();
+    assert_eq!(quota_refusal(refused), refusal);
+    assert_eq!(store.repository_blob(&app1, &b).await.unwrap(), None);
+    assert!(
+        queued(store).await.contains(&b),
+        "bytes published for a refused upload are left to the collector"
+    );
+
+    // Another app has room of its own, and taking the bytes back there takes them off the queue.
+    push_blob(store, &app2, &b, 400).await;
+    assert!(!queued(store).await.contains(&b));
+    // A mount counts like a push.
+    let refused = store.link_blob(&app1_other, &b).await.unwrap_err();
+    assert_eq!(quota_refusal(refused).scope, "quota-ns/app1");
+    assert_eq!(store.repository_blob(&app1_other, &b).await.unwrap(), None);
+    // The namespace as a whole holds 800 of 1000.
+    let id = UploadId::new();
+    store.create_upload(&app3, id).await.unwrap();
+    let refused = quota_refusal(store.complete_upload(id, &app3, &c, 250).await.unwrap_err());
+    assert_eq!(
+        (
+            refused.quota.as_str(),
+            refused.scope.as_str(),
+            refused.used_bytes
+        ),
+        ("quota-ns", "quota-ns", 800)
+    );
+
+    // Manifests count too, and a refused one is recorded nowhere.
+    let mut big = manifest(b"quota big manifest", vec![a.clone()]);
+    big.size = 250;
+    let refused = store
+        .put_manifest(&app1, &big, Some(&tag("v1")))
+        .await
+        .unwrap_err();
+    assert_eq!(quota_refusal(refused).needed_bytes, 250);
+    assert_eq!(
+        store
+            .manifest(&app1, &Reference::Tag(tag("v1")))
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(queued(store).await.contains(&big.digest));
+    let small = manifest(b"quota small manifest", vec![a.clone()]);
+    store
+        .put_manifest(&app1, &small, Some(&tag("v1")))
+        .await
+        .unwrap();
+    let small_size = small.size;
+    assert_eq!(
+        quota_figures(store).await,
+        vec![
+            ("quota-ns".into(), 1, 800 + small_size),
+            ("quota-ns/*".into(), 2, 400 + small_size)
+        ]
+    );
+    let scope = |quota: &str, scope: &str, bytes, max_bytes| ScopeUsage {
+        quota: quota.into(),
+        scope: scope.into(),
+        bytes,
+        max_bytes,
+    };
+    assert_eq!(
+        store.usage().await.unwrap().quota_scopes,
+        vec![
+            scope("quota-ns", "quota-ns", 800 + small_size, 1000),
+            scope("quota-ns/*", "quota-ns/app1", 400 + small_size, 600),
+            scope("quota-ns/*", "quota-ns/app2", 400, 600),
+        ],
+        "fullest first"
+    );
+
+    // Deleting lowers the usage once no repository of the scope holds the digest any more.
+    assert!(store.unlink_blob(&app1_other, &a).await.unwrap());
+    assert_eq!(quota_figures(store).await[1].2, 400 + small_size);
+    assert!(store.unlink_blob(&app1, &a).await.unwrap());
+    assert!(store.delete_manifest(&app1, &small.digest).await.unwrap());
+    assert_eq!(
+        quota_figures(store).await,
+        vec![("quota-ns".into(), 1, 500), ("quota-ns/*".into(), 2, 400)]
+    );
+    // So does collection: nothing references b in app2, nor d.
+    store.queue_unreferenced(after_now(), 10_000).await.unwrap();
+    assert_eq!(
+        quota_figures(store).await,
+        vec![("quota-ns".into(), 0, 0), ("quota-ns/*".into(), 0, 0)]
+    );
+    store.check_quotas(&app1, &c, 600).await.unwrap();
+
+    store.set_quotas(&[]).await.unwrap();
+    assert!(store.quota_usage().await.unwrap().is_empty());
+}
