@@ -91,7 +91,11 @@ async fn send(
     content_type: Option<&str>,
     body: Vec<u8>,
 ) -> Reply {
-    let mut request = client.request(method, url).body(body);
+    // Manifests in OCI form are served only to clients that say they accept them.
+    let mut request = client
+        .request(method, url)
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .body(body);
     if let Some(content_type) = content_type {
         request = request.header("Content-Type", content_type);
     }
