@@ -536,3 +536,71 @@ async fn nothing_is_expired_while_cloud_controller_does_not_answer() {
     );
     assert_eq!(state.metadata.tags_under("cache").await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn rules_expire_tags_and_the_manifests_they_alone_kept_in_a_real_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteMetadataStore::open(&dir.path().join("m.sqlite")).unwrap();
+    let (web, cached) = (
+        "team/web".parse::<RepoName>().unwrap(),
+        format!("cache/{APP_A}/r").parse::<RepoName>().unwrap(),
+    );
+    for (i, name) in ["release-1", "release-2", "dev"].into_iter().enumerate() {
+        push_staging(&store, &web, &format!("web {i}"), name).await;
+        // Tag times are in seconds: the next tag is a second newer.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    // A second tag on release-1's manifest, outside the rule's pattern, keeps the manifest.
+    let kept_by_other = manifest(b"web 0", vec![Digest::sha256_of(b"layer of web 0")]);
+    store
+        .put_manifest(&web, &kept_by_other, Some(&"stable".parse().unwrap()))
+        .await
+        .unwrap();
+    push_staging(&store, &cached, "cached", "release-0").await;
+    let content = crate::content::FsContentStore::open(dir.path().join("content")).unwrap();
+    let state = crate::api::AppState::new(
+        Arc::new(content),
+        Arc::new(store),
+        crate::config::Limits::default(),
+    );
+    let config = RetentionConfig {
+        rules: vec![RetentionRule {
+            repositories: "*".into(),
+            tags: "release-*".into(),
+            keep_last: Some(0),
+            pulled_within_days: None,
+        }],
+        ..RetentionConfig::default()
+    };
+    let retention = Retention::new(config).unwrap();
+    let mut report = GcReport::default();
+    let later = SystemTime::now() + Duration::from_secs(60);
+    retention.run(&state, later, &mut report).await.unwrap();
+    assert_eq!(
+        (
+            report.expired_stagings,
+            report.expired_tags,
+            report.expired_manifests
+        ),
+        (0, 2, 1),
+        "{report:?}"
+    );
+    let mut left: Vec<String> = state
+        .metadata
+        .tags_under("")
+        .await
+        .unwrap()
+        .iter()
+        .map(|t| format!("{}:{}", t.repo, t.tag))
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            format!("{cached}:release-0"),
+            "team/web:dev".to_owned(),
+            "team/web:stable".to_owned()
+        ],
+        "the cache is cache retention's"
+    );
+}
