@@ -38,6 +38,7 @@ pub struct Config {
     /// Who may do what; open to everyone unless set.
     pub auth: AuthConfig,
     pub gc: GcConfig,
+    pub retention: crate::retention::RetentionConfig,
     /// Byte quotas per repository prefix; none by default.
     pub quotas: Vec<crate::quota::Quota>,
 }
@@ -134,6 +135,7 @@ impl Default for Config {
             limits: Limits::default(),
             auth: AuthConfig::default(),
             gc: GcConfig::default(),
+            retention: Default::default(),
             quotas: Vec::new(),
         }
     }
@@ -271,6 +273,7 @@ impl Config {
                 )));
             }
         }
+        self.retention.check()?;
         crate::quota::validate(&self.quotas).map_err(ConfigError::Invalid)?;
         if self.storage.root.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
@@ -379,5 +382,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("/missing/cert.pem"), "{err}");
+        let err = load_text("retention:\n  cache:\n    keep_stagings: 0\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("keep_stagings"), "{err}");
     }
 }

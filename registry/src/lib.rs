@@ -12,5 +12,7 @@ pub mod gc;
 pub mod manifest;
 pub mod metadata;
 pub mod metrics;
+pub mod pulls;
 pub mod quota;
+pub mod retention;
 pub mod server;

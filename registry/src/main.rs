@@ -14,6 +14,7 @@ use berth_registry::content::FsContentStore;
 use berth_registry::gc::Collector;
 use berth_registry::metadata::Usage;
 use berth_registry::metadata::{CachedMetadata, SqliteMetadataStore};
+use berth_registry::retention::Retention;
 use berth_registry::{gc, server};
 use clap::{Parser, Subcommand};
 
@@ -44,7 +45,8 @@ enum Command {
     /// Print an htpasswd line (bcrypt) for USER, reading the password from the first line of
     /// standard input so it never appears in a process list.
     Htpasswd { user: String },
-    /// Collect garbage now: untagged manifests where configured, then blobs nothing references.
+    /// Collect garbage now: retention first, untagged manifests where configured, then blobs
+    /// nothing references.
     /// Asks the running server if there is one, else works on the storage itself.
     Gc {
         /// Only say what would be deleted.
@@ -124,7 +126,7 @@ fn maintain(config: &Config, request: Request) -> anyhow::Result<Answer> {
             .build()?
             .block_on(async {
                 let state = open_state(config).await?;
-                let collector = Collector::new(state, config.gc.clone());
+                let collector = collector(state, config)?;
                 let answer = match request {
                     Request::Gc { dry_run } => collector.run(dry_run).await.map(Answer::Gc),
                     Request::Usage => collector.usage().await.map(Answer::Usage),
@@ -257,6 +259,12 @@ fn claim_data_directory(root: &Path) -> anyhow::Result<std::fs::File> {
     }
 }
 
+/// The collector `config` describes, retention included.
+fn collector(state: Arc<AppState>, config: &Config) -> anyhow::Result<Collector> {
+    let retention = Retention::new(config.retention.clone())?;
+    Ok(Collector::new(state, config.gc.clone()).with_retention(retention))
+}
+
 /// Opens the stores and access control `config` names.
 async fn open_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
     let root = &config.storage.root;
@@ -273,7 +281,8 @@ async fn open_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
             Arc::new(CachedMetadata::new(metadata)),
             config.limits.clone(),
         )
-        .with_auth(auth),
+        .with_auth(auth)
+        .with_pull_tracking(config.retention.track_pulls),
     ))
 }
 
@@ -293,7 +302,7 @@ async fn serve(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<(
         .await
         .context("listing upload sessions")?;
     state.metrics.set_upload_sessions(open_uploads.len());
-    let collector = Arc::new(Collector::new(state.clone(), config.gc.clone()));
+    let collector = Arc::new(collector(state.clone(), &config)?);
     if let Ok(usage) = collector.usage().await {
         state.metrics.set_usage(&usage);
     }
@@ -305,6 +314,10 @@ async fn serve(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<(
             tracing::error!(socket = %socket.display(), error = %err, "the maintenance socket stopped");
         }
     });
+    tokio::spawn(state.pulls.clone().flush_forever(
+        state.metadata.clone(),
+        Duration::from_secs(config.retention.pull_flush_seconds),
+    ));
     tokio::spawn(gc::purge_idle_uploads_forever(
         state.clone(),
         Duration::from_secs(config.limits.upload_max_idle_seconds),
@@ -338,12 +351,15 @@ async fn serve(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<(
     );
     server::serve(
         listener,
-        api::router(state),
+        api::router(state.clone()),
         tls,
         shutdown_signal(),
         &config.limits,
     )
     .await;
+    if let Err(err) = state.pulls.flush(state.metadata.as_ref()).await {
+        tracing::warn!(error = %err, "recording the last manifest pulls at shutdown failed");
+    }
     Ok(())
 }
 

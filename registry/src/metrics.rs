@@ -47,7 +47,9 @@ struct GcGauges {
     duration_seconds: Gauge<f64, AtomicU64>,
     objects_deleted: Gauge,
     bytes_freed: Gauge,
+    expired_tags: Gauge,
     failures: Counter,
+    retention_skipped: Counter,
 }
 
 struct Inner {
@@ -142,6 +144,16 @@ impl Default for Metrics {
             gc.bytes_freed.clone(),
         );
         registry.register(
+            "gc_last_run_expired_tags",
+            "Tags retention deleted in the last garbage collection",
+            gc.expired_tags.clone(),
+        );
+        registry.register(
+            "retention_skipped",
+            "Garbage collections whose retention deleted nothing because Cloud Controller or UAA did not answer",
+            gc.retention_skipped.clone(),
+        );
+        registry.register(
             "gc_failures",
             "Garbage collections that failed",
             gc.failures.clone(),
@@ -230,12 +242,17 @@ impl Metrics {
         gc.duration_seconds.set(report.duration_ms as f64 / 1e3);
         gc.objects_deleted.set(report.objects_deleted as i64);
         gc.bytes_freed.set(report.bytes_freed as i64);
+        gc.expired_tags.set(report.expired_tags as i64);
         if !succeeded {
             gc.failures.inc();
         }
     }
 
     /// Replaces the per-namespace storage figures (a namespace emptied since drops out).
+    pub fn retention_skipped(&self) {
+        self.0.gc.retention_skipped.inc();
+    }
+
     pub fn set_usage(&self, usage: &Usage) {
         self.0.storage_bytes.clear();
         for entry in &usage.namespaces {

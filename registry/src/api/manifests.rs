@@ -146,6 +146,7 @@ pub(super) async fn get(
         return Ok((headers, Body::empty()).into_response());
     }
     let bytes = manifest_bytes(state, &info.digest).await?;
+    state.pulls.note(repo, &info.digest);
     Ok((headers, bytes).into_response())
 }
 

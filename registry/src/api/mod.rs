@@ -30,6 +30,7 @@ use crate::content::ContentStore;
 use crate::error::{RegistryError, Result, StorageFailure};
 use crate::metadata::MetadataStore;
 use crate::metrics::Metrics;
+use crate::pulls::PullNotes;
 use crate::server::FileSender;
 use route::Route;
 
@@ -42,6 +43,8 @@ pub struct AppState {
     pub auth: Auth,
     /// Digests pushes are storing, kept away from the garbage collector's sweep.
     pub reservations: crate::gc::Reservations,
+    /// Manifest pulls waiting to be written for retention.
+    pub pulls: Arc<PullNotes>,
     /// Manifest bytes by digest. Content-addressed bytes never change, so entries never go stale;
     /// whether a repository may see a digest is still asked of the metadata store every time.
     manifest_bytes: quick_cache::sync::Cache<Digest, Bytes, ByteWeighter>,
@@ -74,8 +77,16 @@ impl AppState {
             metrics: Metrics::default(),
             auth: Auth::open(),
             reservations: Default::default(),
+            pulls: Arc::new(PullNotes::new(false)),
             manifest_bytes,
         }
+    }
+
+    /// Notes manifest pulls for retention (off by default); whoever turns it on writes them with
+    /// [`PullNotes::flush_forever`].
+    pub fn with_pull_tracking(mut self, enabled: bool) -> Self {
+        self.pulls = Arc::new(PullNotes::new(enabled));
+        self
     }
 
     /// Puts `auth` in charge of who may do what (the default lets everyone do everything).

@@ -33,6 +33,7 @@ use crate::api::AppState;
 use crate::config::GcConfig;
 use crate::error::RegistryError;
 use crate::metadata::Usage;
+use crate::retention::Retention;
 
 mod reservations;
 
@@ -48,6 +49,18 @@ const SWEEP_BATCH: u32 = 2000;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcReport {
     pub dry_run: bool,
+    /// Cache stagings retention expired (their tags are counted in `expired_tags`).
+    #[serde(default)]
+    pub expired_stagings: u64,
+    /// Tags retention deleted: the stagings' and those of rules.
+    #[serde(default)]
+    pub expired_tags: u64,
+    /// Manifests that went with their last tag (a dry run leaves out the images of indexes).
+    #[serde(default)]
+    pub expired_manifests: u64,
+    /// Why retention deleted nothing this run, if it could not ask Cloud Controller.
+    #[serde(default)]
+    pub retention_skipped: Option<String>,
     /// Untagged manifests deleted under `gc.untagged`.
     pub manifests_deleted: u64,
     /// Blobs and manifest bytes whose storage was deleted.
@@ -65,9 +78,20 @@ impl std::fmt::Display for GcReport {
         };
         write!(
             f,
-            "{verb} {} untagged manifests and {} objects, {} bytes, in {} ms",
-            self.manifests_deleted, self.objects_deleted, self.bytes_freed, self.duration_ms
-        )
+            "{verb} {} untagged manifests and {} objects, {} bytes, in {} ms; retention: {} \
+             stagings, {} tags, {} manifests",
+            self.manifests_deleted,
+            self.objects_deleted,
+            self.bytes_freed,
+            self.duration_ms,
+            self.expired_stagings,
+            self.expired_tags,
+            self.expired_manifests
+        )?;
+        if let Some(reason) = &self.retention_skipped {
+            write!(f, " (skipped: {reason})")?;
+        }
+        Ok(())
     }
 }
 
@@ -75,6 +99,7 @@ impl std::fmt::Display for GcReport {
 pub struct Collector {
     state: Arc<AppState>,
     config: GcConfig,
+    retention: Option<Retention>,
     running: tokio::sync::Mutex<()>,
 }
 
@@ -83,12 +108,20 @@ impl Collector {
         Collector {
             state,
             config,
+            retention: None,
             running: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// One collection: untagged manifests where configured, then every blob nothing references
-    /// and no one pushed or mounted within the grace period. Dry, it only counts.
+    /// Runs `retention` first in every collection.
+    pub fn with_retention(mut self, retention: Retention) -> Collector {
+        self.retention = Some(retention);
+        self
+    }
+
+    /// One collection: retention, then untagged manifests where configured, then every blob
+    /// nothing references and no one pushed or mounted within the grace period. Dry, it only
+    /// counts (and what retention would expire frees its bytes only in a real run).
     pub async fn run(&self, dry_run: bool) -> Result<GcReport, RegistryError> {
         let _one_at_a_time = self.running.lock().await;
         let started = Instant::now();
@@ -105,6 +138,9 @@ impl Collector {
         match &result {
             Ok(()) => tracing::info!(
                 dry_run,
+                expired_stagings = report.expired_stagings,
+                expired_tags = report.expired_tags,
+                expired_manifests = report.expired_manifests,
                 manifests_deleted = report.manifests_deleted,
                 objects_deleted = report.objects_deleted,
                 bytes_freed = report.bytes_freed,
@@ -130,6 +166,9 @@ impl Collector {
         report: &mut GcReport,
     ) -> Result<(), RegistryError> {
         let metadata = &self.state.metadata;
+        if let Some(retention) = &self.retention {
+            retention.run(&self.state, cutoff, report).await?;
+        }
         for prefix in &self.config.untagged {
             let prefix = if prefix == "*" { "" } else { prefix.as_str() };
             if report.dry_run {

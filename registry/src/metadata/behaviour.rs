@@ -8,6 +8,7 @@ use super::{Garbage, MetadataError, MetadataStore, NewManifest, PageRequest, Usa
 use crate::content::UploadId;
 
 mod quota;
+mod retention;
 
 fn repo(name: &str) -> RepoName {
     name.parse().unwrap()
@@ -64,6 +65,7 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
     deleted_manifests_free_their_bytes_and_references(store).await;
     untagged_manifests_are_found_per_prefix(store).await;
     usage_counts_each_digest_once_per_scope(store).await;
+    retention::run_all(store).await;
     // Last: it collects every unreferenced blob, and it leaves no quota in force.
     quota::quotas_refuse_what_passes_them_and_count_each_digest_once(store).await;
 }

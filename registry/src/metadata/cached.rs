@@ -15,8 +15,8 @@ use async_trait::async_trait;
 use berth_oci::{Digest, Reference, RepoName, Tag};
 
 use super::{
-    Garbage, ManifestInfo, MetadataError, MetadataStore, NewManifest, Page, PageRequest, Referrer,
-    Usage,
+    Expired, Garbage, ManifestInfo, MetadataError, MetadataStore, NewManifest, Page, PageRequest,
+    Pull, Referrer, TaggedManifest, Usage,
 };
 use crate::content::UploadId;
 use crate::quota::{Quota, QuotaUsage};
@@ -284,6 +284,31 @@ impl<S: MetadataStore> MetadataStore for CachedMetadata<S> {
 
     async fn usage(&self) -> Result<Usage, MetadataError> {
         self.inner.usage().await
+    }
+
+    async fn record_pulls(&self, pulls: &[Pull]) -> Result<(), MetadataError> {
+        self.inner.record_pulls(pulls).await
+    }
+
+    async fn tags_under(&self, prefix: &str) -> Result<Vec<TaggedManifest>, MetadataError> {
+        self.inner.tags_under(prefix).await
+    }
+
+    async fn expire_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        digest: &Digest,
+        tagged_at: SystemTime,
+        pulled_before: Option<SystemTime>,
+    ) -> Result<Expired, MetadataError> {
+        self.writing(
+            true,
+            true,
+            self.inner
+                .expire_tag(repo, tag, digest, tagged_at, pulled_before),
+        )
+        .await
     }
 
     async fn set_quotas(&self, quotas: &[Quota]) -> Result<(), MetadataError> {

@@ -119,6 +119,36 @@ pub struct Usage {
     pub quota_scopes: Vec<crate::quota::ScopeUsage>,
 }
 
+/// A manifest GET served: `repo` gave out manifest `digest` at `at`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pull {
+    pub repo: RepoName,
+    pub digest: Digest,
+    pub at: SystemTime,
+}
+
+/// A tag and what retention weighs about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaggedManifest {
+    pub repo: RepoName,
+    pub tag: Tag,
+    pub digest: Digest,
+    /// When the tag was last pointed at `digest` (its push, for a staging).
+    pub tagged_at: SystemTime,
+    /// The last pull of `digest` or of any manifest it lists in `repo` (an index's images), if
+    /// one was recorded.
+    pub pulled_at: Option<SystemTime>,
+}
+
+/// What expiring one tag deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Expired {
+    pub tags: u64,
+    /// The tag's manifest, if no other tag kept it, and the images of an index that nothing else
+    /// in the repository kept.
+    pub manifests: u64,
+}
+
 /// A page of a sorted listing: entries after `last`, at most `limit` of them.
 #[derive(Debug, Clone)]
 pub struct PageRequest {
@@ -283,6 +313,28 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Storage in use per top-level namespace and per repository.
     async fn usage(&self) -> Result<Usage, MetadataError>;
 
+    /// Records manifest pulls in one transaction; a manifest's last pull only moves forward, and
+    /// pulls of manifests that are gone are dropped.
+    async fn record_pulls(&self, pulls: &[Pull]) -> Result<(), MetadataError>;
+
+    /// Every tag of repositories under `prefix` (the repository itself or below it; all if
+    /// empty), by repository, newest tagged first.
+    async fn tags_under(&self, prefix: &str) -> Result<Vec<TaggedManifest>, MetadataError>;
+
+    /// Deletes tag `tag` of `repo` if it still points at `digest`, was tagged no later than
+    /// `tagged_at`, and (with `pulled_before`) what it names was last pulled before that; then the
+    /// manifest if no tag points at it any more and no index in `repo` lists it, and likewise
+    /// the images of a deleted index. One transaction: a tag moved or pushed again meanwhile, or a
+    /// pull recorded meanwhile, keeps everything. Deleted manifests' bytes are queued as by
+    /// [`MetadataStore::delete_manifest`].
+    async fn expire_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        digest: &Digest,
+        tagged_at: SystemTime,
+        pulled_before: Option<SystemTime>,
+    ) -> Result<Expired, MetadataError>;
     /// Makes `quotas` the ones in force. From then on every write that gives a repository a
     /// digest its scope does not hold yet (an upload completing, a mount, a manifest) fails with
     /// [`MetadataError::QuotaExceeded`] if that takes a scope past its limit, checked in the

@@ -11,19 +11,21 @@ use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    Garbage, ManifestInfo, MetadataError, MetadataStore, NewManifest, Page, PageRequest, Referrer,
-    Usage,
+    Expired, Garbage, ManifestInfo, MetadataError, MetadataStore, NewManifest, Page, PageRequest,
+    Pull, Referrer, TaggedManifest, Usage,
 };
 use crate::content::UploadId;
 use crate::quota::{Quota, QuotaUsage};
 
 mod collect;
 mod quota;
+mod retention;
 
 /// Versioned schema changes, applied in order at start-up; never edit a released one.
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/0001_initial.sql")),
     (2, include_str!("../../migrations/0002_collection.sql")),
+    (3, include_str!("../../migrations/0003_retention.sql")),
     (4, include_str!("../../migrations/0004_quotas.sql")),
 ];
 
@@ -780,6 +782,17 @@ impl MetadataStore for SqliteMetadataStore {
         .await
     }
 
+    async fn record_pulls(&self, pulls: &[Pull]) -> Result<(), MetadataError> {
+        let pulls = pulls.to_vec();
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            retention::record_pulls(&tx, &pulls)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn set_quotas(&self, quotas: &[Quota]) -> Result<(), MetadataError> {
         let quotas = quotas.to_vec();
         self.write(move |conn| {
@@ -787,6 +800,38 @@ impl MetadataStore for SqliteMetadataStore {
             quota::configure(&tx, &quotas)?;
             tx.commit()?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn tags_under(&self, prefix: &str) -> Result<Vec<TaggedManifest>, MetadataError> {
+        let prefix = prefix.to_owned();
+        self.with(move |conn| retention::tags_under(conn, &prefix))
+            .await
+    }
+
+    async fn expire_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        digest: &Digest,
+        tagged_at: SystemTime,
+        pulled_before: Option<SystemTime>,
+    ) -> Result<Expired, MetadataError> {
+        let (repo, tag, digest) = (repo.clone(), tag.clone(), digest.to_string());
+        let (tagged_at, pulled_before) = (unix(tagged_at), pulled_before.map(unix));
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let expired = retention::expire_tag(
+                &tx,
+                repo.as_str(),
+                tag.as_str(),
+                &digest,
+                tagged_at,
+                pulled_before,
+            )?;
+            tx.commit()?;
+            Ok(expired)
         })
         .await
     }
