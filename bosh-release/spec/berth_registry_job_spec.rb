@@ -30,6 +30,9 @@ RSpec.describe 'berth-registry job' do
         'storage' => { 'root' => '/var/vcap/store/berth-registry' },
         'log' => { 'format' => 'json', 'level' => 'info' },
         'gc' => { 'interval_seconds' => 3600, 'grace_seconds' => 7200, 'untagged' => [] },
+        'retention' => { 'track_pulls' => true,
+                         'cache' => { 'enabled' => true, 'namespace' => 'cache', 'keep_stagings' => 3,
+                                      'pulled_within_days' => 30 } },
         'tls' => { 'certificate' => '/var/vcap/jobs/berth-registry/config/tls.crt',
                    'private_key' => '/var/vcap/jobs/berth-registry/config/tls.key' },
         'auth' => {
@@ -87,6 +90,38 @@ RSpec.describe 'berth-registry job' do
                       'BERTH_PACKAGE_DIR' => install_package(root), 'BERTH_OWNER' => owner },
                     "#{root}/jobs/berth-registry/bin/pre-start")
       expect(output).to include('berth-registry.yml: ok')
+    end
+
+    it 'keeps every image a staged droplet names when given a Cloud Controller, and the real registry accepts it' do
+      properties = merge(secure, 'berth' => {
+                           'registry' => { 'retention' => {
+                             'cache' => { 'keep_stagings' => 5, 'pulled_within_days' => 7 },
+                             'rules' => [{ 'repositories' => 'ci', 'tags' => 'pr-*', 'keep_last' => 10 }],
+                             'cloud_controller' => { 'api_url' => 'https://api.sys.example.com',
+                                                     'uaa_url' => 'https://uaa.service.cf.internal:8443',
+                                                     'client_secret' => 'cc-secret', 'ca' => tls['ca'] }
+                           } },
+                           'cache' => { 'namespace' => 'mirror' }
+                         })
+      retention = config(properties)['retention']
+      expect(retention).to eq(
+        'track_pulls' => true,
+        'cache' => { 'enabled' => true, 'namespace' => 'mirror', 'keep_stagings' => 5, 'pulled_within_days' => 7 },
+        'rules' => [{ 'repositories' => 'ci', 'tags' => 'pr-*', 'keep_last' => 10 }],
+        'cloud_controller' => { 'api_url' => 'https://api.sys.example.com', 'uaa_url' => 'https://uaa.service.cf.internal:8443',
+                                'client_id' => 'berth_registry',
+                                'client_secret_file' => '/var/vcap/jobs/berth-registry/config/cc-client-secret',
+                                'ca_file' => '/var/vcap/jobs/berth-registry/config/cc-ca.pem' }
+      )
+      expect(job.render('config/cc-client-secret', properties: properties)).to eq('cc-secret')
+      root = tmp
+      install_job(root, 'berth-registry', properties: properties, spec: disk)
+      output = run!({ 'BERTH_JOB_DIR' => "#{root}/jobs/berth-registry", 'BERTH_DATA_DIR' => "#{root}/data/berth-registry",
+                      'BERTH_PACKAGE_DIR' => install_package(root), 'BERTH_OWNER' => owner },
+                    "#{root}/jobs/berth-registry/bin/pre-start")
+      expect(output).to include('berth-registry.yml: ok')
+      without_secret = merge(properties, 'berth' => { 'registry' => { 'retention' => { 'cloud_controller' => { 'client_secret' => nil } } } })
+      expect { config(without_secret) }.to raise_error(/needs cloud_controller.client_secret/)
     end
 
     it 'points at the token signing key only when one is given' do

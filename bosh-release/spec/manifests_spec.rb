@@ -7,7 +7,9 @@ RSpec.describe 'manifests' do
   let(:vars) do
     { 'berth_release_version' => '1.0.0', 'berth_registry_ip' => '10.0.1.50', 'registry_name' => 'registry.example.internal',
       'berth_registry_tls' => tls, 'berth_cacher_password' => 'robot-pw', 'berth_admin_password' => 'admin-pw',
-      'diego_instance_identity_ca' => identity_ca, 'cc_db_encryption_key' => 'k' }
+      'diego_instance_identity_ca' => identity_ca, 'cc_db_encryption_key' => 'k',
+      'system_domain' => 'sys.example.com', 'berth_registry_uaa_client_secret' => 'uaa-client-pw',
+      'router_ssl' => { 'ca' => tls['ca'] }, 'uaa_ssl' => { 'ca' => tls['ca'] } }
   end
 
   def load(path)
@@ -69,6 +71,21 @@ RSpec.describe 'manifests' do
       expect(config['auth']['instance_identity']).to eq('ca_file' => '/var/vcap/jobs/berth-registry/config/instance-identity-ca.pem')
       bundle = release_job('berth-registry').render('config/instance-identity-ca.pem', properties: registry_properties)
       expect(bundle).to eq(identity_ca['certificate'] + identity_ca['ca'])
+    end
+
+    it "gives the registry a read-only UAA client and Cloud Controller's address for retention" do
+      client = group(manifest, 'uaa')['jobs'][0]['properties']['uaa']['clients']
+      expect(client['berth_registry']).to eq('authorized-grant-types' => 'client_credentials',
+                                             'authorities' => 'cloud_controller.global_auditor',
+                                             'secret' => '((berth_registry_uaa_client_secret))')
+      expect(client).to have_key('cc_routing')
+      config = YAML.safe_load(release_job('berth-registry').render('config/berth-registry.yml', properties: registry_properties,
+                                                                                                 spec: { 'persistent_disk' => 102_400 }))
+      expect(config['retention']['cloud_controller']).to include('api_url' => 'https://api.sys.example.com',
+                                                                 'uaa_url' => 'https://uaa.service.cf.internal:8443',
+                                                                 'client_id' => 'berth_registry')
+      expect(release_job('berth-registry').render('config/cc-client-secret', properties: registry_properties)).to eq('uaa-client-pw')
+      expect(manifest['variables'].find { |v| v['name'] == 'berth_registry_uaa_client_secret' }).to include('type' => 'password')
     end
 
     it 'colocates berth-lifecycle with file_server, wired to the registry link' do
