@@ -435,7 +435,7 @@ async fn cache(
 /// stagings; `ID` is an HMAC of the GUID under the operator's key (stable across stagings, so
 /// re-staging reuses the repository) or random without a key, and never guessable from the GUID.
 fn cache_repository(namespace: &str, app_id: Option<&str>, key: Option<&Secret>) -> RepoName {
-    let app = app_id.filter(|id| is_path_safe(id));
+    let app = app_id.filter(|id| berth_oci::is_app_guid(id));
     let id = match (app, key) {
         (Some(app), Some(key)) => keyed_id(key, &[app.as_bytes()]),
         _ => uuid::Uuid::new_v4().simple().to_string(),
@@ -447,17 +447,9 @@ fn cache_repository(namespace: &str, app_id: Option<&str>, key: Option<&Secret>)
 
 /// The app's GUID when it is safe as a repository path component.
 fn app_guid(env: &StagingEnv) -> Option<&str> {
-    env.app_id.as_deref().filter(|id| is_path_safe(id))
-}
-
-fn is_path_safe(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !id.starts_with('-')
-        && !id.ends_with('-')
+    env.app_id
+        .as_deref()
+        .filter(|id| berth_oci::is_app_guid(id))
 }
 
 /// 32 hex digits of HMAC-SHA256 under `key` over `parts` joined by NUL. Only the last part may

@@ -7,4 +7,4 @@ pub mod media_type;
 mod name;
 
 pub use digest::{Algorithm, Digest, DigestError, DigestHasher};
-pub use name::{NameError, Reference, RepoName, Tag};
+pub use name::{NameError, Reference, RepoName, Tag, is_app_guid};

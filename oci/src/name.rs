@@ -37,6 +37,18 @@ impl RepoName {
     }
 }
 
+/// Whether `text` can be a Cloud Foundry GUID (lowercase UUIDs; any one repository path component
+/// of lowercase letters, digits and inner hyphens is accepted) and so name a repository.
+pub fn is_app_guid(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !text.starts_with('-')
+        && !text.ends_with('-')
+}
+
 fn is_valid_component(component: &str) -> bool {
     let bytes = component.as_bytes();
     let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();

@@ -122,7 +122,7 @@ fn app_identity(leaf: &CertificateDer<'_>) -> Result<Identity, CertificateRefuse
         };
         let group = match kind {
             "app" => {
-                if !is_guid(guid) {
+                if !berth_oci::is_app_guid(guid) {
                     return Err(CertificateRefused::BadGuid(unit.into()));
                 }
                 if app.replace(guid).is_some() {
@@ -134,7 +134,7 @@ fn app_identity(leaf: &CertificateDer<'_>) -> Result<Identity, CertificateRefuse
             "organization" => organization_group(guid),
             _ => continue,
         };
-        if !is_guid(guid) {
+        if !berth_oci::is_app_guid(guid) {
             return Err(CertificateRefused::BadGuid(unit.into()));
         }
         groups.push(group);
@@ -144,18 +144,6 @@ fn app_identity(leaf: &CertificateDer<'_>) -> Result<Identity, CertificateRefuse
         user: Some(app_user(app)),
         groups,
     })
-}
-
-/// Cloud Controller's GUIDs are lowercase UUIDs; anything that is one repository path component
-/// of lowercase letters, digits and inner hyphens is accepted, so the GUID can name a repository.
-pub(super) fn is_guid(text: &str) -> bool {
-    !text.is_empty()
-        && text.len() <= 64
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !text.starts_with('-')
-        && !text.ends_with('-')
 }
 
 #[cfg(test)]

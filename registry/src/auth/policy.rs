@@ -171,7 +171,7 @@ impl Principal {
             Some((issuer, _)) => Err(invalid(&format!("no trusted issuer is named {issuer:?}"))),
         };
         let guid = |guid: &str| {
-            if super::certificate::is_guid(guid) {
+            if berth_oci::is_app_guid(guid) {
                 Ok(())
             } else {
                 Err(invalid("not a GUID"))
