@@ -191,7 +191,7 @@ impl Collector {
         }
         if report.dry_run {
             for garbage in metadata
-                .unreferenced(cutoff, u32::MAX)
+                .unreferenced(cutoff, None, u32::MAX)
                 .await?
                 .into_iter()
                 .chain(metadata.queued_garbage(u32::MAX).await?)
@@ -201,7 +201,16 @@ impl Collector {
             }
             return Ok(());
         }
-        while !metadata.queue_unreferenced(cutoff, BATCH).await?.is_empty() {}
+        // Candidates are read without holding up the registry's writes, a page at a time, and
+        // decided again where they are queued.
+        let mut after = None;
+        loop {
+            let page = metadata.unreferenced(cutoff, after.as_ref(), BATCH).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.digest.clone());
+            let candidates: Vec<_> = page.into_iter().map(|g| g.digest).collect();
+            metadata.queue_unreferenced(cutoff, &candidates).await?;
+        }
         loop {
             let queued = metadata.queued_garbage(SWEEP_BATCH).await?;
             if queued.is_empty() {

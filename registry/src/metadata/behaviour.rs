@@ -61,6 +61,7 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
     completing_an_upload_ends_it_and_links_its_blob(store).await;
     uploads_completed_together_each_end_and_link(store).await;
     collection_takes_only_what_nothing_references(store).await;
+    a_candidate_referenced_since_it_was_read_is_not_queued(store).await;
     a_collected_digest_can_be_pushed_again(store).await;
     deleted_manifests_free_their_bytes_and_references(store).await;
     untagged_manifests_are_found_per_prefix(store).await;
@@ -68,6 +69,22 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
     retention::run_all(store).await;
     // Last: it collects every unreferenced blob, and it leaves no quota in force.
     quota::quotas_refuse_what_passes_them_and_count_each_digest_once(store).await;
+}
+
+/// Queues everything collectable before `cutoff`, as a collection does: candidates read a page
+/// at a time, then decided again where they are queued.
+pub(crate) async fn queue_all(store: &dyn MetadataStore, cutoff: SystemTime) -> Vec<Garbage> {
+    let mut queued = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.unreferenced(cutoff, after.as_ref(), 2).await.unwrap();
+        let Some(last) = page.last() else {
+            return queued;
+        };
+        after = Some(last.digest.clone());
+        let candidates: Vec<_> = page.into_iter().map(|g| g.digest).collect();
+        queued.extend(store.queue_unreferenced(cutoff, &candidates).await.unwrap());
+    }
 }
 
 /// A cutoff after everything recorded so far, and one before all of it.
@@ -103,9 +120,12 @@ async fn collection_takes_only_what_nothing_references(store: &dyn MetadataStore
         .await
         .unwrap();
     // Within the grace period nothing is taken, however unreferenced.
-    let young = store.unreferenced(an_hour_ago(), 10_000).await.unwrap();
+    let young = store
+        .unreferenced(an_hour_ago(), None, 10_000)
+        .await
+        .unwrap();
     assert!(!young.iter().any(|g| g.digest == loose), "{young:?}");
-    let found = store.unreferenced(after_now(), 10_000).await.unwrap();
+    let found = store.unreferenced(after_now(), None, 10_000).await.unwrap();
     assert!(
         found.contains(&Garbage {
             digest: loose.clone(),
@@ -123,7 +143,7 @@ async fn collection_takes_only_what_nothing_references(store: &dyn MetadataStore
         "finding changes nothing"
     );
 
-    let taken = store.queue_unreferenced(after_now(), 10_000).await.unwrap();
+    let taken = queue_all(store, after_now()).await;
     assert!(taken.iter().any(|g| g.digest == loose));
     assert!(queued(store).await.contains(&loose));
     // From the queue on, nothing reaches it: no pull, no mount, no manifest naming it.
@@ -147,11 +167,51 @@ async fn collection_takes_only_what_nothing_references(store: &dyn MetadataStore
     assert!(!queued(store).await.contains(&loose));
 }
 
+async fn a_candidate_referenced_since_it_was_read_is_not_queued(store: &dyn MetadataStore) {
+    let r = repo("gc/late-ref");
+    let (layer, spare) = (
+        Digest::sha256_of(b"gc late ref"),
+        Digest::sha256_of(b"gc late spare"),
+    );
+    push_blob(store, &r, &layer, 4).await;
+    push_blob(store, &r, &spare, 4).await;
+    let candidates: Vec<Digest> = store
+        .unreferenced(after_now(), None, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| g.digest)
+        .filter(|d| *d == layer || *d == spare)
+        .collect();
+    assert_eq!(candidates.len(), 2);
+    // A manifest naming the layer lands between the read and the queueing.
+    store
+        .put_manifest(
+            &r,
+            &manifest(b"gc late image", vec![layer.clone()]),
+            Some(&tag("v1")),
+        )
+        .await
+        .unwrap();
+    let queued = store
+        .queue_unreferenced(after_now(), &candidates)
+        .await
+        .unwrap();
+    assert_eq!(
+        queued,
+        vec![Garbage {
+            digest: spare,
+            size: 4
+        }]
+    );
+    assert_eq!(store.repository_blob(&r, &layer).await.unwrap(), Some(4));
+}
+
 async fn a_collected_digest_can_be_pushed_again(store: &dyn MetadataStore) {
     let r = repo("gc/again");
     let digest = Digest::sha256_of(b"gc pushed again");
     push_blob(store, &r, &digest, 3).await;
-    store.queue_unreferenced(after_now(), 10_000).await.unwrap();
+    queue_all(store, after_now()).await;
     assert!(queued(store).await.contains(&digest));
     // Pushed again before the sweep: the deletion is cancelled.
     push_blob(store, &r, &digest, 3).await;
@@ -167,7 +227,7 @@ async fn a_collected_digest_can_be_pushed_again(store: &dyn MetadataStore) {
     assert_eq!(store.repository_blob(&r, &digest).await.unwrap(), Some(3));
 
     // Pushed while the sweep deletes the bytes: refused, to be retried after it.
-    store.queue_unreferenced(after_now(), 10_000).await.unwrap();
+    queue_all(store, after_now()).await;
     let only = std::slice::from_ref(&digest);
     assert_eq!(store.begin_sweep(only).await.unwrap(), only);
     let id = UploadId::new();
@@ -203,7 +263,7 @@ async fn deleted_manifests_free_their_bytes_and_references(store: &dyn MetadataS
         !queued(store).await.contains(&digest),
         "b still holds the manifest"
     );
-    let found = store.unreferenced(after_now(), 10_000).await.unwrap();
+    let found = store.unreferenced(after_now(), None, 10_000).await.unwrap();
     assert!(
         !found.iter().any(|g| g.digest == layer),
         "b's manifest still needs the layer"
@@ -213,7 +273,7 @@ async fn deleted_manifests_free_their_bytes_and_references(store: &dyn MetadataS
         queued(store).await.contains(&digest),
         "no repository holds the manifest"
     );
-    let found = store.unreferenced(after_now(), 10_000).await.unwrap();
+    let found = store.unreferenced(after_now(), None, 10_000).await.unwrap();
     assert!(
         found.iter().any(|g| g.digest == layer),
         "nothing references the layer"

@@ -226,20 +226,21 @@ impl<S: MetadataStore> MetadataStore for CachedMetadata<S> {
     async fn unreferenced(
         &self,
         linked_before: SystemTime,
+        after: Option<&Digest>,
         limit: u32,
     ) -> Result<Vec<Garbage>, MetadataError> {
-        self.inner.unreferenced(linked_before, limit).await
+        self.inner.unreferenced(linked_before, after, limit).await
     }
 
     async fn queue_unreferenced(
         &self,
         linked_before: SystemTime,
-        limit: u32,
+        candidates: &[Digest],
     ) -> Result<Vec<Garbage>, MetadataError> {
         self.writing(
             false,
             true,
-            self.inner.queue_unreferenced(linked_before, limit),
+            self.inner.queue_unreferenced(linked_before, candidates),
         )
         .await
     }

@@ -262,21 +262,24 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Every upload session and when it started.
     async fn uploads(&self) -> Result<Vec<(UploadId, SystemTime)>, MetadataError>;
 
-    /// Up to `limit` blobs that no manifest of any repository references and no repository was
-    /// given since `linked_before`, changing nothing (what a collection would take).
+    /// Up to `limit` blobs, after `after` in digest order, that no manifest of any repository
+    /// references and no repository was given since `linked_before`, changing nothing (what a
+    /// collection would take). A read: the registry's writes go on meanwhile.
     async fn unreferenced(
         &self,
         linked_before: SystemTime,
+        after: Option<&Digest>,
         limit: u32,
     ) -> Result<Vec<Garbage>, MetadataError>;
 
-    /// Queues for deletion what [`MetadataStore::unreferenced`] finds, removing each blob's row
-    /// and every repository's link to it in the same transaction: from then on no pull, mount or
-    /// manifest push can reach it, and a push of its bytes takes it back. Returns what it queued.
+    /// Queues for deletion those of `candidates` that are still as [`MetadataStore::unreferenced`]
+    /// found them, deciding again in the transaction that removes each blob's row and every
+    /// repository's link to it: from then on no pull, mount or manifest push can reach it, and a
+    /// push of its bytes takes it back. Returns what it queued.
     async fn queue_unreferenced(
         &self,
         linked_before: SystemTime,
-        limit: u32,
+        candidates: &[Digest],
     ) -> Result<Vec<Garbage>, MetadataError>;
 
     /// Up to `limit` queued digests, including those a sweep that died had claimed.

@@ -686,22 +686,27 @@ impl MetadataStore for SqliteMetadataStore {
     async fn unreferenced(
         &self,
         linked_before: SystemTime,
+        after: Option<&Digest>,
         limit: u32,
     ) -> Result<Vec<Garbage>, MetadataError> {
-        let linked_before = unix(linked_before);
-        self.with(move |conn| collect::unreferenced(conn, linked_before, limit))
+        let (linked_before, after) = (
+            unix(linked_before),
+            after.map(ToString::to_string).unwrap_or_default(),
+        );
+        self.with(move |conn| collect::unreferenced(conn, linked_before, &after, limit))
             .await
     }
 
     async fn queue_unreferenced(
         &self,
         linked_before: SystemTime,
-        limit: u32,
+        candidates: &[Digest],
     ) -> Result<Vec<Garbage>, MetadataError> {
         let linked_before = unix(linked_before);
+        let candidates: Vec<String> = candidates.iter().map(ToString::to_string).collect();
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let queued = collect::queue_unreferenced(&tx, linked_before, limit)?;
+            let queued = collect::queue_unreferenced(&tx, linked_before, &candidates)?;
             tx.commit()?;
             Ok(queued)
         })

@@ -155,7 +155,7 @@ pub(super) async fn quotas_refuse_what_passes_them_and_count_each_digest_once(
         vec![("quota-ns".into(), 1, 500), ("quota-ns/*".into(), 2, 400)]
     );
     // So does collection: nothing references b in app2, nor d.
-    store.queue_unreferenced(after_now(), 10_000).await.unwrap();
+    super::queue_all(store, after_now()).await;
     assert_eq!(
         quota_figures(store).await,
         vec![("quota-ns".into(), 0, 0), ("quota-ns/*".into(), 0, 0)]

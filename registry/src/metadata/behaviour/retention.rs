@@ -150,7 +150,7 @@ async fn expiring_a_tag_takes_what_only_it_kept(store: &dyn MetadataStore) {
     );
     let queued = queued(store).await;
     assert!(queued.contains(&index.digest) && queued.contains(&image.digest));
-    let free = store.unreferenced(after_now(), 10_000).await.unwrap();
+    let free = store.unreferenced(after_now(), None, 10_000).await.unwrap();
     assert!(free.iter().any(|g| g.digest == layer), "the layer is free");
     // Gone already: nothing to do.
     let again = store

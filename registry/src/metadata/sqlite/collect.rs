@@ -6,21 +6,17 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use super::{now, parse_digest};
 use crate::metadata::{Garbage, MetadataError, UsageEntry};
 
-/// Blobs no manifest of any repository references, linked last before `linked_before` (unix
-/// seconds), at most `limit`.
-pub(super) fn unreferenced(
-    conn: &Connection,
-    linked_before: i64,
-    limit: u32,
+/// The condition on blob row `b` of a collectable blob: no manifest of any repository references
+/// it and no repository was given it since `?1` (unix seconds).
+const UNREFERENCED: &str = "b.last_linked_at < ?1 \
+     AND NOT EXISTS (SELECT 1 FROM manifest_references mr WHERE mr.child_digest = b.digest) \
+     AND NOT EXISTS (SELECT 1 FROM manifests m WHERE m.digest = b.digest)";
+
+fn garbage_rows(
+    statement: &mut rusqlite::CachedStatement<'_>,
+    params: impl rusqlite::Params,
 ) -> Result<Vec<Garbage>, MetadataError> {
-    let mut statement = conn.prepare_cached(
-        "SELECT b.digest, b.size FROM blobs b \
-         WHERE b.last_linked_at < ?1 \
-         AND NOT EXISTS (SELECT 1 FROM manifest_references mr WHERE mr.child_digest = b.digest) \
-         AND NOT EXISTS (SELECT 1 FROM manifests m WHERE m.digest = b.digest) \
-         ORDER BY b.digest LIMIT ?2",
-    )?;
-    let rows = statement.query_map(params![linked_before, limit], |r| {
+    let rows = statement.query_map(params, |r| {
         Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
     })?;
     rows.map(|row| {
@@ -33,14 +29,36 @@ pub(super) fn unreferenced(
     .collect()
 }
 
-/// Queues what [`unreferenced`] finds, removing each blob's row and every repository's link to
-/// it in the same transaction, so from its commit on no pull, mount or manifest can reach it.
+/// Up to `limit` collectable blobs (see [`UNREFERENCED`]) after `after` in digest order: a
+/// collection pages through them once instead of rescanning what it already passed.
+pub(super) fn unreferenced(
+    conn: &Connection,
+    linked_before: i64,
+    after: &str,
+    limit: u32,
+) -> Result<Vec<Garbage>, MetadataError> {
+    let mut statement = conn.prepare_cached(&format!(
+        "SELECT b.digest, b.size FROM blobs b WHERE b.digest > ?2 AND {UNREFERENCED} \
+         ORDER BY b.digest LIMIT ?3"
+    ))?;
+    garbage_rows(&mut statement, params![linked_before, after, limit])
+}
+
+/// Queues those of `candidates` still collectable, deciding again in the caller's transaction,
+/// and removes each one's row and every repository's link to it in that transaction, so from its
+/// commit on no pull, mount or manifest can reach it.
 pub(super) fn queue_unreferenced(
     tx: &Transaction<'_>,
     linked_before: i64,
-    limit: u32,
+    candidates: &[String],
 ) -> Result<Vec<Garbage>, MetadataError> {
-    let found = unreferenced(tx, linked_before, limit)?;
+    let mut still = tx.prepare_cached(&format!(
+        "SELECT b.digest, b.size FROM blobs b WHERE b.digest = ?2 AND {UNREFERENCED}"
+    ))?;
+    let mut found = Vec::new();
+    for candidate in candidates {
+        found.extend(garbage_rows(&mut still, params![linked_before, candidate])?);
+    }
     let mut unlink = tx.prepare_cached("DELETE FROM repository_blobs WHERE digest = ?1")?;
     let mut forget = tx.prepare_cached("DELETE FROM blobs WHERE digest = ?1")?;
     for garbage in &found {
@@ -103,17 +121,7 @@ pub(super) fn reclaim(conn: &Connection, digest: &str) -> Result<(), MetadataErr
 pub(super) fn queued(conn: &Connection, limit: u32) -> Result<Vec<Garbage>, MetadataError> {
     let mut statement =
         conn.prepare_cached("SELECT digest, size FROM garbage ORDER BY digest LIMIT ?1")?;
-    let rows = statement.query_map([limit], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-    })?;
-    rows.map(|row| {
-        let (digest, size) = row?;
-        Ok(Garbage {
-            digest: parse_digest(digest)?,
-            size: size as u64,
-        })
-    })
-    .collect()
+    garbage_rows(&mut statement, [limit])
 }
 
 /// Claims queued `digest` for deletion; false if a writer took it back meanwhile. A claim left by

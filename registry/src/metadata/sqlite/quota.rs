@@ -309,13 +309,11 @@ mod tests {
                 .len(),
             1
         );
-        store
-            .queue_unreferenced(
-                std::time::SystemTime::now() + std::time::Duration::from_secs(2),
-                100,
-            )
-            .await
-            .unwrap();
+        crate::metadata::behaviour::queue_all(
+            &store,
+            std::time::SystemTime::now() + std::time::Duration::from_secs(2),
+        )
+        .await;
 
         let conn = Connection::open(&path).unwrap();
         let running = scope_bytes(&conn);
