@@ -158,8 +158,8 @@ RSpec.describe 'berth-registry and berth-lifecycle, end to end' do
       install_job(root, 'berth-registry-gc', properties: { 'berth' => { 'gc' => { 'dry_run' => dry_run } } })
       run!({ 'BERTH_REGISTRY_CONFIG' => config, 'BERTH_PACKAGE_DIR' => package }, "#{root}/jobs/berth-registry-gc/bin/run")
     end
-    expect(errand.call(true)).to match(/\Awould delete 0 untagged manifests and 0 objects, 0 bytes, in \d+ ms\n\z/)
-    expect(errand.call(false)).to match(/\Adeleted 0 untagged manifests and 0 objects, 0 bytes, in \d+ ms\n\z/)
+    expect(errand.call(true)).to match(/\Awould delete 0 untagged manifests and 0 objects, 0 bytes, in \d+ ms; retention: 0 stagings/)
+    expect(errand.call(false)).to match(/\Adeleted 0 untagged manifests and 0 objects, 0 bytes, in \d+ ms; retention: 0 stagings/)
     expect(File.read(log)).to include('garbage collection done')
     # The image is still whole.
     _, err, status = skopeo('inspect', '--raw', '--authfile', authfile('admin', admin_password), '--cert-dir', certs,
