@@ -99,6 +99,10 @@ pub async fn run(
     let caching = config.filter(|config| env.cache.unwrap_or(config.cache_by_default));
     let record = caching
         .and_then(|config| record_tag(config, env, &reference, request.credentials.as_ref()));
+    // Without a key, an app that pushes by its own identity keeps one repository per source.
+    let source_repository = caching
+        .filter(|config| config.repository_key.is_none())
+        .and_then(|config| source_id(config, env, &reference, request.credentials.as_ref()));
     let source_options = ClientOptions {
         credentials: request.credentials,
         insecure: request.insecure_registries.contains(&reference.registry),
@@ -110,7 +114,10 @@ pub async fn run(
     // the system roots takes milliseconds a re-cache would otherwise wait for.
     let building = caching.map(|config| {
         let (config, env) = (config.clone(), env.clone());
-        tokio::task::spawn_blocking(move || destination(&config, &env, roots, retry))
+        let source_repository = source_repository.clone();
+        tokio::task::spawn_blocking(move || {
+            destination(&config, &env, source_repository.as_deref(), roots, retry)
+        })
     });
     let platform = match config {
         Some(config) => Platform::parse(&config.platform).expect("validated with the config"),
@@ -351,6 +358,7 @@ fn lookup_failure(err: &StageError) -> String {
 fn destination(
     config: &CacherConfig,
     env: &StagingEnv,
+    source_repository: Option<&str>,
     mut roots: Vec<reqwest::Certificate>,
     retry: RetryPolicy,
 ) -> Result<Destination, StageError> {
@@ -387,6 +395,7 @@ fn destination(
             &config.namespace,
             app_id.as_deref(),
             config.repository_key.as_ref(),
+            source_repository,
         ),
     })
 }
@@ -434,10 +443,16 @@ async fn cache(
 /// `NAMESPACE/APP_GUID/ID`: one repository per app, so retention can keep each app's last few
 /// stagings; `ID` is an HMAC of the GUID under the operator's key (stable across stagings, so
 /// re-staging reuses the repository) or random without a key, and never guessable from the GUID.
-fn cache_repository(namespace: &str, app_id: Option<&str>, key: Option<&Secret>) -> RepoName {
+fn cache_repository(
+    namespace: &str,
+    app_id: Option<&str>,
+    key: Option<&Secret>,
+    source: Option<&str>,
+) -> RepoName {
     let app = app_id.filter(|id| berth_oci::is_app_guid(id));
-    let id = match (app, key) {
-        (Some(app), Some(key)) => keyed_id(key, &[app.as_bytes()]),
+    let id = match (app, key, source) {
+        (Some(app), Some(key), _) => keyed_id(key, &[app.as_bytes()]),
+        (Some(_), None, Some(source)) => source.to_owned(),
         _ => uuid::Uuid::new_v4().simple().to_string(),
     };
     format!("{namespace}/{}/{id}", app.unwrap_or("unknown-app"))
@@ -478,8 +493,28 @@ fn record_tag(
     reference: &ImageReference,
     credentials: Option<&Credentials>,
 ) -> Option<Tag> {
+    source_id(config, env, reference, credentials)
+        .map(|id| format!("src-{id}").parse().expect("a valid tag"))
+}
+
+/// The id of the app's staging source (see [`record_tag`]): under the operator's key; or, where
+/// only the app itself may push under its GUID (instance identity) and there is no key, a plain
+/// hash, which then also names the app's repository for that source (one repository per app and
+/// reference). For an image read without credentials the name is then computable by whoever
+/// knows the GUID and the reference, and lets them pull a copy of what they could pull from its
+/// origin anyway; for one read with credentials it needs those too; and nobody but the app can
+/// push there, so nobody can plant a record for it.
+fn source_id(
+    config: &CacherConfig,
+    env: &StagingEnv,
+    reference: &ImageReference,
+    credentials: Option<&Credentials>,
+) -> Option<String> {
     let app = app_guid(env)?;
-    let key = config.repository_key.as_ref()?;
+    let key = config.repository_key.as_ref();
+    if key.is_none() && config.registry.identity != Some(RegistryIdentity::Instance) {
+        return None;
+    }
     let reference = reference.to_string();
     let mut parts = vec![
         b"staging-source".as_slice(),
@@ -494,11 +529,20 @@ fn record_tag(
             credentials.password.expose().as_bytes(),
         ]);
     }
-    Some(
-        format!("src-{}", keyed_id(key, &parts))
-            .parse()
-            .expect("a valid tag"),
-    )
+    Some(match key {
+        Some(key) => keyed_id(key, &parts),
+        None => {
+            use sha2::Digest as _;
+            let mut hash = Sha256::new();
+            for (i, part) in parts.iter().enumerate() {
+                if i > 0 {
+                    hash.update(b"\0");
+                }
+                hash.update(part);
+            }
+            hex::encode(&hash.finalize()[..16])
+        }
+    })
 }
 
 /// `s<unix seconds>-<random>`: sorts by staging time for retention, unique per staging.
@@ -545,22 +589,22 @@ mod tests {
     #[test]
     fn repository_names_are_per_app_stable_with_a_key_and_unguessable() {
         let key = Secret::new("00112233445566778899aabbccddeeff".into());
-        let first = cache_repository("cache", Some(GUID), Some(&key));
-        let again = cache_repository("cache", Some(GUID), Some(&key));
+        let first = cache_repository("cache", Some(GUID), Some(&key), None);
+        let again = cache_repository("cache", Some(GUID), Some(&key), None);
         assert_eq!(first, again);
         assert!(first.as_str().starts_with(&format!("cache/{GUID}/")));
         let other_key = Secret::new("ffeeddccbbaa99887766554433221100".into());
         assert_ne!(
             first,
-            cache_repository("cache", Some(GUID), Some(&other_key))
+            cache_repository("cache", Some(GUID), Some(&other_key), None)
         );
         // Without a key every staging gets a fresh id.
         assert_ne!(
-            cache_repository("cache", Some(GUID), None),
-            cache_repository("cache", Some(GUID), None)
+            cache_repository("cache", Some(GUID), None, None),
+            cache_repository("cache", Some(GUID), None, None)
         );
         // A GUID that is not a safe path component is not used.
-        let odd = cache_repository("cache", Some("../../x"), Some(&key));
+        let odd = cache_repository("cache", Some("../../x"), Some(&key), None);
         assert!(odd.as_str().starts_with("cache/unknown-app/"));
     }
 
@@ -596,8 +640,23 @@ mod tests {
         );
         let other_key = config(Some("ffeeddccbbaa99887766554433221100"));
         assert_ne!(Some(&first), tag(&other_key, GUID, "team/app:1.0").as_ref());
-        // Without a key or a usable GUID the app's repository is new at every staging.
+        // Without a key or a usable GUID the app's repository is new at every staging, unless
+        // only the app may push under its GUID (instance identity): then a plain hash serves.
         assert_eq!(tag(&config(None), GUID, "team/app:1.0"), None);
+        let identity = CacherConfig {
+            repository_key: None,
+            ..serde_norway::from_str("registry: {url: 'https://r', identity: instance}").unwrap()
+        };
+        let unkeyed = tag(&identity, GUID, "team/app:1.0").expect("a tag");
+        assert_ne!(unkeyed, first);
+        assert_eq!(
+            Some(&unkeyed),
+            tag(&identity, GUID, "docker.io/team/app:1.0").as_ref()
+        );
+        assert_ne!(
+            Some(&unkeyed),
+            tag(&identity, other_app, "team/app:1.0").as_ref()
+        );
         assert_eq!(tag(&keyed, "../x", "team/app:1.0"), None);
         // An image read with credentials is found again only with the same ones.
         let reference = ImageReference::parse("team/app:1.0").unwrap();

@@ -87,6 +87,31 @@ impl Cacher {
             .env("CF_INSTANCE_KEY", &identity.key.to_string_lossy())
     }
 
+    /// As the BOSH release sets the cacher up: instance identity, and no `repository_key` (the
+    /// bundle is readable by every Docker app); `extra` lines are added to the configuration.
+    pub fn keyless_with_identity(
+        berth: &Berth,
+        ca_file: &Path,
+        identity: &InstanceIdentity,
+        extra: &str,
+    ) -> Cacher {
+        let cacher = Cacher::new();
+        let config = cacher.dir.path().join("berth-cacher.yml");
+        fs::write(
+            &config,
+            format!(
+                "registry:\n  url: {}\n  identity: instance\n  ca_file: {}\n{extra}",
+                berth.url(),
+                ca_file.display()
+            ),
+        )
+        .expect("write the cacher config");
+        cacher
+            .env("BERTH_CACHER_CONFIG", &config.to_string_lossy())
+            .env("CF_INSTANCE_CERT", &identity.certificate.to_string_lossy())
+            .env("CF_INSTANCE_KEY", &identity.key.to_string_lossy())
+    }
+
     /// Like [`Cacher::caching_into`], pushing as `user` with `password`, as the BOSH job
     /// configures the cacher's robot account.
     pub fn caching_into_as(berth: &Berth, (user, password): (&str, &str), extra: &str) -> Cacher {

@@ -263,3 +263,57 @@ fn cacher_stages_an_app_with_its_instance_identity_and_no_password() {
     );
     assert_eq!(cacher.result(), web_staging_result(&reference));
 }
+
+/// As the BOSH release sets the cacher up, instance identity and no repository key: the app keeps
+/// one repository per source, named by a hash of its GUID and the reference, so a restage with
+/// the upstream down finds its cached copy there; another app, with its own certificate, finds
+/// nothing of it.
+#[test]
+fn with_instance_identity_and_no_key_a_restage_with_the_upstream_down_uses_the_apps_cache() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let ca = DiegoCa::generate(dir.path(), "diego");
+    let (certificate, key) = loopback_server_certificate(dir.path());
+    let berth =
+        Berth::start_with_identity(&internal_identity_mode(&ca.bundle), (&certificate, &key));
+    let mut upstream = Upstream::start(None);
+    let image = web_image(31, &[96 * KIB]);
+    upstream.push("team/app:1.0", &image.manifest, &image.blobs());
+    let reference = format!("{}/team/app:1.0", upstream.host());
+    let stage = |app: &str| {
+        let identity = ca.issue(app, &Leaf::for_app(&new_guid(), &new_guid(), app));
+        let cacher =
+            Cacher::keyless_with_identity(&berth, &certificate, &identity, "attempts: 2\n")
+                .app(app)
+                .env("BERTH_CACHE", "true");
+        let outcome = cacher.run(&cacher.builder_args(&reference, &[]));
+        (cacher, outcome)
+    };
+
+    let app = new_guid();
+    let (cacher, outcome) = stage(&app);
+    outcome.expect_code(0);
+    let cached = docker_image(&cacher.result()).to_owned();
+    assert!(
+        cached.starts_with(&format!("{}/cache/{app}/", berth.host()))
+            && cached.ends_with(&format!("@{}", image.manifest.digest)),
+        "{cached}"
+    );
+    // The same source again lands in the same repository.
+    let (again, outcome) = stage(&app);
+    outcome.expect_code(0);
+    assert_eq!(docker_image(&again.result()), cached);
+
+    upstream.stop();
+    let (restaged, outcome) = stage(&app);
+    outcome.expect_code(0);
+    assert_eq!(restaged.result(), web_staging_result(&cached));
+    assert!(
+        outcome
+            .stdout
+            .contains("Warning: staging from this app's newest cached staging of"),
+        "{}",
+        outcome.stdout
+    );
+    let (_, outcome) = stage(&new_guid());
+    outcome.expect_code(2);
+}
