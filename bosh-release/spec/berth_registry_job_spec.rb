@@ -14,6 +14,16 @@ RSpec.describe 'berth-registry job' do
     YAML.safe_load(job.render('config/berth-registry.yml', properties: properties, spec: spec))
   end
 
+  # Installs the job rendered from `properties` and runs its pre-start (which runs the real
+  # binary's `config check`); its output.
+  def pre_start(properties)
+    root = tmp
+    install_job(root, 'berth-registry', properties: properties, spec: disk)
+    run!({ 'BERTH_JOB_DIR' => "#{root}/jobs/berth-registry", 'BERTH_DATA_DIR' => "#{root}/data/berth-registry",
+           'BERTH_PACKAGE_DIR' => install_package(root), 'BERTH_OWNER' => owner },
+         "#{root}/jobs/berth-registry/bin/pre-start")
+  end
+
   def merge(base, extra)
     base.merge(extra) { |_, a, b| a.is_a?(Hash) && b.is_a?(Hash) ? merge(a, b) : b }
   end
@@ -84,12 +94,7 @@ RSpec.describe 'berth-registry job' do
       expect(config(properties)['quotas']).to eq([{ 'repositories' => 'team', 'max_bytes' => '10GiB' },
                                                   { 'repositories' => 'cache', 'max_bytes' => '200GiB' },
                                                   { 'repositories' => 'cache/*', 'max_bytes' => 5_368_709_120 }])
-      root = tmp
-      install_job(root, 'berth-registry', properties: properties, spec: disk)
-      output = run!({ 'BERTH_JOB_DIR' => "#{root}/jobs/berth-registry", 'BERTH_DATA_DIR' => "#{root}/data/berth-registry",
-                      'BERTH_PACKAGE_DIR' => install_package(root), 'BERTH_OWNER' => owner },
-                    "#{root}/jobs/berth-registry/bin/pre-start")
-      expect(output).to include('berth-registry.yml: ok')
+      expect(pre_start(properties)).to include('berth-registry.yml: ok')
     end
 
     it 'keeps every image a staged droplet names when given a Cloud Controller, and the real registry accepts it' do
@@ -114,12 +119,7 @@ RSpec.describe 'berth-registry job' do
                                 'ca_file' => '/var/vcap/jobs/berth-registry/config/cc-ca.pem' }
       )
       expect(job.render('config/cc-client-secret', properties: properties)).to eq('cc-secret')
-      root = tmp
-      install_job(root, 'berth-registry', properties: properties, spec: disk)
-      output = run!({ 'BERTH_JOB_DIR' => "#{root}/jobs/berth-registry", 'BERTH_DATA_DIR' => "#{root}/data/berth-registry",
-                      'BERTH_PACKAGE_DIR' => install_package(root), 'BERTH_OWNER' => owner },
-                    "#{root}/jobs/berth-registry/bin/pre-start")
-      expect(output).to include('berth-registry.yml: ok')
+      expect(pre_start(properties)).to include('berth-registry.yml: ok')
       without_secret = merge(properties, 'berth' => { 'registry' => { 'retention' => { 'cloud_controller' => { 'client_secret' => nil } } } })
       expect { config(without_secret) }.to raise_error(/needs cloud_controller.client_secret/)
     end

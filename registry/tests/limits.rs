@@ -45,6 +45,23 @@ async fn closed_after(
         .map(|()| since.elapsed())
 }
 
+/// Pushes `blob` into `repo` in one request; its digest.
+async fn push_blob(registry: &Registry, repo: &str, blob: &[u8]) -> String {
+    let digest = format!("sha256:{:x}", Sha256::digest(blob));
+    let url = format!(
+        "{}/v2/{repo}/blobs/uploads/?digest={digest}",
+        registry.url()
+    );
+    let pushed = reqwest::Client::new()
+        .post(url)
+        .body(blob.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pushed.status(), 201);
+    digest
+}
+
 /// The slowest of `count` `GET /v2/` requests, each on a new connection.
 async fn slowest_get(url: &str, count: usize) -> Duration {
     let client = reqwest::Client::builder()
@@ -148,18 +165,8 @@ async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
     );
     // A download that keeps moving bytes for longer than the idle timeout is not cut.
     let blob = vec![7u8; 64 << 20];
-    let digest = format!("sha256:{:x}", Sha256::digest(&blob));
+    let digest = push_blob(&registry, "big", &blob).await;
     let client = reqwest::Client::new();
-    let pushed = client
-        .post(format!(
-            "{}/v2/big/blobs/uploads/?digest={digest}",
-            registry.url()
-        ))
-        .body(blob.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(pushed.status(), 201);
     let mut response = client
         .get(format!("{}/v2/big/blobs/{digest}", registry.url()))
         .send()
@@ -470,17 +477,7 @@ async fn a_slow_http2_download_outlasts_the_header_timeout() {
     ))
     .await;
     let blob = vec![5u8; 48 << 20];
-    let digest = format!("sha256:{:x}", Sha256::digest(&blob));
-    let pushed = reqwest::Client::new()
-        .post(format!(
-            "{}/v2/h2/blobs/uploads/?digest={digest}",
-            registry.url()
-        ))
-        .body(blob.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(pushed.status(), 201);
+    let digest = push_blob(&registry, "h2", &blob).await;
     // HTTP/2 (curl, prior knowledge), read at 12 MB/s: about 4 s, twice the header timeout.
     // While the body streams the client's window updates arrive as reads, which must not count
     // as a request head that never completes.
