@@ -189,30 +189,30 @@ pub async fn resolve(source: &Source, platform: &Platform) -> Result<ResolvedIma
 }
 
 /// Reads the image's config, from `cache` when it holds it already, so re-caching an unchanged
-/// image reads no blob from the source. A cache that cannot answer is passed over: the staging
-/// needs the config whatever becomes of the copy.
+/// image reads no blob from the source. A cache that cannot answer, or that says it holds the
+/// config and then fails to serve it, is passed over: the staging needs the config whatever
+/// becomes of the copy.
 pub async fn read_config(
     source: &Source,
     image: &ResolvedImage,
     cache: Option<&Destination>,
 ) -> Result<Bytes, CopyError> {
     let config = image.config.get_or_try_init(|| async {
-        let cached = match cache {
-            Some(dest) => dest
+        if let Some(dest) = cache
+            && let Ok(Some(_)) = dest
                 .client
                 .blob_size(&dest.repo, &image.config_digest)
                 .await
-                .ok()
-                .flatten()
-                .map(|_| dest),
-            None => None,
-        };
-        let (client, repo) = match cached {
-            Some(dest) => (&dest.client, &dest.repo),
-            None => (&source.client, &source.repo),
-        };
-        client
-            .get_small_blob(repo, &image.config_digest, MAX_CONFIG_BYTES)
+            && let Ok(config) = dest
+                .client
+                .get_small_blob(&dest.repo, &image.config_digest, MAX_CONFIG_BYTES)
+                .await
+        {
+            return Ok(config);
+        }
+        source
+            .client
+            .get_small_blob(&source.repo, &image.config_digest, MAX_CONFIG_BYTES)
             .await
     });
     Ok(config.await?.clone())

@@ -122,13 +122,18 @@ impl Cacher {
     /// Like [`Cacher::caching_into`], with `registry_lines` (indented YAML) added to the
     /// `registry:` section.
     pub fn configured(berth: &Berth, registry_lines: &str, extra: &str) -> Cacher {
+        Cacher::configured_at(&berth.url(), registry_lines, extra)
+    }
+
+    /// Like [`Cacher::configured`], with the internal registry at `url` (a proxy in front of
+    /// one, say).
+    pub fn configured_at(url: &str, registry_lines: &str, extra: &str) -> Cacher {
         let cacher = Cacher::new();
         let config = cacher.dir.path().join("berth-cacher.yml");
         fs::write(
             &config,
             format!(
-                "registry:\n  url: {}\n{registry_lines}repository_key: {REPOSITORY_KEY}\n{extra}",
-                berth.url()
+                "registry:\n  url: {url}\n{registry_lines}repository_key: {REPOSITORY_KEY}\n{extra}"
             ),
         )
         .expect("write the cacher config");

@@ -92,7 +92,7 @@ impl Proxy {
     }
 
     /// Applies `fault` to the next `times` requests (all of them with `None`) whose path
-    /// contains `needle`.
+    /// contains `needle`; a needle may start with a method (`"GET /v2/..."`) to fault only that.
     pub fn inject(&self, needle: &str, fault: Fault, times: Option<u32>) {
         self.log().rules.push(Rule {
             needle: needle.into(),
@@ -135,12 +135,13 @@ async fn relay(State(context): State<Arc<ProxyContext>>, request: Request) -> Re
         .path_and_query()
         .map_or_else(|| "/".to_owned(), ToString::to_string);
     let range = header_text(request.headers(), "range");
+    let line = format!("{} {path}", request.method());
     let fault = {
         let mut log = context.log.lock().expect("proxy log lock");
         let rule = log
             .rules
             .iter_mut()
-            .find(|r| path.contains(&r.needle) && r.left != Some(0));
+            .find(|r| line.contains(&r.needle) && r.left != Some(0));
         rule.map(|rule| {
             rule.left = rule.left.map(|n| n - 1);
             rule.fault

@@ -106,3 +106,41 @@ fn an_internal_registry_denying_the_push_stages_uncached_with_a_warning() {
         outcome.stdout
     );
 }
+
+/// The image config is read from the cache when the cache holds it; a cache that says so and then
+/// fails to serve it is passed over for the source, and the staging is not failed for it.
+#[test]
+fn a_cache_that_fails_to_serve_the_config_it_holds_is_passed_over_for_the_source() {
+    let upstream = Upstream::start(None);
+    let berth = Berth::start();
+    let proxy = Proxy::start(&berth.host());
+    let image = web_image(29, &[64 * KIB]);
+    upstream.push("team/app:1.0", &image.manifest, &image.blobs());
+    let reference = format!("{}/team/app:1.0", upstream.host());
+    let guid = new_guid();
+    let stage = || {
+        let internal = format!("http://{}", proxy.host());
+        let cacher = Cacher::configured_at(&internal, "", "attempts: 2\n")
+            .app(&guid)
+            .env("BERTH_CACHE", "true");
+        let outcome = cacher.run(&cacher.builder_args(&reference, &[]));
+        (cacher, outcome)
+    };
+    let (first, outcome) = stage();
+    outcome.expect_code(0);
+    let cached = docker_image(&first.result()).to_owned();
+
+    let config = format!(
+        "GET /v2/{}/blobs/{}",
+        cache_repository(&guid),
+        image.config.digest
+    );
+    proxy.inject(&config, Fault::Status(500), None);
+    let (again, outcome) = stage();
+    outcome.expect_code(0);
+    assert_eq!(docker_image(&again.result()), cached);
+    assert!(
+        proxy.exchanges().iter().any(|e| e.status == 500),
+        "the cache was asked for the config and failed"
+    );
+}
