@@ -47,6 +47,8 @@ pub struct SqliteMetadataStore {
     /// sleeps (its busy handler), which add up when many blob pushes finish together. Queued
     /// here, the next writer starts the moment the previous one commits.
     writer: Arc<Mutex<()>>,
+    /// Whether any quota is in force, so that a push where none is spares the pre-check's read.
+    quotas: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn now() -> i64 {
@@ -266,10 +268,12 @@ impl SqliteMetadataStore {
             .min_idle(Some(1))
             .build(manager)?;
         migrate(&mut *pool.get()?, MIGRATIONS)?;
+        let quotas = quota::any(&*pool.get()?)?;
         Ok(SqliteMetadataStore {
             pool,
             completions: Arc::default(),
             writer: Arc::default(),
+            quotas: Arc::new(quotas.into()),
         })
     }
 
@@ -800,13 +804,16 @@ impl MetadataStore for SqliteMetadataStore {
 
     async fn set_quotas(&self, quotas: &[Quota]) -> Result<(), MetadataError> {
         let quotas = quotas.to_vec();
+        let any = !quotas.is_empty();
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             quota::configure(&tx, &quotas)?;
             tx.commit()?;
             Ok(())
         })
-        .await
+        .await?;
+        self.quotas.store(any, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     async fn tags_under(&self, prefix: &str) -> Result<Vec<TaggedManifest>, MetadataError> {
@@ -847,6 +854,10 @@ impl MetadataStore for SqliteMetadataStore {
         digest: &Digest,
         size: u64,
     ) -> Result<(), MetadataError> {
+        // The linking transaction checks again whatever this says.
+        if !self.quotas.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
         let (repo, digest) = (repo.clone(), digest.to_string());
         self.with(move |conn| quota::check(conn, repo.as_str(), &digest, size))
             .await

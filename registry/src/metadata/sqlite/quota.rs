@@ -13,6 +13,13 @@ use crate::metadata::MetadataError;
 use crate::quota::{Quota, QuotaExceeded, QuotaUsage, Rule, ScopeUsage};
 
 /// The configured rules and their limits.
+/// Whether any quota is in force.
+pub(super) fn any(conn: &Connection) -> Result<bool, MetadataError> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM quota_rules LIMIT 1")?
+        .exists([])?)
+}
+
 fn rules(conn: &Connection) -> Result<Vec<(Rule, u64)>, MetadataError> {
     let mut statement = conn.prepare_cached("SELECT rule, max_bytes FROM quota_rules")?;
     let rows = statement.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
