@@ -125,6 +125,30 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
+/// An HTTPS client for a service the configuration names (a JWKS document, Cloud Controller):
+/// the system roots plus the PEM certificates in `ca_file`, and a deadline per request.
+pub(crate) fn outbound_client(
+    ca_file: Option<&Path>,
+    timeout: std::time::Duration,
+    what: &str,
+) -> Result<reqwest::Client, ConfigError> {
+    let mut client = reqwest::Client::builder().timeout(timeout);
+    if let Some(ca) = ca_file {
+        let pem = std::fs::read(ca).map_err(|source| ConfigError::Read {
+            path: ca.into(),
+            source,
+        })?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| ConfigError::Invalid(format!("{}: {e}", ca.display())))?
+        {
+            client = client.add_root_certificate(cert);
+        }
+    }
+    client
+        .build()
+        .map_err(|e| ConfigError::Invalid(format!("{what} client: {e}")))
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {

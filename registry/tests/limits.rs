@@ -45,6 +45,16 @@ async fn closed_after(
         .map(|()| since.elapsed())
 }
 
+/// The status `GET /v2/` gets from `client` at `url`.
+async fn base_status(client: &reqwest::Client, url: &str) -> reqwest::StatusCode {
+    client
+        .get(format!("{url}/v2/"))
+        .send()
+        .await
+        .expect("GET /v2/")
+        .status()
+}
+
 /// Pushes `blob` into `repo` in one request; its digest.
 async fn push_blob(registry: &Registry, repo: &str, blob: &[u8]) -> String {
     let digest = format!("sha256:{:x}", Sha256::digest(blob));
@@ -369,12 +379,7 @@ async fn an_unfinished_tls_handshake_is_cut_and_the_certificate_reloads_on_hangu
     let since = Instant::now();
     let old_client = first.client();
     let started = Instant::now();
-    let status = old_client
-        .get(format!("{url}/v2/"))
-        .send()
-        .await
-        .unwrap()
-        .status();
+    let status = base_status(&old_client, &url).await;
     assert_eq!(status, 200);
     assert!(started.elapsed() < Duration::from_millis(500));
     for (name, stream) in [("silent", silent), ("partial", partial)] {
@@ -393,19 +398,9 @@ async fn an_unfinished_tls_handshake_is_cut_and_the_certificate_reloads_on_hangu
     hang_up(&registry);
     assert!(registry.log().contains("TLS certificate reloaded"));
     let new_client = second.client();
-    let status = new_client
-        .get(format!("{url}/v2/"))
-        .send()
-        .await
-        .unwrap()
-        .status();
+    let status = base_status(&new_client, &url).await;
     assert_eq!(status, 200, "a new handshake gets the new certificate");
-    let status = old_client
-        .get(format!("{url}/v2/"))
-        .send()
-        .await
-        .unwrap()
-        .status();
+    let status = base_status(&old_client, &url).await;
     assert_eq!(
         status, 200,
         "the connection made before the reload is still served"
@@ -428,13 +423,7 @@ async fn an_unfinished_tls_handshake_is_cut_and_the_certificate_reloads_on_hangu
         "{}",
         registry.log()
     );
-    let status = second
-        .client()
-        .get(format!("{url}/v2/"))
-        .send()
-        .await
-        .unwrap()
-        .status();
+    let status = base_status(&second.client(), &url).await;
     assert_eq!(status, 200, "the running certificate is kept");
 }
 

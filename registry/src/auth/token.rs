@@ -339,28 +339,16 @@ impl Trusted {
         }
         let keys = match (&config.certificates, &config.jwks_url) {
             (Some(path), None) => KeySource::Fixed(keys_from_pem_bundle(path)?),
-            (None, Some(url)) => {
-                let mut client = reqwest::Client::builder().timeout(Duration::from_secs(10));
-                if let Some(ca) = &config.ca_file {
-                    let pem = std::fs::read(ca).map_err(|source| ConfigError::Read {
-                        path: ca.clone(),
-                        source,
-                    })?;
-                    for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                        .map_err(|e| ConfigError::Invalid(format!("{}: {e}", ca.display())))?
-                    {
-                        client = client.add_root_certificate(cert);
-                    }
-                }
-                KeySource::Jwks {
-                    url: url.clone(),
-                    client: client
-                        .build()
-                        .map_err(|e| ConfigError::Invalid(format!("JWKS client: {e}")))?,
-                    keys: RwLock::new(Arc::new(Vec::new())),
-                    last_fetch: Mutex::new(None),
-                }
-            }
+            (None, Some(url)) => KeySource::Jwks {
+                url: url.clone(),
+                client: crate::config::outbound_client(
+                    config.ca_file.as_deref(),
+                    Duration::from_secs(10),
+                    "JWKS",
+                )?,
+                keys: RwLock::new(Arc::new(Vec::new())),
+                last_fetch: Mutex::new(None),
+            },
             _ => {
                 return Err(ConfigError::Invalid(format!(
                     "trusted issuer {:?}: set exactly one of certificates and jwks_url",

@@ -149,23 +149,12 @@ impl CloudController {
                 config.client_secret_file.display()
             )));
         }
-        let mut http =
-            reqwest::Client::builder().timeout(Duration::from_secs(config.timeout_seconds));
-        if let Some(ca) = &config.ca_file {
-            let pem = std::fs::read(ca).map_err(|source| ConfigError::Read {
-                path: ca.clone(),
-                source,
-            })?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| ConfigError::Invalid(format!("{}: {e}", ca.display())))?
-            {
-                http = http.add_root_certificate(cert);
-            }
-        }
         Ok(CloudController {
-            http: http
-                .build()
-                .map_err(|e| ConfigError::Invalid(format!("Cloud Controller client: {e}")))?,
+            http: crate::config::outbound_client(
+                config.ca_file.as_deref(),
+                Duration::from_secs(config.timeout_seconds),
+                "Cloud Controller",
+            )?,
             droplets,
             token,
             client_id: config.client_id.clone(),
