@@ -58,6 +58,7 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
     listings_paginate_in_order(store).await;
     referrers_filter_by_artifact_type(store).await;
     uploads_remember_their_repository(store).await;
+    leases_have_one_holder_until_they_expire(store).await;
     completing_an_upload_ends_it_and_links_its_blob(store).await;
     uploads_completed_together_each_end_and_link(store).await;
     collection_takes_only_what_nothing_references(store).await;
@@ -699,4 +700,39 @@ async fn uploads_completed_together_each_end_and_link(store: &dyn MetadataStore)
             None
         );
     }
+}
+
+async fn leases_have_one_holder_until_they_expire(store: &dyn MetadataStore) {
+    let ttl = Duration::from_millis(1500);
+    assert!(store.acquire_lease("gc", "a", ttl).await.unwrap());
+    assert!(
+        !store.acquire_lease("gc", "b", ttl).await.unwrap(),
+        "held by a"
+    );
+    assert!(
+        store.acquire_lease("other", "b", ttl).await.unwrap(),
+        "leases are per name"
+    );
+    assert!(
+        store.acquire_lease("gc", "a", ttl).await.unwrap(),
+        "the holder renews"
+    );
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    assert!(
+        store.acquire_lease("gc", "b", ttl).await.unwrap(),
+        "expired, b takes it"
+    );
+    assert!(!store.acquire_lease("gc", "a", ttl).await.unwrap());
+    store.release_lease("gc", "a").await.unwrap();
+    assert!(
+        !store.acquire_lease("gc", "a", ttl).await.unwrap(),
+        "only the holder releases"
+    );
+    store.release_lease("gc", "b").await.unwrap();
+    assert!(
+        store.acquire_lease("gc", "a", ttl).await.unwrap(),
+        "released, a takes it"
+    );
+    store.release_lease("gc", "a").await.unwrap();
+    store.release_lease("other", "b").await.unwrap();
 }

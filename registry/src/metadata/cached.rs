@@ -328,6 +328,19 @@ impl<S: MetadataStore> MetadataStore for CachedMetadata<S> {
     async fn quota_usage(&self) -> Result<Vec<QuotaUsage>, MetadataError> {
         self.inner.quota_usage().await
     }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, MetadataError> {
+        self.inner.acquire_lease(name, holder, ttl).await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetadataError> {
+        self.inner.release_lease(name, holder).await
+    }
 }
 
 #[cfg(test)]

@@ -356,6 +356,19 @@ pub trait MetadataStore: Send + Sync + 'static {
 
     /// Use against each quota in force.
     async fn quota_usage(&self) -> Result<Vec<QuotaUsage>, MetadataError>;
+
+    /// Takes or renews the lease `name` for `holder` for `ttl` (by the database's clock); true if
+    /// `holder` holds it now. Work that must run on one instance at a time runs only while its
+    /// instance holds the lease; one that dies loses it when it expires.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, MetadataError>;
+
+    /// Gives the lease up early, if `holder` holds it.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetadataError>;
 }
 
 #[cfg(test)]
