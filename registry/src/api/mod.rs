@@ -67,6 +67,7 @@ impl AppState {
         metadata: Arc<dyn MetadataStore>,
         limits: Limits,
     ) -> Self {
+        let reservations = crate::gc::Reservations::for_store(&metadata);
         let manifest_bytes = quick_cache::sync::Cache::with_weighter(
             (limits.manifest_cache_bytes / 2048).max(16) as usize,
             limits.manifest_cache_bytes,
@@ -78,7 +79,7 @@ impl AppState {
             limits,
             metrics: Metrics::default(),
             auth: Auth::open(),
-            reservations: Default::default(),
+            reservations,
             pulls: Arc::new(PullNotes::new(false)),
             instance: uuid::Uuid::new_v4().to_string(),
             manifest_bytes,

@@ -17,8 +17,12 @@
 //!   queue. While claimed, recording those bytes fails (the client's retry writes them anew).
 //! - *hold*: a push stores its bytes before it records them, and a store that finds the bytes
 //!   present does not write them again; so between the two a push holds the digest
-//!   ([`Reservations`]): a sweep leaves held digests queued, and a push waits out a sweep of its
-//!   digest before storing. Without the hold, a sweep between a push's store and its record would
+//!   ([`Reservations`]: in memory with the embedded store, in the database when instances share
+//!   one): a sweep leaves held digests queued, and a push waits out a sweep of its digest before
+//!   storing.
+//!
+//! With several instances, one collects at a time (a lease in the database); pushes on the
+//! others hold their digests in the database, where the sweep's claim sees them. Without the hold, a sweep between a push's store and its record would
 //!   leave a recorded blob or manifest with no bytes.
 //!
 //! A crash at any point leaves a state the next run finishes: queued digests stay queued (claimed

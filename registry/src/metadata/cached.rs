@@ -341,6 +341,23 @@ impl<S: MetadataStore> MetadataStore for CachedMetadata<S> {
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetadataError> {
         self.inner.release_lease(name, holder).await
     }
+
+    fn is_shared(&self) -> bool {
+        self.inner.is_shared()
+    }
+
+    async fn hold(
+        &self,
+        digest: &Digest,
+        hold: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, MetadataError> {
+        self.inner.hold(digest, hold, ttl).await
+    }
+
+    async fn release(&self, hold: &str) -> Result<(), MetadataError> {
+        self.inner.release(hold).await
+    }
 }
 
 #[cfg(test)]

@@ -733,8 +733,9 @@ impl MetadataStore for SqliteMetadataStore {
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut claimed = Vec::with_capacity(digests.len());
+            let now_ms = now_ms();
             for digest in digests {
-                if collect::begin_sweep(&tx, &digest.to_string())? {
+                if collect::begin_sweep(&tx, &digest.to_string(), now_ms)? {
                     claimed.push(digest);
                 }
             }
@@ -892,6 +893,50 @@ impl MetadataStore for SqliteMetadataStore {
                 rusqlite::params![name, holder, expires, now_ms],
             )?;
             Ok(taken == 1)
+        })
+        .await
+    }
+
+    async fn hold(
+        &self,
+        digest: &Digest,
+        hold: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, MetadataError> {
+        let (digest, hold) = (digest.to_string(), hold.to_owned());
+        let expires = now_ms().saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let sweeping: bool = tx
+                .query_row(
+                    "SELECT sweeping FROM garbage WHERE digest = ?1",
+                    [&digest],
+                    |row| row.get(0),
+                )
+                .optional()?
+                .unwrap_or(false);
+            if !sweeping {
+                tx.execute(
+                    "INSERT INTO holds (id, digest, expires_at_ms) VALUES (?1, ?2, ?3)",
+                    params![hold, digest, expires],
+                )?;
+            }
+            tx.commit()?;
+            Ok(!sweeping)
+        })
+        .await
+    }
+
+    async fn release(&self, hold: &str) -> Result<(), MetadataError> {
+        let hold = hold.to_owned();
+        let now_ms = now_ms();
+        self.write(move |conn| {
+            // Expired holds of pushes that died go with it.
+            conn.execute(
+                "DELETE FROM holds WHERE id = ?1 OR expires_at_ms <= ?2",
+                params![hold, now_ms],
+            )?;
+            Ok(())
         })
         .await
     }

@@ -117,22 +117,6 @@ pub(crate) fn small_image(seed: u64) -> Image {
     Image::generate(seed, "amd64", &[3000])
 }
 
-/// Every path under `dir`, relative to it.
-pub(crate) fn tree(dir: &Path) -> BTreeSet<PathBuf> {
-    let mut paths = BTreeSet::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(next) = pending.pop() {
-        for entry in std::fs::read_dir(&next).expect("read a storage directory") {
-            let path = entry.expect("a directory entry").path();
-            if path.is_dir() {
-                pending.push(path.clone());
-            }
-            paths.insert(path.strip_prefix(dir).expect("below dir").to_path_buf());
-        }
-    }
-    paths
-}
-
 /// Polls `probe` until it yields a value, for state a server settles on after a request it never
 /// answered.
 pub(crate) async fn eventually<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {

@@ -28,6 +28,8 @@ pub struct Registry {
     config: Option<PathBuf>,
     /// Extra environment, applied after the defaults (so it can override `BERTH_LOG`).
     env: Vec<(String, String)>,
+    /// Where its blobs and uploads live.
+    content: Content,
 }
 
 /// The PEM certificate chain and private key a registry serves HTTPS with.
@@ -122,6 +124,7 @@ impl Registry {
             .expect("create a temporary directory");
         fs::create_dir_all(dir.path().join("root")).expect("create the storage root");
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let content = Content::from_env(dir.path());
         Registry {
             dir,
             addr,
@@ -130,6 +133,7 @@ impl Registry {
             tls,
             config: None,
             env: Vec::new(),
+            content,
         }
     }
 
@@ -158,7 +162,7 @@ impl Registry {
             .env("BERTH_LOG_FORMAT", "plain")
             .env("BERTH_LOG", level)
             .envs(self.env.iter().map(|(k, v)| (k, v)));
-        if let Some(config) = &self.config {
+        if let Some(config) = self.effective_config() {
             command.arg("--config").arg(config);
         }
         if let Some(tls) = &self.tls {
@@ -299,6 +303,31 @@ impl Registry {
     /// Replaces the configuration file (the running process reads it again on SIGHUP).
     pub fn write_config(&self, yaml: &str) {
         fs::write(self.config_path(), yaml).expect("write the registry configuration");
+        self.effective_config();
+    }
+
+    /// The file the process reads: the test's configuration with the content backend's settings
+    /// added, rewritten from it each time; `None` where the process runs without one.
+    fn effective_config(&self) -> Option<PathBuf> {
+        let yaml = self
+            .config
+            .as_ref()
+            .map(|path| fs::read_to_string(path).expect("read the registry configuration"));
+        let effective = self.content.configure(yaml.as_deref())?;
+        let path = self.dir.path().join("effective.yml");
+        fs::write(&path, effective).expect("write the effective configuration");
+        Some(path)
+    }
+
+    /// Files stored under `dir` (`blobs` or `uploads`), relative to it: files on the filesystem,
+    /// object keys on an object store.
+    pub async fn stored(&self, dir: &str) -> std::collections::BTreeSet<PathBuf> {
+        self.content.stored(&self.root(), dir).await
+    }
+
+    /// Whether the content lives under the storage root.
+    pub fn content_is_local(&self) -> bool {
+        matches!(self.content, Content::Filesystem)
     }
 
     /// Sends `signal` (a name such as `HUP`) to the running process.

@@ -114,6 +114,10 @@ const RUNNING_HASHES: usize = 4096;
 pub struct ObjectContentStore {
     objects: Arc<dyn Objects>,
     running: quick_cache::sync::Cache<UploadId, RunningHash>,
+    /// Serialises this instance's appends to one session, as a read-modify-write of its state.
+    /// Instances do not coordinate: a client sends a session's chunks one after another, and one
+    /// that sends two at once through different instances gets a session whose digest fails.
+    sessions: quick_cache::sync::Cache<UploadId, Arc<tokio::sync::Mutex<()>>>,
     redirect: Option<Duration>,
 }
 
@@ -122,6 +126,7 @@ impl ObjectContentStore {
         ObjectContentStore {
             objects,
             running: quick_cache::sync::Cache::new(RUNNING_HASHES),
+            sessions: quick_cache::sync::Cache::new(RUNNING_HASHES),
             redirect: None,
         }
     }
@@ -183,6 +188,7 @@ impl ObjectContentStore {
         }
         self.objects.delete(&Self::state_key(id)).await?;
         self.running.remove(&id);
+        self.sessions.remove(&id);
         Ok(())
     }
 
@@ -304,7 +310,6 @@ pub(crate) fn read_secret(path: &std::path::Path) -> Result<String, ContentError
 /// client's body fails, so the part written holds exactly the bytes that arrived.
 struct Metered {
     hash: Option<RunningHash>,
-    size: u64,
     error: Option<io::Error>,
 }
 
@@ -316,13 +321,9 @@ fn metered(body: ByteStream, meter: Arc<std::sync::Mutex<Metered>>) -> ByteStrea
             }
             match body.next().await {
                 Some(Ok(chunk)) => {
-                    {
-                        let mut m = meter.lock().expect("meter poisoned");
-                        if let Some(running) = &mut m.hash {
-                            running.hasher.update(&chunk);
-                            running.offset += chunk.len() as u64;
-                        }
-                        m.size += chunk.len() as u64;
+                    if let Some(running) = &mut meter.lock().expect("meter poisoned").hash {
+                        running.hasher.update(&chunk);
+                        running.offset += chunk.len() as u64;
                     }
                     Some((Ok(chunk), (body, meter, false)))
                 }
@@ -407,6 +408,11 @@ impl ContentStore for ObjectContentStore {
         offset: Option<u64>,
         body: ByteStream,
     ) -> Result<u64, ContentError> {
+        let session = self
+            .sessions
+            .get_or_insert_with(&id, || Ok::<_, std::convert::Infallible>(Arc::default()))
+            .unwrap_or_else(|never| match never {});
+        let _appending = session.lock().await;
         let mut state = self.state(id).await?;
         let size = state.size();
         if let Some(requested) = offset.filter(|&o| o != size) {
@@ -422,11 +428,7 @@ impl ContentStore for ObjectContentStore {
                 hasher: DigestHasher::new(Algorithm::Sha256),
             })
         });
-        let meter = Arc::new(std::sync::Mutex::new(Metered {
-            hash,
-            size: 0,
-            error: None,
-        }));
+        let meter = Arc::new(std::sync::Mutex::new(Metered { hash, error: None }));
         let name = format!("{size}-{}", UploadId::new());
         let key = Self::part_key(id, &name);
         let written = self
@@ -437,7 +439,6 @@ impl ContentStore for ObjectContentStore {
             &mut *meter.lock().expect("meter poisoned"),
             Metered {
                 hash: None,
-                size: 0,
                 error: None,
             },
         );
