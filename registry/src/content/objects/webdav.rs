@@ -1,7 +1,8 @@
 //! A WebDAV store, such as Cloud Foundry's internal blobstore (nginx's WebDAV module behind basic
-//! auth): `GET` with ranges, `HEAD`, `PUT`, `DELETE` and `COPY`, never `PROPFIND`, relying on the
-//! server to create a `PUT`'s missing folders (nginx's `create_full_put_path`) and to write each
-//! `PUT` to a temporary file it renames into place once the body is whole.
+//! auth, which allows `PUT`, `DELETE` and `COPY` but no `MKCOL` or `MOVE`): `GET` with ranges,
+//! `HEAD`, `PUT`, `DELETE` and `COPY`, never `PROPFIND`, relying on the server to create a `PUT`'s
+//! missing folders (nginx's `create_full_put_path`) and to write each `PUT` to a temporary file it
+//! renames into place once the body is whole.
 
 use std::ops::Range;
 use std::path::PathBuf;
@@ -223,8 +224,12 @@ impl Objects for WebDav {
             .map_err(request_error)?;
         match response.status() {
             status if status.is_success() => Ok(()),
-            // A server without COPY: stream the bytes through.
-            StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED => {
+            // A server without COPY, or (nginx) one whose COPY cannot create the destination's
+            // folder, which only a PUT creates: stream the bytes through once.
+            StatusCode::METHOD_NOT_ALLOWED
+            | StatusCode::NOT_IMPLEMENTED
+            | StatusCode::CONFLICT
+            | StatusCode::INTERNAL_SERVER_ERROR => {
                 let body = self.get(from, None).await?.ok_or_else(|| {
                     ContentError::Store(format!("WebDAV copy source {from} is missing").into())
                 })?;
