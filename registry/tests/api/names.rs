@@ -1,5 +1,6 @@
 //! The grammar of repository names and tags.
 
+use crate::common::tree;
 use crate::support::*;
 
 #[tokio::test]

@@ -1,8 +1,7 @@
 //! What every module of this suite shares: a registry with a client, checks every reply must pass,
 //! and generated manifests.
 
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HeaderMap, HeaderName};

@@ -11,7 +11,7 @@ use object_store::ObjectStore;
 pub enum Content {
     Filesystem,
     S3 {
-        bucket: berth_testkit::S3Bucket,
+        bucket: berth_testkit::services::S3Bucket,
         secret_file: PathBuf,
     },
 }
@@ -23,7 +23,7 @@ impl Content {
         match std::env::var("BERTH_E2E_CONTENT").as_deref() {
             Err(_) | Ok("") | Ok("filesystem") => Content::Filesystem,
             Ok("s3") => {
-                let bucket = berth_testkit::s3_bucket();
+                let bucket = berth_testkit::services::s3_bucket();
                 let secret_file = scratch.join("s3-secret");
                 std::fs::write(&secret_file, &bucket.secret_access_key)
                     .expect("write the S3 secret");

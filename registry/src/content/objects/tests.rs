@@ -4,7 +4,7 @@ use bytes::Bytes;
 use super::*;
 use crate::content::behaviour::{self, once};
 
-fn s3_config(bucket: &berth_testkit::S3Bucket, secret: &std::path::Path) -> ObjectStoreConfig {
+fn s3_config(bucket: &berth_testkit::services::S3Bucket, secret: &std::path::Path) -> ObjectStoreConfig {
     std::fs::write(secret, &bucket.secret_access_key).unwrap();
     ObjectStoreConfig::S3(S3Config {
         bucket: bucket.bucket.clone(),
@@ -22,9 +22,9 @@ fn s3_config(bucket: &berth_testkit::S3Bucket, secret: &std::path::Path) -> Obje
 async fn s3_pair() -> (
     ObjectContentStore,
     ObjectContentStore,
-    berth_testkit::S3Bucket,
+    berth_testkit::services::S3Bucket,
 ) {
-    let bucket = berth_testkit::s3_bucket();
+    let bucket = berth_testkit::services::s3_bucket();
     let dir = tempfile::tempdir().unwrap();
     let config = s3_config(&bucket, &dir.path().join("secret"));
     let a = ObjectContentStore::open(&config).await.unwrap();
@@ -46,7 +46,7 @@ async fn s3_uploads_move_between_instances() {
 
 #[tokio::test]
 async fn azure_passes_the_content_behaviour_suite() {
-    let container = berth_testkit::azure_container();
+    let container = berth_testkit::services::azure_container();
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("key");
     std::fs::write(&key, &container.access_key).unwrap();
@@ -66,7 +66,7 @@ async fn azure_passes_the_content_behaviour_suite() {
 
 #[tokio::test]
 async fn webdav_passes_the_content_behaviour_suite() {
-    let dav = berth_testkit::webdav();
+    let dav = berth_testkit::services::webdav();
     let dir = tempfile::tempdir().unwrap();
     let password = dir.path().join("password");
     std::fs::write(&password, &dav.password).unwrap();
@@ -228,40 +228,3 @@ fn credentials_never_reach_debug_output() {
     assert!(matches!(parsed.content, Some(ObjectStoreConfig::Webdav(_))));
 }
 
-// TEMP dev shim until the harness lands.
-mod berth_testkit {
-    pub use ::berth_testkit::free_port;
-    pub struct S3Bucket {
-        pub endpoint: String,
-        pub region: String,
-        pub bucket: String,
-        pub access_key_id: String,
-        pub secret_access_key: String,
-    }
-    pub fn s3_bucket() -> S3Bucket {
-        S3Bucket {
-            endpoint: "http://127.0.0.1:18333".into(),
-            region: "us-east-1".into(),
-            bucket: std::env::var("DEV_S3_BUCKET").unwrap(),
-            access_key_id: "berthkey".into(),
-            secret_access_key: "berthsecret".into(),
-        }
-    }
-    pub struct AzureContainer {
-        pub endpoint: String,
-        pub account: String,
-        pub access_key: String,
-        pub container: String,
-    }
-    pub fn azure_container() -> AzureContainer {
-        unimplemented!()
-    }
-    pub struct WebDav {
-        pub url: String,
-        pub username: String,
-        pub password: String,
-    }
-    pub fn webdav() -> WebDav {
-        unimplemented!()
-    }
-}

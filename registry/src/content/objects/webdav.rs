@@ -122,7 +122,14 @@ impl Objects for WebDav {
         match response.status() {
             StatusCode::NOT_FOUND => Ok(None),
             status if status.is_success() => {
-                let size = response.content_length().unwrap_or(0);
+                // The header, not the body's length: a HEAD answer has no body.
+                let size = response
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .ok_or_else(|| {
+                        ContentError::Store(format!("WebDAV HEAD {key}: no Content-Length").into())
+                    })?;
                 let modified = response
                     .headers()
                     .get(header::LAST_MODIFIED)
