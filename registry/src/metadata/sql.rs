@@ -965,15 +965,171 @@ mod tests {
         (store, config, dir)
     }
 
-    #[tokio::test]
-    async fn postgres_passes_the_metadata_behaviour_suite() {
-        let (store, _, _dir) = open(Dialect::Postgres).await;
+    /// One test per dialect of each behaviour below, named after the dialect so that either
+    /// server's tests can be run alone.
+    macro_rules! on_both {
+        ($($behaviour:ident => $postgres:ident, $mysql:ident;)*) => {$(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $postgres() {
+                $behaviour(Dialect::Postgres).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $mysql() {
+                $behaviour(Dialect::Mysql).await;
+            }
+        )*};
+    }
+
+    on_both! {
+        behaviour_suite => postgres_passes_the_metadata_behaviour_suite, mysql_passes_the_metadata_behaviour_suite;
+        reopening => postgres_reopening_keeps_data_and_instances_migrate_once, mysql_reopening_keeps_data_and_instances_migrate_once;
+        concurrent_pushes => postgres_concurrent_pushes_into_one_repository_all_commit, mysql_concurrent_pushes_into_one_repository_all_commit;
+        sessions => postgres_connections_are_serializable_with_the_statement_timeout, mysql_connections_are_serializable_with_the_statement_timeout;
+        constraint => postgres_a_refused_statement_is_not_retried, mysql_a_refused_statement_is_not_retried;
+        unreachable => postgres_an_unreachable_database_fails_as_unavailable_within_the_timeout, mysql_an_unreachable_database_fails_as_unavailable_within_the_timeout;
+    }
+
+    async fn behaviour_suite(dialect: Dialect) {
+        let (store, _, _dir) = open(dialect).await;
         crate::metadata::behaviour::run_all(&store).await;
     }
 
-    #[tokio::test]
-    async fn mysql_passes_the_metadata_behaviour_suite() {
-        let (store, _, _dir) = open(Dialect::Mysql).await;
-        crate::metadata::behaviour::run_all(&store).await;
+    async fn reopening(dialect: Dialect) {
+        let (first, config, _dir) = open(dialect).await;
+        let repo: RepoName = "keep/me".parse().unwrap();
+        let digest = Digest::sha256_of(b"kept");
+        crate::metadata::behaviour::push_blob(&first, &repo, &digest, 4).await;
+        drop(first);
+        // Instances starting together: the migration lock lets one migrate, the others find
+        // every version applied.
+        let (a, b) = tokio::join!(
+            SqlMetadataStore::open(&config),
+            SqlMetadataStore::open(&config)
+        );
+        let (a, _b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.repository_blob(&repo, &digest).await.unwrap(), Some(4));
+        let versions = a
+            .plain()
+            .await
+            .unwrap()
+            .all(
+                "SELECT version FROM schema_migrations ORDER BY version",
+                args![],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| get::<i64>(row, 0).unwrap())
+            .collect::<Vec<_>>();
+        assert_eq!(versions, [1, 2, 3, 4]);
+    }
+
+    async fn concurrent_pushes(dialect: Dialect) {
+        let (store, _, _dir) = open(dialect).await;
+        let store = std::sync::Arc::new(store);
+        let repo: RepoName = "busy/repo".parse().unwrap();
+        let shared = Digest::sha256_of(b"shared base layer");
+        let pushes = (0..16).map(|i| {
+            let (store, repo, shared) = (store.clone(), repo.clone(), shared.clone());
+            tokio::spawn(async move {
+                let own = Digest::sha256_of(format!("layer {i}").as_bytes());
+                for digest in [&shared, &own] {
+                    crate::metadata::behaviour::push_blob(&*store, &repo, digest, 10).await;
+                }
+                let image = crate::metadata::behaviour::manifest(
+                    format!("image {i}").as_bytes(),
+                    vec![shared.clone(), own.clone()],
+                );
+                let tag: Tag = format!("v{i}").parse().unwrap();
+                store.put_manifest(&repo, &image, Some(&tag)).await.unwrap();
+            })
+        });
+        for push in pushes.collect::<Vec<_>>() {
+            push.await.unwrap();
+        }
+        let page = PageRequest {
+            last: None,
+            limit: 100,
+        };
+        let tags = store.tags(&repo, &page).await.unwrap().unwrap();
+        assert_eq!(tags.entries.len(), 16);
+        let usage = store.usage().await.unwrap();
+        let images: u64 = (0..16).map(|i| format!("image {i}").len() as u64).sum();
+        assert_eq!(usage.repositories[0].bytes, 17 * 10 + images);
+    }
+
+    async fn sessions(dialect: Dialect) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config_for(&database_url(dialect).await, dir.path());
+        match &mut config {
+            MetadataConfig::Postgres(database) | MetadataConfig::Mysql(database) => {
+                database.statement_timeout_seconds = 1;
+            }
+        }
+        let store = SqlMetadataStore::open(&config).await.unwrap();
+        let mut db = store.plain().await.unwrap();
+        let (isolation, sleep) = match dialect {
+            Dialect::Postgres => ("SHOW transaction_isolation", "SELECT pg_sleep(3)"),
+            Dialect::Mysql => ("SELECT @@SESSION.tx_isolation", "SELECT SLEEP(3)"),
+        };
+        let row = db.optional(isolation, args![]).await.unwrap().unwrap();
+        let isolation: String = get(&row, 0).unwrap();
+        assert!(
+            isolation.eq_ignore_ascii_case("serializable"),
+            "{isolation}"
+        );
+        let started = std::time::Instant::now();
+        let slept = db.optional(sleep, args![]).await;
+        // MySQL's SLEEP answers 1 when interrupted instead of failing.
+        let interrupted = match slept {
+            Err(_) => true,
+            Ok(row) => get::<i64>(&row.unwrap(), 0).unwrap() == 1,
+        };
+        assert!(interrupted);
+        assert!(started.elapsed() < Duration::from_millis(2500));
+    }
+
+    async fn constraint(dialect: Dialect) {
+        let (store, _, _dir) = open(dialect).await;
+        let (repo, id) = ("a/b".parse::<RepoName>().unwrap(), UploadId::new());
+        store.create_upload(&repo, id).await.unwrap();
+        let started = std::time::Instant::now();
+        let err = store.create_upload(&repo, id).await.unwrap_err();
+        let MetadataError::Sql(sql) = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(db::classify(sql), db::Failure::Permanent, "{sql}");
+        assert!(!err.is_unavailable());
+        assert!(started.elapsed() < Duration::from_millis(500));
+    }
+
+    async fn unreachable(dialect: Dialect) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let database = DatabaseConfig {
+            host: "127.0.0.1".into(),
+            port: Some(port),
+            database: "berth".into(),
+            username: "berth".into(),
+            password_file: None,
+            tls: DatabaseTls::default(),
+            pool_size: 2,
+            statement_timeout_seconds: 5,
+            connect_timeout_seconds: 2,
+        };
+        let config = match dialect {
+            Dialect::Postgres => MetadataConfig::Postgres(database),
+            Dialect::Mysql => MetadataConfig::Mysql(database),
+        };
+        let started = std::time::Instant::now();
+        let err = SqlMetadataStore::open(&config).await.err().unwrap();
+        assert!(err.is_unavailable(), "{err:?}");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(2) && waited < Duration::from_secs(4),
+            "{waited:?}"
+        );
     }
 }
