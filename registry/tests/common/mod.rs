@@ -25,3 +25,50 @@ pub use {
     access::*, berth_testkit::*, client::*, daemons::*, images::*, layout::*, raw_http::*,
     registry::*, skopeo::*,
 };
+
+/// Stand-in for the testkit's database services until they land (same names and shape).
+pub mod services {
+    pub struct Database {
+        pub url: String,
+    }
+
+    fn create(var: &str, scheme: &str) -> Database {
+        let server = std::env::var(var).unwrap();
+        let name = format!("berth_{}", std::process::id()) + &format!("_{}", super::free_port());
+        let url = reqwest::Url::parse(&server).unwrap();
+        let status = if scheme == "postgres" {
+            std::process::Command::new("psql")
+                .args([
+                    &format!("{server}/postgres"),
+                    "-c",
+                    &format!("CREATE DATABASE {name}"),
+                ])
+                .status()
+        } else {
+            std::process::Command::new("mariadb")
+                .args([
+                    "-h",
+                    url.host_str().unwrap(),
+                    "-P",
+                    &url.port().unwrap().to_string(),
+                    "-u",
+                    url.username(),
+                    "-e",
+                    &format!("CREATE DATABASE {name}"),
+                ])
+                .status()
+        };
+        assert!(status.unwrap().success());
+        Database {
+            url: format!("{server}/{name}"),
+        }
+    }
+
+    pub fn postgres_database() -> Database {
+        create("BERTH_TEST_POSTGRES", "postgres")
+    }
+
+    pub fn mysql_database() -> Database {
+        create("BERTH_TEST_MYSQL", "mysql")
+    }
+}

@@ -28,6 +28,8 @@ pub struct Registry {
     config: Option<PathBuf>,
     /// Extra environment, applied after the defaults (so it can override `BERTH_LOG`).
     env: Vec<(String, String)>,
+    /// The database holding its metadata when `BERTH_E2E_METADATA` names one.
+    metadata: Option<SharedMetadata>,
 }
 
 /// The PEM certificate chain and private key a registry serves HTTPS with.
@@ -98,9 +100,8 @@ impl Registry {
 
     fn start_configured_with(tls: Option<Tls>, yaml: &str, env: &[(&str, &str)]) -> Registry {
         let mut registry = Registry::prepare(tls);
-        let path = registry.dir.path().join("config.yml");
-        fs::write(&path, yaml).expect("write the registry configuration");
-        registry.config = Some(path);
+        registry.config = Some(registry.dir.path().join("config.yml"));
+        registry.write_config(yaml);
         registry.env = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -111,6 +112,10 @@ impl Registry {
 
     fn start_with(tls: Option<Tls>) -> Registry {
         let mut registry = Registry::prepare(tls);
+        if registry.metadata.is_some() {
+            registry.config = Some(registry.dir.path().join("config.yml"));
+            registry.write_config("{}");
+        }
         registry.spawn();
         registry
     }
@@ -122,6 +127,7 @@ impl Registry {
             .expect("create a temporary directory");
         fs::create_dir_all(dir.path().join("root")).expect("create the storage root");
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let metadata = SharedMetadata::from_env(dir.path());
         Registry {
             dir,
             addr,
@@ -130,6 +136,7 @@ impl Registry {
             tls,
             config: None,
             env: Vec::new(),
+            metadata,
         }
     }
 
@@ -298,6 +305,10 @@ impl Registry {
 
     /// Replaces the configuration file (the running process reads it again on SIGHUP).
     pub fn write_config(&self, yaml: &str) {
+        let yaml = match &self.metadata {
+            Some(metadata) => metadata.add_to(yaml),
+            None => yaml.to_owned(),
+        };
         fs::write(self.config_path(), yaml).expect("write the registry configuration");
     }
 
@@ -338,5 +349,73 @@ impl Drop for Registry {
     fn drop(&mut self) {
         self.kill_hard();
         print_log_on_panic("berth-registry", &self.log_path());
+    }
+}
+
+/// A database of a shared PostgreSQL or MariaDB server holding a registry's metadata: with
+/// `BERTH_E2E_METADATA=postgres` (or `mysql`) every registry a test starts keeps its metadata in a
+/// fresh one instead of SQLite, so that the same tests check that backend.
+struct SharedMetadata {
+    /// The `storage.metadata` section naming it.
+    section: serde_norway::Value,
+    /// Dropping it drops the database.
+    _database: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl SharedMetadata {
+    fn from_env(dir: &Path) -> Option<SharedMetadata> {
+        let kind = std::env::var("BERTH_E2E_METADATA").ok()?;
+        let (url, database) = match kind.as_str() {
+            "postgres" => {
+                let database = services::postgres_database();
+                (
+                    database.url.clone(),
+                    Box::new(database) as Box<dyn std::any::Any + Send + Sync>,
+                )
+            }
+            "mysql" => {
+                let database = services::mysql_database();
+                (
+                    database.url.clone(),
+                    Box::new(database) as Box<dyn std::any::Any + Send + Sync>,
+                )
+            }
+            other => panic!("BERTH_E2E_METADATA={other}: expected postgres or mysql"),
+        };
+        let url = reqwest::Url::parse(&url).expect("a database URL");
+        let password_file = dir.join("database-password");
+        fs::write(&password_file, url.password().unwrap_or_default())
+            .expect("write the database password");
+        let section = serde_norway::from_str(&format!(
+            "{kind}: {{host: {}, port: {}, database: {}, username: {}, password_file: {}}}",
+            url.host_str().expect("a database host"),
+            url.port().expect("a database port"),
+            url.path().trim_start_matches('/'),
+            url.username(),
+            password_file.display()
+        ))
+        .expect("a storage.metadata section");
+        Some(SharedMetadata {
+            section,
+            _database: database,
+        })
+    }
+
+    /// `yaml` with `storage.metadata` naming this database.
+    fn add_to(&self, yaml: &str) -> String {
+        let mut config: serde_norway::Value =
+            serde_norway::from_str(yaml).expect("a YAML configuration");
+        if config.is_null() {
+            config = serde_norway::Value::Mapping(Default::default());
+        }
+        let root = config.as_mapping_mut().expect("a YAML mapping");
+        let storage = root
+            .entry("storage".into())
+            .or_insert_with(|| serde_norway::Value::Mapping(Default::default()));
+        storage
+            .as_mapping_mut()
+            .expect("storage is a mapping")
+            .insert("metadata".into(), self.section.clone());
+        serde_norway::to_string(&config).expect("serialise the configuration")
     }
 }
