@@ -905,31 +905,26 @@ impl MetadataStore for SqlMetadataStore {
 mod tests {
     use super::*;
 
-    /// A fresh, empty database on the test server of `dialect`.
-    async fn database_url(dialect: Dialect) -> String {
-        let (var, admin) = match dialect {
-            Dialect::Postgres => ("BERTH_TEST_POSTGRES", "postgres"),
-            Dialect::Mysql => ("BERTH_TEST_MYSQL", "mysql"),
-        };
-        let server = std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set"));
-        sqlx::any::install_default_drivers();
-        let name = format!("berth_{}", uuid::Uuid::new_v4().simple());
-        let mut conn =
-            <sqlx::AnyConnection as sqlx::Connection>::connect(&format!("{server}/{admin}"))
-                .await
-                .unwrap();
-        conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .await
-            .unwrap();
-        format!("{server}/{name}")
+    /// A fresh, empty database on the test server of `dialect`, dropped with the guard.
+    fn database(dialect: Dialect) -> (String, Box<dyn std::any::Any>) {
+        match dialect {
+            Dialect::Postgres => {
+                let database = berth_testkit::services::postgres_database();
+                (database.url.clone(), Box::new(database))
+            }
+            Dialect::Mysql => {
+                let database = berth_testkit::services::mysql_database();
+                (database.url.clone(), Box::new(database))
+            }
+        }
     }
 
     /// The configuration reaching the database at `url`, its password in a file in `dir`.
     fn config_for(url: &str, dir: &std::path::Path) -> MetadataConfig {
         let url = url::Url::parse(url).unwrap();
+        // The test servers' passwords are plain words, the same percent-encoded or not.
         let password_file = url.password().map(|password| {
             let file = dir.join("password");
-            let password = percent_decode(password);
             std::fs::write(&file, format!("{password}\n")).unwrap();
             file
         });
@@ -951,18 +946,21 @@ mod tests {
         }
     }
 
-    fn percent_decode(text: &str) -> String {
-        url::form_urlencoded::parse(format!("x={}", text.replace('+', "%2B")).as_bytes())
-            .next()
-            .map(|(_, value)| value.into_owned())
-            .unwrap_or_default()
-    }
-
-    async fn open(dialect: Dialect) -> (SqlMetadataStore, MetadataConfig, tempfile::TempDir) {
+    /// A store on a fresh database, its configuration, and what keeps the database and the
+    /// password file until the test ends.
+    #[allow(clippy::type_complexity)]
+    async fn open(
+        dialect: Dialect,
+    ) -> (
+        SqlMetadataStore,
+        MetadataConfig,
+        (tempfile::TempDir, Box<dyn std::any::Any>),
+    ) {
         let dir = tempfile::tempdir().unwrap();
-        let config = config_for(&database_url(dialect).await, dir.path());
+        let (url, database) = database(dialect);
+        let config = config_for(&url, dir.path());
         let store = SqlMetadataStore::open(&config).await.unwrap();
-        (store, config, dir)
+        (store, config, (dir, database))
     }
 
     /// One test per dialect of each behaviour below, named after the dialect so that either
@@ -1061,7 +1059,8 @@ mod tests {
 
     async fn sessions(dialect: Dialect) {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = config_for(&database_url(dialect).await, dir.path());
+        let (url, _database) = database(dialect);
+        let mut config = config_for(&url, dir.path());
         match &mut config {
             MetadataConfig::Postgres(database) | MetadataConfig::Mysql(database) => {
                 database.statement_timeout_seconds = 1;
