@@ -89,6 +89,8 @@ pub struct StorageConfig {
     /// Seconds a signed blob URL stays valid; when set, blob `GET`s redirect to the object store
     /// (S3, Azure, GCS) so the bytes do not flow through the registry. Off (0) by default.
     pub redirect_seconds: u64,
+    /// A shared PostgreSQL or MySQL database for the metadata instead of SQLite under `root`.
+    pub metadata: Option<crate::metadata::MetadataConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -187,6 +189,7 @@ impl Default for StorageConfig {
             root: PathBuf::from("data"),
             content: None,
             redirect_seconds: 0,
+            metadata: None,
         }
     }
 }
@@ -334,6 +337,9 @@ impl Config {
                     .into(),
             ));
         }
+        if let Some(metadata) = &self.storage.metadata {
+            metadata.validate().map_err(ConfigError::Invalid)?;
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::Invalid(format!("log.level {:?}: {e}", self.log.level)))?;
         if let Some(tls) = &self.tls {
@@ -369,6 +375,42 @@ mod tests {
         assert_eq!(config.listen.to_string(), "0.0.0.0:5000");
         assert_eq!(config.storage.root, PathBuf::from("data"));
         assert_eq!(config.limits.max_manifest_bytes, 4 << 20);
+    }
+
+    #[test]
+    fn storage_metadata_names_a_shared_database_and_is_checked_at_load() {
+        assert!(
+            Config::load_with_env(None, |_| None)
+                .unwrap()
+                .storage
+                .metadata
+                .is_none(),
+            "SQLite under storage.root unless set"
+        );
+        let config = load_text(
+            "storage:\n  root: /srv/berth\n  metadata:\n    postgres:\n      host: db.internal\n      \
+             database: berth\n      username: berth\n      password_file: /run/secrets/db\n      \
+             tls: {mode: verify-full, ca_file: /etc/ssl/db-ca.pem}\n      pool_size: 20\n",
+            &[],
+        )
+        .unwrap();
+        let Some(crate::metadata::MetadataConfig::Postgres(database)) = config.storage.metadata
+        else {
+            panic!("{:?}", config.storage.metadata)
+        };
+        assert_eq!(
+            (database.host.as_str(), database.pool_size),
+            ("db.internal", 20)
+        );
+        let err = load_text(
+            "storage:\n  metadata:\n    mysql: {host: db, database: berth, username: '', pool_size: 4}\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("storage.metadata.mysql.username"),
+            "{err}"
+        );
     }
 
     #[test]

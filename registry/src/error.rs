@@ -135,8 +135,10 @@ impl RegistryError {
             Metadata(MetadataError::BeingCollected(_)) => {
                 ("UNKNOWN", StatusCode::SERVICE_UNAVAILABLE)
             }
-            // Shared object storage failing is usually brief: a retry may well succeed.
+            // Shared object storage or the shared database failing is usually brief: the
+            // client's retry may well succeed.
             Content(ContentError::Store(_)) => ("UNKNOWN", StatusCode::SERVICE_UNAVAILABLE),
+            Metadata(err) if err.is_unavailable() => ("UNKNOWN", StatusCode::SERVICE_UNAVAILABLE),
             Content(_) | Metadata(_) => ("UNKNOWN", StatusCode::INTERNAL_SERVER_ERROR),
         }
     }
@@ -171,8 +173,11 @@ impl IntoResponse for RegistryError {
         let message = if status == StatusCode::INSUFFICIENT_STORAGE {
             tracing::error!(error = %self, "request failed");
             "the registry's storage is full".to_owned()
-        } else if status == StatusCode::SERVICE_UNAVAILABLE {
+        } else if let RegistryError::Metadata(MetadataError::BeingCollected(_)) = &self {
             "the content was being garbage-collected as it was pushed; retry".to_owned()
+        } else if status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::error!(error = %self, "request failed");
+            "the registry's database is unreachable; retry".to_owned()
         } else if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
             "internal storage error".to_owned()
@@ -257,6 +262,34 @@ mod tests {
             );
         }
         let busy = sqlite_failure(rusqlite::ffi::SQLITE_BUSY);
+        assert_eq!(
+            busy.into_response().status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_database_is_503_and_a_failed_statement_500() {
+        let refused = RegistryError::from(MetadataError::Sql(sqlx::Error::Io(
+            std::io::ErrorKind::ConnectionRefused.into(),
+        )));
+        let response = refused.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["errors"][0]["code"], "UNKNOWN");
+        assert_eq!(
+            body["errors"][0]["message"],
+            "the registry's database is unreachable; retry"
+        );
+        let timed_out = RegistryError::from(MetadataError::Sql(sqlx::Error::PoolTimedOut));
+        assert_eq!(
+            timed_out.into_response().status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let busy = RegistryError::from(MetadataError::Sql(sqlx::Error::RowNotFound));
         assert_eq!(
             busy.into_response().status(),
             StatusCode::INTERNAL_SERVER_ERROR

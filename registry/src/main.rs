@@ -13,7 +13,9 @@ use berth_registry::config::{Config, LogFormat, TlsConfig};
 use berth_registry::content::{ContentStore, FsContentStore, ObjectContentStore};
 use berth_registry::gc::Collector;
 use berth_registry::metadata::Usage;
-use berth_registry::metadata::{CachedMetadata, SqliteMetadataStore};
+use berth_registry::metadata::{
+    CachedMetadata, MetadataStore, SqlMetadataStore, SqliteMetadataStore,
+};
 use berth_registry::retention::Retention;
 use berth_registry::{gc, server};
 use clap::{Parser, Subcommand};
@@ -283,19 +285,26 @@ async fn open_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
             }
         }
     };
-    let metadata = SqliteMetadataStore::open(&root.join("metadata.sqlite"))
-        .context("opening the metadata database")?;
+    let metadata: Arc<dyn MetadataStore> = match &config.storage.metadata {
+        None => Arc::new(CachedMetadata::new(
+            SqliteMetadataStore::open(&root.join("metadata.sqlite"))
+                .context("opening the metadata database")?,
+        )),
+        // Uncached: the cache is correct only while every write goes through this process, and
+        // a shared database may be written by other instances.
+        Some(shared) => Arc::new(
+            SqlMetadataStore::open(shared)
+                .await
+                .context("opening the metadata database")?,
+        ),
+    };
     let auth = Auth::load(&config.auth)
         .await
         .context("loading access control")?;
     Ok(Arc::new(
-        AppState::new(
-            content,
-            Arc::new(CachedMetadata::new(metadata)),
-            config.limits.clone(),
-        )
-        .with_auth(auth)
-        .with_pull_tracking(config.retention.track_pulls),
+        AppState::new(content, metadata, config.limits.clone())
+            .with_auth(auth)
+            .with_pull_tracking(config.retention.track_pulls),
     ))
 }
 

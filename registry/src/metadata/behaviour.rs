@@ -760,12 +760,18 @@ async fn a_held_digest_is_not_swept_and_a_claimed_one_is_not_held(store: &dyn Me
         "a claimed digest cannot be held"
     );
     store.end_sweep(std::slice::from_ref(&other)).await.unwrap();
-    assert!(store.hold(&other, "push-2", hour).await.unwrap(), "swept: held again");
+    assert!(
+        store.hold(&other, "push-2", hour).await.unwrap(),
+        "swept: held again"
+    );
     store.release("push-2").await.unwrap();
 
     store.release("push-1").await.unwrap();
     assert_eq!(
-        store.begin_sweep(std::slice::from_ref(&held)).await.unwrap(),
+        store
+            .begin_sweep(std::slice::from_ref(&held))
+            .await
+            .unwrap(),
         std::slice::from_ref(&held),
         "released: swept"
     );
@@ -774,11 +780,25 @@ async fn a_held_digest_is_not_swept_and_a_claimed_one_is_not_held(store: &dyn Me
     // A hold whose push died expires.
     push_blob(store, &r, &held, 4).await;
     queue_all(store, after_now()).await;
-    assert!(store.hold(&held, "push-3", Duration::from_millis(300)).await.unwrap());
-    assert!(store.begin_sweep(std::slice::from_ref(&held)).await.unwrap().is_empty());
+    assert!(
+        store
+            .hold(&held, "push-3", Duration::from_millis(300))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .begin_sweep(std::slice::from_ref(&held))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(
-        store.begin_sweep(std::slice::from_ref(&held)).await.unwrap(),
+        store
+            .begin_sweep(std::slice::from_ref(&held))
+            .await
+            .unwrap(),
         std::slice::from_ref(&held)
     );
     store.end_sweep(std::slice::from_ref(&held)).await.unwrap();

@@ -2,6 +2,7 @@
 //! and upload sessions.
 
 mod cached;
+mod sql;
 mod sqlite;
 
 use std::time::SystemTime;
@@ -14,6 +15,7 @@ use crate::content::UploadId;
 use crate::quota::{Quota, QuotaExceeded, QuotaUsage};
 
 pub use cached::CachedMetadata;
+pub use sql::{DatabaseConfig, DatabaseTls, MetadataConfig, SqlMetadataStore, TlsMode};
 pub use sqlite::SqliteMetadataStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +26,12 @@ pub enum MetadataError {
     Database(#[from] rusqlite::Error),
     #[error("connection pool: {0}")]
     Pool(#[from] r2d2::Error),
+    /// A shared database (PostgreSQL, MySQL) failed the statement or could not be reached.
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
+    /// The store could not be set up as configured (an unreadable password file, a bad URL).
+    #[error("{0}")]
+    Setup(String),
     #[error("stored value is corrupt: {0}")]
     Corrupt(String),
     #[error("worker thread failed: {0}")]
@@ -52,11 +60,19 @@ impl MetadataError {
 
     /// Whether the database could not write because its disk is full.
     pub fn is_storage_full(&self) -> bool {
-        matches!(
-            self,
-            MetadataError::Database(rusqlite::Error::SqliteFailure(failure, _))
-                if failure.code == rusqlite::ErrorCode::DiskFull
-        )
+        match self {
+            MetadataError::Database(rusqlite::Error::SqliteFailure(failure, _)) => {
+                failure.code == rusqlite::ErrorCode::DiskFull
+            }
+            MetadataError::Sql(err) => sql::db::classify(err) == sql::db::Failure::StorageFull,
+            _ => false,
+        }
+    }
+
+    /// Whether the database could not be reached (down, restarting, out of connections) even
+    /// after the retries: the request may succeed later.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, MetadataError::Sql(err) if sql::db::classify(err) == sql::db::Failure::Unavailable)
     }
 }
 

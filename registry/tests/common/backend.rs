@@ -36,18 +36,17 @@ impl Content {
         }
     }
 
-    /// The configuration `yaml` (empty for none) with this backend's `storage.content` added;
-    /// `None` for the filesystem, which needs no configuration.
-    pub fn configure(&self, yaml: Option<&str>) -> Option<String> {
+    /// The configuration `yaml` with this backend's `storage.content` added, unless it names one.
+    pub fn add_to(&self, yaml: &str) -> String {
         let Content::S3 {
             bucket,
             secret_file,
         } = self
         else {
-            return yaml.map(str::to_owned);
+            return yaml.to_owned();
         };
         let mut config: serde_norway::Value =
-            serde_norway::from_str(yaml.unwrap_or("{}")).expect("the test's configuration parses");
+            serde_norway::from_str(yaml).expect("the test's configuration parses");
         if config.is_null() {
             config = serde_norway::Value::Mapping(Default::default());
         }
@@ -69,8 +68,9 @@ impl Content {
         storage
             .as_mapping_mut()
             .expect("storage is a mapping")
-            .insert("content".into(), content);
-        Some(serde_norway::to_string(&config).expect("serialise the configuration"))
+            .entry("content".into())
+            .or_insert(content);
+        serde_norway::to_string(&config).expect("serialise the configuration")
     }
 
     fn store(&self) -> Option<object_store::aws::AmazonS3> {

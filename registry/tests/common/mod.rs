@@ -23,6 +23,6 @@ mod skopeo;
 // Each test target uses its own part of the harness.
 #[allow(unused_imports)]
 pub use {
-    access::*, backend::*, berth_testkit::*, client::*, daemons::*, images::*, layout::*, raw_http::*,
-    registry::*, skopeo::*,
+    access::*, backend::*, berth_testkit::*, client::*, daemons::*, images::*, layout::*,
+    raw_http::*, registry::*, skopeo::*,
 };

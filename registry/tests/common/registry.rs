@@ -30,6 +30,8 @@ pub struct Registry {
     env: Vec<(String, String)>,
     /// Where its blobs and uploads live.
     content: Content,
+    /// The database holding its metadata when `BERTH_E2E_METADATA` names one.
+    metadata: Option<SharedMetadata>,
 }
 
 /// The PEM certificate chain and private key a registry serves HTTPS with.
@@ -100,9 +102,8 @@ impl Registry {
 
     fn start_configured_with(tls: Option<Tls>, yaml: &str, env: &[(&str, &str)]) -> Registry {
         let mut registry = Registry::prepare(tls);
-        let path = registry.dir.path().join("config.yml");
-        fs::write(&path, yaml).expect("write the registry configuration");
-        registry.config = Some(path);
+        registry.config = Some(registry.dir.path().join("config.yml"));
+        registry.write_config(yaml);
         registry.env = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -113,6 +114,10 @@ impl Registry {
 
     fn start_with(tls: Option<Tls>) -> Registry {
         let mut registry = Registry::prepare(tls);
+        if registry.metadata.is_some() || !registry.content_is_local() {
+            registry.config = Some(registry.dir.path().join("config.yml"));
+            registry.write_config("{}");
+        }
         registry.spawn();
         registry
     }
@@ -125,6 +130,7 @@ impl Registry {
         fs::create_dir_all(dir.path().join("root")).expect("create the storage root");
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let content = Content::from_env(dir.path());
+        let metadata = SharedMetadata::from_env(dir.path());
         Registry {
             dir,
             addr,
@@ -134,6 +140,7 @@ impl Registry {
             config: None,
             env: Vec::new(),
             content,
+            metadata,
         }
     }
 
@@ -162,7 +169,7 @@ impl Registry {
             .env("BERTH_LOG_FORMAT", "plain")
             .env("BERTH_LOG", level)
             .envs(self.env.iter().map(|(k, v)| (k, v)));
-        if let Some(config) = self.effective_config() {
+        if let Some(config) = &self.config {
             command.arg("--config").arg(config);
         }
         if let Some(tls) = &self.tls {
@@ -301,22 +308,14 @@ impl Registry {
     }
 
     /// Replaces the configuration file (the running process reads it again on SIGHUP).
+    /// With the shared backends the environment names added.
     pub fn write_config(&self, yaml: &str) {
+        let yaml = match &self.metadata {
+            Some(metadata) => metadata.add_to(yaml),
+            None => yaml.to_owned(),
+        };
+        let yaml = self.content.add_to(&yaml);
         fs::write(self.config_path(), yaml).expect("write the registry configuration");
-        self.effective_config();
-    }
-
-    /// The file the process reads: the test's configuration with the content backend's settings
-    /// added, rewritten from it each time; `None` where the process runs without one.
-    fn effective_config(&self) -> Option<PathBuf> {
-        let yaml = self
-            .config
-            .as_ref()
-            .map(|path| fs::read_to_string(path).expect("read the registry configuration"));
-        let effective = self.content.configure(yaml.as_deref())?;
-        let path = self.dir.path().join("effective.yml");
-        fs::write(&path, effective).expect("write the effective configuration");
-        Some(path)
     }
 
     /// Files stored under `dir` (`blobs` or `uploads`), relative to it: files on the filesystem,
@@ -367,5 +366,73 @@ impl Drop for Registry {
     fn drop(&mut self) {
         self.kill_hard();
         print_log_on_panic("berth-registry", &self.log_path());
+    }
+}
+
+/// A database of a shared PostgreSQL or MariaDB server holding a registry's metadata: with
+/// `BERTH_E2E_METADATA=postgres` (or `mysql`) every registry a test starts keeps its metadata in a
+/// fresh one instead of SQLite, so that the same tests check that backend.
+struct SharedMetadata {
+    /// The `storage.metadata` section naming it.
+    section: serde_norway::Value,
+    /// Dropping it drops the database.
+    _database: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl SharedMetadata {
+    fn from_env(dir: &Path) -> Option<SharedMetadata> {
+        let kind = std::env::var("BERTH_E2E_METADATA").ok()?;
+        let (url, database) = match kind.as_str() {
+            "postgres" => {
+                let database = services::postgres_database();
+                (
+                    database.url.clone(),
+                    Box::new(database) as Box<dyn std::any::Any + Send + Sync>,
+                )
+            }
+            "mysql" => {
+                let database = services::mysql_database();
+                (
+                    database.url.clone(),
+                    Box::new(database) as Box<dyn std::any::Any + Send + Sync>,
+                )
+            }
+            other => panic!("BERTH_E2E_METADATA={other}: expected postgres or mysql"),
+        };
+        let url = reqwest::Url::parse(&url).expect("a database URL");
+        let password_file = dir.join("database-password");
+        fs::write(&password_file, url.password().unwrap_or_default())
+            .expect("write the database password");
+        let section = serde_norway::from_str(&format!(
+            "{kind}: {{host: {}, port: {}, database: {}, username: {}, password_file: {}}}",
+            url.host_str().expect("a database host"),
+            url.port().expect("a database port"),
+            url.path().trim_start_matches('/'),
+            url.username(),
+            password_file.display()
+        ))
+        .expect("a storage.metadata section");
+        Some(SharedMetadata {
+            section,
+            _database: database,
+        })
+    }
+
+    /// `yaml` with `storage.metadata` naming this database.
+    fn add_to(&self, yaml: &str) -> String {
+        let mut config: serde_norway::Value =
+            serde_norway::from_str(yaml).expect("a YAML configuration");
+        if config.is_null() {
+            config = serde_norway::Value::Mapping(Default::default());
+        }
+        let root = config.as_mapping_mut().expect("a YAML mapping");
+        let storage = root
+            .entry("storage".into())
+            .or_insert_with(|| serde_norway::Value::Mapping(Default::default()));
+        storage
+            .as_mapping_mut()
+            .expect("storage is a mapping")
+            .insert("metadata".into(), self.section.clone());
+        serde_norway::to_string(&config).expect("serialise the configuration")
     }
 }

@@ -4,7 +4,10 @@ use bytes::Bytes;
 use super::*;
 use crate::content::behaviour::{self, once};
 
-fn s3_config(bucket: &berth_testkit::services::S3Bucket, secret: &std::path::Path) -> ObjectStoreConfig {
+fn s3_config(
+    bucket: &berth_testkit::services::S3Bucket,
+    secret: &std::path::Path,
+) -> ObjectStoreConfig {
     std::fs::write(secret, &bucket.secret_access_key).unwrap();
     ObjectStoreConfig::S3(S3Config {
         bucket: bucket.bucket.clone(),
@@ -227,4 +230,3 @@ fn credentials_never_reach_debug_output() {
     .unwrap();
     assert!(matches!(parsed.content, Some(ObjectStoreConfig::Webdav(_))));
 }
-
