@@ -150,6 +150,19 @@ RSpec.describe 'berth-registry and berth-lifecycle, end to end' do
     expect(output + File.read(log)).not_to include(admin_password, robot_password)
   end
 
+  it "tells BOSH DNS the instance is healthy while the registry serves, and not once it has stopped" do
+    BerthSpec.tool('curl')
+    start_registry
+    healthy = "#{root}/jobs/berth-registry/bin/dns/healthy"
+    _, status = Open3.capture2e(healthy)
+    expect(status).to be_success
+    Process.kill('TERM', @registry)
+    Process.wait(@registry)
+    @registry = nil
+    _, status = Open3.capture2e(healthy)
+    expect(status).not_to be_success
+  end
+
   it 'collects garbage with the berth-registry-gc errand while the registry serves' do
     start_registry
     push_image
