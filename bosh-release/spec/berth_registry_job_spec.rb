@@ -16,12 +16,8 @@ RSpec.describe 'berth-registry job' do
 
   # Installs the job rendered from `properties` and runs its pre-start (which runs the real
   # binary's `config check`); its output.
-  def pre_start(properties, spec = disk, links: {})
-    root = tmp
-    install_job(root, 'berth-registry', properties: properties, spec: spec, links: links)
-    run!({ 'BERTH_JOB_DIR' => "#{root}/jobs/berth-registry", 'BERTH_DATA_DIR' => "#{root}/data/berth-registry",
-           'BERTH_PACKAGE_DIR' => install_package(root), 'BERTH_OWNER' => owner },
-         "#{root}/jobs/berth-registry/bin/pre-start")
+  def pre_start(properties, spec = disk)
+    registry_pre_start(tmp, properties: properties, spec: spec)
   end
 
   def merge(base, extra)
@@ -168,13 +164,8 @@ RSpec.describe 'berth-registry job' do
       end
 
       it 'renders a configuration the real berth-registry accepts' do
-        root = tmp
-        install_job(root, 'berth-registry', properties: with_identity, spec: disk)
-        output = run!({ 'BERTH_JOB_DIR' => "#{root}/jobs/berth-registry", 'BERTH_DATA_DIR' => "#{root}/data/berth-registry",
-                        'BERTH_PACKAGE_DIR' => install_package(root), 'BERTH_OWNER' => owner },
-                      "#{root}/jobs/berth-registry/bin/pre-start")
-        expect(output).to include('berth-registry.yml: ok')
-        expect(File.read("#{root}/data/berth-registry/htpasswd")).to eq('')
+        expect(pre_start(with_identity)).to include('berth-registry.yml: ok')
+        expect(File.read("#{tmp}/data/berth-registry/htpasswd")).to eq('')
       end
     end
 

@@ -37,9 +37,7 @@ RSpec.describe 'berth-registry and berth-lifecycle, end to end' do
   end
 
   def start_registry
-    install_job(root, 'berth-registry', properties: registry_properties, spec: { 'persistent_disk' => 1024 })
-    run!({ 'BERTH_JOB_DIR' => "#{root}/jobs/berth-registry", 'BERTH_DATA_DIR' => "#{root}/data/berth-registry",
-           'BERTH_PACKAGE_DIR' => package, 'BERTH_OWNER' => owner }, "#{root}/jobs/berth-registry/bin/pre-start")
+    registry_pre_start(root, properties: registry_properties, spec: { 'persistent_disk' => 1024 })
     @registry = spawn(BerthSpec.binary('BERTH_REGISTRY_BIN'), 'serve', '--config',
                       "#{root}/jobs/berth-registry/config/berth-registry.yml", %i[out err] => log)
     wait_for_health
