@@ -275,4 +275,96 @@ RSpec.describe 'berth-registry and berth-lifecycle, end to end' do
       expect(output).to include('Warning', 'CF_INSTANCE_CERT')
     end
   end
+
+  context "with the blobs on a WebDAV server set up as capi's blobstore job sets up nginx" do
+    let(:dav_port) { free_port }
+    let(:dav_dir) { File.join(root, 'nginx') }
+    let(:shared) { File.join(root, 'store-shared') }
+    let(:dav_password) { SecureRandom.hex(12) }
+    # The folder berth-registry-ha.yml puts the blobs in on cf-deployment's blobstore, here.
+    let(:dav_url) do
+      ops = YAML.safe_load(File.read(File.join(BerthSpec::REPO, 'manifests/operations/berth-registry-ha.yml')))
+      url = ops.find { |op| op['path'].end_with?('/berth/registry/storage?') }.fetch('value').fetch('webdav').fetch('url')
+      "https://127.0.0.1:#{dav_port}#{URI(url).path}"
+    end
+    let(:registry_properties) do
+      super().tap do |properties|
+        properties['berth']['registry']['storage'] = {
+          'backend' => 'webdav',
+          'webdav' => { 'url' => dav_url, 'username' => 'blobstore-user', 'password' => dav_password, 'ca' => tls['ca'] }
+        }
+      end
+    end
+
+    # The internal server of capi's blobstore.conf: TLS, and under /admin/ basic auth against
+    # the admin users, WebDAV PUT (creating folders), DELETE, COPY and PROPFIND over the shared
+    # store (no MKCOL, no MOVE).
+    before do
+      BerthSpec.tool('nginx')
+      FileUtils.mkdir_p([dav_dir, shared])
+      File.write("#{dav_dir}/tls.crt", tls['certificate'])
+      File.write("#{dav_dir}/tls.key", tls['private_key'])
+      File.write("#{dav_dir}/write_users", "blobstore-user:{PLAIN}#{dav_password}\n")
+      File.write("#{dav_dir}/nginx.conf", <<~CONF)
+        #{"user #{owner};" if Process.uid.zero?}
+        load_module /usr/lib/nginx/modules/ngx_http_dav_ext_module.so;
+        worker_processes 1;
+        pid #{dav_dir}/nginx.pid;
+        error_log #{dav_dir}/error.log;
+        events { worker_connections 64; }
+        http {
+          access_log off;
+          client_body_temp_path #{dav_dir}/body;
+          proxy_temp_path #{dav_dir}/proxy;
+          fastcgi_temp_path #{dav_dir}/fastcgi;
+          uwsgi_temp_path #{dav_dir}/uwsgi;
+          scgi_temp_path #{dav_dir}/scgi;
+          server {
+            listen 127.0.0.1:#{dav_port} ssl;
+            ssl_certificate #{dav_dir}/tls.crt;
+            ssl_certificate_key #{dav_dir}/tls.key;
+            root #{shared}/;
+            client_max_body_size 0;
+            location /admin/ {
+              auth_basic "Blobstore Admin";
+              auth_basic_user_file #{dav_dir}/write_users;
+              dav_methods DELETE PUT COPY;
+              dav_ext_methods PROPFIND;
+              create_full_put_path on;
+              alias #{shared}/;
+            }
+          }
+        }
+      CONF
+      @nginx = spawn('nginx', '-p', dav_dir, '-c', "#{dav_dir}/nginx.conf", '-g', 'daemon off;', %i[out err] => "#{dav_dir}/stderr.log")
+      deadline = Time.now + 10
+      until File.exist?("#{dav_dir}/nginx.pid")
+        raise "nginx exited:\n#{File.read("#{dav_dir}/stderr.log")}" if Process.wait(@nginx, Process::WNOHANG)
+        raise 'nginx did not start in 10 s' if Time.now > deadline
+
+        sleep 0.1
+      end
+    end
+
+    after do
+      Process.kill('TERM', @nginx)
+      Process.wait(@nginx)
+    end
+
+    it 'keeps what is pushed in the blobstore folder, behind its basic auth, and serves it back' do
+      start_registry
+      digest = push_image
+      _, err, pulled = skopeo('copy', '--preserve-digests', '--src-authfile', authfile('admin', admin_password), '--src-cert-dir', certs,
+                              "docker://#{host}/team/app:1", "oci:#{root}/pulled:1")
+      expect(pulled).to be_success, err
+      expect(File.read("#{root}/pulled/index.json")).to include(digest)
+
+      folder = File.join(shared, URI(dav_url).path.delete_prefix('/admin/'))
+      stored = Dir.glob('**/*', base: folder).select { |f| File.file?(File.join(folder, f)) }
+      expect(stored).not_to be_empty
+      anonymous, = Open3.capture2('curl', '--silent', '--output', '/dev/null', '--write-out', '%{http_code}', '--cacert',
+                                  File.join(certs, 'ca.crt'), "#{dav_url}/#{stored.first}")
+      expect(anonymous).to eq('401')
+    end
+  end
 end
