@@ -352,12 +352,10 @@ RSpec.describe 'berth-registry job' do
       end
     end
 
-    it 'renders shared metadata configurations the real berth-registry accepts' do
-      # Fails until the binary under test reads storage.metadata; RSpec then reports this example
-      # as fixed, and this line goes.
-      pending 'berth-registry reading storage.metadata'
+    it 'renders shared metadata configurations the real berth-registry accepts, its password private' do
       %w[postgres mysql].each do |type|
         expect(pre_start(with_database(storage('webdav'), postgres.merge('type' => type)), no_disk)).to include('berth-registry.yml: ok')
+        expect(File.stat("#{tmp}/jobs/berth-registry/config/database-password").mode & 0o777).to eq(0o600)
       end
     end
 

@@ -275,19 +275,7 @@ RSpec.describe 'manifests' do
       expect(render('bin/dns/healthy')).to include("'https://127.0.0.1:8443/healthz'")
     end
 
-    it 'renders the storage the real berth-registry reads today' do
-      # The same content settings over SQLite, which the binary under test reads whatever it
-      # knows of shared metadata.
-      local = Marshal.load(Marshal.dump(properties))
-      local['berth']['registry'].delete('database')
-      expect(registry_pre_start(tmp, properties: local, spec: { 'persistent_disk' => 1024 })).to include('berth-registry.yml: ok')
-      expect(YAML.safe_load(File.read("#{tmp}/jobs/berth-registry/config/berth-registry.yml"))['storage']['content']).to have_key('webdav')
-    end
-
     it 'renders a configuration the real berth-registry accepts' do
-      # Fails until the binary under test reads storage.metadata; RSpec then reports this example
-      # as fixed, and this line goes.
-      pending 'berth-registry reading storage.metadata'
       expect(registry_pre_start(tmp, properties: properties, spec: { 'persistent_disk' => 0 }, links: peers)).to include('berth-registry.yml: ok')
     end
 
