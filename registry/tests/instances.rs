@@ -3,7 +3,8 @@
 //! instance is seen through another at once, a push survives an instance killed under it, a
 //! database outage fails requests cleanly and heals without a restart, and every push that was
 //! acknowledged survives all instances being killed at once. The stores are the test services'
-//! SeaweedFS and PostgreSQL, and once the WebDAV blobstore and MariaDB.
+//! SeaweedFS and PostgreSQL, and once the WebDAV blobstore and MariaDB. Also: blob GETs redirected
+//! to URLs the store signs.
 
 mod common;
 
@@ -420,5 +421,67 @@ async fn instances_share_the_webdav_blobstore_and_mariadb() {
     assert_eq!(
         digests_everywhere(&cluster, "ha/dav", "v1").await,
         vec![moved.manifest.digest.clone(); 2]
+    );
+}
+
+#[tokio::test]
+async fn blob_redirects_send_clients_to_the_store_with_credentials_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let bucket = berth_testkit::services::s3_bucket();
+    // No key in the configuration: AWS's standard environment variables supply it.
+    let yaml = format!(
+        "storage:\n  redirect_seconds: 600\n  content:\n    s3:\n      bucket: {}\n      endpoint: {}\n      \
+         region: {}\n      path_style: true\n      prefix: {}\n",
+        bucket.bucket, bucket.endpoint, bucket.region, bucket.prefix
+    );
+    let registry = Registry::start_configured(
+        &yaml,
+        &[
+            ("AWS_ACCESS_KEY_ID", &bucket.access_key_id),
+            ("AWS_SECRET_ACCESS_KEY", &bucket.secret_access_key),
+        ],
+    );
+    let image = Image::generate(95, "amd64", &[1 << 20, 64 * 1024]);
+    let out = push(dir.path(), &registry.host(), "ha/redirect", "v1", &image);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let layer = &image.layers[0].blob;
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let url = format!("{}/v2/ha/redirect/blobs/{}", registry.url(), layer.digest);
+    let answer = no_follow.get(&url).send().await.unwrap();
+    assert_eq!(answer.status(), 307);
+    let location = answer.headers()["location"].to_str().unwrap().to_owned();
+    assert!(
+        location.starts_with(&bucket.endpoint) && location.contains("X-Amz-Signature="),
+        "a presigned URL of the store: {location}"
+    );
+    // The store serves the bytes, ranges included, to a client holding nothing but the URL.
+    let whole = reqwest::get(&location).await.unwrap();
+    assert_eq!(whole.status(), 200);
+    assert_eq!(sha256(&whole.bytes().await.unwrap()), layer.digest);
+    let range = no_follow
+        .get(&location)
+        .header("Range", "bytes=10-19")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(range.status(), 206);
+    assert_eq!(&range.bytes().await.unwrap()[..], &layer.bytes[10..20]);
+    // HEAD still answers here, and clients that follow redirects pull the image whole.
+    assert_eq!(head_status(&no_follow, &url).await, 200);
+    pull_and_verify(dir.path(), &registry.host(), "ha/redirect", "v1", &image);
+    let containerd = Containerd::start();
+    let reference = format!("{}/ha/redirect:v1", registry.host());
+    run(&mut containerd.pull(&reference, &[]));
+    assert_eq!(
+        ctr_image_digest(&containerd, &reference),
+        image.manifest.digest
     );
 }

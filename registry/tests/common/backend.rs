@@ -54,6 +54,7 @@ impl Content {
                 "endpoint": bucket.endpoint,
                 "region": bucket.region,
                 "path_style": true,
+                "prefix": bucket.prefix,
                 "access_key_id": bucket.access_key_id,
                 "secret_access_key_file": secret_file,
             }
@@ -61,11 +62,16 @@ impl Content {
         Some(serde_norway::to_value(section).expect("a YAML value"))
     }
 
-    fn store(&self) -> Option<object_store::aws::AmazonS3> {
+    fn store(
+        &self,
+    ) -> Option<(
+        object_store::aws::AmazonS3,
+        &berth_testkit::services::S3Bucket,
+    )> {
         let Content::S3 { bucket, .. } = self else {
             return None;
         };
-        Some(
+        Some((
             object_store::aws::AmazonS3Builder::new()
                 .with_endpoint(&bucket.endpoint)
                 .with_allow_http(true)
@@ -75,7 +81,8 @@ impl Content {
                 .with_secret_access_key(&bucket.secret_access_key)
                 .build()
                 .expect("an S3 client for the test bucket"),
-        )
+            bucket,
+        ))
     }
 
     /// Every file stored under `dir` (`blobs`, `uploads`) of the registry with storage root
@@ -89,8 +96,8 @@ impl Content {
                     .filter(|path| dir.join(path).is_file())
                     .collect()
             }
-            Some(store) => {
-                let prefix = object_store::path::Path::from(dir);
+            Some((store, bucket)) => {
+                let prefix = object_store::path::Path::from(format!("{}/{dir}", bucket.prefix));
                 let objects: Vec<_> = store
                     .list(Some(&prefix))
                     .try_collect()
@@ -100,7 +107,8 @@ impl Content {
                     .into_iter()
                     .map(|meta| {
                         let key = meta.location.to_string();
-                        PathBuf::from(key.strip_prefix(&format!("{dir}/")).unwrap_or(&key))
+                        let below = format!("{}/{dir}/", bucket.prefix);
+                        PathBuf::from(key.strip_prefix(&below).unwrap_or(&key))
                     })
                     .collect()
             }
