@@ -986,6 +986,59 @@ mod tests {
         sessions => postgres_connections_are_serializable_with_the_statement_timeout, mysql_connections_are_serializable_with_the_statement_timeout;
         constraint => postgres_a_refused_statement_is_not_retried, mysql_a_refused_statement_is_not_retried;
         unreachable => postgres_an_unreachable_database_fails_as_unavailable_within_the_timeout, mysql_an_unreachable_database_fails_as_unavailable_within_the_timeout;
+        outage => postgres_a_store_fails_503_while_its_database_is_cut_off_and_recovers_by_itself, mysql_a_store_fails_503_while_its_database_is_cut_off_and_recovers_by_itself;
+        tls_required => postgres_tls_required_of_a_server_without_it_fails_at_once, mysql_tls_required_of_a_server_without_it_fails_at_once;
+    }
+
+    /// A TCP forwarder from a loopback port to a database server, which the test can cut off
+    /// (new connections refused, open ones dropped) and restore on the same port.
+    struct Link {
+        port: u16,
+        target: std::net::SocketAddr,
+        forwarding: Option<tokio::task::JoinHandle<()>>,
+    }
+
+    impl Link {
+        async fn to(target: std::net::SocketAddr) -> Link {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let mut link = Link {
+                port,
+                target,
+                forwarding: None,
+            };
+            link.forward(listener);
+            link
+        }
+
+        fn forward(&mut self, listener: tokio::net::TcpListener) {
+            let target = self.target;
+            self.forwarding = Some(tokio::spawn(async move {
+                // Dropped with this task when the link is cut, ending every connection.
+                let mut connections = tokio::task::JoinSet::new();
+                while let Ok((mut client, _)) = listener.accept().await {
+                    connections.spawn(async move {
+                        if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                }
+            }));
+        }
+
+        async fn cut(&mut self) {
+            if let Some(forwarding) = self.forwarding.take() {
+                forwarding.abort();
+                let _ = forwarding.await;
+            }
+        }
+
+        async fn restore(&mut self) {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+                .await
+                .unwrap();
+            self.forward(listener);
+        }
     }
 
     async fn behaviour_suite(dialect: Dialect) {
@@ -1130,5 +1183,63 @@ mod tests {
             waited >= Duration::from_secs(2) && waited < Duration::from_secs(4),
             "{waited:?}"
         );
+    }
+
+    async fn outage(dialect: Dialect) {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _database) = database(dialect);
+        let mut config = config_for(&url, dir.path());
+        let (MetadataConfig::Postgres(database) | MetadataConfig::Mysql(database)) = &mut config;
+        let server = (database.host.as_str(), database.port.unwrap());
+        let server = std::net::ToSocketAddrs::to_socket_addrs(&server)
+            .unwrap()
+            .next()
+            .unwrap();
+        let mut link = Link::to(server).await;
+        database.port = Some(link.port);
+        database.connect_timeout_seconds = 2;
+        let store = SqlMetadataStore::open(&config).await.unwrap();
+        let repo: RepoName = "outage/app".parse().unwrap();
+        let digest = Digest::sha256_of(b"before the outage");
+        crate::metadata::behaviour::push_blob(&store, &repo, &digest, 6).await;
+
+        link.cut().await;
+        let started = std::time::Instant::now();
+        let err = store.repository_blob(&repo, &digest).await.unwrap_err();
+        let waited = started.elapsed();
+        assert!(err.is_unavailable(), "{err:?}");
+        assert!(waited < Duration::from_secs(4), "{waited:?}");
+        let response =
+            axum::response::IntoResponse::into_response(crate::error::RegistryError::from(err));
+        assert_eq!(
+            response.status(),
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        );
+
+        link.restore().await;
+        assert_eq!(
+            store.repository_blob(&repo, &digest).await.unwrap(),
+            Some(6)
+        );
+        let later = Digest::sha256_of(b"after the outage");
+        crate::metadata::behaviour::push_blob(&store, &repo, &later, 5).await;
+    }
+
+    async fn tls_required(dialect: Dialect) {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _database) = database(dialect);
+        let mut config = config_for(&url, dir.path());
+        let (MetadataConfig::Postgres(database) | MetadataConfig::Mysql(database)) = &mut config;
+        // The test servers speak plain TCP only: asked for TLS, the store must refuse to go on
+        // without it rather than fall back.
+        database.tls.mode = TlsMode::Require;
+        let started = std::time::Instant::now();
+        let err = SqlMetadataStore::open(&config).await.err().unwrap();
+        assert!(!err.is_unavailable(), "{err:?}");
+        assert!(
+            matches!(err, MetadataError::Sql(sqlx::Error::Tls(_))),
+            "{err:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 }
