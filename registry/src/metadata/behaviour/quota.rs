@@ -223,6 +223,19 @@ pub(super) async fn running_figures_match_a_count_from_scratch(store: &dyn Metad
             .len(),
         1
     );
+    // So does retention's expiry of a tag and the manifest only it kept.
+    let expiring = manifest(b"q expiring", vec![]);
+    store
+        .put_manifest(&a1, &expiring, Some(&tag("old")))
+        .await
+        .unwrap();
+    let tagged = store.tags_under("q/a/one").await.unwrap();
+    let old = tagged.iter().find(|t| t.tag.as_str() == "old").unwrap();
+    let expired = store
+        .expire_tag(&a1, &old.tag, &expiring.digest, old.tagged_at, None)
+        .await
+        .unwrap();
+    assert_eq!(expired.manifests, 1);
     super::queue_all(store, after_now()).await;
 
     let running = scope_bytes(store).await;
