@@ -1242,4 +1242,35 @@ mod tests {
         );
         assert!(started.elapsed() < Duration::from_secs(1));
     }
+
+    /// MySQL's "table is full" (what InnoDB answers when its disk is) is storage full, answered
+    /// 507: here from a MEMORY table at its size limit, the one way to meet it without filling a
+    /// disk.
+    #[tokio::test]
+    async fn mysql_a_full_table_is_storage_full() {
+        let (store, _, _guard) = open(Dialect::Mysql).await;
+        let mut db = store.plain().await.unwrap();
+        db.raw("SET SESSION max_heap_table_size = 16384")
+            .await
+            .unwrap();
+        db.raw("CREATE TEMPORARY TABLE filler (x CHAR(255) NOT NULL) ENGINE = MEMORY")
+            .await
+            .unwrap();
+        let full = loop {
+            match db
+                .execute("INSERT INTO filler (x) VALUES ($1)", args!["x"])
+                .await
+            {
+                Ok(_) => continue,
+                Err(err) => break err,
+            }
+        };
+        assert!(full.is_storage_full(), "{full:?}");
+        let response =
+            axum::response::IntoResponse::into_response(crate::error::RegistryError::from(full));
+        assert_eq!(
+            response.status(),
+            axum::http::StatusCode::INSUFFICIENT_STORAGE
+        );
+    }
 }
