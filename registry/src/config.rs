@@ -79,8 +79,16 @@ pub struct TlsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
-    /// Directory holding blobs, uploads and the metadata database.
+    /// Directory holding blobs and uploads (unless `content` names an object store), the metadata
+    /// database and the maintenance socket.
     pub root: PathBuf,
+    /// Blobs and uploads on an object store (`s3`, `azure`, `gcs` or `webdav`) instead of under
+    /// `root`.
+    #[serde(with = "serde_norway::with::singleton_map")]
+    pub content: Option<crate::content::ObjectStoreConfig>,
+    /// Seconds a signed blob URL stays valid; when set, blob `GET`s redirect to the object store
+    /// (S3, Azure, GCS) so the bytes do not flow through the registry. Off (0) by default.
+    pub redirect_seconds: u64,
     /// A shared PostgreSQL or MySQL database for the metadata instead of SQLite under `root`.
     pub metadata: Option<crate::metadata::MetadataConfig>,
 }
@@ -134,7 +142,17 @@ pub(crate) fn outbound_client(
     timeout: std::time::Duration,
     what: &str,
 ) -> Result<reqwest::Client, ConfigError> {
-    let mut client = reqwest::Client::builder().timeout(timeout);
+    outbound_client_builder(ca_file)?
+        .timeout(timeout)
+        .build()
+        .map_err(|e| ConfigError::Invalid(format!("{what} client: {e}")))
+}
+
+/// A client builder trusting the system's roots and, if given, the PEM bundle `ca_file`.
+pub(crate) fn outbound_client_builder(
+    ca_file: Option<&Path>,
+) -> Result<reqwest::ClientBuilder, ConfigError> {
+    let mut client = reqwest::Client::builder();
     if let Some(ca) = ca_file {
         let pem = std::fs::read(ca).map_err(|source| ConfigError::Read {
             path: ca.into(),
@@ -146,9 +164,7 @@ pub(crate) fn outbound_client(
             client = client.add_root_certificate(cert);
         }
     }
-    client
-        .build()
-        .map_err(|e| ConfigError::Invalid(format!("{what} client: {e}")))
+    Ok(client)
 }
 
 impl Default for Config {
@@ -171,6 +187,8 @@ impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             root: PathBuf::from("data"),
+            content: None,
+            redirect_seconds: 0,
             metadata: None,
         }
     }
@@ -305,6 +323,18 @@ impl Config {
         if self.storage.root.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "storage.root must not be empty".into(),
+            ));
+        }
+        if self.storage.redirect_seconds > 0
+            && !self
+                .storage
+                .content
+                .as_ref()
+                .is_some_and(|c| c.signs_urls())
+        {
+            return Err(ConfigError::Invalid(
+                "storage.redirect_seconds needs storage.content on s3, azure or gcs, which sign URLs"
+                    .into(),
             ));
         }
         if let Some(metadata) = &self.storage.metadata {

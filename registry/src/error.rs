@@ -67,6 +67,12 @@ pub enum RegistryError {
     QuotaExceeded(QuotaExceeded),
     #[error("too many failed logins from this address; try again in a minute")]
     TooManyRequests,
+    /// Another instance is doing this work now.
+    #[error("{0}")]
+    Busy(&'static str),
+    /// A store this instance depends on does not answer: load balancers should take it out.
+    #[error("unhealthy: {0}")]
+    Unhealthy(String),
     #[error("storage: {0}")]
     Content(#[from] ContentError),
     #[error("metadata: {0}")]
@@ -120,6 +126,7 @@ impl RegistryError {
             Unauthorized { .. } => ("UNAUTHORIZED", StatusCode::UNAUTHORIZED),
             Denied | QuotaExceeded(_) => ("DENIED", StatusCode::FORBIDDEN),
             TooManyRequests => ("TOOMANYREQUESTS", StatusCode::TOO_MANY_REQUESTS),
+            Unhealthy(_) | Busy(_) => ("UNKNOWN", StatusCode::SERVICE_UNAVAILABLE),
             Content(ContentError::UploadUnknown) => ("BLOB_UPLOAD_UNKNOWN", StatusCode::NOT_FOUND),
             Content(ContentError::BlobUnknown) => ("BLOB_UNKNOWN", StatusCode::NOT_FOUND),
             Content(ContentError::StorageFull) => ("UNKNOWN", StatusCode::INSUFFICIENT_STORAGE),
@@ -128,7 +135,9 @@ impl RegistryError {
             Metadata(MetadataError::BeingCollected(_)) => {
                 ("UNKNOWN", StatusCode::SERVICE_UNAVAILABLE)
             }
-            // The shared database is down or restarting: the client's retry may find it back.
+            // Shared object storage or the shared database failing is usually brief: the
+            // client's retry may well succeed.
+            Content(ContentError::Store(_)) => ("UNKNOWN", StatusCode::SERVICE_UNAVAILABLE),
             Metadata(err) if err.is_unavailable() => ("UNKNOWN", StatusCode::SERVICE_UNAVAILABLE),
             Content(_) | Metadata(_) => ("UNKNOWN", StatusCode::INTERNAL_SERVER_ERROR),
         }

@@ -1,5 +1,5 @@
-//! berth-registry: an OCI Distribution v1.1 registry with content on the filesystem and metadata in
-//! SQLite. `api` is the HTTP surface; it reaches storage only through the `content` and `metadata`
+//! berth-registry: an OCI Distribution v1.1 registry with content on the filesystem or an object
+//! store and metadata in SQLite, PostgreSQL or MySQL. `api` is the HTTP surface; it reaches storage only through the `content` and `metadata`
 //! traits.
 
 pub mod admin;
@@ -9,6 +9,7 @@ pub mod config;
 pub mod content;
 pub mod error;
 pub mod gc;
+pub mod lease;
 pub mod manifest;
 pub mod metadata;
 pub mod metrics;

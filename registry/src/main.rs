@@ -10,7 +10,7 @@ use berth_registry::admin::{self, Answer, Request};
 use berth_registry::api::{self, AppState};
 use berth_registry::auth::Auth;
 use berth_registry::config::{Config, LogFormat, TlsConfig};
-use berth_registry::content::FsContentStore;
+use berth_registry::content::{ContentStore, FsContentStore, ObjectContentStore};
 use berth_registry::gc::Collector;
 use berth_registry::metadata::Usage;
 use berth_registry::metadata::{
@@ -270,8 +270,21 @@ fn collector(state: Arc<AppState>, config: &Config) -> anyhow::Result<Collector>
 /// Opens the stores and access control `config` names.
 async fn open_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
     let root = &config.storage.root;
-    let content = FsContentStore::open(root)
-        .with_context(|| format!("opening storage at {}", root.display()))?;
+    let content: Arc<dyn ContentStore> = match &config.storage.content {
+        None => Arc::new(
+            FsContentStore::open(root)
+                .with_context(|| format!("opening storage at {}", root.display()))?,
+        ),
+        Some(objects) => {
+            let store = ObjectContentStore::open(objects)
+                .await
+                .with_context(|| format!("opening object storage {objects:?}"))?;
+            match config.storage.redirect_seconds {
+                0 => Arc::new(store),
+                seconds => Arc::new(store.with_redirects(Duration::from_secs(seconds))),
+            }
+        }
+    };
     let metadata: Arc<dyn MetadataStore> = match &config.storage.metadata {
         None => Arc::new(CachedMetadata::new(
             SqliteMetadataStore::open(&root.join("metadata.sqlite"))
@@ -289,7 +302,7 @@ async fn open_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
         .await
         .context("loading access control")?;
     Ok(Arc::new(
-        AppState::new(Arc::new(content), metadata, config.limits.clone())
+        AppState::new(content, metadata, config.limits.clone())
             .with_auth(auth)
             .with_pull_tracking(config.retention.track_pulls),
     ))

@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use berth_testkit::services::{
-    AzureContainer, azure_container, mysql_database, postgres_database, s3_bucket, webdav,
+    AzureContainer, S3Bucket, azure_container, mysql_database, postgres_database, s3_bucket, webdav,
 };
 use berth_testkit::{require_tool, run_output, run_output_with_input, stop_child};
 
@@ -95,49 +95,26 @@ fn mysql_databases_are_empty_separate_and_dropped() {
     assert!(!mariadb(&url, "SELECT 1").status.success(), "not dropped");
 }
 
-/// curl with AWS Signature Version 4; the HTTP status, the body written to `out`.
-fn s3_curl(key: &str, secret: &str, region: &str, args: &[&str], out: &Path) -> String {
-    let config = format!("user = \"{key}:{secret}\"\n");
-    let output = run_output_with_input(
-        Command::new(require_tool("curl"))
-            .args(["-sS", "-K", "-", "--aws-sigv4"])
-            .arg(format!("aws:amz:{region}:s3"))
-            .args(["-w", "%{http_code}", "-o"])
-            .arg(out)
-            .args(args),
-        config.as_bytes(),
-        Duration::from_secs(30),
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 #[test]
 fn s3_buckets_take_signed_objects_and_refuse_a_wrong_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let (file, out) = (dir.path().join("in"), dir.path().join("out"));
-    fs::write(&file, b"layer bytes").unwrap();
     let bucket = s3_bucket();
     let other = s3_bucket();
     assert_ne!(bucket.bucket, other.bucket);
-    let object = format!("{}/{}/blobs/sha256/ab", bucket.endpoint, bucket.bucket);
-    let key = (
-        &bucket.access_key_id,
-        &bucket.secret_access_key,
-        &bucket.region,
+    let key = Some("blobs/sha256/ab");
+    assert_eq!(bucket.request("PUT", key, b"layer bytes").0, 200);
+    assert_eq!(
+        bucket.request("GET", key, b""),
+        (200, "layer bytes".to_owned())
     );
-    let put = s3_curl(
-        key.0,
-        key.1,
-        key.2,
-        &["-T", file.to_str().unwrap(), &object],
-        &out,
-    );
-    assert_eq!(put, "200");
-    assert_eq!(s3_curl(key.0, key.1, key.2, &[&object], &out), "200");
-    assert_eq!(fs::read(&out).unwrap(), b"layer bytes");
-    let elsewhere = format!("{}/{}/blobs/sha256/ab", other.endpoint, other.bucket);
-    assert_eq!(s3_curl(key.0, key.1, key.2, &[&elsewhere], &out), "404");
-    assert_eq!(s3_curl(key.0, "wrong", key.2, &[&object], &out), "403");
+    let (status, listing) = bucket.request("GET", None, b"");
+    assert_eq!(status, 200);
+    assert!(listing.contains("<Key>blobs/sha256/ab</Key>"), "{listing}");
+    assert_eq!(other.request("GET", key, b"").0, 404);
+    let forged = S3Bucket {
+        secret_access_key: "wrong".into(),
+        ..bucket
+    };
+    assert_eq!(forged.request("GET", key, b"").0, 403);
 }
 
 #[test]

@@ -62,6 +62,17 @@ pub(super) async fn get(
         .repository_blob(repo, digest)
         .await?
         .ok_or_else(|| RegistryError::BlobUnknown(Some(digest.clone())))?;
+    if !head && let Some(url) = state.content.redirect_url(digest).await? {
+        // The client follows with its Range, if any, straight to the store.
+        let headers = [
+            (header::LOCATION, header_value(url)),
+            (
+                HeaderName::from_static("docker-content-digest"),
+                header_value(digest),
+            ),
+        ];
+        return Ok((StatusCode::TEMPORARY_REDIRECT, headers).into_response());
+    }
     let requested = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let range = match byte_range(requested, size) {
         Ok(range) => range,

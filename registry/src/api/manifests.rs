@@ -213,7 +213,7 @@ pub(super) async fn put(
     // Held from storing to recording, so the collector cannot delete the bytes in between (they
     // may be queued already, when no repository held this manifest any more: recording takes
     // them back).
-    let held = state.reservations.hold(&digest).await;
+    let held = state.reservations.hold(&digest).await?;
     state.content.put(&digest, bytes.clone()).await?;
     state
         .metadata

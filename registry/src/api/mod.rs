@@ -45,6 +45,8 @@ pub struct AppState {
     pub reservations: crate::gc::Reservations,
     /// Manifest pulls waiting to be written for retention.
     pub pulls: Arc<PullNotes>,
+    /// This process among the instances sharing the stores, as lease holder.
+    pub instance: String,
     /// Manifest bytes by digest. Content-addressed bytes never change, so entries never go stale;
     /// whether a repository may see a digest is still asked of the metadata store every time.
     manifest_bytes: quick_cache::sync::Cache<Digest, Bytes, ByteWeighter>,
@@ -65,6 +67,7 @@ impl AppState {
         metadata: Arc<dyn MetadataStore>,
         limits: Limits,
     ) -> Self {
+        let reservations = crate::gc::Reservations::for_store(&metadata);
         let manifest_bytes = quick_cache::sync::Cache::with_weighter(
             (limits.manifest_cache_bytes / 2048).max(16) as usize,
             limits.manifest_cache_bytes,
@@ -76,8 +79,9 @@ impl AppState {
             limits,
             metrics: Metrics::default(),
             auth: Auth::open(),
-            reservations: Default::default(),
+            reservations,
             pulls: Arc::new(PullNotes::new(false)),
+            instance: uuid::Uuid::new_v4().to_string(),
             manifest_bytes,
         }
     }
@@ -180,15 +184,22 @@ fn mount_source(uri: &Uri) -> Option<RepoName> {
     pairs.into_iter().find(|(k, _)| k == "from")?.1.parse().ok()
 }
 
+/// Whether this instance can serve: both of its stores answer. Load balancers and BOSH DNS
+/// health checks take it out of rotation while it answers 503.
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     let probe = crate::metadata::PageRequest {
         last: None,
         limit: 1,
     };
-    match state.metadata.repositories(&probe).await {
-        Ok(_) => (StatusCode::OK, "ok\n").into_response(),
-        Err(err) => RegistryError::from(err).into_response(),
-    }
+    let (metadata, content) =
+        tokio::join!(state.metadata.repositories(&probe), state.content.check());
+    let failure = match (metadata, content) {
+        (Ok(_), Ok(())) => return (StatusCode::OK, "ok\n").into_response(),
+        (Err(err), _) => format!("metadata: {err}"),
+        (_, Err(err)) => format!("storage: {err}"),
+    };
+    tracing::warn!(error = %failure, "health check failed");
+    RegistryError::Unhealthy(failure).into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {

@@ -174,7 +174,7 @@ async fn commit(
     // Asked before the bytes are published, so a full scope usually leaves nothing to collect;
     // the store checks again as it links, which decides between pushes racing for the last room.
     let size = state.content.upload_size(id).await.map_err(content_error)?;
-    let _held = state.reservations.hold(digest).await;
+    let _held = state.reservations.hold(digest).await?;
     if let Err(refused) = state.metadata.check_quotas(repo, digest, size).await {
         discard_session(state, id).await?;
         return Err(refused.into());

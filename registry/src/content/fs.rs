@@ -249,6 +249,21 @@ fn write_chunks(
 
 #[async_trait]
 impl ContentStore for FsContentStore {
+    /// The directories are still there (a lost mount, a deleted root are caught).
+    async fn check(&self) -> Result<(), ContentError> {
+        for dir in ["blobs", "uploads"] {
+            let meta = tokio::fs::metadata(self.dirs.root.join(dir))
+                .await
+                .map_err(ContentError::from_io)?;
+            if !meta.is_dir() {
+                return Err(ContentError::Io(io::Error::other(format!(
+                    "{dir} is not a directory"
+                ))));
+            }
+        }
+        Ok(())
+    }
+
     async fn stat(&self, digest: &Digest) -> Result<Option<u64>, ContentError> {
         match tokio::fs::metadata(self.blob_path(digest)).await {
             Ok(meta) => Ok(Some(meta.len())),

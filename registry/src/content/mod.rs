@@ -2,6 +2,7 @@
 
 mod chunks;
 mod fs;
+mod objects;
 
 use std::io;
 use std::ops::Range;
@@ -15,6 +16,9 @@ use bytes::Bytes;
 use futures_util::Stream;
 
 pub use fs::FsContentStore;
+pub use objects::{
+    AzureConfig, GcsConfig, ObjectContentStore, ObjectStoreConfig, S3Config, WebDavConfig,
+};
 
 /// A stream of bytes flowing into or out of the store.
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
@@ -63,6 +67,9 @@ pub enum ContentError {
     BodyInterrupted(io::Error),
     #[error("storage is full")]
     StorageFull,
+    /// Object storage failed or did not answer; another attempt may succeed.
+    #[error("object storage: {0}")]
+    Store(Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -85,6 +92,9 @@ impl ContentError {
 /// process restart so sessions can be resumed.
 #[async_trait]
 pub trait ContentStore: Send + Sync + 'static {
+    /// Whether the store answers, for health checks.
+    async fn check(&self) -> Result<(), ContentError>;
+
     /// Size of the committed blob, or `None` if there is none.
     async fn stat(&self, digest: &Digest) -> Result<Option<u64>, ContentError>;
 
@@ -94,6 +104,12 @@ pub trait ContentStore: Send + Sync + 'static {
     /// The committed blob as an open local file, for backends that keep one, so the server can
     /// let the kernel send it. `None` means such a backend has no file for it: use [`read`](Self::read).
     async fn open_file(&self, _digest: &Digest) -> Result<Option<std::fs::File>, ContentError> {
+        Ok(None)
+    }
+
+    /// A URL the client may fetch the committed blob from instead, where the backend is set up to
+    /// hand out signed ones.
+    async fn redirect_url(&self, _digest: &Digest) -> Result<Option<String>, ContentError> {
         Ok(None)
     }
 

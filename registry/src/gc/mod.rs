@@ -17,8 +17,12 @@
 //!   queue. While claimed, recording those bytes fails (the client's retry writes them anew).
 //! - *hold*: a push stores its bytes before it records them, and a store that finds the bytes
 //!   present does not write them again; so between the two a push holds the digest
-//!   ([`Reservations`]): a sweep leaves held digests queued, and a push waits out a sweep of its
-//!   digest before storing. Without the hold, a sweep between a push's store and its record would
+//!   ([`Reservations`]: in memory with the embedded store, in the database when instances share
+//!   one): a sweep leaves held digests queued, and a push waits out a sweep of its digest before
+//!   storing.
+//!
+//! With several instances, one collects at a time (a lease in the database); pushes on the
+//! others hold their digests in the database, where the sweep's claim sees them. Without the hold, a sweep between a push's store and its record would
 //!   leave a recorded blob or manifest with no bytes.
 //!
 //! A crash at any point leaves a state the next run finishes: queued digests stay queued (claimed
@@ -32,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::AppState;
 use crate::config::GcConfig;
 use crate::error::RegistryError;
+use crate::lease::Lease;
 use crate::metadata::Usage;
 use crate::retention::Retention;
 
@@ -130,7 +135,19 @@ impl Collector {
             dry_run,
             ..GcReport::default()
         };
-        let result = self.collect(cutoff, &mut report).await;
+        let result = if dry_run {
+            self.collect(cutoff, &mut report).await
+        } else {
+            let lease = Lease::new(
+                self.state.metadata.clone(),
+                "collection",
+                &self.state.instance,
+            );
+            match lease.run(self.collect(cutoff, &mut report)).await? {
+                Some(result) => result,
+                None => return Err(RegistryError::Busy("another instance is collecting now")),
+            }
+        };
         report.duration_ms = started.elapsed().as_millis() as u64;
         let unix_now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -256,8 +273,10 @@ impl Collector {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            // The outcome is logged and counted by `run`.
-            let _ = self.run(false).await;
+            // The outcome is logged and counted by `run`; another instance collecting is no news.
+            if let Err(RegistryError::Busy(_)) = self.run(false).await {
+                tracing::debug!("another instance holds the collection lease");
+            }
         }
     }
 }
@@ -290,12 +309,16 @@ pub async fn purge_idle_uploads_forever(state: Arc<AppState>, max_idle: Duration
     let every = (max_idle / 8).clamp(Duration::from_secs(1), Duration::from_secs(3600));
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let lease = Lease::new(state.metadata.clone(), "upload-purge", &state.instance);
     loop {
         ticks.tick().await;
-        match purge_idle_uploads(&state, max_idle).await {
-            Ok(0) => {}
-            Ok(purged) => tracing::info!(purged, "purged abandoned upload sessions"),
-            Err(err) => tracing::warn!(error = %err, "purging abandoned upload sessions failed"),
+        match lease.run(purge_idle_uploads(&state, max_idle)).await {
+            Ok(None) | Ok(Some(Ok(0))) => {}
+            Ok(Some(Ok(purged))) => tracing::info!(purged, "purged abandoned upload sessions"),
+            Ok(Some(Err(err))) => {
+                tracing::warn!(error = %err, "purging abandoned upload sessions failed")
+            }
+            Err(err) => tracing::warn!(error = %err, "taking the upload purge lease failed"),
         }
     }
 }

@@ -58,6 +58,8 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
     listings_paginate_in_order(store).await;
     referrers_filter_by_artifact_type(store).await;
     uploads_remember_their_repository(store).await;
+    leases_have_one_holder_until_they_expire(store).await;
+    a_held_digest_is_not_swept_and_a_claimed_one_is_not_held(store).await;
     completing_an_upload_ends_it_and_links_its_blob(store).await;
     uploads_completed_together_each_end_and_link(store).await;
     collection_takes_only_what_nothing_references(store).await;
@@ -700,4 +702,105 @@ async fn uploads_completed_together_each_end_and_link(store: &dyn MetadataStore)
             None
         );
     }
+}
+
+async fn leases_have_one_holder_until_they_expire(store: &dyn MetadataStore) {
+    let ttl = Duration::from_millis(1500);
+    assert!(store.acquire_lease("gc", "a", ttl).await.unwrap());
+    assert!(
+        !store.acquire_lease("gc", "b", ttl).await.unwrap(),
+        "held by a"
+    );
+    assert!(
+        store.acquire_lease("other", "b", ttl).await.unwrap(),
+        "leases are per name"
+    );
+    assert!(
+        store.acquire_lease("gc", "a", ttl).await.unwrap(),
+        "the holder renews"
+    );
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    assert!(
+        store.acquire_lease("gc", "b", ttl).await.unwrap(),
+        "expired, b takes it"
+    );
+    assert!(!store.acquire_lease("gc", "a", ttl).await.unwrap());
+    store.release_lease("gc", "a").await.unwrap();
+    assert!(
+        !store.acquire_lease("gc", "a", ttl).await.unwrap(),
+        "only the holder releases"
+    );
+    store.release_lease("gc", "b").await.unwrap();
+    assert!(
+        store.acquire_lease("gc", "a", ttl).await.unwrap(),
+        "released, a takes it"
+    );
+    store.release_lease("gc", "a").await.unwrap();
+    store.release_lease("other", "b").await.unwrap();
+}
+
+async fn a_held_digest_is_not_swept_and_a_claimed_one_is_not_held(store: &dyn MetadataStore) {
+    let r = repo("gc/held");
+    let (held, other) = (
+        Digest::sha256_of(b"gc held by a push"),
+        Digest::sha256_of(b"gc held by nobody"),
+    );
+    push_blob(store, &r, &held, 4).await;
+    push_blob(store, &r, &other, 4).await;
+    queue_all(store, after_now()).await;
+    let hour = Duration::from_secs(3600);
+    assert!(store.hold(&held, "push-1", hour).await.unwrap());
+    let both = [held.clone(), other.clone()];
+    assert_eq!(
+        store.begin_sweep(&both).await.unwrap(),
+        std::slice::from_ref(&other),
+        "the held digest stays queued"
+    );
+    assert!(
+        !store.hold(&other, "push-2", hour).await.unwrap(),
+        "a claimed digest cannot be held"
+    );
+    store.end_sweep(std::slice::from_ref(&other)).await.unwrap();
+    assert!(
+        store.hold(&other, "push-2", hour).await.unwrap(),
+        "swept: held again"
+    );
+    store.release("push-2").await.unwrap();
+
+    store.release("push-1").await.unwrap();
+    assert_eq!(
+        store
+            .begin_sweep(std::slice::from_ref(&held))
+            .await
+            .unwrap(),
+        std::slice::from_ref(&held),
+        "released: swept"
+    );
+    store.end_sweep(std::slice::from_ref(&held)).await.unwrap();
+
+    // A hold whose push died expires.
+    push_blob(store, &r, &held, 4).await;
+    queue_all(store, after_now()).await;
+    assert!(
+        store
+            .hold(&held, "push-3", Duration::from_millis(300))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .begin_sweep(std::slice::from_ref(&held))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        store
+            .begin_sweep(std::slice::from_ref(&held))
+            .await
+            .unwrap(),
+        std::slice::from_ref(&held)
+    );
+    store.end_sweep(std::slice::from_ref(&held)).await.unwrap();
 }

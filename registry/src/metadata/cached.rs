@@ -328,6 +328,36 @@ impl<S: MetadataStore> MetadataStore for CachedMetadata<S> {
     async fn quota_usage(&self) -> Result<Vec<QuotaUsage>, MetadataError> {
         self.inner.quota_usage().await
     }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, MetadataError> {
+        self.inner.acquire_lease(name, holder, ttl).await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetadataError> {
+        self.inner.release_lease(name, holder).await
+    }
+
+    fn is_shared(&self) -> bool {
+        self.inner.is_shared()
+    }
+
+    async fn hold(
+        &self,
+        digest: &Digest,
+        hold: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, MetadataError> {
+        self.inner.hold(digest, hold, ttl).await
+    }
+
+    async fn release(&self, hold: &str) -> Result<(), MetadataError> {
+        self.inner.release(hold).await
+    }
 }
 
 #[cfg(test)]

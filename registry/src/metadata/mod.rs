@@ -302,7 +302,7 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn queued_garbage(&self, limit: u32) -> Result<Vec<Garbage>, MetadataError>;
 
     /// Claims the queued `digests` for deleting their bytes, in one transaction; returns those
-    /// still queued (a push may have taken some back). Until [`MetadataStore::end_sweep`], pushes
+    /// still queued (a push may have taken some back) and not held by a push. Until [`MetadataStore::end_sweep`], pushes
     /// of those bytes fail with [`MetadataError::BeingCollected`].
     async fn begin_sweep(&self, digests: &[Digest]) -> Result<Vec<Digest>, MetadataError>;
 
@@ -372,6 +372,40 @@ pub trait MetadataStore: Send + Sync + 'static {
 
     /// Use against each quota in force.
     async fn quota_usage(&self) -> Result<Vec<QuotaUsage>, MetadataError>;
+
+    /// Takes or renews the lease `name` for `holder` for `ttl` (by the database's clock); true if
+    /// `holder` holds it now. Work that must run on one instance at a time runs only while its
+    /// instance holds the lease; one that dies loses it when it expires.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, MetadataError>;
+
+    /// Gives the lease up early, if `holder` holds it.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetadataError>;
+
+    /// Whether several registry processes may use this store at once (a shared database). Pushes
+    /// then hold their digests here ([`MetadataStore::hold`]); with the embedded store, which one
+    /// process owns, they hold them in that process's memory ([`crate::gc::Reservations`]).
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// Holds `digest` under the id `hold` for a push, from before its bytes are stored until they
+    /// are recorded, for `ttl` at most: [`MetadataStore::begin_sweep`] claims no held digest.
+    /// False, holding nothing, while a sweep has claimed the digest (try again shortly: the push
+    /// then writes the bytes anew).
+    async fn hold(
+        &self,
+        digest: &Digest,
+        hold: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, MetadataError>;
+
+    /// Ends the hold `hold`.
+    async fn release(&self, hold: &str) -> Result<(), MetadataError>;
 }
 
 #[cfg(test)]

@@ -899,6 +899,126 @@ impl MetadataStore for SqlMetadataStore {
     async fn quota_usage(&self) -> Result<Vec<QuotaUsage>, MetadataError> {
         retried(move || async move { quota::usage(&mut self.plain().await?).await }).await
     }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, MetadataError> {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let now = self.dialect.now_ms();
+        retried(move || async move {
+            let mut tx = self.begin().await?;
+            let current = tx
+                .optional(
+                    &format!(
+                        "SELECT holder, CASE WHEN expires_at_ms <= {now} THEN 1 ELSE 0 END \
+                         FROM leases WHERE name = $1 FOR UPDATE"
+                    ),
+                    args![name],
+                )
+                .await?;
+            let taken = match current {
+                None => {
+                    let insert = self.dialect.insert_new(
+                        &format!(
+                            "leases (name, holder, expires_at_ms) VALUES ($1, $2, {now} + $3)"
+                        ),
+                        "name",
+                    );
+                    tx.execute(&insert, args![name, holder, ttl_ms]).await? == 1
+                }
+                Some(row) => {
+                    let (current, expired): (String, i64) = (get(&row, 0)?, get(&row, 1)?);
+                    if current == holder || expired == 1 {
+                        tx.execute(
+                            &format!(
+                                "UPDATE leases SET holder = $2, expires_at_ms = {now} + $3 \
+                                 WHERE name = $1"
+                            ),
+                            args![name, holder, ttl_ms],
+                        )
+                        .await?;
+                        true
+                    } else {
+                        false
+                    }
+                }
+            };
+            tx.commit().await?;
+            Ok(taken)
+        })
+        .await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetadataError> {
+        retried(move || async move {
+            self.plain()
+                .await?
+                .execute(
+                    "DELETE FROM leases WHERE name = $1 AND holder = $2",
+                    args![name, holder],
+                )
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    async fn hold(
+        &self,
+        digest: &Digest,
+        hold: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, MetadataError> {
+        let digest = &digest.to_string();
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let now = self.dialect.now_ms();
+        retried(move || async move {
+            let mut tx = self.begin().await?;
+            // Read in the transaction that inserts the hold: a sweep claiming the digest at the
+            // same time conflicts with it, and one of the two is retried after the other.
+            let sweeping = tx
+                .exists(
+                    "SELECT 1 FROM garbage WHERE digest = $1 AND sweeping = 1",
+                    args![digest],
+                )
+                .await?;
+            if !sweeping {
+                tx.execute(
+                    &format!(
+                        "INSERT INTO holds (id, digest, expires_at_ms) VALUES ($1, $2, {now} + $3)"
+                    ),
+                    args![hold, digest, ttl_ms],
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(!sweeping)
+        })
+        .await
+    }
+
+    async fn release(&self, hold: &str) -> Result<(), MetadataError> {
+        let now = self.dialect.now_ms();
+        retried(move || async move {
+            // Expired holds of pushes that died go with it.
+            self.plain()
+                .await?
+                .execute(
+                    &format!("DELETE FROM holds WHERE id = $1 OR expires_at_ms <= {now}"),
+                    args![hold],
+                )
+                .await?;
+            Ok(())
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -1073,7 +1193,7 @@ mod tests {
             .iter()
             .map(|row| get::<i64>(row, 0).unwrap())
             .collect::<Vec<_>>();
-        assert_eq!(versions, [1, 2, 3, 4]);
+        assert_eq!(versions, [1, 2, 3, 4, 5]);
     }
 
     async fn concurrent_pushes(dialect: Dialect) {

@@ -27,6 +27,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../../migrations/0002_collection.sql")),
     (3, include_str!("../../migrations/0003_retention.sql")),
     (4, include_str!("../../migrations/0004_quotas.sql")),
+    (5, include_str!("../../migrations/0005_leases.sql")),
 ];
 
 /// A finished upload waiting to be recorded by the next group commit.
@@ -55,6 +56,12 @@ fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn unix(time: SystemTime) -> i64 {
@@ -726,8 +733,9 @@ impl MetadataStore for SqliteMetadataStore {
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut claimed = Vec::with_capacity(digests.len());
+            let now_ms = now_ms();
             for digest in digests {
-                if collect::begin_sweep(&tx, &digest.to_string())? {
+                if collect::begin_sweep(&tx, &digest.to_string(), now_ms)? {
                     claimed.push(digest);
                 }
             }
@@ -865,6 +873,84 @@ impl MetadataStore for SqliteMetadataStore {
 
     async fn quota_usage(&self) -> Result<Vec<QuotaUsage>, MetadataError> {
         self.with(|conn| quota::usage(conn)).await
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, MetadataError> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        let now_ms = now_ms();
+        let expires = now_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        self.write(move |conn| {
+            let taken = conn.execute(
+                "INSERT INTO leases (name, holder, expires_at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,
+                     expires_at_ms = excluded.expires_at_ms
+                 WHERE leases.holder = excluded.holder OR leases.expires_at_ms <= ?4",
+                rusqlite::params![name, holder, expires, now_ms],
+            )?;
+            Ok(taken == 1)
+        })
+        .await
+    }
+
+    async fn hold(
+        &self,
+        digest: &Digest,
+        hold: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool, MetadataError> {
+        let (digest, hold) = (digest.to_string(), hold.to_owned());
+        let expires = now_ms().saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let sweeping: bool = tx
+                .query_row(
+                    "SELECT sweeping FROM garbage WHERE digest = ?1",
+                    [&digest],
+                    |row| row.get(0),
+                )
+                .optional()?
+                .unwrap_or(false);
+            if !sweeping {
+                tx.execute(
+                    "INSERT INTO holds (id, digest, expires_at_ms) VALUES (?1, ?2, ?3)",
+                    params![hold, digest, expires],
+                )?;
+            }
+            tx.commit()?;
+            Ok(!sweeping)
+        })
+        .await
+    }
+
+    async fn release(&self, hold: &str) -> Result<(), MetadataError> {
+        let hold = hold.to_owned();
+        let now_ms = now_ms();
+        self.write(move |conn| {
+            // Expired holds of pushes that died go with it.
+            conn.execute(
+                "DELETE FROM holds WHERE id = ?1 OR expires_at_ms <= ?2",
+                params![hold, now_ms],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetadataError> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.write(move |conn| {
+            conn.execute(
+                "DELETE FROM leases WHERE name = ?1 AND holder = ?2",
+                [name, holder],
+            )?;
+            Ok(())
+        })
+        .await
     }
 }
 

@@ -430,7 +430,7 @@ async fn a_manifest_referencing_a_missing_blob_or_child_is_rejected_and_not_stor
     }
     let tags = api.get(&format!("{repo}/tags/list")).await;
     assert!(tags.expect(200).list("tags").is_empty());
-    let stored = tree(&api.registry.root().join("blobs"));
+    let stored = api.registry.stored("blobs").await;
     for refused in [&image.manifest.digest, &index.digest] {
         let hex = refused.strip_prefix("sha256:").expect("a sha256 digest");
         assert!(

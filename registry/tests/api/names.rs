@@ -1,12 +1,20 @@
 //! The grammar of repository names and tags.
 
+use crate::common::tree;
 use crate::support::*;
 
 #[tokio::test]
 async fn invalid_names_are_rejected_and_create_nothing() {
     let api = Api::start();
     let root = api.registry.root();
-    let before = tree(&root);
+    let stored = async || {
+        (
+            tree(&root),
+            api.registry.stored("blobs").await,
+            api.registry.stored("uploads").await,
+        )
+    };
+    let before = stored().await;
     let image = small_image(22);
     let blob = &image.layers[0].blob;
     let long = format!("{}/{}", "a".repeat(200), "b".repeat(55));
@@ -46,9 +54,9 @@ async fn invalid_names_are_rejected_and_create_nothing() {
         .expect_error(404, "UNSUPPORTED");
 
     assert_eq!(
-        tree(&root),
+        stored().await,
         before,
-        "a rejected request changed the storage root"
+        "a rejected request changed the storage"
     );
     let catalog = api.get("_catalog").await;
     assert!(catalog.expect(200).list("repositories").is_empty());

@@ -3,7 +3,6 @@
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use reqwest::Method;
@@ -114,10 +113,7 @@ async fn concurrent_uploads_of_one_blob_store_it_once() {
         api.expect_blob(&repo, &digest, &bytes).await;
     }
 
-    let stored: Vec<PathBuf> = tree(&api.registry.root().join("blobs"))
-        .into_iter()
-        .filter(|p| api.registry.root().join("blobs").join(p).is_file())
-        .collect();
+    let stored = api.registry.stored("blobs").await;
     assert_eq!(stored.len(), 1, "one copy of the blob: {stored:?}");
     assert_eq!(
         api.metric("berth_registry_upload_sessions").await,

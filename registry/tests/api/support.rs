@@ -1,8 +1,7 @@
 //! What every module of this suite shares: a registry with a client, checks every reply must pass,
 //! and generated manifests.
 
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HeaderMap, HeaderName};
@@ -115,22 +114,6 @@ pub(crate) fn manifest(media_type: &str, value: &Value) -> Blob {
 /// A small single-layer OCI image, different for every seed.
 pub(crate) fn small_image(seed: u64) -> Image {
     Image::generate(seed, "amd64", &[3000])
-}
-
-/// Every path under `dir`, relative to it.
-pub(crate) fn tree(dir: &Path) -> BTreeSet<PathBuf> {
-    let mut paths = BTreeSet::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(next) = pending.pop() {
-        for entry in std::fs::read_dir(&next).expect("read a storage directory") {
-            let path = entry.expect("a directory entry").path();
-            if path.is_dir() {
-                pending.push(path.clone());
-            }
-            paths.insert(path.strip_prefix(dir).expect("below dir").to_path_buf());
-        }
-    }
-    paths
 }
 
 /// Polls `probe` until it yields a value, for state a server settles on after a request it never

@@ -11,6 +11,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 mod access;
+mod backend;
 mod client;
 mod daemons;
 mod images;
@@ -22,6 +23,6 @@ mod skopeo;
 // Each test target uses its own part of the harness.
 #[allow(unused_imports)]
 pub use {
-    access::*, berth_testkit::*, client::*, daemons::*, images::*, layout::*, raw_http::*,
-    registry::*, skopeo::*,
+    access::*, backend::*, berth_testkit::*, client::*, daemons::*, images::*, layout::*,
+    raw_http::*, registry::*, skopeo::*,
 };

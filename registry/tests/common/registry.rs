@@ -28,6 +28,8 @@ pub struct Registry {
     config: Option<PathBuf>,
     /// Extra environment, applied after the defaults (so it can override `BERTH_LOG`).
     env: Vec<(String, String)>,
+    /// Where its blobs and uploads live.
+    content: Content,
     /// The database holding its metadata when `BERTH_E2E_METADATA` names one.
     metadata: Option<SharedMetadata>,
 }
@@ -112,7 +114,7 @@ impl Registry {
 
     fn start_with(tls: Option<Tls>) -> Registry {
         let mut registry = Registry::prepare(tls);
-        if registry.metadata.is_some() {
+        if registry.metadata.is_some() || !registry.content_is_local() {
             registry.config = Some(registry.dir.path().join("config.yml"));
             registry.write_config("{}");
         }
@@ -127,6 +129,7 @@ impl Registry {
             .expect("create a temporary directory");
         fs::create_dir_all(dir.path().join("root")).expect("create the storage root");
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let content = Content::from_env(dir.path());
         let metadata = SharedMetadata::from_env(dir.path());
         Registry {
             dir,
@@ -136,6 +139,7 @@ impl Registry {
             tls,
             config: None,
             env: Vec::new(),
+            content,
             metadata,
         }
     }
@@ -304,12 +308,25 @@ impl Registry {
     }
 
     /// Replaces the configuration file (the running process reads it again on SIGHUP).
+    /// With the shared backends the environment names added.
     pub fn write_config(&self, yaml: &str) {
         let yaml = match &self.metadata {
             Some(metadata) => metadata.add_to(yaml),
             None => yaml.to_owned(),
         };
+        let yaml = self.content.add_to(&yaml);
         fs::write(self.config_path(), yaml).expect("write the registry configuration");
+    }
+
+    /// Files stored under `dir` (`blobs` or `uploads`), relative to it: files on the filesystem,
+    /// object keys on an object store.
+    pub async fn stored(&self, dir: &str) -> std::collections::BTreeSet<PathBuf> {
+        self.content.stored(&self.root(), dir).await
+    }
+
+    /// Whether the content lives under the storage root.
+    pub fn content_is_local(&self) -> bool {
+        matches!(self.content, Content::Filesystem)
     }
 
     /// Sends `signal` (a name such as `HUP`) to the running process.

@@ -28,7 +28,7 @@ pub fn postgres_database() -> PgDatabase {
     let admin = server_value(VARIABLE, &SERVER, start);
     let server = ServerUrl::parse(VARIABLE, admin);
     let name = unique_name('_');
-    psql(admin, &format!("CREATE DATABASE {name}"));
+    run(&mut psql(admin, &format!("CREATE DATABASE {name}")));
     PgDatabase {
         url: format!(
             "postgres://{}:{}@{}:{}/{name}",
@@ -41,36 +41,18 @@ pub fn postgres_database() -> PgDatabase {
 
 impl Drop for PgDatabase {
     fn drop(&mut self) {
-        let (url, password) = without_password(self.admin);
-        let _ = run_output(
-            Command::new(require_tool("psql"))
-                .env("PGPASSWORD", password)
-                .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", &url, "-c"])
-                .arg(format!(
-                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                    self.name
-                )),
-            Duration::from_secs(30),
-        );
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let _ = run_output(&mut psql(self.admin, &sql), Duration::from_secs(30));
     }
 }
 
-/// Runs `sql` as the server's admin user with `psql`.
-fn psql(admin: &str, sql: &str) -> String {
+/// `psql` running `sql` as `admin` (a URL with a password), the password in its environment.
+fn psql(admin: &str, sql: &str) -> Command {
     let (url, password) = without_password(admin);
-    run(Command::new(require_tool("psql"))
-        .env("PGPASSWORD", password)
-        .args([
-            "-X",
-            "-q",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            &url,
-            "-c",
-            sql,
-        ]))
+    let mut cmd = Command::new(require_tool("psql"));
+    cmd.env("PGPASSWORD", password)
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", &url, "-c", sql]);
+    cmd
 }
 
 /// `url` without its password, and the password: how it reaches `psql` outside its arguments.
@@ -182,15 +164,9 @@ fn attempt() -> Started {
     let mut watchdog = spawn_supervised(&dir.path, &log, "INT", &program, &args);
     let value = format!("postgres://{USER}:{PASSWORD}@127.0.0.1:{port}/postgres");
     wait_ready(&dir.path, &mut watchdog, &log, || {
-        let (url, password) = without_password(&value);
-        run_output(
-            Command::new(require_tool("psql"))
-                .env("PGPASSWORD", password)
-                .args(["-X", "-q", &url, "-c", "SELECT 1"]),
-            Duration::from_secs(10),
-        )
-        .status
-        .success()
+        run_output(&mut psql(&value, "SELECT 1"), Duration::from_secs(10))
+            .status
+            .success()
     })?;
     Ok(PrivateServer {
         variable: VARIABLE,

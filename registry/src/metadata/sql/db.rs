@@ -58,6 +58,15 @@ impl Dialect {
         }
     }
 
+    /// The database's clock in milliseconds since the epoch, so that instances with skewed clocks
+    /// agree on when a lease or hold expires.
+    pub(super) fn now_ms(self) -> &'static str {
+        match self {
+            Dialect::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+            Dialect::Mysql => "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)",
+        }
+    }
+
     /// The type a `CAST` turns an integer sum (a decimal in both) back into a 64-bit integer.
     pub(super) fn bigint(self) -> &'static str {
         match self {
@@ -120,6 +129,10 @@ impl Dialect {
                     4,
                     include_str!("../../../migrations/postgres/0004_quotas.sql"),
                 ),
+                (
+                    5,
+                    include_str!("../../../migrations/postgres/0005_leases.sql"),
+                ),
             ],
             Dialect::Mysql => &[
                 (
@@ -135,6 +148,7 @@ impl Dialect {
                     include_str!("../../../migrations/mysql/0003_retention.sql"),
                 ),
                 (4, include_str!("../../../migrations/mysql/0004_quotas.sql")),
+                (5, include_str!("../../../migrations/mysql/0005_leases.sql")),
             ],
         }
     }

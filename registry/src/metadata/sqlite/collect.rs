@@ -124,12 +124,13 @@ pub(super) fn queued(conn: &Connection, limit: u32) -> Result<Vec<Garbage>, Meta
     garbage_rows(&mut statement, [limit])
 }
 
-/// Claims queued `digest` for deletion; false if a writer took it back meanwhile. A claim left by
-/// a sweep that died is taken over.
-pub(super) fn begin_sweep(conn: &Connection, digest: &str) -> rusqlite::Result<bool> {
+/// Claims queued `digest` for deletion; false if a writer took it back meanwhile or a push holds
+/// it. A claim left by a sweep that died is taken over.
+pub(super) fn begin_sweep(conn: &Connection, digest: &str, now_ms: i64) -> rusqlite::Result<bool> {
     Ok(conn.execute(
-        "UPDATE garbage SET sweeping = 1 WHERE digest = ?1",
-        [digest],
+        "UPDATE garbage SET sweeping = 1 WHERE digest = ?1 \
+         AND NOT EXISTS (SELECT 1 FROM holds WHERE digest = ?1 AND expires_at_ms > ?2)",
+        params![digest, now_ms],
     )? == 1)
 }
 
