@@ -78,8 +78,7 @@ async fn configure_session(
     match dialect {
         Dialect::Postgres => {
             conn.execute(sqlx::AssertSqlSafe(format!(
-                "SET statement_timeout = '{seconds}s'; \
-                 SET default_transaction_isolation = 'serializable'"
+                "SET statement_timeout = '{seconds}s'"
             )))
             .await?;
         }
@@ -180,8 +179,19 @@ impl SqlMetadataStore {
         Ok(Session::plain(self.pool.acquire().await?, self.dialect))
     }
 
+    /// A `SERIALIZABLE` transaction. PostgreSQL's single statements outside one stay at its
+    /// default: tracking their reads for serializability would only abort writers more often.
     async fn begin(&self) -> Result<Session, MetadataError> {
-        Ok(Session::transaction(self.pool.begin().await?, self.dialect))
+        let tx = match self.dialect {
+            Dialect::Postgres => {
+                self.pool
+                    .begin_with("BEGIN ISOLATION LEVEL SERIALIZABLE")
+                    .await?
+            }
+            // The session's level (a MySQL autocommit read is a plain consistent read either way).
+            Dialect::Mysql => self.pool.begin().await?,
+        };
+        Ok(Session::transaction(tx, self.dialect))
     }
 }
 
@@ -1240,12 +1250,14 @@ mod tests {
             }
         }
         let store = SqlMetadataStore::open(&config).await.unwrap();
-        let mut db = store.plain().await.unwrap();
         let (isolation, sleep) = match dialect {
             Dialect::Postgres => ("SHOW transaction_isolation", "SELECT pg_sleep(3)"),
             Dialect::Mysql => ("SELECT @@SESSION.tx_isolation", "SELECT SLEEP(3)"),
         };
-        let row = db.optional(isolation, args![]).await.unwrap().unwrap();
+        let mut tx = store.begin().await.unwrap();
+        let row = tx.optional(isolation, args![]).await.unwrap().unwrap();
+        drop(tx);
+        let mut db = store.plain().await.unwrap();
         let isolation: String = get(&row, 0).unwrap();
         assert!(
             isolation.eq_ignore_ascii_case("serializable"),
