@@ -1118,6 +1118,7 @@ mod tests {
         unreachable => postgres_an_unreachable_database_fails_as_unavailable_within_the_timeout, mysql_an_unreachable_database_fails_as_unavailable_within_the_timeout;
         outage => postgres_a_store_fails_503_while_its_database_is_cut_off_and_recovers_by_itself, mysql_a_store_fails_503_while_its_database_is_cut_off_and_recovers_by_itself;
         tls_required => postgres_tls_required_of_a_server_without_it_fails_at_once, mysql_tls_required_of_a_server_without_it_fails_at_once;
+        wrong_password => postgres_a_refused_password_is_reported_without_it, mysql_a_refused_password_is_reported_without_it;
     }
 
     /// A TCP forwarder from a loopback port to a database server, which the test can cut off
@@ -1404,5 +1405,19 @@ mod tests {
             response.status(),
             axum::http::StatusCode::INSUFFICIENT_STORAGE
         );
+    }
+
+    async fn wrong_password(dialect: Dialect) {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _database) = database(dialect);
+        let config = config_for(&url, dir.path());
+        let (MetadataConfig::Postgres(database) | MetadataConfig::Mysql(database)) = &config;
+        let password = "not-the-Password-7Qx";
+        std::fs::write(database.password_file.as_ref().unwrap(), password).unwrap();
+        let err = SqlMetadataStore::open(&config).await.err().unwrap();
+        assert!(!err.is_unavailable(), "{err:?}");
+        for shown in [err.to_string(), format!("{err:?}"), format!("{config:?}")] {
+            assert!(!shown.contains(password), "{shown}");
+        }
     }
 }
