@@ -300,6 +300,37 @@ impl Registry {
         self.spawn();
     }
 
+    /// The rows `sql` answers from its metadata database (SQLite under its storage root, or the
+    /// shared one `BERTH_E2E_METADATA` gave it), each column as text.
+    pub fn metadata_rows(&self, sql: &str) -> Vec<Vec<String>> {
+        if let Some(metadata) = &self.metadata {
+            return metadata.query(sql);
+        }
+        let db = rusqlite::Connection::open(self.root().join("metadata.sqlite"))
+            .expect("open the metadata database");
+        let mut statement = db.prepare(sql).expect("a valid statement");
+        let columns = statement.column_count();
+        statement
+            .query_map([], |row| {
+                (0..columns)
+                    .map(|i| {
+                        Ok(match row.get_ref(i)? {
+                            rusqlite::types::ValueRef::Null => String::new(),
+                            rusqlite::types::ValueRef::Integer(n) => n.to_string(),
+                            rusqlite::types::ValueRef::Real(x) => x.to_string(),
+                            rusqlite::types::ValueRef::Text(text)
+                            | rusqlite::types::ValueRef::Blob(text) => {
+                                String::from_utf8_lossy(text).into_owned()
+                            }
+                        })
+                    })
+                    .collect()
+            })
+            .expect("run the statement")
+            .collect::<Result<_, _>>()
+            .expect("read the rows")
+    }
+
     /// The configuration file it was started with.
     pub fn config_path(&self) -> &Path {
         self.config
@@ -375,6 +406,8 @@ impl Drop for Registry {
 struct SharedMetadata {
     /// The `storage.metadata` section naming it.
     section: serde_norway::Value,
+    /// `postgres://` or `mysql://` with user, password, address and database.
+    url: reqwest::Url,
     /// Dropping it drops the database.
     _database: Box<dyn std::any::Any + Send + Sync>,
 }
@@ -397,7 +430,8 @@ impl SharedMetadata {
                     Box::new(database) as Box<dyn std::any::Any + Send + Sync>,
                 )
             }
-            other => panic!("BERTH_E2E_METADATA={other}: expected postgres or mysql"),
+            "" | "sqlite" => return None,
+            other => panic!("BERTH_E2E_METADATA={other}: expected sqlite, postgres or mysql"),
         };
         let url = reqwest::Url::parse(&url).expect("a database URL");
         let password_file = dir.join("database-password");
@@ -414,8 +448,61 @@ impl SharedMetadata {
         .expect("a storage.metadata section");
         Some(SharedMetadata {
             section,
+            url,
             _database: database,
         })
+    }
+
+    /// The rows `sql` answers, each column as text, read with the server's own client.
+    fn query(&self, sql: &str) -> Vec<Vec<String>> {
+        let url = &self.url;
+        let password = url.password().unwrap_or_default();
+        let database = url.path().trim_start_matches('/');
+        let mut command = if url.scheme() == "postgres" {
+            let mut command = Command::new(require_tool("psql"));
+            command.env("PGPASSWORD", password).args([
+                "-X",
+                "-A",
+                "-t",
+                "-F",
+                "\t",
+                "-h",
+                url.host_str().expect("a database host"),
+                "-p",
+                &url.port().expect("a database port").to_string(),
+                "-U",
+                url.username(),
+                "-d",
+                database,
+                "-c",
+                sql,
+            ]);
+            command
+        } else {
+            let mut command = Command::new(require_tool("mariadb"));
+            command.env("MYSQL_PWD", password).args([
+                "--no-defaults",
+                "--protocol=TCP",
+                "-N",
+                "-B",
+                "-h",
+                url.host_str().expect("a database host"),
+                "-P",
+                &url.port().expect("a database port").to_string(),
+                "-u",
+                url.username(),
+                "-D",
+                database,
+                "-e",
+                sql,
+            ]);
+            command
+        };
+        run(&mut command)
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(|line| line.split('\t').map(str::to_owned).collect())
+            .collect()
     }
 
     /// `yaml` with `storage.metadata` naming this database.
