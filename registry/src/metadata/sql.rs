@@ -2,7 +2,7 @@
 //! instances can serve the same repositories: one implementation for both, over sqlx's runtime-
 //! chosen driver, with the few differences in [`db::Dialect`].
 //!
-//! Each trait method is one transaction, and transactions run `SERIALIZABLE`: the statements are
+//! Each trait method that changes anything is one `SERIALIZABLE` transaction: the statements are
 //! the SQLite store's, which decide ("nothing references this blob", "no tag keeps this
 //! manifest") and then act in one transaction on the strength of SQLite admitting one writer at a
 //! time. Serializable isolation keeps that reasoning true with many writers (PostgreSQL aborts
