@@ -1119,6 +1119,7 @@ mod tests {
         outage => postgres_a_store_fails_503_while_its_database_is_cut_off_and_recovers_by_itself, mysql_a_store_fails_503_while_its_database_is_cut_off_and_recovers_by_itself;
         tls_required => postgres_tls_required_of_a_server_without_it_fails_at_once, mysql_tls_required_of_a_server_without_it_fails_at_once;
         wrong_password => postgres_a_refused_password_is_reported_without_it, mysql_a_refused_password_is_reported_without_it;
+        deadlock => postgres_transactions_that_deadlock_are_run_again_whole, mysql_transactions_that_deadlock_are_run_again_whole;
     }
 
     /// A TCP forwarder from a loopback port to a database server, which the test can cut off
@@ -1419,5 +1420,63 @@ mod tests {
         for shown in [err.to_string(), format!("{err:?}"), format!("{config:?}")] {
             assert!(!shown.contains(password), "{shown}");
         }
+    }
+
+    async fn deadlock(dialect: Dialect) {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU32, Ordering};
+
+        let (store, _, _guard) = open(dialect).await;
+        let store = Arc::new(store);
+        let mut db = store.plain().await.unwrap();
+        for rule in ["a", "b"] {
+            db.execute(
+                "INSERT INTO quota_rules (rule, max_bytes) VALUES ($1, 0)",
+                args![rule],
+            )
+            .await
+            .unwrap();
+        }
+        // Each first run takes one row, waits until the other has taken the other row, then
+        // wants it too: the database must end one of them, and that one runs again whole.
+        let both_hold = Arc::new(tokio::sync::Barrier::new(2));
+        let runs = Arc::new(AtomicU32::new(0));
+        let tasks = [("a", "b"), ("b", "a")].map(|(first, second)| {
+            let (store, both_hold, runs) = (store.clone(), both_hold.clone(), runs.clone());
+            tokio::spawn(async move {
+                let mut first_run = true;
+                let store = &*store;
+                db::retried(|| {
+                    let wait = std::mem::take(&mut first_run).then(|| both_hold.clone());
+                    let runs = runs.clone();
+                    async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        let mut tx = store.begin().await?;
+                        let add =
+                            "UPDATE quota_rules SET max_bytes = max_bytes + 1 WHERE rule = $1";
+                        tx.execute(add, args![first]).await?;
+                        if let Some(wait) = wait {
+                            wait.wait().await;
+                        }
+                        tx.execute(add, args![second]).await?;
+                        tx.commit().await
+                    }
+                })
+                .await
+            })
+        });
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        assert!(
+            runs.load(Ordering::SeqCst) > 2,
+            "no transaction was run again"
+        );
+        let rows = db
+            .all("SELECT max_bytes FROM quota_rules ORDER BY rule", args![])
+            .await
+            .unwrap();
+        let totals: Vec<i64> = rows.iter().map(|row| get(row, 0).unwrap()).collect();
+        assert_eq!(totals, [2, 2]);
     }
 }
