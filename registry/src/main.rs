@@ -295,7 +295,7 @@ async fn open_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
         Some(shared) => Arc::new(
             SqlMetadataStore::open(shared)
                 .await
-                .context("opening the metadata database")?,
+                .with_context(|| format!("opening the metadata {}", shared.describe()))?,
         ),
     };
     let auth = Auth::load(&config.auth)

@@ -10,18 +10,14 @@ use common::*;
 const ACCEPT: (&str, &str) = ("Accept", "application/vnd.oci.image.manifest.v1+json");
 
 fn last_pulls(registry: &Registry) -> Vec<(String, i64)> {
-    let db = rusqlite::Connection::open(registry.root().join("metadata.sqlite")).unwrap();
-    let mut statement = db
-        .prepare(
+    registry
+        .metadata_rows(
             "SELECT r.name, m.last_pulled_at FROM manifests m \
              JOIN repositories r ON r.id = m.repository_id ORDER BY r.name",
         )
-        .unwrap();
-    statement
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
+        .into_iter()
+        .map(|row| (row[0].clone(), row[1].parse().expect("a number")))
+        .collect()
 }
 
 #[test]

@@ -69,8 +69,9 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
     untagged_manifests_are_found_per_prefix(store).await;
     usage_counts_each_digest_once_per_scope(store).await;
     retention::run_all(store).await;
-    // Last: it collects every unreferenced blob, and it leaves no quota in force.
+    // Last: they collect every unreferenced blob, and they leave no quota in force.
     quota::quotas_refuse_what_passes_them_and_count_each_digest_once(store).await;
+    quota::running_figures_match_a_count_from_scratch(store).await;
 }
 
 /// Queues everything collectable before `cutoff`, as a collection does: candidates read a page

@@ -2,7 +2,7 @@
 //! instances can serve the same repositories: one implementation for both, over sqlx's runtime-
 //! chosen driver, with the few differences in [`db::Dialect`].
 //!
-//! Each trait method is one transaction, and transactions run `SERIALIZABLE`: the statements are
+//! Each trait method that changes anything is one `SERIALIZABLE` transaction: the statements are
 //! the SQLite store's, which decide ("nothing references this blob", "no tag keeps this
 //! manifest") and then act in one transaction on the strength of SQLite admitting one writer at a
 //! time. Serializable isolation keeps that reasoning true with many writers (PostgreSQL aborts
@@ -78,8 +78,7 @@ async fn configure_session(
     match dialect {
         Dialect::Postgres => {
             conn.execute(sqlx::AssertSqlSafe(format!(
-                "SET statement_timeout = '{seconds}s'; \
-                 SET default_transaction_isolation = 'serializable'"
+                "SET statement_timeout = '{seconds}s'"
             )))
             .await?;
         }
@@ -180,8 +179,19 @@ impl SqlMetadataStore {
         Ok(Session::plain(self.pool.acquire().await?, self.dialect))
     }
 
+    /// A `SERIALIZABLE` transaction. PostgreSQL's single statements outside one stay at its
+    /// default: tracking their reads for serializability would only abort writers more often.
     async fn begin(&self) -> Result<Session, MetadataError> {
-        Ok(Session::transaction(self.pool.begin().await?, self.dialect))
+        let tx = match self.dialect {
+            Dialect::Postgres => {
+                self.pool
+                    .begin_with("BEGIN ISOLATION LEVEL SERIALIZABLE")
+                    .await?
+            }
+            // The session's level (a MySQL autocommit read is a plain consistent read either way).
+            Dialect::Mysql => self.pool.begin().await?,
+        };
+        Ok(Session::transaction(tx, self.dialect))
     }
 }
 
@@ -1106,6 +1116,61 @@ mod tests {
         sessions => postgres_connections_are_serializable_with_the_statement_timeout, mysql_connections_are_serializable_with_the_statement_timeout;
         constraint => postgres_a_refused_statement_is_not_retried, mysql_a_refused_statement_is_not_retried;
         unreachable => postgres_an_unreachable_database_fails_as_unavailable_within_the_timeout, mysql_an_unreachable_database_fails_as_unavailable_within_the_timeout;
+        outage => postgres_a_store_fails_503_while_its_database_is_cut_off_and_recovers_by_itself, mysql_a_store_fails_503_while_its_database_is_cut_off_and_recovers_by_itself;
+        tls_required => postgres_tls_required_of_a_server_without_it_fails_at_once, mysql_tls_required_of_a_server_without_it_fails_at_once;
+        wrong_password => postgres_a_refused_password_is_reported_without_it, mysql_a_refused_password_is_reported_without_it;
+        deadlock => postgres_transactions_that_deadlock_are_run_again_whole, mysql_transactions_that_deadlock_are_run_again_whole;
+    }
+
+    /// A TCP forwarder from a loopback port to a database server, which the test can cut off
+    /// (new connections refused, open ones dropped) and restore on the same port.
+    struct Link {
+        port: u16,
+        target: std::net::SocketAddr,
+        forwarding: Option<tokio::task::JoinHandle<()>>,
+    }
+
+    impl Link {
+        async fn to(target: std::net::SocketAddr) -> Link {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let mut link = Link {
+                port,
+                target,
+                forwarding: None,
+            };
+            link.forward(listener);
+            link
+        }
+
+        fn forward(&mut self, listener: tokio::net::TcpListener) {
+            let target = self.target;
+            self.forwarding = Some(tokio::spawn(async move {
+                // Dropped with this task when the link is cut, ending every connection.
+                let mut connections = tokio::task::JoinSet::new();
+                while let Ok((mut client, _)) = listener.accept().await {
+                    connections.spawn(async move {
+                        if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                }
+            }));
+        }
+
+        async fn cut(&mut self) {
+            if let Some(forwarding) = self.forwarding.take() {
+                forwarding.abort();
+                let _ = forwarding.await;
+            }
+        }
+
+        async fn restore(&mut self) {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+                .await
+                .unwrap();
+            self.forward(listener);
+        }
     }
 
     async fn behaviour_suite(dialect: Dialect) {
@@ -1187,12 +1252,14 @@ mod tests {
             }
         }
         let store = SqlMetadataStore::open(&config).await.unwrap();
-        let mut db = store.plain().await.unwrap();
         let (isolation, sleep) = match dialect {
             Dialect::Postgres => ("SHOW transaction_isolation", "SELECT pg_sleep(3)"),
             Dialect::Mysql => ("SELECT @@SESSION.tx_isolation", "SELECT SLEEP(3)"),
         };
-        let row = db.optional(isolation, args![]).await.unwrap().unwrap();
+        let mut tx = store.begin().await.unwrap();
+        let row = tx.optional(isolation, args![]).await.unwrap().unwrap();
+        drop(tx);
+        let mut db = store.plain().await.unwrap();
         let isolation: String = get(&row, 0).unwrap();
         assert!(
             isolation.eq_ignore_ascii_case("serializable"),
@@ -1250,5 +1317,166 @@ mod tests {
             waited >= Duration::from_secs(2) && waited < Duration::from_secs(4),
             "{waited:?}"
         );
+    }
+
+    async fn outage(dialect: Dialect) {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _database) = database(dialect);
+        let mut config = config_for(&url, dir.path());
+        let (MetadataConfig::Postgres(database) | MetadataConfig::Mysql(database)) = &mut config;
+        let server = (database.host.as_str(), database.port.unwrap());
+        let server = std::net::ToSocketAddrs::to_socket_addrs(&server)
+            .unwrap()
+            .next()
+            .unwrap();
+        let mut link = Link::to(server).await;
+        database.port = Some(link.port);
+        database.connect_timeout_seconds = 2;
+        let store = SqlMetadataStore::open(&config).await.unwrap();
+        let repo: RepoName = "outage/app".parse().unwrap();
+        let digest = Digest::sha256_of(b"before the outage");
+        crate::metadata::behaviour::push_blob(&store, &repo, &digest, 6).await;
+
+        link.cut().await;
+        let started = std::time::Instant::now();
+        let err = store.repository_blob(&repo, &digest).await.unwrap_err();
+        let waited = started.elapsed();
+        assert!(err.is_unavailable(), "{err:?}");
+        assert!(waited < Duration::from_secs(4), "{waited:?}");
+        let response =
+            axum::response::IntoResponse::into_response(crate::error::RegistryError::from(err));
+        assert_eq!(
+            response.status(),
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        );
+
+        link.restore().await;
+        assert_eq!(
+            store.repository_blob(&repo, &digest).await.unwrap(),
+            Some(6)
+        );
+        let later = Digest::sha256_of(b"after the outage");
+        crate::metadata::behaviour::push_blob(&store, &repo, &later, 5).await;
+    }
+
+    async fn tls_required(dialect: Dialect) {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _database) = database(dialect);
+        let mut config = config_for(&url, dir.path());
+        let (MetadataConfig::Postgres(database) | MetadataConfig::Mysql(database)) = &mut config;
+        // The test servers speak plain TCP only: asked for TLS, the store must refuse to go on
+        // without it rather than fall back.
+        database.tls.mode = TlsMode::Require;
+        let started = std::time::Instant::now();
+        let err = SqlMetadataStore::open(&config).await.err().unwrap();
+        assert!(!err.is_unavailable(), "{err:?}");
+        assert!(
+            matches!(err, MetadataError::Sql(sqlx::Error::Tls(_))),
+            "{err:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    /// MySQL's "table is full" (what InnoDB answers when its disk is) is storage full, answered
+    /// 507: here from a MEMORY table at its size limit, the one way to meet it without filling a
+    /// disk.
+    #[tokio::test]
+    async fn mysql_a_full_table_is_storage_full() {
+        let (store, _, _guard) = open(Dialect::Mysql).await;
+        let mut db = store.plain().await.unwrap();
+        db.raw("SET SESSION max_heap_table_size = 16384")
+            .await
+            .unwrap();
+        db.raw("CREATE TEMPORARY TABLE filler (x CHAR(255) NOT NULL) ENGINE = MEMORY")
+            .await
+            .unwrap();
+        let full = loop {
+            match db
+                .execute("INSERT INTO filler (x) VALUES ($1)", args!["x"])
+                .await
+            {
+                Ok(_) => continue,
+                Err(err) => break err,
+            }
+        };
+        assert!(full.is_storage_full(), "{full:?}");
+        let response =
+            axum::response::IntoResponse::into_response(crate::error::RegistryError::from(full));
+        assert_eq!(
+            response.status(),
+            axum::http::StatusCode::INSUFFICIENT_STORAGE
+        );
+    }
+
+    async fn wrong_password(dialect: Dialect) {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _database) = database(dialect);
+        let config = config_for(&url, dir.path());
+        let (MetadataConfig::Postgres(database) | MetadataConfig::Mysql(database)) = &config;
+        let password = "not-the-Password-7Qx";
+        std::fs::write(database.password_file.as_ref().unwrap(), password).unwrap();
+        let err = SqlMetadataStore::open(&config).await.err().unwrap();
+        assert!(!err.is_unavailable(), "{err:?}");
+        for shown in [err.to_string(), format!("{err:?}"), format!("{config:?}")] {
+            assert!(!shown.contains(password), "{shown}");
+        }
+    }
+
+    async fn deadlock(dialect: Dialect) {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU32, Ordering};
+
+        let (store, _, _guard) = open(dialect).await;
+        let store = Arc::new(store);
+        let mut db = store.plain().await.unwrap();
+        for rule in ["a", "b"] {
+            db.execute(
+                "INSERT INTO quota_rules (rule, max_bytes) VALUES ($1, 0)",
+                args![rule],
+            )
+            .await
+            .unwrap();
+        }
+        // Each first run takes one row, waits until the other has taken the other row, then
+        // wants it too: the database must end one of them, and that one runs again whole.
+        let both_hold = Arc::new(tokio::sync::Barrier::new(2));
+        let runs = Arc::new(AtomicU32::new(0));
+        let tasks = [("a", "b"), ("b", "a")].map(|(first, second)| {
+            let (store, both_hold, runs) = (store.clone(), both_hold.clone(), runs.clone());
+            tokio::spawn(async move {
+                let mut first_run = true;
+                let store = &*store;
+                db::retried(|| {
+                    let wait = std::mem::take(&mut first_run).then(|| both_hold.clone());
+                    let runs = runs.clone();
+                    async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        let mut tx = store.begin().await?;
+                        let add =
+                            "UPDATE quota_rules SET max_bytes = max_bytes + 1 WHERE rule = $1";
+                        tx.execute(add, args![first]).await?;
+                        if let Some(wait) = wait {
+                            wait.wait().await;
+                        }
+                        tx.execute(add, args![second]).await?;
+                        tx.commit().await
+                    }
+                })
+                .await
+            })
+        });
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        assert!(
+            runs.load(Ordering::SeqCst) > 2,
+            "no transaction was run again"
+        );
+        let rows = db
+            .all("SELECT max_bytes FROM quota_rules ORDER BY rule", args![])
+            .await
+            .unwrap();
+        let totals: Vec<i64> = rows.iter().map(|row| get(row, 0).unwrap()).collect();
+        assert_eq!(totals, [2, 2]);
     }
 }

@@ -5,9 +5,12 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use futures_util::TryStreamExt;
 use object_store::ObjectStore;
+
+use super::*;
 
 pub enum Content {
     Filesystem,
@@ -141,6 +144,8 @@ pub fn tree(dir: &Path) -> BTreeSet<PathBuf> {
 pub struct SharedMetadata {
     /// The `storage.metadata` section naming it.
     section: serde_norway::Value,
+    /// `postgres://` or `mysql://` with user, password, address and database.
+    url: reqwest::Url,
     /// Dropping it drops the database.
     _database: Box<dyn std::any::Any + Send + Sync>,
 }
@@ -148,8 +153,10 @@ pub struct SharedMetadata {
 impl SharedMetadata {
     /// The database `BERTH_E2E_METADATA` names, if any, its password written into `dir`.
     pub fn from_env(dir: &Path) -> Option<SharedMetadata> {
-        let kind = std::env::var("BERTH_E2E_METADATA").ok()?;
-        Some(SharedMetadata::new(&kind, dir))
+        match std::env::var("BERTH_E2E_METADATA").ok()?.as_str() {
+            "" | "sqlite" => None,
+            kind => Some(SharedMetadata::new(kind, dir)),
+        }
     }
 
     /// A fresh database of the `kind` (`postgres` or `mysql`) test server.
@@ -169,7 +176,7 @@ impl SharedMetadata {
                     Box::new(database) as Box<dyn std::any::Any + Send + Sync>,
                 )
             }
-            other => panic!("BERTH_E2E_METADATA={other}: expected postgres or mysql"),
+            other => panic!("BERTH_E2E_METADATA={other}: expected sqlite, postgres or mysql"),
         };
         let url = reqwest::Url::parse(&url).expect("a database URL");
         let password_file = dir.join("database-password");
@@ -186,8 +193,61 @@ impl SharedMetadata {
         .expect("a storage.metadata section");
         SharedMetadata {
             section,
+            url,
             _database: database,
         }
+    }
+
+    /// The rows `sql` answers, each column as text, read with the server's own client.
+    pub fn query(&self, sql: &str) -> Vec<Vec<String>> {
+        let url = &self.url;
+        let password = url.password().unwrap_or_default();
+        let database = url.path().trim_start_matches('/');
+        let mut command = if url.scheme() == "postgres" {
+            let mut command = Command::new(require_tool("psql"));
+            command.env("PGPASSWORD", password).args([
+                "-X",
+                "-A",
+                "-t",
+                "-F",
+                "\t",
+                "-h",
+                url.host_str().expect("a database host"),
+                "-p",
+                &url.port().expect("a database port").to_string(),
+                "-U",
+                url.username(),
+                "-d",
+                database,
+                "-c",
+                sql,
+            ]);
+            command
+        } else {
+            let mut command = Command::new(require_tool("mariadb"));
+            command.env("MYSQL_PWD", password).args([
+                "--no-defaults",
+                "--protocol=TCP",
+                "-N",
+                "-B",
+                "-h",
+                url.host_str().expect("a database host"),
+                "-P",
+                &url.port().expect("a database port").to_string(),
+                "-u",
+                url.username(),
+                "-D",
+                database,
+                "-e",
+                sql,
+            ]);
+            command
+        };
+        run(&mut command)
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(|line| line.split('\t').map(str::to_owned).collect())
+            .collect()
     }
 
     /// The `storage.metadata` section naming this database.

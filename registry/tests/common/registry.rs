@@ -300,6 +300,37 @@ impl Registry {
         self.spawn();
     }
 
+    /// The rows `sql` answers from its metadata database (SQLite under its storage root, or the
+    /// shared one `BERTH_E2E_METADATA` gave it), each column as text.
+    pub fn metadata_rows(&self, sql: &str) -> Vec<Vec<String>> {
+        if let Some(metadata) = &self.metadata {
+            return metadata.query(sql);
+        }
+        let db = rusqlite::Connection::open(self.root().join("metadata.sqlite"))
+            .expect("open the metadata database");
+        let mut statement = db.prepare(sql).expect("a valid statement");
+        let columns = statement.column_count();
+        statement
+            .query_map([], |row| {
+                (0..columns)
+                    .map(|i| {
+                        Ok(match row.get_ref(i)? {
+                            rusqlite::types::ValueRef::Null => String::new(),
+                            rusqlite::types::ValueRef::Integer(n) => n.to_string(),
+                            rusqlite::types::ValueRef::Real(x) => x.to_string(),
+                            rusqlite::types::ValueRef::Text(text)
+                            | rusqlite::types::ValueRef::Blob(text) => {
+                                String::from_utf8_lossy(text).into_owned()
+                            }
+                        })
+                    })
+                    .collect()
+            })
+            .expect("run the statement")
+            .collect::<Result<_, _>>()
+            .expect("read the rows")
+    }
+
     /// The configuration file it was started with.
     pub fn config_path(&self) -> &Path {
         self.config

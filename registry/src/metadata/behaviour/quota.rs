@@ -165,3 +165,83 @@ pub(super) async fn quotas_refuse_what_passes_them_and_count_each_digest_once(
     store.set_quotas(&[]).await.unwrap();
     assert!(store.quota_usage().await.unwrap().is_empty());
 }
+
+/// Every scope's bytes as the store keeps them.
+async fn scope_bytes(store: &dyn MetadataStore) -> Vec<(String, String, u64)> {
+    let mut scopes: Vec<_> = store
+        .usage()
+        .await
+        .unwrap()
+        .quota_scopes
+        .into_iter()
+        .map(|s| (s.quota, s.scope, s.bytes))
+        .collect();
+    scopes.sort();
+    scopes
+}
+
+/// The figures each write keeps up to date are those a count of the stored content gives when a
+/// rule is put in force afresh.
+pub(super) async fn running_figures_match_a_count_from_scratch(store: &dyn MetadataStore) {
+    let quotas: Vec<Quota> = serde_norway::from_str(
+        "- {repositories: q, max_bytes: 1000000}\n- {repositories: q/*, max_bytes: 1000000}\n",
+    )
+    .unwrap();
+    store.set_quotas(&quotas).await.unwrap();
+    let (a1, a2, b) = (repo("q/a/one"), repo("q/a/two"), repo("q/b"));
+    let digests: Vec<Digest> = (0..6)
+        .map(|i| Digest::sha256_of(format!("q blob {i}").as_bytes()))
+        .collect();
+    for (i, digest) in digests.iter().enumerate() {
+        push_blob(store, [&a1, &a2, &b][i % 3], digest, 100 + i as u64).await;
+    }
+    assert!(store.link_blob(&a2, &digests[0]).await.unwrap());
+    assert!(store.link_blob(&b, &digests[0]).await.unwrap());
+    let image = manifest(b"q image", vec![digests[0].clone(), digests[3].clone()]);
+    store.put_manifest(&a1, &image, None).await.unwrap();
+    store
+        .put_manifest(&a2, &manifest(b"q other", vec![]), None)
+        .await
+        .unwrap();
+    assert!(store.unlink_blob(&b, &digests[2]).await.unwrap());
+    assert!(
+        store
+            .delete_manifest(&a2, &Digest::sha256_of(b"q other"))
+            .await
+            .unwrap()
+    );
+    // Garbage collection's deletion of untagged manifests gives their quota back too.
+    store
+        .put_manifest(&b, &manifest(b"q untagged", vec![]), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .delete_untagged_manifests("q/b", after_now(), 100)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // So does retention's expiry of a tag and the manifest only it kept.
+    let expiring = manifest(b"q expiring", vec![]);
+    store
+        .put_manifest(&a1, &expiring, Some(&tag("old")))
+        .await
+        .unwrap();
+    let tagged = store.tags_under("q/a/one").await.unwrap();
+    let old = tagged.iter().find(|t| t.tag.as_str() == "old").unwrap();
+    let expired = store
+        .expire_tag(&a1, &old.tag, &expiring.digest, old.tagged_at, None)
+        .await
+        .unwrap();
+    assert_eq!(expired.manifests, 1);
+    super::queue_all(store, after_now()).await;
+
+    let running = scope_bytes(store).await;
+    assert!(!running.is_empty());
+    store.set_quotas(&[]).await.unwrap();
+    store.set_quotas(&quotas).await.unwrap();
+    assert_eq!(scope_bytes(store).await, running);
+    store.set_quotas(&[]).await.unwrap();
+}

@@ -120,6 +120,21 @@ impl MetadataConfig {
         }
     }
 
+    /// The database for messages: engine, name, host and port (never the user or password).
+    pub fn describe(&self) -> String {
+        let database = self.database();
+        let (engine, port) = match self.dialect() {
+            Dialect::Postgres => ("PostgreSQL", 5432),
+            Dialect::Mysql => ("MySQL", 3306),
+        };
+        format!(
+            "{engine} database {} on {}:{}",
+            database.database,
+            database.host,
+            database.port.unwrap_or(port)
+        )
+    }
+
     /// Refuses settings no connection could be made with, naming the offending key.
     pub fn validate(&self) -> Result<(), String> {
         let (key, database) = (self.key(), self.database());
@@ -246,6 +261,7 @@ mod tests {
             url.as_str(),
             "postgres://berth@db:5432/berth?sslmode=disable&application_name=berth-registry"
         );
+        assert_eq!(config.describe(), "PostgreSQL database berth on db:5432");
     }
 
     #[test]

@@ -327,8 +327,8 @@ pub(crate) enum Failure {
     /// The database could not be reached or dropped the connection: it is down, restarting,
     /// or out of connections.
     Unavailable,
-    /// The transaction lost a race with another (serialization failure, deadlock, lock wait
-    /// timeout); run again, it sees the other's outcome.
+    /// The transaction lost a race with another (serialization failure, deadlock); run again,
+    /// it sees the other's outcome.
     Conflict,
     /// The disk under the database is full.
     StorageFull,
@@ -345,9 +345,9 @@ pub(crate) fn classify(err: &sqlx::Error) -> Failure {
         sqlx::Error::Database(db) => {
             if let Some(mysql) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
                 return match mysql.number() {
-                    // Deadlock found, lock wait timeout, serialization failure (Galera's
-                    // certification failure comes as a deadlock).
-                    1213 | 1205 => Failure::Conflict,
+                    // Deadlock found (Galera's certification failure comes as one too). A lock
+                    // wait timeout is not retried: it already waited the statement timeout.
+                    1213 => Failure::Conflict,
                     // Too many connections, server shutdown in progress, query interrupted by
                     // shutdown, connection killed.
                     1040 | 1053 | 1927 | 1317 => Failure::Unavailable,

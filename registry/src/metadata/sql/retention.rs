@@ -136,6 +136,7 @@ pub(super) async fn expire_tag(
             args![repo_id, &candidate],
         )
         .await?;
+        super::quota::remove_holder(tx, repo, &candidate).await?;
         collect::queue_if_orphaned(tx, &candidate, get::<i64>(&row, 0)? as u64).await?;
         expired.manifests += 1;
         candidates.extend(children);

@@ -133,6 +133,7 @@ pub(super) fn expire_tag(
             )
             .optional()?;
         if let Some(size) = size {
+            super::quota::remove_holder(tx, repo, &candidate)?;
             collect::queue_if_orphaned(tx, &candidate, size as u64)?;
             expired.manifests += 1;
             candidates.extend(children);
