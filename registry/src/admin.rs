@@ -11,6 +11,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
+use crate::error::RegistryError;
 use crate::gc::{Collector, GcReport};
 use crate::metadata::Usage;
 
@@ -34,7 +35,24 @@ pub enum Request {
 pub enum Answer {
     Gc(GcReport),
     Usage(Usage),
+    /// Another instance sharing the stores is collecting right now: nothing for this one to do.
+    Busy(String),
     Error(String),
+}
+
+/// What `collector` answers `request`.
+pub async fn answer(collector: &Collector, request: Request) -> Answer {
+    match request {
+        Request::Gc { dry_run } => match collector.run(dry_run).await {
+            Ok(report) => Answer::Gc(report),
+            Err(RegistryError::Busy(message)) => Answer::Busy(message.to_owned()),
+            Err(err) => Answer::Error(err.to_string()),
+        },
+        Request::Usage => match collector.usage().await {
+            Ok(usage) => Answer::Usage(usage),
+            Err(err) => Answer::Error(err.to_string()),
+        },
+    }
 }
 
 /// Serves requests on `path` until the process ends. A socket file left by a process that died
@@ -61,14 +79,7 @@ pub async fn serve(path: PathBuf, collector: Arc<Collector>) -> std::io::Result<
                 return;
             }
             let answer = match serde_json::from_str::<Request>(&line) {
-                Ok(Request::Gc { dry_run }) => match collector.run(dry_run).await {
-                    Ok(report) => Answer::Gc(report),
-                    Err(err) => Answer::Error(err.to_string()),
-                },
-                Ok(Request::Usage) => match collector.usage().await {
-                    Ok(usage) => Answer::Usage(usage),
-                    Err(err) => Answer::Error(err.to_string()),
-                },
+                Ok(request) => answer(&collector, request).await,
                 Err(err) => Answer::Error(format!("bad request: {err}")),
             };
             let mut text = serde_json::to_string(&answer).expect("answers serialize");

@@ -95,6 +95,9 @@ fn main() -> anyhow::Result<()> {
             let config = Config::load(cli.config.as_deref())?;
             match maintain(&config, Request::Gc { dry_run })? {
                 Answer::Gc(report) => println!("{report}"),
+                // With several instances every one may be asked (a BOSH errand runs on each):
+                // the collection the other runs is the one asked for.
+                Answer::Busy(message) => println!("{message}; nothing to do here"),
                 other => anyhow::bail!("unexpected answer {other:?}"),
             }
             Ok(())
@@ -129,12 +132,9 @@ fn maintain(config: &Config, request: Request) -> anyhow::Result<Answer> {
             .block_on(async {
                 let state = open_state(config).await?;
                 let collector = collector(state, config)?;
-                let answer = match request {
-                    Request::Gc { dry_run } => collector.run(dry_run).await.map(Answer::Gc),
-                    Request::Usage => collector.usage().await.map(Answer::Usage),
-                };
+                let answer = admin::answer(&collector, request).await;
                 drop(lock);
-                anyhow::Ok(answer.unwrap_or_else(|err| Answer::Error(err.to_string())))
+                anyhow::Ok(answer)
             })?,
         Err(_) => {
             let socket = admin::socket_path(root);
