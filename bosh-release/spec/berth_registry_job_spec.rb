@@ -255,8 +255,12 @@ RSpec.describe 'berth-registry job' do
       merge(secure, 'berth' => { 'registry' => { 'storage' => { 'backend' => backend, backend => backends.fetch(backend) }.merge(extra) } })
     end
 
+    # A shared database needs the one signing key every instance verifies tokens with; these
+    # examples give it (the refusal without one is checked below).
     def with_database(properties, database)
-      merge(properties, 'berth' => { 'registry' => { 'database' => database } })
+      shared = database['type'] && database['type'] != 'sqlite'
+      key = shared ? { 'auth' => { 'token' => { 'signing_key' => signing_key } } } : {}
+      merge(properties, 'berth' => { 'registry' => { 'database' => database }.merge(key) })
     end
 
     def peers(count)
@@ -388,9 +392,11 @@ RSpec.describe 'berth-registry job' do
       end
 
       it 'refuses token auth with a key each instance would generate for itself' do
-        without_key = with_database(storage('webdav'), postgres)
-        expect { config(without_key, no_disk, links: peers(2)) }.to raise_error(/has 2 instances: set berth.registry.auth.token.signing_key/)
-        expect(config(without_key, no_disk, links: peers(1))['auth']['token']).not_to have_key('signing_key')
+        without_key = merge(storage('webdav'), 'berth' => { 'registry' => { 'database' => postgres } })
+        [1, 2].each do |count|
+          expect { config(without_key, no_disk, links: peers(count)) }
+            .to raise_error(/database.type postgres is shared by every instance: set berth.registry.auth.token.signing_key/)
+        end
         basic = merge(without_key, 'berth' => { 'registry' => { 'auth' => { 'mode' => 'basic' } } })
         expect(config(basic, no_disk, links: peers(2))['auth']['mode']).to eq('basic')
       end
