@@ -99,3 +99,35 @@ pub fn ask(path: &Path, request: Request) -> std::io::Result<Answer> {
     BufReader::new(stream).read_line(&mut answer)?;
     serde_json::from_str(&answer).map_err(std::io::Error::other)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::AppState;
+    use crate::content::FsContentStore;
+    use crate::metadata::{MetadataStore, SqliteMetadataStore};
+
+    #[tokio::test]
+    async fn a_collection_another_instance_holds_is_busy_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let metadata: Arc<dyn MetadataStore> =
+            Arc::new(SqliteMetadataStore::open(&dir.path().join("metadata.sqlite")).unwrap());
+        let content = Arc::new(FsContentStore::open(dir.path()).unwrap());
+        let state = Arc::new(AppState::new(
+            content,
+            metadata.clone(),
+            crate::config::Limits::default(),
+        ));
+        let collector = Collector::new(state, Default::default());
+        let ttl = std::time::Duration::from_secs(60);
+        assert!(metadata.acquire_lease("collection", "another instance", ttl).await.unwrap());
+        let busy = answer(&collector, Request::Gc { dry_run: false }).await;
+        assert!(matches!(busy, Answer::Busy(_)), "{busy:?}");
+        // A dry run changes nothing and needs no lease.
+        let dry = answer(&collector, Request::Gc { dry_run: true }).await;
+        assert!(matches!(dry, Answer::Gc(_)), "{dry:?}");
+        metadata.release_lease("collection", "another instance").await.unwrap();
+        let done = answer(&collector, Request::Gc { dry_run: false }).await;
+        assert!(matches!(done, Answer::Gc(_)), "{done:?}");
+    }
+}

@@ -1,14 +1,12 @@
 //! The backends the registries of a test run use, so that the same suites check each: content on
-//! the filesystem under their storage root or, with `BERTH_E2E_CONTENT=s3`, a fresh S3 bucket each
-//! (SeaweedFS); metadata in SQLite or, with `BERTH_E2E_METADATA=postgres|mysql`, a fresh database
-//! each; all from the test services. A test looking at what is stored asks here, never at paths.
+//! the filesystem under their storage root or, with `BERTH_E2E_CONTENT=s3|azure|webdav`, a fresh
+//! folder, container or directory each (SeaweedFS, Azurite, the nginx blobstore); metadata in
+//! SQLite or, with `BERTH_E2E_METADATA=postgres|mysql`, a fresh database each; all from the test
+//! services. A test looking at what is stored asks here, never at paths.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-use futures_util::TryStreamExt;
-use object_store::ObjectStore;
 
 use super::*;
 
@@ -17,6 +15,14 @@ pub enum Content {
     S3 {
         bucket: berth_testkit::services::S3Bucket,
         secret_file: PathBuf,
+    },
+    Azure {
+        container: berth_testkit::services::AzureContainer,
+        key_file: PathBuf,
+    },
+    WebDav {
+        dav: berth_testkit::services::WebDav,
+        password_file: PathBuf,
     },
 }
 
@@ -27,15 +33,29 @@ impl Content {
         match std::env::var("BERTH_E2E_CONTENT").as_deref() {
             Err(_) | Ok("") | Ok("filesystem") => Content::Filesystem,
             Ok("s3") => Content::s3(scratch),
-            Ok(other) => panic!("BERTH_E2E_CONTENT={other}: expected filesystem or s3"),
+            Ok("azure") => {
+                let container = berth_testkit::services::azure_container();
+                let key_file = secret(scratch, "azure-key", &container.access_key);
+                Content::Azure {
+                    container,
+                    key_file,
+                }
+            }
+            Ok("webdav") => {
+                let dav = berth_testkit::services::webdav();
+                let password_file = secret(scratch, "webdav-password", &dav.password);
+                Content::WebDav { dav, password_file }
+            }
+            Ok(other) => {
+                panic!("BERTH_E2E_CONTENT={other}: expected filesystem, s3, azure or webdav")
+            }
         }
     }
 
-    /// A fresh S3 bucket of the test services, its secret written into `scratch`.
+    /// A fresh S3 folder of the test services, its secret written into `scratch`.
     pub fn s3(scratch: &Path) -> Content {
         let bucket = berth_testkit::services::s3_bucket();
-        let secret_file = scratch.join("s3-secret");
-        std::fs::write(&secret_file, &bucket.secret_access_key).expect("write the S3 secret");
+        let secret_file = secret(scratch, "s3-secret", &bucket.secret_access_key);
         Content::S3 {
             bucket,
             secret_file,
@@ -44,15 +64,12 @@ impl Content {
 
     /// The `storage.content` section naming this backend; none for the filesystem.
     pub fn section(&self) -> Option<serde_norway::Value> {
-        let Content::S3 {
-            bucket,
-            secret_file,
-        } = self
-        else {
-            return None;
-        };
-        let section = serde_json::json!({
-            "s3": {
+        let section = match self {
+            Content::Filesystem => return None,
+            Content::S3 {
+                bucket,
+                secret_file,
+            } => serde_json::json!({"s3": {
                 "bucket": bucket.bucket,
                 "endpoint": bucket.endpoint,
                 "region": bucket.region,
@@ -60,63 +77,116 @@ impl Content {
                 "prefix": bucket.prefix,
                 "access_key_id": bucket.access_key_id,
                 "secret_access_key_file": secret_file,
-            }
-        });
+            }}),
+            Content::Azure {
+                container,
+                key_file,
+            } => serde_json::json!({"azure": {
+                "account": container.account,
+                "container": container.container,
+                "endpoint": container.endpoint,
+                "access_key_file": key_file,
+            }}),
+            Content::WebDav { dav, password_file } => serde_json::json!({"webdav": {
+                "url": dav.url,
+                "username": dav.username,
+                "password_file": password_file,
+            }}),
+        };
         Some(serde_norway::to_value(section).expect("a YAML value"))
     }
 
-    fn store(
-        &self,
-    ) -> Option<(
-        object_store::aws::AmazonS3,
-        &berth_testkit::services::S3Bucket,
-    )> {
-        let Content::S3 { bucket, .. } = self else {
-            return None;
-        };
-        Some((
-            object_store::aws::AmazonS3Builder::new()
-                .with_endpoint(&bucket.endpoint)
-                .with_allow_http(true)
-                .with_region(&bucket.region)
-                .with_bucket_name(&bucket.bucket)
-                .with_access_key_id(&bucket.access_key_id)
-                .with_secret_access_key(&bucket.secret_access_key)
-                .build()
-                .expect("an S3 client for the test bucket"),
-            bucket,
-        ))
-    }
-
     /// Every file stored under `dir` (`blobs`, `uploads`) of the registry with storage root
-    /// `root`, relative to it: files on the filesystem, object keys on S3.
+    /// `root`, relative to it: files on the filesystem, object names on an object store (listed
+    /// here with the store's own listing, which the registry never uses).
     pub async fn stored(&self, root: &Path, dir: &str) -> BTreeSet<PathBuf> {
-        match self.store() {
-            None => {
+        let (names, below) = match self {
+            Content::Filesystem => {
                 let dir = root.join(dir);
-                tree(&dir)
+                return tree(&dir)
                     .into_iter()
                     .filter(|path| dir.join(path).is_file())
-                    .collect()
+                    .collect();
             }
-            Some((store, bucket)) => {
-                let prefix = object_store::path::Path::from(format!("{}/{dir}", bucket.prefix));
-                let objects: Vec<_> = store
-                    .list(Some(&prefix))
-                    .try_collect()
-                    .await
-                    .expect("list the test bucket");
-                objects
-                    .into_iter()
-                    .map(|meta| {
-                        let key = meta.location.to_string();
-                        let below = format!("{}/{dir}/", bucket.prefix);
-                        PathBuf::from(key.strip_prefix(&below).unwrap_or(&key))
-                    })
-                    .collect()
+            Content::S3 { bucket, .. } => {
+                let (status, listing) = bucket.request("GET", None, b"");
+                assert_eq!(status, 200, "listing the test folder: {listing}");
+                (elements(&listing, "Key"), format!("{}/{dir}/", bucket.prefix))
+            }
+            Content::Azure { container, .. } => {
+                let (status, listing) = container.request("GET", None, b"");
+                assert_eq!(status, 200, "listing the test container: {listing}");
+                (elements(&listing, "Name"), format!("{dir}/"))
+            }
+            Content::WebDav { dav, .. } => {
+                let start = reqwest::Url::parse(&dav.url)
+                    .expect("a WebDAV URL")
+                    .join(&format!("{dir}/"))
+                    .expect("a folder URL");
+                (
+                    webdav_files(dav, start.clone()).await,
+                    start.path().to_owned(),
+                )
+            }
+        };
+        names
+            .into_iter()
+            .filter_map(|name| name.strip_prefix(&below).map(PathBuf::from))
+            .collect()
+    }
+}
+
+fn secret(scratch: &Path, name: &str, value: &str) -> PathBuf {
+    let file = scratch.join(name);
+    std::fs::write(&file, value).expect("write a secret file");
+    file
+}
+
+/// The text of every `<…tag>` element of an XML listing, namespace prefixes aside.
+fn elements(xml: &str, tag: &str) -> Vec<String> {
+    let open = format!("{tag}>");
+    xml.split('<')
+        .filter_map(|piece| {
+            let name_end = piece.find('>')?;
+            let name = &piece[..=name_end];
+            let local = name.rsplit(':').next().unwrap_or(name);
+            (local == open && !name.starts_with('/')).then(|| piece[name_end + 1..].to_owned())
+        })
+        .collect()
+}
+
+/// The paths of every file below the folder `url`, walked one `PROPFIND` level at a time (the
+/// test server allows no `Depth: infinity`).
+async fn webdav_files(dav: &berth_testkit::services::WebDav, url: reqwest::Url) -> Vec<String> {
+    let client = http_client();
+    let propfind = reqwest::Method::from_bytes(b"PROPFIND").expect("a method name");
+    let mut files = Vec::new();
+    let mut pending = vec![url];
+    while let Some(folder) = pending.pop() {
+        let answer = client
+            .request(propfind.clone(), folder.clone())
+            .basic_auth(&dav.username, Some(&dav.password))
+            .header("Depth", "1")
+            .send()
+            .await
+            .expect("PROPFIND");
+        if answer.status() == 404 {
+            continue;
+        }
+        assert_eq!(answer.status(), 207, "PROPFIND {folder}");
+        let listing = answer.text().await.expect("a PROPFIND answer");
+        for href in elements(&listing, "href") {
+            if href == folder.path() {
+                continue;
+            }
+            if href.ends_with('/') {
+                pending.push(folder.join(&href).expect("a folder URL"));
+            } else {
+                files.push(href);
             }
         }
     }
+    files
 }
 
 /// Every file and directory below `dir`, relative to it.
