@@ -249,8 +249,21 @@ fn cached_tags_pull_while_the_upstream_rate_limits_or_is_down() {
     assert_eq!(reply.header("retry-after"), Some("60"));
 
     // The upstream gone altogether: the same.
+    // Within the window after a failed check the cached tag is served without asking again.
+    proxy.clear();
+    assert_eq!(
+        skopeo_pull(registry.addr(), "hub/alpine:3.20", dir.path()).unwrap(),
+        image.manifest.digest
+    );
+    assert_eq!(
+        manifest_heads(&proxy) + manifest_gets(&proxy),
+        0,
+        "{:?}",
+        proxy.requests()
+    );
     let before = stale(&registry);
     proxy.stop();
+    std::thread::sleep(Duration::from_secs(REVALIDATE_SECONDS) + Duration::from_millis(300));
     assert_eq!(
         skopeo_pull(registry.addr(), "hub/alpine:3.20", dir.path()).unwrap(),
         image.manifest.digest

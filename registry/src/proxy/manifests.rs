@@ -60,22 +60,22 @@ pub async fn refresh_manifest(
                 }
                 Err(err) => Err(err.into()),
             };
-            match checked {
-                Ok(()) => proxy.mark_checked(key.clone()),
-                Err(err) => {
-                    // A foundation's pulls must not fail for an upstream outage or rate limit:
-                    // what was cached is still a valid image of that tag. Not marked checked,
-                    // so the next pull asks again.
-                    tracing::warn!(
-                        upstream = %upstream.prefix,
-                        repository = %repo,
-                        tag = %tag,
-                        status = %status_of(&err),
-                        error = %err,
-                        "upstream check failed; serving the cached manifest"
-                    );
-                    metrics.proxy_stale_served(&upstream.prefix);
-                }
+            // Marked checked either way: after a failure too, the next check waits for the
+            // window, so pulls neither wait on an upstream that is down nor press one that
+            // rate-limits.
+            proxy.mark_checked(key.clone());
+            if let Err(err) = checked {
+                // A foundation's pulls must not fail for an upstream outage or rate limit: what
+                // was cached is still a valid image of that tag.
+                tracing::warn!(
+                    upstream = %upstream.prefix,
+                    repository = %repo,
+                    tag = %tag,
+                    status = %status_of(&err),
+                    error = %err,
+                    "upstream check failed; serving the cached manifest"
+                );
+                metrics.proxy_stale_served(&upstream.prefix);
             }
             Ok(())
         })
