@@ -33,10 +33,21 @@ fn proxy_config(host: &str, login: Option<(&str, &Path)>) -> String {
 /// skopeo copies `reference` (below `docker://`) from `registry` to a fresh OCI layout in
 /// `dir`; the manifest digest it wrote, or skopeo's complaint.
 fn skopeo_pull(registry: SocketAddr, reference: &str, dir: &Path) -> Result<String, String> {
+    skopeo_copy(registry, reference, dir, &[])
+}
+
+/// Like [`skopeo_pull`], with more `skopeo copy` options (`--all`).
+fn skopeo_copy(
+    registry: SocketAddr,
+    reference: &str,
+    dir: &Path,
+    options: &[&str],
+) -> Result<String, String> {
     let layout = dir.join(format!("pulled-{}", uuid_like()));
     let output = run_output(
         skopeo()
             .args(["copy", "--src-tls-verify=false"])
+            .args(options)
             .arg(format!("docker://{registry}/{reference}"))
             .arg(oci_ref(&layout, "pulled")),
         Duration::from_secs(300),
@@ -464,4 +475,101 @@ fn pushes_and_deletes_into_a_proxied_prefix_are_denied() {
         .args(["copy", "--dest-tls-verify=false"])
         .arg(oci_ref(&layout, "v1"))
         .arg(format!("docker://{}/apps/mine:v1", registry.host())));
+}
+
+#[test]
+fn an_index_is_cached_as_sent_and_its_images_fetched_when_asked_for() {
+    let distribution = Distribution::start(None);
+    let multi = MultiArchImage::generate(1910);
+    distribution.push_tree("library/alpine:multi", &multi.index, &multi.blobs());
+    let proxy = CountingProxy::start(distribution.addr());
+    let registry = Registry::start_with_config(&proxy_config(&proxy.host(), None));
+    let dir = tempfile::tempdir().unwrap();
+    let (amd64, arm64) = (&multi.images[0], &multi.images[1]);
+
+    // One platform: the index by tag, then that platform's image by digest; the other never.
+    let pulled = skopeo_copy(
+        registry.addr(),
+        "hub/alpine:multi",
+        dir.path(),
+        &["--override-arch", "amd64", "--override-os", "linux"],
+    )
+    .unwrap();
+    assert_eq!(pulled, amd64.manifest.digest);
+    assert_eq!(manifest_gets(&proxy), 2, "{:?}", proxy.requests());
+    assert_eq!(proxy.count("GET", &arm64.manifest.digest), 0);
+    let index = manifest(registry.addr(), "GET", "hub/alpine", "multi");
+    assert_eq!(
+        index.body, multi.index.bytes,
+        "the index is served as the upstream sent it"
+    );
+
+    // Every platform: only the image not asked for before is fetched now.
+    proxy.clear();
+    let all = skopeo_copy(registry.addr(), "hub/alpine:multi", dir.path(), &["--all"]).unwrap();
+    assert_eq!(all, multi.index.digest);
+    assert_eq!(manifest_gets(&proxy), 1, "{:?}", proxy.requests());
+    assert_eq!(
+        proxy.count("GET", &format!("manifests/{}", arm64.manifest.digest)),
+        1
+    );
+}
+
+#[test]
+fn images_a_moved_tag_left_behind_are_collected_whether_their_blobs_were_fetched_or_not() {
+    let distribution = Distribution::start(None);
+    let old = Image::generate(1911, "amd64", &[30_000]);
+    distribution.push("library/alpine:3.20", &old);
+    let proxy = CountingProxy::start(distribution.addr());
+    let registry = Registry::start_with_config(&format!(
+        "{}gc:\n  interval_seconds: 0\n  grace_seconds: 0\n  untagged: [hub]\n",
+        proxy_config(&proxy.host(), None)
+    ));
+    // The old image's manifest and config are fetched; its layer never is.
+    assert_eq!(
+        manifest(registry.addr(), "GET", "hub/alpine", "3.20").status,
+        200
+    );
+    let config = blocking_get(
+        registry.addr(),
+        &format!("/v2/hub/alpine/blobs/{}", old.config.digest),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(config.body, old.config.bytes);
+    let stored = |digest: &str| {
+        let hex = digest.trim_start_matches("sha256:");
+        registry
+            .root()
+            .join("blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .exists()
+    };
+    assert!(stored(&old.config.digest) && !stored(&old.layers[0].blob.digest));
+
+    let new = Image::generate(1912, "amd64", &[20_000]);
+    distribution.push("library/alpine:3.20", &new);
+    std::thread::sleep(Duration::from_secs(REVALIDATE_SECONDS) + Duration::from_millis(300));
+    let moved = manifest(registry.addr(), "GET", "hub/alpine", "3.20");
+    assert_eq!(
+        moved.header("docker-content-digest"),
+        Some(new.manifest.digest.as_str())
+    );
+
+    run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_berth-registry"))
+            .arg("--config")
+            .arg(registry.config_path())
+            .arg("gc")
+            .env("BERTH_STORAGE_ROOT", registry.root()),
+    );
+    assert!(!stored(&old.manifest.digest) && !stored(&old.config.digest));
+    assert!(stored(&new.manifest.digest));
+    // What the tag names now still pulls, its blobs fetched on demand.
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        skopeo_pull(registry.addr(), "hub/alpine:3.20", dir.path()).unwrap(),
+        new.manifest.digest
+    );
 }

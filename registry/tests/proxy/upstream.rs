@@ -88,11 +88,16 @@ impl Distribution {
 
     /// Pushes `image` as `repo_tag` with skopeo, as its publisher would.
     pub(crate) fn push(&self, repo_tag: &str, image: &Image) {
+        self.push_tree(repo_tag, &image.manifest, &image.blobs());
+    }
+
+    /// Pushes `top` (an image manifest or an index) and every blob below it as `repo_tag`.
+    pub(crate) fn push_tree(&self, repo_tag: &str, top: &Blob, blobs: &[&Blob]) {
         let layout = self.dir.path().join("push");
         let _ = fs::remove_dir_all(&layout);
-        write_oci_layout(&layout, "v1", &image.manifest, &image.blobs());
+        write_oci_layout(&layout, "v1", top, blobs);
         let mut copy = skopeo();
-        copy.args(["copy", "--dest-tls-verify=false"]);
+        copy.args(["copy", "--all", "--dest-tls-verify=false"]);
         if let Some((user, password)) = &self.login {
             copy.arg("--dest-creds").arg(format!("{user}:{password}"));
         }
