@@ -573,3 +573,51 @@ fn images_a_moved_tag_left_behind_are_collected_whether_their_blobs_were_fetched
         new.manifest.digest
     );
 }
+
+#[test]
+fn an_upstream_asking_for_bearer_tokens_gets_them_from_its_realm() {
+    // Berth itself in token mode plays an upstream with a Docker-style token service.
+    let scratch = tempfile::tempdir().unwrap();
+    let htpasswd = scratch.path().join("htpasswd");
+    std::fs::write(
+        &htpasswd,
+        htpasswd_line("puller", "token-horse-battery", 4) + "\n",
+    )
+    .unwrap();
+    let upstream = Registry::start_with_config(&format!(
+        "auth:\n  mode: token\n  htpasswd: {}\n  access:\n    - repositories: \"*\"\n{}",
+        htpasswd.display(),
+        "      grants: { \"authenticated\": [push] }\n"
+    ));
+    let image = Image::generate(1913, "amd64", &[10_000]);
+    let layout = scratch.path().join("layout");
+    write_oci_layout(&layout, "v1", &image.manifest, &image.blobs());
+    run(skopeo()
+        .args([
+            "copy",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            "puller:token-horse-battery",
+        ])
+        .arg(oci_ref(&layout, "v1"))
+        .arg(format!("docker://{}/library/alpine:3.20", upstream.host())));
+    let proxy = CountingProxy::start(upstream.addr());
+
+    let right = password_file(scratch.path(), "token-horse-battery");
+    let registry =
+        Registry::start_with_config(&proxy_config(&proxy.host(), Some(("puller", &right))));
+    assert_eq!(
+        skopeo_pull(registry.addr(), "hub/alpine:3.20", scratch.path()).unwrap(),
+        image.manifest.digest
+    );
+
+    let wrong_dir = tempfile::tempdir().unwrap();
+    let wrong = password_file(wrong_dir.path(), "wrong-token-secret");
+    let refused =
+        Registry::start_with_config(&proxy_config(&proxy.host(), Some(("puller", &wrong))));
+    let reply = manifest(refused.addr(), "GET", "hub/alpine", "3.20");
+    let body = String::from_utf8_lossy(&reply.body);
+    assert_eq!(reply.status, 502, "{body}");
+    assert!(body.contains("token service answered 401"), "{body}");
+    assert!(!refused.log().contains("wrong-token-secret"));
+}
