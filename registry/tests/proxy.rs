@@ -621,3 +621,41 @@ fn an_upstream_asking_for_bearer_tokens_gets_them_from_its_realm() {
     assert!(body.contains("token service answered 401"), "{body}");
     assert!(!refused.log().contains("wrong-token-secret"));
 }
+
+#[test]
+fn a_client_that_cannot_read_manifest_lists_gets_the_default_image_of_a_cached_list() {
+    let distribution = Distribution::start(None);
+    let multi = MultiArchImage::generate(1914);
+    distribution.push_converted(
+        "library/alpine:list",
+        &multi.index,
+        &multi.blobs(),
+        &["--format", "v2s2"],
+    );
+    let proxy = CountingProxy::start(distribution.addr());
+    let registry = Registry::start_with_config(&proxy_config(&proxy.host(), None));
+    let reply = blocking_request_with(
+        registry.addr(),
+        "GET",
+        "/v2/hub/alpine/manifests/list",
+        &[(
+            "Accept",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        )],
+        b"",
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let body = String::from_utf8_lossy(&reply.body);
+    assert_eq!(reply.status, 200, "{body}");
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/vnd.docker.distribution.manifest.v2+json")
+    );
+    assert!(
+        body.contains("\"layers\""),
+        "an image manifest, not the list: {body}"
+    );
+    // The list by tag, then its linux/amd64 image by digest.
+    assert_eq!(manifest_gets(&proxy), 2, "{:?}", proxy.requests());
+}

@@ -92,10 +92,12 @@ async fn negotiate(
         let list = manifest_bytes(state, &info.digest).await?;
         let image = match manifest::platform_image(&list, DEFAULT_OS, DEFAULT_ARCHITECTURE) {
             Some(image) => {
-                state
-                    .metadata
-                    .manifest(repo, &Reference::Digest(image))
-                    .await?
+                let image = Reference::Digest(image);
+                // A cached list's images are fetched when first asked for.
+                if let Some(mirror) = state.proxy.mirror(repo) {
+                    crate::proxy::refresh_manifest(state, &mirror, repo, &image).await?;
+                }
+                state.metadata.manifest(repo, &image).await?
             }
             None => None,
         };

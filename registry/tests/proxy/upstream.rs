@@ -93,11 +93,23 @@ impl Distribution {
 
     /// Pushes `top` (an image manifest or an index) and every blob below it as `repo_tag`.
     pub(crate) fn push_tree(&self, repo_tag: &str, top: &Blob, blobs: &[&Blob]) {
+        self.push_converted(repo_tag, top, blobs, &[]);
+    }
+
+    /// Like [`Distribution::push_tree`], with more `skopeo copy` options (`--format v2s2`).
+    pub(crate) fn push_converted(
+        &self,
+        repo_tag: &str,
+        top: &Blob,
+        blobs: &[&Blob],
+        options: &[&str],
+    ) {
         let layout = self.dir.path().join("push");
         let _ = fs::remove_dir_all(&layout);
         write_oci_layout(&layout, "v1", top, blobs);
         let mut copy = skopeo();
-        copy.args(["copy", "--all", "--dest-tls-verify=false"]);
+        copy.args(["copy", "--all", "--dest-tls-verify=false"])
+            .args(options);
         if let Some((user, password)) = &self.login {
             copy.arg("--dest-creds").arg(format!("{user}:{password}"));
         }
