@@ -14,7 +14,7 @@ use upstream::*;
 
 /// How often the registry under test checks a cached tag upstream: short, so the tests can wait
 /// it out, long enough that a pull's own requests fall inside it.
-const REVALIDATE_SECONDS: u64 = 4;
+const REVALIDATE_SECONDS: u64 = 6;
 
 /// The `proxy:` section mirroring the upstream at `host` under `hub/`, logged in if given.
 fn proxy_config(host: &str, login: Option<(&str, &Path)>) -> String {
