@@ -352,10 +352,14 @@ fn concurrent_first_pulls_download_each_blob_once() {
 }
 
 #[test]
-fn a_blob_that_proves_wrong_is_not_stored_and_the_next_pull_gets_it_right() {
+fn content_that_proves_wrong_is_not_stored_and_the_next_pull_gets_it_right() {
     let distribution = Distribution::start(None);
     let image = Image::generate(1907, "amd64", &[200_000]);
     distribution.push("library/alpine:3.20", &image);
+    distribution.push(
+        "library/alpine:other",
+        &Image::generate(1915, "amd64", &[1_000]),
+    );
     let proxy = CountingProxy::start(distribution.addr());
     let registry = Registry::start_with_config(&proxy_config(&proxy.host(), None));
     let dir = tempfile::tempdir().unwrap();
@@ -366,7 +370,20 @@ fn a_blob_that_proves_wrong_is_not_stored_and_the_next_pull_gets_it_right() {
         200
     );
 
-    proxy.set_mode(Mode::CorruptBlobs);
+    proxy.set_mode(Mode::Corrupt);
+    // A manifest whose bytes do not hash to their digest is refused, and nothing is tagged.
+    let refused = manifest(registry.addr(), "GET", "hub/alpine", "other");
+    let complaint = String::from_utf8_lossy(&refused.body);
+    assert_eq!(refused.status, 502, "{complaint}");
+    assert!(complaint.contains("hashes to"), "{complaint}");
+    proxy.set_mode(Mode::Relay);
+    let tags = blocking_get(
+        registry.addr(),
+        "/v2/hub/alpine/tags/list",
+        Duration::from_secs(10),
+    );
+    assert!(!String::from_utf8_lossy(&tags.unwrap().body).contains("other"));
+    proxy.set_mode(Mode::Corrupt);
     let broken = blocking_get(registry.addr(), &path, Duration::from_secs(30)).unwrap();
     assert!(
         broken.status != 200 || broken.body.len() < layer.size(),
@@ -374,10 +391,21 @@ fn a_blob_that_proves_wrong_is_not_stored_and_the_next_pull_gets_it_right() {
         broken.body.len(),
         layer.size()
     );
+    // Logged by the download once the client has its broken body, so possibly a moment later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !registry.log().contains("nothing was stored") {
+        assert!(std::time::Instant::now() < deadline, "{}", registry.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let hex = layer.digest.trim_start_matches("sha256:");
+    let file = registry
+        .root()
+        .join("blobs/sha256")
+        .join(&hex[..2])
+        .join(hex);
     assert!(
-        registry.log().contains("nothing was stored"),
-        "{}",
-        registry.log()
+        !file.exists(),
+        "nothing is stored under a digest its bytes do not have"
     );
     // A HEAD answers from the manifest's record, without fetching.
     proxy.clear();

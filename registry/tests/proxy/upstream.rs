@@ -134,8 +134,8 @@ pub(crate) enum Mode {
     Relay,
     /// Docker Hub with the pull limit spent: 429 with its `ratelimit-*` and `retry-after`.
     RateLimited,
-    /// Blob bodies arrive with their first byte flipped, their length kept.
-    CorruptBlobs,
+    /// Manifest and blob bodies arrive with their first byte flipped, their length kept.
+    Corrupt,
 }
 
 struct Shared {
@@ -293,7 +293,9 @@ async fn relay(State(shared): State<Arc<Shared>>, request: Request) -> Response 
             .header("ratelimit-limit", rate_limit(PULL_LIMIT))
             .header("ratelimit-remaining", rate_limit(left));
     }
-    let corrupt = mode == Mode::CorruptBlobs && path.contains("/blobs/") && method == "GET";
+    let corrupt = mode == Mode::Corrupt
+        && (path.contains("/blobs/") || path.contains("/manifests/"))
+        && method == "GET";
     let mut first = true;
     let body = answer.bytes_stream().map(move |chunk| {
         chunk.map(|chunk| {
