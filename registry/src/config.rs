@@ -41,6 +41,9 @@ pub struct Config {
     pub retention: crate::retention::RetentionConfig,
     /// Byte quotas per repository prefix; none by default.
     pub quotas: Vec<crate::quota::Quota>,
+    /// Upstream registries mirrored under local prefixes (the pull-through cache); none by
+    /// default.
+    pub proxy: Vec<crate::proxy::UpstreamConfig>,
 }
 
 /// Garbage collection: what is deleted, and how often the server collects on its own.
@@ -179,6 +182,7 @@ impl Default for Config {
             gc: GcConfig::default(),
             retention: Default::default(),
             quotas: Vec::new(),
+            proxy: Vec::new(),
         }
     }
 }
@@ -320,6 +324,8 @@ impl Config {
         }
         self.retention.check()?;
         crate::quota::validate(&self.quotas).map_err(ConfigError::Invalid)?;
+        // Builds the clients, so an unreadable password or CA file fails the check too.
+        crate::proxy::Proxy::new(&self.proxy)?;
         if self.storage.root.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "storage.root must not be empty".into(),

@@ -6,6 +6,7 @@ use berth_oci::{Digest, NameError};
 
 use crate::content::ContentError;
 use crate::metadata::MetadataError;
+use crate::proxy::UpstreamError;
 use crate::quota::QuotaExceeded;
 
 /// Everything a request can fail with. Each variant maps to exactly one OCI error code and status.
@@ -73,6 +74,15 @@ pub enum RegistryError {
     /// A store this instance depends on does not answer: load balancers should take it out.
     #[error("unhealthy: {0}")]
     Unhealthy(String),
+    /// A write into a pull-through cache's prefix, which only its upstream fills.
+    #[error("{0} mirrors an upstream registry through the pull-through cache; it is read-only")]
+    ProxiedReadOnly(String),
+    /// An upstream of the pull-through cache failed to give what was asked.
+    #[error("{0}")]
+    Upstream(#[from] crate::proxy::UpstreamError),
+    /// The download of a blob from an upstream, which this request waited for, failed.
+    #[error("the blob's download from the upstream failed: {0}")]
+    BlobFetchFailed(String),
     #[error("storage: {0}")]
     Content(#[from] ContentError),
     #[error("metadata: {0}")]
@@ -126,6 +136,20 @@ impl RegistryError {
             Unauthorized { .. } => ("UNAUTHORIZED", StatusCode::UNAUTHORIZED),
             Denied | QuotaExceeded(_) => ("DENIED", StatusCode::FORBIDDEN),
             TooManyRequests => ("TOOMANYREQUESTS", StatusCode::TOO_MANY_REQUESTS),
+            // DENIED rather than 405 UNSUPPORTED: the method is fine, this repository is not
+            // writable, and clients print DENIED's message instead of retrying.
+            ProxiedReadOnly(_) => ("DENIED", StatusCode::FORBIDDEN),
+            Upstream(UpstreamError::RateLimited { .. }) => {
+                ("TOOMANYREQUESTS", StatusCode::TOO_MANY_REQUESTS)
+            }
+            // The upstream failing is a gateway's failure; down or overloaded it may recover.
+            Upstream(UpstreamError::Unreachable { .. }) => {
+                ("UNKNOWN", StatusCode::SERVICE_UNAVAILABLE)
+            }
+            Upstream(UpstreamError::Status { status, .. }) if *status >= 500 => {
+                ("UNKNOWN", StatusCode::SERVICE_UNAVAILABLE)
+            }
+            Upstream(_) | BlobFetchFailed(_) => ("UNKNOWN", StatusCode::BAD_GATEWAY),
             Unhealthy(_) | Busy(_) => ("UNKNOWN", StatusCode::SERVICE_UNAVAILABLE),
             Content(ContentError::UploadUnknown) => ("BLOB_UPLOAD_UNKNOWN", StatusCode::NOT_FOUND),
             Content(ContentError::BlobUnknown) => ("BLOB_UNKNOWN", StatusCode::NOT_FOUND),
@@ -170,7 +194,12 @@ impl IntoResponse for RegistryError {
     fn into_response(self) -> Response {
         let (code, status) = self.code_and_status();
         // Internal failures are logged with their cause once, here; the client sees only the code.
-        let message = if status == StatusCode::INSUFFICIENT_STORAGE {
+        let message = if let RegistryError::Upstream(_) | RegistryError::BlobFetchFailed(_) = &self
+        {
+            // Says which upstream failed and how, never with what credentials.
+            tracing::warn!(error = %self, "upstream request failed");
+            self.to_string()
+        } else if status == StatusCode::INSUFFICIENT_STORAGE {
             tracing::error!(error = %self, "request failed");
             "the registry's storage is full".to_owned()
         } else if let RegistryError::Metadata(MetadataError::BeingCollected(_)) = &self {
@@ -192,7 +221,11 @@ impl IntoResponse for RegistryError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if status.is_server_error() {
+        let upstream_failed = matches!(
+            self,
+            RegistryError::Upstream(_) | RegistryError::BlobFetchFailed(_)
+        );
+        if status.is_server_error() && !upstream_failed {
             response.extensions_mut().insert(StorageFailure);
         }
         match self {
@@ -200,6 +233,14 @@ impl IntoResponse for RegistryError {
                 response
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, challenge);
+            }
+            RegistryError::Upstream(UpstreamError::RateLimited {
+                retry_after: Some(seconds),
+                ..
+            }) => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
             }
             RegistryError::MethodNotAllowed { allow: Some(allow) } => {
                 response

@@ -13,6 +13,7 @@ pub mod lease;
 pub mod manifest;
 pub mod metadata;
 pub mod metrics;
+pub mod proxy;
 pub mod pulls;
 pub mod quota;
 pub mod retention;

@@ -301,10 +301,13 @@ async fn open_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
     let auth = Auth::load(&config.auth)
         .await
         .context("loading access control")?;
+    let proxy = berth_registry::proxy::Proxy::new(&config.proxy)
+        .context("setting up the pull-through cache")?;
     Ok(Arc::new(
         AppState::new(content, metadata, config.limits.clone())
             .with_auth(auth)
-            .with_pull_tracking(config.retention.track_pulls),
+            .with_pull_tracking(config.retention.track_pulls)
+            .with_proxy(proxy),
     ))
 }
 

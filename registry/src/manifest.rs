@@ -90,6 +90,7 @@ pub fn parse(
         annotations,
         blobs,
         manifests,
+        upstream_sizes: None,
     })
 }
 

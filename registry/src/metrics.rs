@@ -52,8 +52,30 @@ struct GcGauges {
     retention_skipped: Counter,
 }
 
+/// One series per configured upstream (named by its prefix), so the count stays bounded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamRequestLabels {
+    upstream: String,
+    method: &'static str,
+}
+
+#[derive(Default)]
+struct ProxyCounters {
+    manifest_requests: Family<UpstreamRequestLabels, Counter>,
+    blob_bytes: Family<UpstreamLabels, Counter>,
+    cache_hits: Family<UpstreamLabels, Counter>,
+    stale_served: Family<UpstreamLabels, Counter>,
+    rate_limit_remaining: Family<UpstreamLabels, Gauge>,
+}
+
 struct Inner {
     registry: Registry,
+    proxy: ProxyCounters,
     gc: GcGauges,
     storage_bytes: Family<NamespaceLabels, Gauge>,
     quotas: QuotaGauges,
@@ -77,6 +99,12 @@ fn method_label(method: &Method) -> &'static str {
         Method::DELETE => "DELETE",
         Method::OPTIONS => "OPTIONS",
         _ => "other",
+    }
+}
+
+fn upstream_labels(upstream: &str) -> UpstreamLabels {
+    UpstreamLabels {
+        upstream: upstream.to_owned(),
     }
 }
 
@@ -179,8 +207,35 @@ impl Default for Metrics {
             "Scopes of the quota holding anything (1 for a plain prefix, one per child for PREFIX/*)",
             quotas.scopes.clone(),
         );
+        let proxy = ProxyCounters::default();
+        registry.register(
+            "proxy_upstream_manifest_requests",
+            "Manifest requests the pull-through cache sent upstream, by method: a GET is a pull on Docker Hub, a HEAD is not",
+            proxy.manifest_requests.clone(),
+        );
+        registry.register(
+            "proxy_upstream_blob_bytes",
+            "Blob bytes the pull-through cache fetched from upstream",
+            proxy.blob_bytes.clone(),
+        );
+        registry.register(
+            "proxy_cache_hits",
+            "Manifest pulls of proxied repositories served without an upstream GET",
+            proxy.cache_hits.clone(),
+        );
+        registry.register(
+            "proxy_stale_served",
+            "Manifest pulls served from the cache because the upstream failed the tag's check (down, 5xx, 429)",
+            proxy.stale_served.clone(),
+        );
+        registry.register(
+            "proxy_upstream_ratelimit_remaining",
+            "The last ratelimit-remaining an upstream answered with",
+            proxy.rate_limit_remaining.clone(),
+        );
         Metrics(Arc::new(Inner {
             registry,
+            proxy,
             gc,
             storage_bytes,
             quotas,
@@ -195,6 +250,46 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    pub fn proxy_manifest_request(&self, upstream: &str, method: &'static str) {
+        let labels = UpstreamRequestLabels {
+            upstream: upstream.to_owned(),
+            method,
+        };
+        self.0.proxy.manifest_requests.get_or_create(&labels).inc();
+    }
+
+    pub fn proxy_blob_bytes(&self, upstream: &str, bytes: u64) {
+        self.0
+            .proxy
+            .blob_bytes
+            .get_or_create(&upstream_labels(upstream))
+            .inc_by(bytes);
+    }
+
+    pub fn proxy_cache_hit(&self, upstream: &str) {
+        self.0
+            .proxy
+            .cache_hits
+            .get_or_create(&upstream_labels(upstream))
+            .inc();
+    }
+
+    pub fn proxy_stale_served(&self, upstream: &str) {
+        self.0
+            .proxy
+            .stale_served
+            .get_or_create(&upstream_labels(upstream))
+            .inc();
+    }
+
+    pub fn proxy_rate_limit_remaining(&self, upstream: &str, remaining: u64) {
+        self.0
+            .proxy
+            .rate_limit_remaining
+            .get_or_create(&upstream_labels(upstream))
+            .set(remaining as i64);
+    }
+
     pub fn observe_request(
         &self,
         route: &'static str,

@@ -1,6 +1,7 @@
 //! Blob pull (whole or by single byte range) and delete.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, StatusCode, header};
@@ -9,6 +10,7 @@ use berth_oci::{Digest, RepoName};
 
 use super::{AppState, HandlerResult, empty, header_value};
 use crate::error::RegistryError;
+use crate::proxy::{Served, fetch_blob};
 use crate::server::FileSender;
 
 /// Parses a single `bytes=` range against a blob of `size` bytes. `Ok(None)` means serve it whole
@@ -50,7 +52,7 @@ const SENDFILE_MIN: u64 = 64 << 10;
 /// Serves a blob, or its headers for `head`. `file_sender` is set when the connection can take
 /// the bytes straight from a file (plain HTTP/1).
 pub(super) async fn get(
-    state: &AppState,
+    state: &Arc<AppState>,
     repo: &RepoName,
     digest: &Digest,
     headers: &HeaderMap,
@@ -62,7 +64,20 @@ pub(super) async fn get(
         .repository_blob(repo, digest)
         .await?
         .ok_or_else(|| RegistryError::BlobUnknown(Some(digest.clone())))?;
-    if !head && let Some(url) = state.content.redirect_url(digest).await? {
+    // A proxied blob is recorded from its manifest before its bytes are here; a HEAD answers
+    // from that record, a GET fetches them now.
+    let mut fetched = None;
+    if !head
+        && let Some(mirror) = state.proxy.mirror(repo)
+        && state.content.stat(digest).await?.is_none()
+        && let Served::Streaming(body) = fetch_blob(state, mirror, repo, digest, size).await?
+    {
+        fetched = Some(body);
+    }
+    if !head
+        && fetched.is_none()
+        && let Some(url) = state.content.redirect_url(digest).await?
+    {
         // The client follows with its Range, if any, straight to the store.
         let headers = [
             (header::LOCATION, header_value(url)),
@@ -73,7 +88,11 @@ pub(super) async fn get(
         ];
         return Ok((StatusCode::TEMPORARY_REDIRECT, headers).into_response());
     }
-    let requested = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    // The body of a download in progress is the whole blob; HTTP lets a server ignore Range.
+    let requested = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| fetched.is_none());
     let range = match byte_range(requested, size) {
         Ok(range) => range,
         Err(err) => {
@@ -111,6 +130,9 @@ pub(super) async fn get(
     }
     if head {
         return Ok((status, AppendHeaders(headers), Body::empty()).into_response());
+    }
+    if let Some(body) = fetched {
+        return Ok((status, AppendHeaders(headers), body).into_response());
     }
     let len = span.end - span.start;
     let file = match file_sender.filter(|_| len >= SENDFILE_MIN) {

@@ -3,13 +3,13 @@
 use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
-use berth_oci::{Digest, Reference, RepoName, media_type};
+use berth_oci::{Digest, Reference, RepoName, Tag, media_type};
 use bytes::Bytes;
 
 use super::{AppState, HandlerResult, empty, header_value, location};
 use crate::error::RegistryError;
 use crate::manifest;
-use crate::metadata::{ManifestInfo, MetadataError};
+use crate::metadata::{ManifestInfo, MetadataError, NewManifest};
 
 /// The manifest kinds a client's `Accept` headers name, where the registry must not serve one
 /// unasked. As in distribution, only exact media types count: `*/*`, wildcards and `q` values
@@ -92,10 +92,12 @@ async fn negotiate(
         let list = manifest_bytes(state, &info.digest).await?;
         let image = match manifest::platform_image(&list, DEFAULT_OS, DEFAULT_ARCHITECTURE) {
             Some(image) => {
-                state
-                    .metadata
-                    .manifest(repo, &Reference::Digest(image))
-                    .await?
+                let image = Reference::Digest(image);
+                // A cached list's images are fetched when first asked for.
+                if let Some(mirror) = state.proxy.mirror(repo) {
+                    crate::proxy::refresh_manifest(state, &mirror, repo, &image).await?;
+                }
+                state.metadata.manifest(repo, &image).await?
             }
             None => None,
         };
@@ -123,6 +125,9 @@ pub(super) async fn get(
     request_headers: &HeaderMap,
     head: bool,
 ) -> HandlerResult {
+    if let Some(mirror) = state.proxy.mirror(repo) {
+        crate::proxy::refresh_manifest(state, &mirror, repo, reference).await?;
+    }
     let info = negotiate(
         state,
         repo,
@@ -201,30 +206,11 @@ pub(super) async fn put(
     if let Some(missing) = state.metadata.missing_reference(repo, &manifest).await? {
         return Err(RegistryError::ManifestBlobUnknown(missing));
     }
-    // Before its bytes are stored: a manifest its scope has no room for leaves nothing behind.
-    state
-        .metadata
-        .check_quotas(repo, &digest, bytes.len() as u64)
-        .await?;
     let tag = match reference {
         Reference::Tag(tag) => Some(tag),
         Reference::Digest(_) => None,
     };
-    // Held from storing to recording, so the collector cannot delete the bytes in between (they
-    // may be queued already, when no repository held this manifest any more: recording takes
-    // them back).
-    let held = state.reservations.hold(&digest).await?;
-    state.content.put(&digest, bytes.clone()).await?;
-    state
-        .metadata
-        .put_manifest(repo, &manifest, tag)
-        .await
-        .map_err(|err| match err {
-            MetadataError::MissingReference(digest) => RegistryError::ManifestBlobUnknown(digest),
-            other => other.into(),
-        })?;
-    drop(held);
-    state.manifest_bytes.insert(digest.clone(), bytes);
+    store(state, repo, &manifest, bytes, tag).await?;
     let mut response_headers = vec![
         (
             "Location",
@@ -236,6 +222,39 @@ pub(super) async fn put(
         response_headers.push(("OCI-Subject", header_value(subject)));
     }
     Ok(empty(StatusCode::CREATED, response_headers))
+}
+
+/// Stores the manifest `bytes` and records `manifest` in `repo`, tagged `tag` if given: a push,
+/// or a manifest a pull-through cache fetched.
+pub(crate) async fn store(
+    state: &AppState,
+    repo: &RepoName,
+    manifest: &NewManifest,
+    bytes: Bytes,
+    tag: Option<&Tag>,
+) -> Result<(), RegistryError> {
+    let digest = &manifest.digest;
+    // Before its bytes are stored: a manifest its scope has no room for leaves nothing behind.
+    state
+        .metadata
+        .check_quotas(repo, digest, bytes.len() as u64)
+        .await?;
+    // Held from storing to recording, so the collector cannot delete the bytes in between (they
+    // may be queued already, when no repository held this manifest any more: recording takes
+    // them back).
+    let held = state.reservations.hold(digest).await?;
+    state.content.put(digest, bytes.clone()).await?;
+    state
+        .metadata
+        .put_manifest(repo, manifest, tag)
+        .await
+        .map_err(|err| match err {
+            MetadataError::MissingReference(digest) => RegistryError::ManifestBlobUnknown(digest),
+            other => other.into(),
+        })?;
+    drop(held);
+    state.manifest_bytes.insert(digest.clone(), bytes);
+    Ok(())
 }
 
 pub(super) async fn delete(

@@ -30,9 +30,15 @@ use crate::content::ContentStore;
 use crate::error::{RegistryError, Result, StorageFailure};
 use crate::metadata::MetadataStore;
 use crate::metrics::Metrics;
+use crate::proxy::Proxy;
 use crate::pulls::PullNotes;
 use crate::server::FileSender;
 use route::Route;
+
+pub(crate) use manifests::store as store_manifest;
+pub(crate) use uploads::{
+    commit as commit_upload, discard_session as discard_upload, new_session as start_upload,
+};
 
 /// Everything a handler can reach. Handlers talk to the two stores, never to paths or SQL.
 pub struct AppState {
@@ -50,6 +56,8 @@ pub struct AppState {
     /// Manifest bytes by digest. Content-addressed bytes never change, so entries never go stale;
     /// whether a repository may see a digest is still asked of the metadata store every time.
     manifest_bytes: quick_cache::sync::Cache<Digest, Bytes, ByteWeighter>,
+    /// The upstreams mirrored under proxied prefixes (none by default).
+    pub proxy: Arc<Proxy>,
 }
 
 #[derive(Clone)]
@@ -83,7 +91,14 @@ impl AppState {
             pulls: Arc::new(PullNotes::new(false)),
             instance: uuid::Uuid::new_v4().to_string(),
             manifest_bytes,
+            proxy: Arc::default(),
         }
+    }
+
+    /// Mirrors the upstreams of `proxy` under their prefixes.
+    pub fn with_proxy(mut self, proxy: Proxy) -> Self {
+        self.proxy = Arc::new(proxy);
+        self
     }
 
     /// Notes manifest pulls for retention (off by default); whoever turns it on writes them with
@@ -245,6 +260,15 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
     };
     let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
     let head = method == Method::HEAD;
+    if let Some(repo) = route.repository()
+        && !matches!(method, Method::GET | Method::HEAD)
+        && state.proxy.is_proxied(repo)
+    {
+        let mut response = RegistryError::ProxiedReadOnly(repo.to_string()).into_response();
+        response.extensions_mut().insert(RouteLabel(label));
+        return response;
+    }
+    let shared = &state;
     let state = &*state;
     let allow = route.allowed_methods();
     let result = match (route, method) {
@@ -265,7 +289,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
             let file_sender = (parts.version < Version::HTTP_2)
                 .then(|| parts.extensions.get::<FileSender>())
                 .flatten();
-            blobs::get(state, &repo, &digest, &headers, head, file_sender).await
+            blobs::get(shared, &repo, &digest, &headers, head, file_sender).await
         }
         (Route::Blob(repo, digest), Method::DELETE) => blobs::delete(state, &repo, &digest).await,
         (Route::UploadStart(repo), Method::POST) => {

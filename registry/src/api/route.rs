@@ -29,6 +29,19 @@ impl Route {
         }
     }
 
+    /// The repository the route is about, if it is about one.
+    pub(crate) fn repository(&self) -> Option<&RepoName> {
+        match self {
+            Route::Catalog => None,
+            Route::Manifest(repo, _)
+            | Route::Blob(repo, _)
+            | Route::UploadStart(repo)
+            | Route::Upload(repo, _)
+            | Route::Tags(repo)
+            | Route::Referrers(repo, _) => Some(repo),
+        }
+    }
+
     /// The methods the route answers, for the `Allow` header of a 405.
     pub(crate) fn allowed_methods(&self) -> &'static str {
         match self {

@@ -135,7 +135,10 @@ async fn owned_upload(
     }
 }
 
-async fn new_session(state: &AppState, repo: &RepoName) -> Result<UploadId, RegistryError> {
+pub(crate) async fn new_session(
+    state: &AppState,
+    repo: &RepoName,
+) -> Result<UploadId, RegistryError> {
     let id = UploadId::new();
     state.metadata.create_upload(repo, id).await?;
     if let Err(err) = state.content.create_upload(id).await {
@@ -154,7 +157,7 @@ async fn end_session(state: &AppState, id: UploadId) -> Result<(), RegistryError
 }
 
 /// Ends upload session `id` and discards its data.
-async fn discard_session(state: &AppState, id: UploadId) -> Result<(), RegistryError> {
+pub(crate) async fn discard_session(state: &AppState, id: UploadId) -> Result<(), RegistryError> {
     match state.content.delete_upload(id).await {
         Ok(()) | Err(ContentError::UploadUnknown) => {}
         Err(err) => return Err(err.into()),
@@ -165,7 +168,7 @@ async fn discard_session(state: &AppState, id: UploadId) -> Result<(), RegistryE
 /// Commits upload `id` as `digest` and gives `repo` the blob. A digest mismatch ends the session
 /// too, since the data is discarded and the client must start over; so does a quota refusal,
 /// since no retry can succeed until the scope has room again.
-async fn commit(
+pub(crate) async fn commit(
     state: &AppState,
     repo: &RepoName,
     id: UploadId,

@@ -29,6 +29,7 @@ pub(crate) fn manifest(body: &[u8], blobs: Vec<Digest>) -> NewManifest {
         annotations: None,
         blobs,
         manifests: vec![],
+        upstream_sizes: None,
     }
 }
 
@@ -66,6 +67,7 @@ pub(crate) async fn run_all(store: &dyn MetadataStore) {
     a_candidate_referenced_since_it_was_read_is_not_queued(store).await;
     a_collected_digest_can_be_pushed_again(store).await;
     deleted_manifests_free_their_bytes_and_references(store).await;
+    upstream_manifests_link_their_blobs_and_free_them_when_deleted(store).await;
     untagged_manifests_are_found_per_prefix(store).await;
     usage_counts_each_digest_once_per_scope(store).await;
     retention::run_all(store).await;
@@ -288,6 +290,69 @@ async fn deleted_manifests_free_their_bytes_and_references(store: &dyn MetadataS
         .await
         .unwrap();
     assert!(!queued(store).await.contains(&digest));
+}
+
+/// A pull-through cache records a manifest before any of its blobs' bytes are here: its blobs are
+/// linked with the descriptors' sizes, its children may come later, and once unreferenced the
+/// blobs are collected like pushed ones.
+async fn upstream_manifests_link_their_blobs_and_free_them_when_deleted(store: &dyn MetadataStore) {
+    let (cache, other) = (repo("gc-hub/library/alpine"), repo("gc-hub-other/app"));
+    let (layer, config) = (
+        Digest::sha256_of(b"upstream layer"),
+        Digest::sha256_of(b"upstream config"),
+    );
+    let mut image = manifest(b"upstream image", vec![config.clone(), layer.clone()]);
+    image.upstream_sizes = Some(vec![11, 4096]);
+    store
+        .put_manifest(&cache, &image, Some(&tag("3.20")))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.repository_blob(&cache, &config).await.unwrap(),
+        Some(11)
+    );
+    assert_eq!(
+        store.repository_blob(&cache, &layer).await.unwrap(),
+        Some(4096)
+    );
+    assert_eq!(store.repository_blob(&other, &layer).await.unwrap(), None);
+    let mut index = manifest(b"upstream index", vec![]);
+    index.media_type = berth_oci::media_type::OCI_INDEX.into();
+    index.manifests = vec![Digest::sha256_of(b"upstream child not fetched yet")];
+    index.upstream_sizes = Some(vec![]);
+    store
+        .put_manifest(&cache, &index, Some(&tag("multi")))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .manifest(&cache, &Reference::Tag(tag("multi")))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // A push into another repository still needs the blobs there.
+    assert!(matches!(
+        store
+            .put_manifest(
+                &other,
+                &manifest(b"upstream image", vec![layer.clone()]),
+                None
+            )
+            .await,
+        Err(MetadataError::MissingReference(_))
+    ));
+    let found = store.unreferenced(after_now(), None, 10_000).await.unwrap();
+    assert!(!found.iter().any(|g| g.digest == layer), "{found:?}");
+    assert!(store.delete_manifest(&cache, &image.digest).await.unwrap());
+    let found = store.unreferenced(after_now(), None, 10_000).await.unwrap();
+    assert!(
+        found.contains(&Garbage {
+            digest: layer,
+            size: 4096
+        }) && found.iter().any(|g| g.digest == config),
+        "{found:?}"
+    );
 }
 
 async fn untagged_manifests_are_found_per_prefix(store: &dyn MetadataStore) {

@@ -88,6 +88,13 @@ pub struct NewManifest {
     pub annotations: Option<String>,
     pub blobs: Vec<Digest>,
     pub manifests: Vec<Digest>,
+    /// Set for a manifest a pull-through cache fetched from its upstream: the sizes of `blobs`,
+    /// in order. Blobs the repository does not hold are then linked with these sizes before
+    /// their bytes are here (they are fetched when first pulled), and child manifests need not
+    /// be recorded yet (they are fetched when asked for by digest). A blob so linked is
+    /// collected like any other once unreferenced; with no bytes stored there is nothing to
+    /// delete but its row.
+    pub upstream_sizes: Option<Vec<u64>>,
 }
 
 /// What serving a manifest needs to know before reading its bytes.
@@ -205,7 +212,8 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetadataError>;
 
     /// Records `manifest` in `repo` and points `tag` at it, after checking that `repo` holds every
-    /// blob and child manifest it references ([`MetadataError::MissingReference`] otherwise).
+    /// blob and child manifest it references ([`MetadataError::MissingReference`] otherwise), or,
+    /// for a manifest from an upstream ([`NewManifest::upstream_sizes`]), linking its blobs.
     async fn put_manifest(
         &self,
         repo: &RepoName,

@@ -425,8 +425,17 @@ impl MetadataStore for SqlMetadataStore {
                 checked => checked?,
             }
             let repo_id = ensure_repository(&mut tx, repo.as_str()).await?;
-            if let Some(missing) = first_missing(&mut tx, Some(repo_id), manifest).await? {
-                return Err(MetadataError::MissingReference(missing));
+            match &manifest.upstream_sizes {
+                None => {
+                    if let Some(missing) = first_missing(&mut tx, Some(repo_id), manifest).await? {
+                        return Err(MetadataError::MissingReference(missing));
+                    }
+                }
+                Some(sizes) => {
+                    for (blob, size) in manifest.blobs.iter().zip(sizes) {
+                        insert_blob_link(&mut tx, repo.as_str(), &blob.to_string(), *size).await?;
+                    }
+                }
             }
             collect::reclaim(&mut tx, digest).await?;
             let insert = tx.dialect.insert_new(

@@ -417,8 +417,17 @@ impl MetadataStore for SqliteMetadataStore {
                 checked => checked?,
             }
             let repo_id = ensure_repository(&tx, &repo)?;
-            if let Some(missing) = first_missing(&tx, Some(repo_id), &manifest)? {
-                return Err(MetadataError::MissingReference(missing));
+            match &manifest.upstream_sizes {
+                None => {
+                    if let Some(missing) = first_missing(&tx, Some(repo_id), &manifest)? {
+                        return Err(MetadataError::MissingReference(missing));
+                    }
+                }
+                Some(sizes) => {
+                    for (blob, size) in manifest.blobs.iter().zip(sizes) {
+                        insert_blob_link(&tx, &repo, &blob.to_string(), *size)?;
+                    }
+                }
             }
             collect::reclaim(&tx, &digest)?;
             let recorded = tx.execute(

@@ -1,0 +1,325 @@
+//! The upstream side of the pull-through cache tests: CNCF distribution playing Docker Hub, and a
+//! counting proxy in front of it that can answer 429 like Docker Hub, corrupt blobs, or stop.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::Response;
+use futures_util::StreamExt;
+use tempfile::TempDir;
+
+use crate::common::*;
+
+/// Debian's `docker-registry` (CNCF distribution 2.8), with htpasswd Basic authentication when
+/// given a login. Dropping it stops it.
+pub(crate) struct Distribution {
+    dir: TempDir,
+    addr: SocketAddr,
+    login: Option<(String, String)>,
+    child: Option<Child>,
+}
+
+impl Distribution {
+    pub(crate) fn start(login: Option<(&str, &str)>) -> Distribution {
+        let binary = require_tool("docker-registry");
+        let dir = tempfile::Builder::new()
+            .prefix("berth-upstream-")
+            .tempdir()
+            .expect("a temporary directory");
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let auth = match login {
+            Some((user, password)) => {
+                let htpasswd = dir.path().join("htpasswd");
+                fs::write(&htpasswd, htpasswd_line(user, password, 4) + "\n")
+                    .expect("write htpasswd");
+                format!(
+                    "auth:\n  htpasswd:\n    realm: upstream\n    path: {}\n",
+                    htpasswd.display()
+                )
+            }
+            None => String::new(),
+        };
+        let config = dir.path().join("config.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
+                 delete:\n    enabled: true\nhttp:\n  addr: {addr}\n  secret: berth-e2e\n{auth}",
+                dir.path().join("data").display()
+            ),
+        )
+        .expect("write the distribution config");
+        let child = spawn_logged(
+            Command::new(&binary).arg("serve").arg(&config),
+            &dir.path().join("log"),
+        );
+        let distribution = Distribution {
+            dir,
+            addr,
+            login: login.map(|(u, p)| (u.into(), p.into())),
+            child: Some(child),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !blocking_get(addr, "/v2/", Duration::from_secs(1))
+            .is_ok_and(|r| r.status == 200 || r.status == 401)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "docker-registry did not start\n{}",
+                tail_file(&distribution.dir.path().join("log"), 40)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        distribution
+    }
+
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Pushes `image` as `repo_tag` with skopeo, as its publisher would.
+    pub(crate) fn push(&self, repo_tag: &str, image: &Image) {
+        self.push_tree(repo_tag, &image.manifest, &image.blobs());
+    }
+
+    /// Pushes `top` (an image manifest or an index) and every blob below it as `repo_tag`.
+    pub(crate) fn push_tree(&self, repo_tag: &str, top: &Blob, blobs: &[&Blob]) {
+        self.push_converted(repo_tag, top, blobs, &[]);
+    }
+
+    /// Like [`Distribution::push_tree`], with more `skopeo copy` options (`--format v2s2`).
+    pub(crate) fn push_converted(
+        &self,
+        repo_tag: &str,
+        top: &Blob,
+        blobs: &[&Blob],
+        options: &[&str],
+    ) {
+        let layout = self.dir.path().join("push");
+        let _ = fs::remove_dir_all(&layout);
+        write_oci_layout(&layout, "v1", top, blobs);
+        let mut copy = skopeo();
+        copy.args(["copy", "--all", "--dest-tls-verify=false"])
+            .args(options);
+        if let Some((user, password)) = &self.login {
+            copy.arg("--dest-creds").arg(format!("{user}:{password}"));
+        }
+        run(copy
+            .arg(oci_ref(&layout, "v1"))
+            .arg(format!("docker://{}/{repo_tag}", self.addr)));
+    }
+}
+
+impl Drop for Distribution {
+    fn drop(&mut self) {
+        print_log_on_panic("docker-registry", &self.dir.path().join("log"));
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child, Duration::from_secs(5));
+        }
+    }
+}
+
+/// What the counting proxy does besides relaying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Relay,
+    /// Docker Hub with the pull limit spent: 429 with its `ratelimit-*` and `retry-after`.
+    RateLimited,
+    /// Manifest and blob bodies arrive with their first byte flipped, their length kept.
+    Corrupt,
+}
+
+struct Shared {
+    upstream: SocketAddr,
+    client: reqwest::Client,
+    mode: Mutex<Mode>,
+    log: Mutex<Vec<(String, String)>>,
+    /// Manifest GETs left, as Docker Hub counts pulls, reported in `ratelimit-remaining`.
+    remaining: AtomicU64,
+}
+
+/// PULL_LIMIT pulls per window, as the counting proxy reports them.
+pub(crate) const PULL_LIMIT: u64 = 100;
+
+/// A relaying HTTP proxy in front of the upstream that logs every request's method and path and
+/// reports Docker Hub's `ratelimit-*` headers on manifest GETs. Dropping it stops it.
+pub(crate) struct CountingProxy {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CountingProxy {
+    pub(crate) fn start(upstream: SocketAddr) -> CountingProxy {
+        let shared = Arc::new(Shared {
+            upstream,
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("an HTTP client"),
+            mode: Mutex::new(Mode::Relay),
+            log: Mutex::default(),
+            remaining: AtomicU64::new(PULL_LIMIT),
+        });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let addr = listener.local_addr().expect("a local address");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let state = shared.clone();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a proxy runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("a listener");
+                let router = axum::Router::new().fallback(relay).with_state(state);
+                tokio::spawn(async move { axum::serve(listener, router).await });
+                let _ = stopped.await;
+            });
+            // Dropping the runtime closes the listener and every connection at once: the
+            // upstream is gone as if its host went down.
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        });
+        CountingProxy {
+            addr,
+            shared,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    pub(crate) fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub(crate) fn set_mode(&self, mode: Mode) {
+        *self.shared.mode.lock().unwrap() = mode;
+    }
+
+    /// Requests whose method is `method` and whose path contains `needle`.
+    pub(crate) fn count(&self, method: &str, needle: &str) -> usize {
+        let log = self.shared.log.lock().unwrap();
+        log.iter()
+            .filter(|(m, path)| m == method && path.contains(needle))
+            .count()
+    }
+
+    pub(crate) fn requests(&self) -> Vec<(String, String)> {
+        self.shared.log.lock().unwrap().clone()
+    }
+
+    pub(crate) fn clear(&self) {
+        self.shared.log.lock().unwrap().clear();
+    }
+
+    /// Stops answering: connections are refused from now on.
+    pub(crate) fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn relay(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let method = request.method().clone();
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/".to_owned(), ToString::to_string);
+    shared
+        .log
+        .lock()
+        .unwrap()
+        .push((method.to_string(), path.clone()));
+    let mode = *shared.mode.lock().unwrap();
+    if mode == Mode::RateLimited && path != "/v2/" {
+        let mut response = Response::new(Body::from(
+            r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"You have reached your pull rate limit."}]}"#,
+        ));
+        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        let headers = response.headers_mut();
+        headers.insert("ratelimit-limit", rate_limit(PULL_LIMIT));
+        headers.insert("ratelimit-remaining", rate_limit(0));
+        headers.insert("retry-after", HeaderValue::from_static("60"));
+        return response;
+    }
+    let mut upstream = shared
+        .client
+        .request(method.clone(), format!("http://{}{path}", shared.upstream));
+    for (name, value) in request.headers() {
+        if name != "host" {
+            upstream = upstream.header(name, value);
+        }
+    }
+    let answer = match upstream.send().await {
+        Ok(answer) => answer,
+        Err(err) => {
+            let mut response = Response::new(Body::from(err.to_string()));
+            *response.status_mut() = StatusCode::BAD_GATEWAY;
+            return response;
+        }
+    };
+    let status = answer.status();
+    let mut response = Response::builder().status(status.as_u16());
+    for (name, value) in answer.headers() {
+        response = response.header(name, value);
+    }
+    if method == "GET" && path.contains("/manifests/") && status.is_success() {
+        let left = shared.remaining.fetch_sub(1, Ordering::SeqCst) - 1;
+        response = response
+            .header("ratelimit-limit", rate_limit(PULL_LIMIT))
+            .header("ratelimit-remaining", rate_limit(left));
+    }
+    let corrupt = mode == Mode::Corrupt
+        && (path.contains("/blobs/") || path.contains("/manifests/"))
+        && method == "GET";
+    let mut first = true;
+    let body = answer.bytes_stream().map(move |chunk| {
+        chunk.map(|chunk| {
+            if corrupt && first && !chunk.is_empty() {
+                first = false;
+                let mut flipped = chunk.to_vec();
+                flipped[0] ^= 0xff;
+                return flipped.into();
+            }
+            chunk
+        })
+    });
+    response
+        .body(Body::from_stream(body))
+        .expect("a relayed response")
+}
+
+fn rate_limit(count: u64) -> HeaderValue {
+    HeaderValue::try_from(format!("{count};w=21600")).expect("a header value")
+}
+
+/// A password file for the registry's upstream login.
+pub(crate) fn password_file(dir: &Path, password: &str) -> std::path::PathBuf {
+    let file = dir.join("upstream-password");
+    fs::write(&file, format!("{password}\n")).expect("write the password file");
+    file
+}
