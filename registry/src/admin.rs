@@ -120,13 +120,21 @@ mod tests {
         ));
         let collector = Collector::new(state, Default::default());
         let ttl = std::time::Duration::from_secs(60);
-        assert!(metadata.acquire_lease("collection", "another instance", ttl).await.unwrap());
+        assert!(
+            metadata
+                .acquire_lease("collection", "another instance", ttl)
+                .await
+                .unwrap()
+        );
         let busy = answer(&collector, Request::Gc { dry_run: false }).await;
         assert!(matches!(busy, Answer::Busy(_)), "{busy:?}");
         // A dry run changes nothing and needs no lease.
         let dry = answer(&collector, Request::Gc { dry_run: true }).await;
         assert!(matches!(dry, Answer::Gc(_)), "{dry:?}");
-        metadata.release_lease("collection", "another instance").await.unwrap();
+        metadata
+            .release_lease("collection", "another instance")
+            .await
+            .unwrap();
         let done = answer(&collector, Request::Gc { dry_run: false }).await;
         assert!(matches!(done, Answer::Gc(_)), "{done:?}");
     }

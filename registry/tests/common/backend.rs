@@ -111,7 +111,10 @@ impl Content {
             Content::S3 { bucket, .. } => {
                 let (status, listing) = bucket.request("GET", None, b"");
                 assert_eq!(status, 200, "listing the test folder: {listing}");
-                (elements(&listing, "Key"), format!("{}/{dir}/", bucket.prefix))
+                (
+                    elements(&listing, "Key"),
+                    format!("{}/{dir}/", bucket.prefix),
+                )
             }
             Content::Azure { container, .. } => {
                 let (status, listing) = container.request("GET", None, b"");
