@@ -204,9 +204,15 @@ impl IntoResponse for RegistryError {
             "the registry's storage is full".to_owned()
         } else if let RegistryError::Metadata(MetadataError::BeingCollected(_)) = &self {
             "the content was being garbage-collected as it was pushed; retry".to_owned()
+        } else if let RegistryError::Unhealthy(_) | RegistryError::Busy(_) = &self {
+            self.to_string()
         } else if status == StatusCode::SERVICE_UNAVAILABLE {
             tracing::error!(error = %self, "request failed");
-            "the registry's database is unreachable; retry".to_owned()
+            match &self {
+                RegistryError::Content(_) => "the registry's object storage is unavailable; retry",
+                _ => "the registry's database is unreachable; retry",
+            }
+            .to_owned()
         } else if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
             "internal storage error".to_owned()

@@ -24,6 +24,7 @@ pub(crate) async fn run_all(store: &dyn ContentStore) {
     out_of_order_append_is_refused(store).await;
     interrupted_body_keeps_what_arrived(store).await;
     put_verifies_and_is_idempotent(store).await;
+    the_empty_blob_is_a_blob(store).await;
     ranges_are_served_exactly(store).await;
     deleted_upload_is_unknown(store).await;
     only_idle_uploads_are_purged(store).await;
@@ -228,4 +229,16 @@ async fn deleted_upload_is_unknown(store: &dyn ContentStore) {
         .await
         .unwrap_err();
     assert!(matches!(err, ContentError::UploadUnknown), "{err:?}");
+}
+
+async fn the_empty_blob_is_a_blob(store: &dyn ContentStore) {
+    let empty = Digest::sha256_of(b"");
+    let id = UploadId::new();
+    store.create_upload(id).await.unwrap();
+    assert_eq!(store.commit_upload(id, &empty).await.unwrap(), 0);
+    assert_eq!(store.stat(&empty).await.unwrap(), Some(0));
+    assert!(store.read_all(&empty).await.unwrap().is_empty());
+    store.delete(std::slice::from_ref(&empty)).await.unwrap();
+    store.put(&empty, Bytes::new()).await.unwrap();
+    assert_eq!(store.stat(&empty).await.unwrap(), Some(0));
 }

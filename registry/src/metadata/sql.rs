@@ -162,6 +162,10 @@ impl SqlMetadataStore {
             .max_connections(config.database().pool_size)
             .min_connections(0)
             .acquire_timeout(config.connect_timeout())
+            // No round trip to check a pooled connection before each use (it would double the
+            // cost of a manifest lookup): one the database dropped fails its statement as
+            // unavailable, and `retried` runs the operation again on a fresh connection.
+            .test_before_acquire(false)
             .after_connect(move |conn, _| {
                 Box::pin(async move { configure_session(conn, dialect, timeout).await })
             })

@@ -187,8 +187,15 @@ impl Objects for WebDav {
     }
 
     async fn put(&self, key: &str, bytes: Bytes) -> Result<(), ContentError> {
+        // Said even when 0: without the header an empty body is no body to nginx, which then
+        // refuses the PUT ("request body must be in a file").
+        let length = bytes.len();
         let response = self
-            .send_small(self.request(Method::PUT, key).body(bytes))
+            .send_small(
+                self.request(Method::PUT, key)
+                    .header(header::CONTENT_LENGTH, length)
+                    .body(bytes),
+            )
             .await?;
         match response.status() {
             status if status.is_success() => Ok(()),
