@@ -145,16 +145,18 @@ def process_tree(pid):
 
 
 def cmd_cpu(args):
-    """CPU seconds the process tree has run, from the scheduler's nanosecond count (the
-    utime/stime of /proc/PID/stat come in 10 ms ticks, too coarse for one pull)."""
+    tick = os.sysconf("SC_CLK_TCK")
     total = 0
     for p in process_tree(args.pid):
         try:
-            with open(f"/proc/{p}/schedstat") as f:
-                total += int(f.read().split()[0])
+            with open(f"/proc/{p}/stat") as f:
+                stat = f.read()
         except OSError:
             continue
-    print(f"{total / 1e9:.4f}")
+        fields = stat[stat.rindex(")") + 2 :].split()
+        # fields[0] is field 3 (state); utime/stime are fields 14/15.
+        total += int(fields[11]) + int(fields[12])
+    print(f"{total / tick:.2f}")
 
 
 def cmd_mem(args):
