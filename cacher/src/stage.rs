@@ -103,6 +103,12 @@ pub async fn run(
     let source_repository = caching
         .filter(|config| config.repository_key.is_none())
         .and_then(|config| source_id(config, env, &reference, request.credentials.as_ref()));
+    // Public images of a registry the internal registry mirrors are read through its cache, so
+    // the foundation pulls each from the Internet once. Private ones never enter that shared
+    // cache: whoever could pull from it would see them.
+    let proxied = config
+        .filter(|_| request.credentials.is_none())
+        .and_then(|config| config.proxy_repository(&reference));
     let source_options = ClientOptions {
         credentials: request.credentials,
         insecure: request.insecure_registries.contains(&reference.registry),
@@ -110,20 +116,19 @@ pub async fn run(
         identity: None,
         retry,
     };
-    // The destination's client is built on another thread while the source is contacted: loading
-    // the system roots takes milliseconds a re-cache would otherwise wait for.
-    let building = caching.map(|config| {
-        let (config, env) = (config.clone(), env.clone());
-        let source_repository = source_repository.clone();
-        tokio::task::spawn_blocking(move || {
-            destination(&config, &env, source_repository.as_deref(), roots, retry)
-        })
-    });
+    // The internal registry's client is built on another thread while the source is contacted:
+    // loading the system roots takes milliseconds a re-cache would otherwise wait for.
+    let building = config
+        .filter(|_| caching.is_some() || proxied.is_some())
+        .map(|config| {
+            let (config, env) = (config.clone(), env.clone());
+            tokio::task::spawn_blocking(move || internal_client(&config, &env, roots, retry))
+        });
     let platform = match config {
         Some(config) => Platform::parse(&config.platform).expect("validated with the config"),
         None => Platform::parse("linux/amd64").expect("valid platform"),
     };
-    let resolved = async {
+    let direct = async {
         let client = RegistryClient::connect(reference.api_host(), source_options).await?;
         let source = Source {
             client: Arc::new(client),
@@ -133,16 +138,112 @@ pub async fn run(
         let image = copy::resolve(&source, &platform).await?;
         Ok::<_, CopyError>((source, image))
     };
-    let resolved = resolved.await;
-    let dest = match building {
-        Some(building) => Some(building.await.expect("building a client does not panic")),
-        None => None,
+    let to_dest = |config: &CacherConfig, internal: Result<Internal, StageError>| {
+        internal.map(|(client, app_id)| Destination {
+            client,
+            repo: cache_repository(
+                &config.namespace,
+                app_id.as_deref(),
+                config.repository_key.as_ref(),
+                source_repository.as_deref(),
+            ),
+        })
+    };
+    let mut looked_in_cache = false;
+    let (resolved, dest) = match (&proxied, building) {
+        (Some(repo), Some(building)) => {
+            let internal = building.await.expect("building a client does not panic");
+            let through_proxy = match &internal {
+                Ok((client, _)) => Some(resolve_proxied(client, repo, &reference, &platform).await),
+                Err(err) => {
+                    println!(
+                        "Warning: the internal registry's cache of {} cannot be used ({err}): \
+                         reading {reference} from its own registry",
+                        reference.registry
+                    );
+                    None
+                }
+            };
+            let dest = caching.map(|config| to_dest(config, internal));
+            match through_proxy {
+                Some(Ok(found)) => {
+                    println!(
+                        "Reading {reference} through the internal registry's cache of {} ({repo})",
+                        reference.registry
+                    );
+                    (Ok(found), dest)
+                }
+                Some(Err(err)) => {
+                    if let CopyError::Client(ClientError::Status {
+                        rate_limit: Some(limit),
+                        ..
+                    }) = &err
+                    {
+                        println!(
+                            "Warning: {} refused the internal registry's pull of {reference}: \
+                             its pull rate limit is reached ({limit})",
+                            reference.registry
+                        );
+                        if let Some((config, Ok(dest))) = caching.zip(dest.as_ref()) {
+                            looked_in_cache = true;
+                            let why =
+                                format!("{}'s pull rate limit is reached", reference.registry);
+                            let restaged = from_cache(
+                                &reference,
+                                record.as_ref(),
+                                config,
+                                dest,
+                                &platform,
+                                (&why, limit),
+                            )
+                            .await;
+                            if let Some((docker_image, metadata)) = restaged {
+                                return finish(&request.output, &docker_image, &metadata);
+                            }
+                        }
+                        println!(
+                            "Warning: reading {reference} from {} directly",
+                            reference.registry
+                        );
+                    } else {
+                        println!(
+                            "Warning: the internal registry's cache of {} failed ({err}): \
+                             reading {reference} from its own registry",
+                            reference.registry
+                        );
+                    }
+                    (direct.await, dest)
+                }
+                None => (direct.await, dest),
+            }
+        }
+        (_, building) => {
+            let resolved = direct.await;
+            let dest = match caching.zip(building) {
+                Some((config, building)) => Some(to_dest(
+                    config,
+                    building.await.expect("building a client does not panic"),
+                )),
+                None => None,
+            };
+            (resolved, dest)
+        }
     };
     let (source, image) = match (resolved, caching.zip(dest.as_ref())) {
         (Ok(resolved), _) => resolved,
-        (Err(CopyError::Client(err)), Some((config, Ok(dest)))) if err.is_unavailable() => {
-            let restaged =
-                from_cache(&reference, record.as_ref(), config, dest, &platform, &err).await;
+        (Err(CopyError::Client(err)), Some((config, Ok(dest))))
+            if err.is_unavailable() && !looked_in_cache =>
+        {
+            let why = format!("{} cannot be reached", reference.registry);
+            let restaged = from_cache(
+                &reference,
+                record.as_ref(),
+                config,
+                dest,
+                &platform,
+                (&why, &err),
+            )
+            .await;
             let (docker_image, metadata) = restaged.ok_or(CopyError::Client(err))?;
             return finish(&request.output, &docker_image, &metadata);
         }
@@ -271,21 +372,21 @@ fn warn_uncached(reference: &ImageReference, err: &StageError) {
 }
 
 /// The newest staging of `reference` this app cached, as the docker image a result names and
-/// its metadata, when its source `unavailable` cannot be reached. `None` when there is none, or
-/// it cannot be read; the staging then fails for the source's reason.
+/// its metadata, when its source cannot serve it: `why` says so in the staging log, with
+/// `detail`. `None` when there is none, or it cannot be read; the staging then goes on without
+/// it.
 async fn from_cache(
     reference: &ImageReference,
     record: Option<&Tag>,
     config: &CacherConfig,
     dest: &Destination,
     platform: &Platform,
-    unavailable: &ClientError,
+    (why, detail): (&str, &dyn std::fmt::Display),
 ) -> Option<(String, ExecutionMetadata)> {
     let Some(tag) = record else {
         println!(
-            "{} cannot be reached, and without a repository_key and the app's GUID no cached \
-             staging of it can be found",
-            reference.registry
+            "{why}, and without a repository_key and the app's GUID no cached staging of it \
+             can be found"
         );
         return None;
     };
@@ -304,9 +405,8 @@ async fn from_cache(
         Ok(found) => found,
         Err(err) => {
             println!(
-                "{} cannot be reached, and no cached staging of {reference} for this app could \
-                 be read from the internal registry ({})",
-                reference.registry,
+                "{why}, and no cached staging of {reference} for this app could be read from \
+                 the internal registry ({})",
                 lookup_failure(&err)
             );
             return None;
@@ -318,10 +418,7 @@ async fn from_cache(
         dest.repo,
         image.digest()
     );
-    println!(
-        "Warning: {} cannot be reached: {unavailable}",
-        reference.registry
-    );
+    println!("Warning: {why}: {detail}");
     println!(
         "Warning: staging from this app's newest cached staging of {reference}: {docker_image}"
     );
@@ -354,14 +451,17 @@ fn lookup_failure(err: &StageError) -> String {
     }
 }
 
-/// The app's repository in the internal registry.
-fn destination(
+/// A client of the internal registry, and the app GUID it may push under.
+type Internal = (Arc<RegistryClient>, Option<String>);
+
+/// The internal registry as the cacher reaches it: its own credentials or the app's instance
+/// identity, never the app's credentials for its image.
+fn internal_client(
     config: &CacherConfig,
     env: &StagingEnv,
-    source_repository: Option<&str>,
     mut roots: Vec<reqwest::Certificate>,
     retry: RetryPolicy,
-) -> Result<Destination, StageError> {
+) -> Result<Internal, StageError> {
     if let Some(ca_file) = &config.registry.ca_file {
         roots.extend(read_pem(ca_file)?);
     }
@@ -380,24 +480,46 @@ fn destination(
         }
         None => (None, env.app_id.clone()),
     };
-    Ok(Destination {
-        client: Arc::new(RegistryClient::new(
-            &config.registry.url,
-            ClientOptions {
-                credentials,
-                insecure: false,
-                extra_roots: roots,
-                identity,
-                retry,
-            },
-        )?),
-        repo: cache_repository(
-            &config.namespace,
-            app_id.as_deref(),
-            config.repository_key.as_ref(),
-            source_repository,
-        ),
-    })
+    let client = RegistryClient::new(
+        &config.registry.url,
+        ClientOptions {
+            credentials,
+            insecure: false,
+            extra_roots: roots,
+            identity,
+            retry,
+        },
+    )?;
+    Ok((Arc::new(client), app_id))
+}
+
+/// Reads `reference` from `repo`, the internal registry's mirror of its registry. The manifests
+/// are asked for once: any failure falls back to a cached staging or to the source, which beats
+/// waiting out the `Retry-After` of a rate-limited upstream. The blobs are then read with the
+/// client's own retries.
+async fn resolve_proxied(
+    client: &Arc<RegistryClient>,
+    repo: &RepoName,
+    reference: &ImageReference,
+    platform: &Platform,
+) -> Result<(Source, copy::ResolvedImage), CopyError> {
+    let once = RetryPolicy {
+        attempts: 1,
+        ..client.retry_policy()
+    };
+    let asking = Source {
+        client: Arc::new(client.with_retry(once)),
+        repo: repo.clone(),
+        reference: reference.manifest_reference(),
+    };
+    let image = copy::resolve(&asking, platform).await?;
+    Ok((
+        Source {
+            client: client.clone(),
+            ..asking
+        },
+        image,
+    ))
 }
 
 async fn cache(
