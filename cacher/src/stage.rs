@@ -153,8 +153,8 @@ pub async fn run(
     let (resolved, dest) = match (&proxied, building) {
         (Some(repo), Some(building)) => {
             let internal = building.await.expect("building a client does not panic");
-            let through_proxy = match &internal {
-                Ok((client, _)) => Some(resolve_proxied(client, repo, &reference, &platform).await),
+            let client = match &internal {
+                Ok((client, _)) => Some(client.clone()),
                 Err(err) => {
                     println!(
                         "Warning: the internal registry's cache of {} cannot be used ({err}): \
@@ -165,56 +165,32 @@ pub async fn run(
                 }
             };
             let dest = caching.map(|config| to_dest(config, internal));
-            match through_proxy {
-                Some(Ok(found)) => {
-                    println!(
-                        "Reading {reference} through the internal registry's cache of {} ({repo})",
-                        reference.registry
-                    );
-                    (Ok(found), dest)
+            let cached = caching.zip(dest.as_ref().and_then(|dest| dest.as_ref().ok()));
+            let read = match client {
+                Some(client) => {
+                    let mirror = Mirror {
+                        client,
+                        repo,
+                        reference: &reference,
+                        platform: &platform,
+                    };
+                    mirror.read(cached, record.as_ref()).await
                 }
-                Some(Err(err)) => {
-                    if let CopyError::Client(ClientError::Status {
-                        rate_limit: Some(limit),
-                        ..
-                    }) = &err
-                    {
-                        println!(
-                            "Warning: {} refused the internal registry's pull of {reference}: \
-                             its pull rate limit is reached ({limit})",
-                            reference.registry
-                        );
-                        if let Some((config, Ok(dest))) = caching.zip(dest.as_ref()) {
-                            looked_in_cache = true;
-                            let why =
-                                format!("{}'s pull rate limit is reached", reference.registry);
-                            let restaged = from_cache(
-                                &reference,
-                                record.as_ref(),
-                                config,
-                                dest,
-                                &platform,
-                                (&why, limit),
-                            )
-                            .await;
-                            if let Some((docker_image, metadata)) = restaged {
-                                return finish(&request.output, &docker_image, &metadata);
-                            }
-                        }
-                        println!(
-                            "Warning: reading {reference} from {} directly",
-                            reference.registry
-                        );
-                    } else {
-                        println!(
-                            "Warning: the internal registry's cache of {} failed ({err}): \
-                             reading {reference} from its own registry",
-                            reference.registry
-                        );
-                    }
+                None => ThroughMirror::Direct {
+                    looked_in_cache: false,
+                },
+            };
+            match read {
+                ThroughMirror::Found(source, image) => (Ok((source, image)), dest),
+                ThroughMirror::Restaged(docker_image, metadata) => {
+                    return finish(&request.output, &docker_image, &metadata);
+                }
+                ThroughMirror::Direct {
+                    looked_in_cache: looked,
+                } => {
+                    looked_in_cache = looked;
                     (direct.await, dest)
                 }
-                None => (direct.await, dest),
             }
         }
         (_, building) => {
@@ -313,6 +289,109 @@ pub async fn run(
         ),
     };
     finish(&request.output, &docker_image, &metadata)
+}
+
+/// The internal registry's mirror of an image's registry, and the image there.
+struct Mirror<'a> {
+    client: Arc<RegistryClient>,
+    repo: &'a RepoName,
+    reference: &'a ImageReference,
+    platform: &'a Platform,
+}
+
+/// What reading an image through the mirror came to.
+enum ThroughMirror {
+    Found(Source, copy::ResolvedImage),
+    /// The upstream's pull limit is reached and the app's cached staging stands in: the docker
+    /// image and its metadata.
+    Restaged(String, ExecutionMetadata),
+    /// The image is to be read from its own registry; the app's cached staging was looked for
+    /// already if `looked_in_cache`.
+    Direct {
+        looked_in_cache: bool,
+    },
+}
+
+impl Mirror<'_> {
+    /// Reads the image through the mirror; when the upstream's pull limit is reached, from the
+    /// app's newest cached staging of it in `cached` (the app's repository) instead, if there is
+    /// one. Any failure leaves the source to be read directly, with a warning.
+    async fn read(
+        &self,
+        cached: Option<(&CacherConfig, &Destination)>,
+        record: Option<&Tag>,
+    ) -> ThroughMirror {
+        let reference = self.reference;
+        let registry = &reference.registry;
+        let err = match self.resolve().await {
+            Ok((source, image)) => {
+                println!(
+                    "Reading {reference} through the internal registry's cache of {registry} ({})",
+                    self.repo
+                );
+                return ThroughMirror::Found(source, image);
+            }
+            Err(err) => err,
+        };
+        let CopyError::Client(ClientError::Status {
+            rate_limit: Some(limit),
+            ..
+        }) = &err
+        else {
+            println!(
+                "Warning: the internal registry's cache of {registry} failed ({err}): reading \
+                 {reference} from its own registry"
+            );
+            return ThroughMirror::Direct {
+                looked_in_cache: false,
+            };
+        };
+        println!(
+            "Warning: {registry} refused the internal registry's pull of {reference}: its pull \
+             rate limit is reached ({limit})"
+        );
+        let looked_in_cache = cached.is_some();
+        if let Some((config, dest)) = cached {
+            let why = format!("{registry}'s pull rate limit is reached");
+            let restaged = from_cache(
+                reference,
+                record,
+                config,
+                dest,
+                self.platform,
+                (&why, limit),
+            )
+            .await;
+            if let Some((docker_image, metadata)) = restaged {
+                return ThroughMirror::Restaged(docker_image, metadata);
+            }
+        }
+        println!("Warning: reading {reference} from {registry} directly");
+        ThroughMirror::Direct { looked_in_cache }
+    }
+
+    /// The manifests are asked for once: any failure falls back to a cached staging or to the
+    /// source, which beats waiting out the `Retry-After` of a rate-limited upstream. The blobs
+    /// are then read with the client's own retries.
+    async fn resolve(&self) -> Result<(Source, copy::ResolvedImage), CopyError> {
+        let once = RetryPolicy {
+            attempts: 1,
+            ..self.client.retry_policy()
+        };
+        let asking = Source {
+            client: Arc::new(self.client.with_retry(once)),
+            repo: self.repo.clone(),
+            reference: self.reference.manifest_reference(),
+        };
+        let image = copy::resolve(&asking, self.platform).await?;
+        Ok((
+            Source {
+                client: self.client.clone(),
+                ..asking
+            },
+            image,
+        ))
+    }
 }
 
 /// Writes the staging result and returns the image it names.
@@ -491,35 +570,6 @@ fn internal_client(
         },
     )?;
     Ok((Arc::new(client), app_id))
-}
-
-/// Reads `reference` from `repo`, the internal registry's mirror of its registry. The manifests
-/// are asked for once: any failure falls back to a cached staging or to the source, which beats
-/// waiting out the `Retry-After` of a rate-limited upstream. The blobs are then read with the
-/// client's own retries.
-async fn resolve_proxied(
-    client: &Arc<RegistryClient>,
-    repo: &RepoName,
-    reference: &ImageReference,
-    platform: &Platform,
-) -> Result<(Source, copy::ResolvedImage), CopyError> {
-    let once = RetryPolicy {
-        attempts: 1,
-        ..client.retry_policy()
-    };
-    let asking = Source {
-        client: Arc::new(client.with_retry(once)),
-        repo: repo.clone(),
-        reference: reference.manifest_reference(),
-    };
-    let image = copy::resolve(&asking, platform).await?;
-    Ok((
-        Source {
-            client: client.clone(),
-            ..asking
-        },
-        image,
-    ))
 }
 
 async fn cache(

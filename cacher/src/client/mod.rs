@@ -732,9 +732,11 @@ pub(crate) fn detect_media_type(header: Option<&str>, bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn rate_limits_read_as_docker_hub_reports_them() {
-        let hub = super::RateLimit {
+        let hub = RateLimit {
             limit: Some("100;w=21600".into()),
             remaining: Some("0;w=21600".into()),
             retry_after: Some("60".into()),
@@ -743,18 +745,16 @@ mod tests {
             hub.to_string(),
             "limit 100 per 21600 s, 0 remaining, resets in 60 s"
         );
-        let bare = super::RateLimit {
+        let bare = RateLimit {
             limit: Some("200".into()),
             retry_after: Some("Wed, 21 Oct 2026 07:28:00 GMT".into()),
-            ..super::RateLimit::default()
+            ..RateLimit::default()
         };
         assert_eq!(
             bare.to_string(),
             "limit 200, remaining count not given, resets at Wed, 21 Oct 2026 07:28:00 GMT"
         );
     }
-
-    use super::*;
 
     #[test]
     fn media_type_falls_back_to_the_document() {
