@@ -102,19 +102,22 @@ fn a_public_image_is_pulled_through_the_proxy_once_per_foundation() {
         );
     }
 
-    // Another app staging the same image costs the upstream no pull.
+    // Another app staging the same image costs the upstream no pull, and within the mirror's
+    // revalidation window not even a HEAD.
     let second = new_guid();
     let (cacher, _) = stage_cached(&hub.berth, &hub.proxies(), &reference, &second, &[]);
     let cached = hub
         .berth
         .pinned(&cache_repository(&second), &image.manifest.digest);
     assert_eq!(cacher.result(), web_staging_result(&cached));
-    assert_eq!(
-        hub.manifest_requests("GET", "team/app"),
-        1,
-        "{:?}",
-        hub.counting.requests()
-    );
+    for (method, count) in [("GET", 1), ("HEAD", 0)] {
+        assert_eq!(
+            hub.manifest_requests(method, "team/app"),
+            count,
+            "{method}: {:?}",
+            hub.counting.requests()
+        );
+    }
     for blob in image.blobs() {
         assert_eq!(
             hub.counting.count("GET", &blob.digest),
