@@ -114,12 +114,19 @@ impl Distribution {
     }
 }
 
-impl Drop for Distribution {
-    fn drop(&mut self) {
-        print_log_on_panic("docker-registry", &self.dir.path().join("log"));
+impl Distribution {
+    /// Stops serving, as a registry that went down; the storage stays until the value is dropped.
+    pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             stop_child(&mut child, Duration::from_secs(5));
         }
+    }
+}
+
+impl Drop for Distribution {
+    fn drop(&mut self) {
+        print_log_on_panic("docker-registry", &self.dir.path().join("log"));
+        self.stop();
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use berth_testkit::upstream::{CountingProxy, Distribution, Mode, password_file};
+use berth_testkit::upstream::{CountingProxy, Mode, password_file};
 
 use crate::common::*;
 use crate::support::*;
@@ -11,7 +11,7 @@ use crate::support::*;
 /// The upstream registry, the counting proxy apps and the internal registry reach it through,
 /// and the internal registry mirroring it under `hub/`.
 struct Hub {
-    upstream: Distribution,
+    upstream: Upstream,
     counting: CountingProxy,
     berth: Berth,
 }
@@ -20,7 +20,7 @@ impl Hub {
     /// With `login`, the upstream asks for it, and the internal registry pulls as that user (an
     /// operator's Docker Hub account).
     fn start(login: Option<(&str, &str)>, scratch: &Path) -> Hub {
-        let upstream = Distribution::start(login);
+        let upstream = Upstream::start(login);
         let counting = CountingProxy::start(upstream.addr());
         let login = login.map_or_else(String::new, |(user, password)| {
             format!(
@@ -50,12 +50,8 @@ impl Hub {
     }
 
     fn publish(&self, repo_tag: &str, image: &Image) {
-        let layout = self
-            .upstream
-            .scratch()
-            .join(uuid::Uuid::new_v4().to_string());
-        write_oci_layout(&layout, "v1", &image.manifest, &image.blobs());
-        self.upstream.push_layout(&layout, "v1", repo_tag, &[]);
+        self.upstream
+            .push(repo_tag, &image.manifest, &image.blobs());
     }
 
     fn manifest_requests(&self, method: &str, repo: &str) -> usize {
