@@ -85,6 +85,26 @@ RSpec.describe 'berth-lifecycle job' do
       )
     end
 
+    it 'names the registries berth-registry mirrors, in a configuration the real berth-cacher accepts' do
+      properties = { 'berth' => { 'cacher' => { 'proxies' => { 'docker.io' => 'hub', 'ghcr.io' => 'ghcr' } } } }
+      config = cacher_config(properties)
+      expect(config['proxies']).to eq('docker.io' => 'hub', 'ghcr.io' => 'ghcr')
+      expect(cacher_config).not_to have_key('proxies')
+      file = File.join(tmp, 'berth-cacher.yml')
+      File.write(file, YAML.dump(config))
+      # The configuration is read before the image reference, which is bad on purpose: the run
+      # stops there, having accepted the configuration.
+      _, err, status = Open3.capture3({ 'BERTH_CACHER_CONFIG' => file }, BerthSpec.binary('BERTH_CACHER_BIN'),
+                                      "-outputMetadataJSONFilename=#{tmp}/result.json", '-dockerRef=Bad/Name')
+      expect(status).not_to be_success
+      expect(err).to include('Staging process failed: image reference "Bad/Name"')
+      expect(err).not_to include('cacher configuration')
+      expect { cacher_config('berth' => { 'cacher' => { 'proxies' => { 'registry-1.docker.io' => 'hub' } } }) }
+        .to raise_error(/name Docker Hub docker.io/)
+      expect { cacher_config('berth' => { 'cacher' => { 'proxies' => { 'docker.io' => 'hub/x' } } }) }
+        .to raise_error(/one lowercase repository path component/)
+    end
+
     it 'works without the link from properties alone' do
       config = cacher_config({ 'berth' => { 'cacher' => { 'registry' => { 'url' => 'https://r:1' } } } }, {})
       expect(config['registry']).to eq('url' => 'https://r:1')

@@ -24,6 +24,70 @@ RSpec.describe 'berth-registry job' do
     base.merge(extra) { |_, a, b| a.is_a?(Hash) && b.is_a?(Hash) ? merge(a, b) : b }
   end
 
+  describe 'pull-through cache upstreams' do
+    let(:hub) { { 'prefix' => 'hub', 'url' => 'https://registry-1.docker.io', 'docker_hub' => true } }
+    let(:ghcr) do
+      { 'prefix' => 'ghcr', 'url' => 'https://ghcr.io', 'username' => 'puller', 'password' => 'ghcr token',
+        'ca' => 'GHCR CA PEM', 'revalidate_seconds' => 60 }
+    end
+
+    def with_upstreams(upstreams)
+      merge(secure, 'berth' => { 'registry' => { 'proxy' => { 'upstreams' => upstreams } } })
+    end
+
+    it 'renders each upstream with its password in a file of its own, and lets anyone pull a mirror by name' do
+      properties = with_upstreams([hub, ghcr])
+      rendered = config(properties)
+      expect(rendered['proxy']).to eq(
+        [{ 'prefix' => 'hub', 'url' => 'https://registry-1.docker.io', 'docker_hub' => true },
+         { 'prefix' => 'ghcr', 'url' => 'https://ghcr.io', 'docker_hub' => false, 'username' => 'puller',
+           'password_file' => '/var/vcap/data/berth-registry/proxy/ghcr.password',
+           'ca_file' => '/var/vcap/jobs/berth-registry/config/proxy-ca.pem', 'revalidate_seconds' => 60 }]
+      )
+      expect(rendered['auth']['access']).to include(
+        { 'repositories' => 'hub', 'anonymous' => 'by-name', 'foreign_credentials_as_anonymous' => true },
+        { 'repositories' => 'ghcr', 'anonymous' => 'by-name', 'foreign_credentials_as_anonymous' => true }
+      )
+      expect(YAML.dump(rendered)).not_to include('ghcr token')
+      expect(job.render('config/proxy-passwords', properties: properties)).to eq("ghcr ghcr token\n")
+      expect(job.render('config/proxy-ca.pem', properties: properties)).to eq("GHCR CA PEM\n")
+      expect(config(secure)).not_to have_key('proxy')
+      expect(job.render('config/proxy-passwords', properties: secure)).to eq('')
+    end
+
+    it 'refuses upstreams that would fail later' do
+      {
+        [hub.merge('prefix' => 'Hub')] => /prefix "Hub" must be one lowercase repository path component/,
+        [hub.merge('prefix' => 'cache')] => /prefix cache is the cache namespace/,
+        [hub, hub] => /prefix hub is listed twice/,
+        [hub.merge('url' => 'registry-1.docker.io')] => /must start with https:/,
+        [ghcr.merge('password' => nil)] => /username and password go together/,
+        [hub.merge('token' => 'x')] => /unknown token/,
+        [ghcr.merge('password' => "two\nlines")] => /spans lines/
+      }.each do |upstreams, error|
+        expect do
+          config(with_upstreams(upstreams))
+          job.render('config/proxy-passwords', properties: with_upstreams(upstreams))
+        end.to raise_error(error)
+      end
+      own_rule = merge(with_upstreams([hub]), 'berth' => { 'registry' => { 'auth' => { 'access' => [{ 'repositories' => 'hub' }] } } })
+      expect { config(own_rule) }.to raise_error(/the rule for the mirrored prefix "hub" is generated/)
+    end
+
+    it 'pre-start gives each password a file only the registry reads, which config check accepts' do
+      root = tmp
+      output = registry_pre_start(root, properties: with_upstreams([hub, ghcr.merge('ca' => tls['ca'])]), spec: disk)
+      expect(output).to include('berth-registry.yml: ok')
+      expect(output).not_to include('ghcr token')
+      password = "#{root}/data/berth-registry/proxy/ghcr.password"
+      expect(File.read(password)).to eq("ghcr token\n")
+      expect(File.stat(password).mode & 0o777).to eq(0o600)
+      expect(File.stat(File.dirname(password)).mode & 0o777).to eq(0o700)
+      expect(File.stat("#{root}/jobs/berth-registry/config/proxy-passwords").mode & 0o777).to eq(0o600)
+      expect(Dir.children(File.dirname(password))).to eq(['ghcr.password'])
+    end
+  end
+
   describe 'config/berth-registry.yml' do
     it 'refuses the defaults alone: token auth needs TLS' do
       expect { config({}) }.to raise_error(/auth.mode token sends passwords and tokens/)

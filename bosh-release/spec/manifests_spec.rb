@@ -67,7 +67,10 @@ RSpec.describe 'manifests' do
       expect(config['auth']['mode']).to eq('token')
       expect(config['auth']['access']).to eq([{ 'repositories' => 'cache/{app}', 'anonymous' => 'by-name',
                                                 'foreign_credentials_as_anonymous' => true,
-                                                'grants' => { 'app:{app}' => ['push-by-name'] } }])
+                                                'grants' => { 'app:{app}' => ['push-by-name'] } },
+                                              { 'repositories' => 'hub', 'anonymous' => 'by-name',
+                                                'foreign_credentials_as_anonymous' => true }])
+      expect(config['proxy']).to eq([{ 'prefix' => 'hub', 'url' => 'https://registry-1.docker.io', 'docker_hub' => true }])
       expect(config['auth']['instance_identity']).to eq('ca_file' => '/var/vcap/jobs/berth-registry/config/instance-identity-ca.pem')
       bundle = release_job('berth-registry').render('config/instance-identity-ca.pem', properties: registry_properties)
       expect(bundle).to eq(identity_ca['certificate'] + identity_ca['ca'])
@@ -98,6 +101,8 @@ RSpec.describe 'manifests' do
       expect(config['registry']).to eq('url' => "https://#{name}:#{port}", 'ca_file' => '/tmp/lifecycle/berth-registry-ca.pem',
                                         'identity' => 'instance')
       expect(config).not_to have_key('repository_key')
+      # Public Docker Hub images are read through the registry's hub/ mirror.
+      expect(config['proxies']).to eq('docker.io' => 'hub')
     end
 
     capi_jobs = [%w[api cloud_controller_ng], %w[cc-worker cloud_controller_worker],

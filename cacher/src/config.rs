@@ -1,10 +1,12 @@
 //! The cacher's own configuration (provided by the operator, never by the app): where the internal
 //! registry is, how to reach and authenticate to it, and the caching policy.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::reference::ImageReference;
 use crate::secret::Secret;
 
 /// Environment variable naming the configuration file.
@@ -55,6 +57,11 @@ pub struct CacherConfig {
     /// What a staging does when the internal registry cannot take the copy.
     #[serde(default)]
     pub on_cache_failure: OnCacheFailure,
+    /// Source registries the internal registry mirrors as a pull-through cache, each with the
+    /// prefix it mirrors it under (`docker.io: hub`): public images of these registries are read
+    /// through it, so a foundation pulls each from the Internet once.
+    #[serde(default)]
+    pub proxies: BTreeMap<String, String>,
 }
 
 /// What becomes of a staging whose image cannot be cached: the internal registry is unreachable,
@@ -193,7 +200,38 @@ impl CacherConfig {
         }
         crate::copy::Platform::parse(&self.platform)
             .map_err(|e| ConfigError::Invalid(format!("platform: {e}")))?;
+        for (registry, prefix) in &self.proxies {
+            // Keys are compared with the registry of a parsed reference, so they must be spelt
+            // as parsing spells it: `docker.io`, never `registry-1.docker.io`.
+            let spelt = ImageReference::parse(&format!("{registry}/proxied/name"))
+                .ok()
+                .map(|reference| reference.registry);
+            if spelt.as_deref() != Some(registry.as_str()) || registry.contains('@') {
+                return invalid(format!(
+                    "proxies: {registry:?} is not a registry as image references name it \
+                     (Docker Hub is docker.io; others are host or host:port)"
+                ));
+            }
+            if prefix.parse::<berth_oci::RepoName>().is_err() || prefix.contains('/') {
+                return invalid(format!(
+                    "proxies: the prefix {prefix:?} of {registry} must be one lowercase \
+                     repository path component"
+                ));
+            }
+            if *prefix == self.namespace {
+                return invalid(format!(
+                    "proxies: the prefix {prefix:?} of {registry} is the cache namespace"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The repository of the internal registry that mirrors `reference`'s, if its registry is
+    /// proxied: `hub/library/alpine` for `alpine`.
+    pub fn proxy_repository(&self, reference: &ImageReference) -> Option<berth_oci::RepoName> {
+        let prefix = self.proxies.get(&reference.registry)?;
+        format!("{prefix}/{}", reference.repository).parse().ok()
     }
 
     /// The `host[:port]` used in image references to the internal registry.
@@ -232,6 +270,35 @@ mod tests {
         assert_eq!(config.on_cache_failure, OnCacheFailure::StageUncached);
         let failing = parse("registry: {url: 'http://r'}\non_cache_failure: fail").unwrap();
         assert_eq!(failing.on_cache_failure, OnCacheFailure::Fail);
+        assert!(config.proxies.is_empty());
+    }
+
+    #[test]
+    fn proxied_registries_map_to_repositories_under_their_prefix() {
+        let config = parse(
+            "registry: {url: 'http://r'}\nproxies: {docker.io: hub, ghcr.io: ghcr, \
+             'localhost:5000': local}",
+        )
+        .unwrap();
+        let proxied = |reference: &str| {
+            config
+                .proxy_repository(&ImageReference::parse(reference).unwrap())
+                .map(|repo| repo.to_string())
+        };
+        assert_eq!(
+            proxied("alpine:3.20").as_deref(),
+            Some("hub/library/alpine")
+        );
+        assert_eq!(
+            proxied("registry-1.docker.io/team/app").as_deref(),
+            Some("hub/team/app")
+        );
+        assert_eq!(
+            proxied("ghcr.io/org/tool").as_deref(),
+            Some("ghcr/org/tool")
+        );
+        assert_eq!(proxied("localhost:5000/app").as_deref(), Some("local/app"));
+        assert_eq!(proxied("quay.io/org/tool"), None);
     }
 
     #[test]
@@ -248,6 +315,12 @@ mod tests {
             "registry: {url: 'http://r', identity: instance}",
             "registry: {url: 'https://r', identity: password}",
             "registry: {url: 'http://r'}\non_cache_failure: retry",
+            "registry: {url: 'http://r'}\nproxies: {docker.io: Hub}",
+            "registry: {url: 'http://r'}\nproxies: {docker.io: hub/x}",
+            "registry: {url: 'http://r'}\nproxies: {docker.io: cache}",
+            "registry: {url: 'http://r'}\nproxies: {registry-1.docker.io: hub}",
+            "registry: {url: 'http://r'}\nproxies: {'https://ghcr.io': ghcr}",
+            "registry: {url: 'http://r'}\nproxies: {ghcr: ghcr}",
         ] {
             assert!(parse(bad).is_err(), "{bad} should be rejected");
         }

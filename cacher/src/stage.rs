@@ -103,6 +103,12 @@ pub async fn run(
     let source_repository = caching
         .filter(|config| config.repository_key.is_none())
         .and_then(|config| source_id(config, env, &reference, request.credentials.as_ref()));
+    // Public images of a registry the internal registry mirrors are read through its cache, so
+    // the foundation pulls each from the Internet once. Private ones never enter that shared
+    // cache: whoever could pull from it would see them.
+    let proxied = config
+        .filter(|_| request.credentials.is_none())
+        .and_then(|config| config.proxy_repository(&reference));
     let source_options = ClientOptions {
         credentials: request.credentials,
         insecure: request.insecure_registries.contains(&reference.registry),
@@ -110,20 +116,19 @@ pub async fn run(
         identity: None,
         retry,
     };
-    // The destination's client is built on another thread while the source is contacted: loading
-    // the system roots takes milliseconds a re-cache would otherwise wait for.
-    let building = caching.map(|config| {
-        let (config, env) = (config.clone(), env.clone());
-        let source_repository = source_repository.clone();
-        tokio::task::spawn_blocking(move || {
-            destination(&config, &env, source_repository.as_deref(), roots, retry)
-        })
-    });
+    // The internal registry's client is built on another thread while the source is contacted:
+    // loading the system roots takes milliseconds a re-cache would otherwise wait for.
+    let building = config
+        .filter(|_| caching.is_some() || proxied.is_some())
+        .map(|config| {
+            let (config, env) = (config.clone(), env.clone());
+            tokio::task::spawn_blocking(move || internal_client(&config, &env, roots, retry))
+        });
     let platform = match config {
         Some(config) => Platform::parse(&config.platform).expect("validated with the config"),
         None => Platform::parse("linux/amd64").expect("valid platform"),
     };
-    let resolved = async {
+    let direct = async {
         let client = RegistryClient::connect(reference.api_host(), source_options).await?;
         let source = Source {
             client: Arc::new(client),
@@ -133,16 +138,88 @@ pub async fn run(
         let image = copy::resolve(&source, &platform).await?;
         Ok::<_, CopyError>((source, image))
     };
-    let resolved = resolved.await;
-    let dest = match building {
-        Some(building) => Some(building.await.expect("building a client does not panic")),
-        None => None,
+    let to_dest = |config: &CacherConfig, internal: Result<Internal, StageError>| {
+        internal.map(|(client, app_id)| Destination {
+            client,
+            repo: cache_repository(
+                &config.namespace,
+                app_id.as_deref(),
+                config.repository_key.as_ref(),
+                source_repository.as_deref(),
+            ),
+        })
+    };
+    let mut looked_in_cache = false;
+    let (resolved, dest) = match (&proxied, building) {
+        (Some(repo), Some(building)) => {
+            let internal = building.await.expect("building a client does not panic");
+            let client = match &internal {
+                Ok((client, _)) => Some(client.clone()),
+                Err(err) => {
+                    println!(
+                        "Warning: the internal registry's cache of {} cannot be used ({err}): \
+                         reading {reference} from its own registry",
+                        reference.registry
+                    );
+                    None
+                }
+            };
+            let dest = caching.map(|config| to_dest(config, internal));
+            let cached = caching.zip(dest.as_ref().and_then(|dest| dest.as_ref().ok()));
+            let read = match client {
+                Some(client) => {
+                    let mirror = Mirror {
+                        client,
+                        repo,
+                        reference: &reference,
+                        platform: &platform,
+                    };
+                    mirror.read(cached, record.as_ref()).await
+                }
+                None => ThroughMirror::Direct {
+                    looked_in_cache: false,
+                },
+            };
+            match read {
+                ThroughMirror::Found(source, image) => (Ok((source, image)), dest),
+                ThroughMirror::Restaged(docker_image, metadata) => {
+                    return finish(&request.output, &docker_image, &metadata);
+                }
+                ThroughMirror::Direct {
+                    looked_in_cache: looked,
+                } => {
+                    looked_in_cache = looked;
+                    (direct.await, dest)
+                }
+            }
+        }
+        (_, building) => {
+            let resolved = direct.await;
+            let dest = match caching.zip(building) {
+                Some((config, building)) => Some(to_dest(
+                    config,
+                    building.await.expect("building a client does not panic"),
+                )),
+                None => None,
+            };
+            (resolved, dest)
+        }
     };
     let (source, image) = match (resolved, caching.zip(dest.as_ref())) {
         (Ok(resolved), _) => resolved,
-        (Err(CopyError::Client(err)), Some((config, Ok(dest)))) if err.is_unavailable() => {
-            let restaged =
-                from_cache(&reference, record.as_ref(), config, dest, &platform, &err).await;
+        (Err(CopyError::Client(err)), Some((config, Ok(dest))))
+            if err.is_unavailable() && !looked_in_cache =>
+        {
+            let why = format!("{} cannot be reached", reference.registry);
+            let restaged = from_cache(
+                &reference,
+                record.as_ref(),
+                config,
+                dest,
+                &platform,
+                (&why, &err),
+            )
+            .await;
             let (docker_image, metadata) = restaged.ok_or(CopyError::Client(err))?;
             return finish(&request.output, &docker_image, &metadata);
         }
@@ -214,6 +291,109 @@ pub async fn run(
     finish(&request.output, &docker_image, &metadata)
 }
 
+/// The internal registry's mirror of an image's registry, and the image there.
+struct Mirror<'a> {
+    client: Arc<RegistryClient>,
+    repo: &'a RepoName,
+    reference: &'a ImageReference,
+    platform: &'a Platform,
+}
+
+/// What reading an image through the mirror came to.
+enum ThroughMirror {
+    Found(Source, copy::ResolvedImage),
+    /// The upstream's pull limit is reached and the app's cached staging stands in: the docker
+    /// image and its metadata.
+    Restaged(String, ExecutionMetadata),
+    /// The image is to be read from its own registry; the app's cached staging was looked for
+    /// already if `looked_in_cache`.
+    Direct {
+        looked_in_cache: bool,
+    },
+}
+
+impl Mirror<'_> {
+    /// Reads the image through the mirror; when the upstream's pull limit is reached, from the
+    /// app's newest cached staging of it in `cached` (the app's repository) instead, if there is
+    /// one. Any failure leaves the source to be read directly, with a warning.
+    async fn read(
+        &self,
+        cached: Option<(&CacherConfig, &Destination)>,
+        record: Option<&Tag>,
+    ) -> ThroughMirror {
+        let reference = self.reference;
+        let registry = &reference.registry;
+        let err = match self.resolve().await {
+            Ok((source, image)) => {
+                println!(
+                    "Reading {reference} through the internal registry's cache of {registry} ({})",
+                    self.repo
+                );
+                return ThroughMirror::Found(source, image);
+            }
+            Err(err) => err,
+        };
+        let CopyError::Client(ClientError::Status {
+            rate_limit: Some(limit),
+            ..
+        }) = &err
+        else {
+            println!(
+                "Warning: the internal registry's cache of {registry} failed ({err}): reading \
+                 {reference} from its own registry"
+            );
+            return ThroughMirror::Direct {
+                looked_in_cache: false,
+            };
+        };
+        println!(
+            "Warning: {registry} refused the internal registry's pull of {reference}: its pull \
+             rate limit is reached ({limit})"
+        );
+        let looked_in_cache = cached.is_some();
+        if let Some((config, dest)) = cached {
+            let why = format!("{registry}'s pull rate limit is reached");
+            let restaged = from_cache(
+                reference,
+                record,
+                config,
+                dest,
+                self.platform,
+                (&why, limit),
+            )
+            .await;
+            if let Some((docker_image, metadata)) = restaged {
+                return ThroughMirror::Restaged(docker_image, metadata);
+            }
+        }
+        println!("Warning: reading {reference} from {registry} directly");
+        ThroughMirror::Direct { looked_in_cache }
+    }
+
+    /// The manifests are asked for once: any failure falls back to a cached staging or to the
+    /// source, which beats waiting out the `Retry-After` of a rate-limited upstream. The blobs
+    /// are then read with the client's own retries.
+    async fn resolve(&self) -> Result<(Source, copy::ResolvedImage), CopyError> {
+        let once = RetryPolicy {
+            attempts: 1,
+            ..self.client.retry_policy()
+        };
+        let asking = Source {
+            client: Arc::new(self.client.with_retry(once)),
+            repo: self.repo.clone(),
+            reference: self.reference.manifest_reference(),
+        };
+        let image = copy::resolve(&asking, self.platform).await?;
+        Ok((
+            Source {
+                client: self.client.clone(),
+                ..asking
+            },
+            image,
+        ))
+    }
+}
+
 /// Writes the staging result and returns the image it names.
 fn finish(
     output: &Path,
@@ -271,21 +451,21 @@ fn warn_uncached(reference: &ImageReference, err: &StageError) {
 }
 
 /// The newest staging of `reference` this app cached, as the docker image a result names and
-/// its metadata, when its source `unavailable` cannot be reached. `None` when there is none, or
-/// it cannot be read; the staging then fails for the source's reason.
+/// its metadata, when its source cannot serve it: `why` says so in the staging log, with
+/// `detail`. `None` when there is none, or it cannot be read; the staging then goes on without
+/// it.
 async fn from_cache(
     reference: &ImageReference,
     record: Option<&Tag>,
     config: &CacherConfig,
     dest: &Destination,
     platform: &Platform,
-    unavailable: &ClientError,
+    (why, detail): (&str, &dyn std::fmt::Display),
 ) -> Option<(String, ExecutionMetadata)> {
     let Some(tag) = record else {
         println!(
-            "{} cannot be reached, and without a repository_key and the app's GUID no cached \
-             staging of it can be found",
-            reference.registry
+            "{why}, and without a repository_key and the app's GUID no cached staging of it \
+             can be found"
         );
         return None;
     };
@@ -304,9 +484,8 @@ async fn from_cache(
         Ok(found) => found,
         Err(err) => {
             println!(
-                "{} cannot be reached, and no cached staging of {reference} for this app could \
-                 be read from the internal registry ({})",
-                reference.registry,
+                "{why}, and no cached staging of {reference} for this app could be read from \
+                 the internal registry ({})",
                 lookup_failure(&err)
             );
             return None;
@@ -318,10 +497,7 @@ async fn from_cache(
         dest.repo,
         image.digest()
     );
-    println!(
-        "Warning: {} cannot be reached: {unavailable}",
-        reference.registry
-    );
+    println!("Warning: {why}: {detail}");
     println!(
         "Warning: staging from this app's newest cached staging of {reference}: {docker_image}"
     );
@@ -354,14 +530,17 @@ fn lookup_failure(err: &StageError) -> String {
     }
 }
 
-/// The app's repository in the internal registry.
-fn destination(
+/// A client of the internal registry, and the app GUID it may push under.
+type Internal = (Arc<RegistryClient>, Option<String>);
+
+/// The internal registry as the cacher reaches it: its own credentials or the app's instance
+/// identity, never the app's credentials for its image.
+fn internal_client(
     config: &CacherConfig,
     env: &StagingEnv,
-    source_repository: Option<&str>,
     mut roots: Vec<reqwest::Certificate>,
     retry: RetryPolicy,
-) -> Result<Destination, StageError> {
+) -> Result<Internal, StageError> {
     if let Some(ca_file) = &config.registry.ca_file {
         roots.extend(read_pem(ca_file)?);
     }
@@ -380,24 +559,17 @@ fn destination(
         }
         None => (None, env.app_id.clone()),
     };
-    Ok(Destination {
-        client: Arc::new(RegistryClient::new(
-            &config.registry.url,
-            ClientOptions {
-                credentials,
-                insecure: false,
-                extra_roots: roots,
-                identity,
-                retry,
-            },
-        )?),
-        repo: cache_repository(
-            &config.namespace,
-            app_id.as_deref(),
-            config.repository_key.as_ref(),
-            source_repository,
-        ),
-    })
+    let client = RegistryClient::new(
+        &config.registry.url,
+        ClientOptions {
+            credentials,
+            insecure: false,
+            extra_roots: roots,
+            identity,
+            retry,
+        },
+    )?;
+    Ok((Arc::new(client), app_id))
 }
 
 async fn cache(

@@ -240,13 +240,28 @@ impl IntoResponse for RegistryError {
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, challenge);
             }
+            // The client sees the upstream's limit as if it had asked the upstream itself: the
+            // cacher reports it in the staging log.
             RegistryError::Upstream(UpstreamError::RateLimited {
-                retry_after: Some(seconds),
+                limit,
+                remaining,
+                retry_after,
                 ..
             }) => {
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+                let headers = response.headers_mut();
+                if let Some(seconds) = retry_after {
+                    headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+                }
+                for (name, value) in [
+                    ("ratelimit-limit", limit),
+                    ("ratelimit-remaining", remaining),
+                ] {
+                    if let Some(value) =
+                        value.as_deref().and_then(|v| HeaderValue::from_str(v).ok())
+                    {
+                        headers.insert(name, value);
+                    }
+                }
             }
             RegistryError::MethodNotAllowed { allow: Some(allow) } => {
                 response

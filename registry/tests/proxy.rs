@@ -2,15 +2,47 @@
 //! counting proxy; skopeo, docker and ctr pull through berth's `hub/` prefix.
 
 mod common;
-#[path = "proxy/upstream.rs"]
-mod upstream;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use berth_testkit::upstream::*;
 use common::*;
-use upstream::*;
+
+/// Publishing generated images to the upstream, as their publisher would.
+trait Publish {
+    fn push(&self, repo_tag: &str, image: &Image);
+    /// Pushes `top` (an image manifest or an index) and every blob below it as `repo_tag`.
+    fn push_tree(&self, repo_tag: &str, top: &Blob, blobs: &[&Blob]);
+    /// Like [`Publish::push_tree`], with more `skopeo copy` options (`--format v2s2`).
+    fn push_converted(&self, repo_tag: &str, top: &Blob, blobs: &[&Blob], options: &[&str]);
+}
+
+impl Publish for Distribution {
+    fn push(&self, repo_tag: &str, image: &Image) {
+        self.push_tree(repo_tag, &image.manifest, &image.blobs());
+    }
+
+    fn push_tree(&self, repo_tag: &str, top: &Blob, blobs: &[&Blob]) {
+        self.push_converted(repo_tag, top, blobs, &[]);
+    }
+
+    fn push_converted(&self, repo_tag: &str, top: &Blob, blobs: &[&Blob], options: &[&str]) {
+        let layout = self.scratch().join("push");
+        let _ = std::fs::remove_dir_all(&layout);
+        write_oci_layout(&layout, "v1", top, blobs);
+        self.push_layout(
+            &layout,
+            "v1",
+            repo_tag,
+            &["--all"]
+                .into_iter()
+                .chain(options.iter().copied())
+                .collect::<Vec<_>>(),
+        );
+    }
+}
 
 /// How often the registry under test checks a cached tag upstream: short, so the tests can wait
 /// it out, long enough that a pull's own requests fall inside it.
@@ -256,8 +288,15 @@ fn cached_tags_pull_while_the_upstream_rate_limits_or_is_down() {
         "{}",
         String::from_utf8_lossy(&reply.body)
     );
-    assert!(String::from_utf8_lossy(&reply.body).contains("TOOMANYREQUESTS"));
+    let body = String::from_utf8_lossy(&reply.body);
+    assert!(body.contains("TOOMANYREQUESTS"), "{body}");
+    assert!(
+        body.contains("(limit 100;w=21600, remaining 0;w=21600, retry after 60 s)"),
+        "{body}"
+    );
     assert_eq!(reply.header("retry-after"), Some("60"));
+    assert_eq!(reply.header("ratelimit-limit"), Some("100;w=21600"));
+    assert_eq!(reply.header("ratelimit-remaining"), Some("0;w=21600"));
 
     // The upstream gone altogether: the same.
     // Within the window after a failed check the cached tag is served without asking again.

@@ -63,6 +63,10 @@ impl Authenticator {
         }
     }
 
+    pub(super) fn credentials(&self) -> Option<&Credentials> {
+        self.credentials.as_ref()
+    }
+
     pub(super) fn has_credentials(&self) -> bool {
         self.credentials.is_some()
     }
@@ -165,6 +169,7 @@ impl Authenticator {
                     status,
                     codes: Vec::new(),
                     detail: String::new(),
+                    rate_limit: None,
                 },
             });
         }

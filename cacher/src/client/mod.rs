@@ -55,6 +55,8 @@ pub enum ClientError {
         /// The OCI error codes of the answer, if it had any.
         codes: Vec<String>,
         detail: String,
+        /// What a 429 said about the limit it enforces.
+        rate_limit: Option<Box<RateLimit>>,
     },
     /// The destination hashed an uploaded blob and refused it: what the source sent was not the
     /// blob its digest names.
@@ -100,6 +102,67 @@ impl ClientError {
             ClientError::Transport { .. } => true,
             ClientError::Status { status, .. } => retry::is_retryable_status(*status),
             _ => false,
+        }
+    }
+}
+
+/// The limit a 429 answer says was reached, from the `ratelimit-limit`, `ratelimit-remaining`
+/// and `Retry-After` headers Docker Hub sends (and berth-registry forwards from its upstreams).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    /// `100;w=21600`: 100 pulls per window of 21600 seconds.
+    pub limit: Option<String>,
+    pub remaining: Option<String>,
+    /// Seconds, or an HTTP date.
+    pub retry_after: Option<String>,
+}
+
+impl RateLimit {
+    fn from_headers(headers: &reqwest::header::HeaderMap) -> RateLimit {
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        RateLimit {
+            limit: text("ratelimit-limit"),
+            remaining: text("ratelimit-remaining"),
+            retry_after: text("retry-after"),
+        }
+    }
+}
+
+/// `limit 100 per 21600 s, 0 remaining, resets in 60 s`, saying which parts were not given.
+impl std::fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Docker Hub's form is `COUNT;w=SECONDS`; the window is the same on both headers.
+        let count = |value: &str| value.split(';').next().unwrap_or(value).trim().to_owned();
+        let window = |value: &str| {
+            value
+                .split(';')
+                .skip(1)
+                .find_map(|part| part.trim().strip_prefix("w="))
+                .map(str::to_owned)
+        };
+        match &self.limit {
+            Some(limit) => match window(limit) {
+                Some(window) => write!(f, "limit {} per {window} s", count(limit))?,
+                None => write!(f, "limit {}", count(limit))?,
+            },
+            None => f.write_str("limit not given")?,
+        }
+        match &self.remaining {
+            Some(remaining) => write!(f, ", {} remaining", count(remaining))?,
+            None => f.write_str(", remaining count not given")?,
+        }
+        match &self.retry_after {
+            Some(seconds) if seconds.parse::<u64>().is_ok() => {
+                write!(f, ", resets in {seconds} s")
+            }
+            Some(date) => write!(f, ", resets at {date}"),
+            None => f.write_str(", reset time not given"),
         }
     }
 }
@@ -226,6 +289,17 @@ impl RegistryClient {
             auth: auth::Authenticator::new(options.credentials),
             retry: options.retry,
         })
+    }
+
+    /// The same registry, TLS identity and credentials under another retry policy. The
+    /// connection pool is shared; tokens are fetched anew.
+    pub fn with_retry(&self, retry: RetryPolicy) -> RegistryClient {
+        RegistryClient {
+            http: self.http.clone(),
+            base: self.base.clone(),
+            auth: auth::Authenticator::new(self.auth.credentials().cloned()),
+            retry,
+        }
     }
 
     pub fn base(&self) -> &Url {
@@ -543,6 +617,8 @@ async fn expect(
     if ok.contains(&status) {
         return Ok(response);
     }
+    let rate_limit = (status == StatusCode::TOO_MANY_REQUESTS)
+        .then(|| Box::new(RateLimit::from_headers(response.headers())));
     let body = read_prefix(response, MAX_ERROR_BODY).await;
     let errors = oci_errors(&body);
     Err(ClientError::Status {
@@ -550,6 +626,7 @@ async fn expect(
         status,
         codes: errors.iter().map(|e| e.code.clone()).collect(),
         detail: summary(&errors),
+        rate_limit,
     })
 }
 
@@ -656,6 +733,28 @@ pub(crate) fn detect_media_type(header: Option<&str>, bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_limits_read_as_docker_hub_reports_them() {
+        let hub = RateLimit {
+            limit: Some("100;w=21600".into()),
+            remaining: Some("0;w=21600".into()),
+            retry_after: Some("60".into()),
+        };
+        assert_eq!(
+            hub.to_string(),
+            "limit 100 per 21600 s, 0 remaining, resets in 60 s"
+        );
+        let bare = RateLimit {
+            limit: Some("200".into()),
+            retry_after: Some("Wed, 21 Oct 2026 07:28:00 GMT".into()),
+            ..RateLimit::default()
+        };
+        assert_eq!(
+            bare.to_string(),
+            "limit 200, remaining count not given, resets at Wed, 21 Oct 2026 07:28:00 GMT"
+        );
+    }
 
     #[test]
     fn media_type_falls_back_to_the_document() {

@@ -82,11 +82,31 @@ impl Berth {
         Berth::serve(dir, root, Some(config), Some(tls))
     }
 
+    /// Open to everyone, mirroring upstreams as a pull-through cache: `proxy_yaml` is the list
+    /// under `proxy:` in its configuration.
+    pub fn start_with_proxy(proxy_yaml: &str) -> Berth {
+        let upstreams: Vec<berth_registry::proxy::UpstreamConfig> =
+            serde_norway::from_str(proxy_yaml).expect("a proxy section");
+        let dir = tempdir("berth-cacher-e2e-proxy-");
+        let root = dir.path().join("root");
+        Berth::serve_proxying(dir, root, None, None, upstreams)
+    }
+
     fn serve(
         dir: TempDir,
         root: PathBuf,
         auth: Option<berth_registry::auth::AuthConfig>,
         tls: Option<berth_registry::server::ServerTls>,
+    ) -> Berth {
+        Berth::serve_proxying(dir, root, auth, tls, Vec::new())
+    }
+
+    fn serve_proxying(
+        dir: TempDir,
+        root: PathBuf,
+        auth: Option<berth_registry::auth::AuthConfig>,
+        tls: Option<berth_registry::server::ServerTls>,
+        upstreams: Vec<berth_registry::proxy::UpstreamConfig>,
     ) -> Berth {
         use berth_registry::api::{AppState, router};
         use berth_registry::auth::Auth;
@@ -102,7 +122,9 @@ impl Berth {
             let content = FsContentStore::open(&root).expect("open the content store");
             let metadata = SqliteMetadataStore::open(&root.join("metadata.sqlite"))
                 .expect("open the metadata store");
-            let state = AppState::new(Arc::new(content), Arc::new(metadata), Limits::default());
+            let proxy = berth_registry::proxy::Proxy::new(&upstreams).expect("set up the proxy");
+            let state = AppState::new(Arc::new(content), Arc::new(metadata), Limits::default())
+                .with_proxy(proxy);
             router(Arc::new(match auth {
                 Some(auth) => state.with_auth(auth),
                 None => state,

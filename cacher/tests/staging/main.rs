@@ -13,5 +13,6 @@ mod faults;
 mod flags;
 mod foundation;
 mod progress;
+mod proxy;
 mod restage;
 mod unavailable;

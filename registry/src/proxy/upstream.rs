@@ -29,7 +29,10 @@ pub enum UpstreamError {
     Status { upstream: String, status: u16 },
     /// 429: the upstream's pull limit is spent for now.
     #[error(
-        "upstream {upstream} rate limit reached (limit {limit:?}, remaining {remaining:?}, retry after {retry_after:?} s)"
+        "upstream {upstream} rate limit reached (limit {}, remaining {}, retry after {})",
+        or_unknown(limit.as_deref()),
+        or_unknown(remaining.as_deref()),
+        retry_after.map_or_else(|| "unknown".to_owned(), |s| format!("{s} s"))
     )]
     RateLimited {
         upstream: String,
@@ -51,6 +54,11 @@ pub enum UpstreamError {
     },
     #[error("upstream {upstream} sent an unusable answer: {reason}")]
     Invalid { upstream: String, reason: String },
+}
+
+/// A header the upstream may leave out, for a message.
+fn or_unknown(value: Option<&str>) -> &str {
+    value.unwrap_or("unknown")
 }
 
 impl UpstreamError {

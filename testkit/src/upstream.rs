@@ -1,5 +1,6 @@
-//! The upstream side of the pull-through cache tests: CNCF distribution playing Docker Hub, and a
-//! counting proxy in front of it that can answer 429 like Docker Hub, corrupt blobs, or stop.
+//! The upstream side of the pull-through cache tests, for the registry's and the cacher's: CNCF
+//! distribution playing Docker Hub, and a counting proxy in front of it that can answer 429 like
+//! Docker Hub, corrupt blobs, or stop.
 
 use std::fs;
 use std::net::SocketAddr;
@@ -17,11 +18,13 @@ use axum::response::Response;
 use futures_util::StreamExt;
 use tempfile::TempDir;
 
-use crate::common::*;
+use crate::{
+    free_port, print_log_on_panic, require_tool, run, spawn_logged, stop_child, tail_file,
+};
 
 /// Debian's `docker-registry` (CNCF distribution 2.8), with htpasswd Basic authentication when
 /// given a login. Dropping it stops it.
-pub(crate) struct Distribution {
+pub struct Distribution {
     dir: TempDir,
     addr: SocketAddr,
     login: Option<(String, String)>,
@@ -29,7 +32,7 @@ pub(crate) struct Distribution {
 }
 
 impl Distribution {
-    pub(crate) fn start(login: Option<(&str, &str)>) -> Distribution {
+    pub fn start(login: Option<(&str, &str)>) -> Distribution {
         let binary = require_tool("docker-registry");
         let dir = tempfile::Builder::new()
             .prefix("berth-upstream-")
@@ -39,8 +42,9 @@ impl Distribution {
         let auth = match login {
             Some((user, password)) => {
                 let htpasswd = dir.path().join("htpasswd");
-                fs::write(&htpasswd, htpasswd_line(user, password, 4) + "\n")
-                    .expect("write htpasswd");
+                let line = run(Command::new(require_tool("htpasswd"))
+                    .args(["-nbB", "-C", "4", user, password]));
+                fs::write(&htpasswd, line.trim().to_owned() + "\n").expect("write htpasswd");
                 format!(
                     "auth:\n  htpasswd:\n    realm: upstream\n    path: {}\n",
                     htpasswd.display()
@@ -69,9 +73,7 @@ impl Distribution {
             child: Some(child),
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while !blocking_get(addr, "/v2/", Duration::from_secs(1))
-            .is_ok_and(|r| r.status == 200 || r.status == 401)
-        {
+        while std::net::TcpStream::connect(addr).is_err() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "docker-registry did not start\n{}",
@@ -82,55 +84,55 @@ impl Distribution {
         distribution
     }
 
-    pub(crate) fn addr(&self) -> SocketAddr {
+    pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// Pushes `image` as `repo_tag` with skopeo, as its publisher would.
-    pub(crate) fn push(&self, repo_tag: &str, image: &Image) {
-        self.push_tree(repo_tag, &image.manifest, &image.blobs());
+    /// `127.0.0.1:PORT`, as image references spell it.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
     }
 
-    /// Pushes `top` (an image manifest or an index) and every blob below it as `repo_tag`.
-    pub(crate) fn push_tree(&self, repo_tag: &str, top: &Blob, blobs: &[&Blob]) {
-        self.push_converted(repo_tag, top, blobs, &[]);
-    }
-
-    /// Like [`Distribution::push_tree`], with more `skopeo copy` options (`--format v2s2`).
-    pub(crate) fn push_converted(
-        &self,
-        repo_tag: &str,
-        top: &Blob,
-        blobs: &[&Blob],
-        options: &[&str],
-    ) {
-        let layout = self.dir.path().join("push");
-        let _ = fs::remove_dir_all(&layout);
-        write_oci_layout(&layout, "v1", top, blobs);
-        let mut copy = skopeo();
-        copy.args(["copy", "--all", "--dest-tls-verify=false"])
+    /// Copies image `tag` of the OCI layout at `layout` to `repo_tag` here with skopeo, as its
+    /// publisher would, with more `skopeo copy` options (`--all`, `--format v2s2`).
+    pub fn push_layout(&self, layout: &Path, tag: &str, repo_tag: &str, options: &[&str]) {
+        let mut copy = Command::new(require_tool("skopeo"));
+        // The host's signature policy is not under test.
+        copy.args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
             .args(options);
         if let Some((user, password)) = &self.login {
             copy.arg("--dest-creds").arg(format!("{user}:{password}"));
         }
         run(copy
-            .arg(oci_ref(&layout, "v1"))
+            .arg(format!("oci:{}:{tag}", layout.display()))
             .arg(format!("docker://{}/{repo_tag}", self.addr)));
+    }
+
+    /// A scratch directory that lives as long as the upstream.
+    pub fn scratch(&self) -> std::path::PathBuf {
+        self.dir.path().join("scratch")
     }
 }
 
-impl Drop for Distribution {
-    fn drop(&mut self) {
-        print_log_on_panic("docker-registry", &self.dir.path().join("log"));
+impl Distribution {
+    /// Stops serving, as a registry that went down; the storage stays until the value is dropped.
+    pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             stop_child(&mut child, Duration::from_secs(5));
         }
     }
 }
 
+impl Drop for Distribution {
+    fn drop(&mut self) {
+        print_log_on_panic("docker-registry", &self.dir.path().join("log"));
+        self.stop();
+    }
+}
+
 /// What the counting proxy does besides relaying.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Mode {
+pub enum Mode {
     Relay,
     /// Docker Hub with the pull limit spent: 429 with its `ratelimit-*` and `retry-after`.
     RateLimited,
@@ -148,11 +150,11 @@ struct Shared {
 }
 
 /// PULL_LIMIT pulls per window, as the counting proxy reports them.
-pub(crate) const PULL_LIMIT: u64 = 100;
+pub const PULL_LIMIT: u64 = 100;
 
 /// A relaying HTTP proxy in front of the upstream that logs every request's method and path and
 /// reports Docker Hub's `ratelimit-*` headers on manifest GETs. Dropping it stops it.
-pub(crate) struct CountingProxy {
+pub struct CountingProxy {
     addr: SocketAddr,
     shared: Arc<Shared>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -160,7 +162,7 @@ pub(crate) struct CountingProxy {
 }
 
 impl CountingProxy {
-    pub(crate) fn start(upstream: SocketAddr) -> CountingProxy {
+    pub fn start(upstream: SocketAddr) -> CountingProxy {
         let shared = Arc::new(Shared {
             upstream,
             client: reqwest::Client::builder()
@@ -202,32 +204,32 @@ impl CountingProxy {
         }
     }
 
-    pub(crate) fn host(&self) -> String {
+    pub fn host(&self) -> String {
         self.addr.to_string()
     }
 
-    pub(crate) fn set_mode(&self, mode: Mode) {
+    pub fn set_mode(&self, mode: Mode) {
         *self.shared.mode.lock().unwrap() = mode;
     }
 
     /// Requests whose method is `method` and whose path contains `needle`.
-    pub(crate) fn count(&self, method: &str, needle: &str) -> usize {
+    pub fn count(&self, method: &str, needle: &str) -> usize {
         let log = self.shared.log.lock().unwrap();
         log.iter()
             .filter(|(m, path)| m == method && path.contains(needle))
             .count()
     }
 
-    pub(crate) fn requests(&self) -> Vec<(String, String)> {
+    pub fn requests(&self) -> Vec<(String, String)> {
         self.shared.log.lock().unwrap().clone()
     }
 
-    pub(crate) fn clear(&self) {
+    pub fn clear(&self) {
         self.shared.log.lock().unwrap().clear();
     }
 
     /// Stops answering: connections are refused from now on.
-    pub(crate) fn stop(&mut self) {
+    pub fn stop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -318,7 +320,7 @@ fn rate_limit(count: u64) -> HeaderValue {
 }
 
 /// A password file for the registry's upstream login.
-pub(crate) fn password_file(dir: &Path, password: &str) -> std::path::PathBuf {
+pub fn password_file(dir: &Path, password: &str) -> std::path::PathBuf {
     let file = dir.join("upstream-password");
     fs::write(&file, format!("{password}\n")).expect("write the password file");
     file
