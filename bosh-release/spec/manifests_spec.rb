@@ -266,7 +266,7 @@ RSpec.describe 'manifests' do
       unsigned = Marshal.load(Marshal.dump(properties))
       unsigned['berth']['registry']['auth'].delete('token')
       expect { job.render('config/berth-registry.yml', properties: unsigned, spec: { 'persistent_disk' => 0 }, links: peers) }
-        .to raise_error(/has 2 instances: set berth.registry.auth.token.signing_key/)
+        .to raise_error(/database.type mysql is shared by every instance: set berth.registry.auth.token.signing_key/)
       expect { job.render('config/berth-registry.yml', properties: interpolate(job_in(single, 'berth-registry', 'berth-registry')['properties'], vars),
                                                        spec: { 'persistent_disk' => 102_400 }, links: peers) }
         .to raise_error(/has 2 instances but berth.registry.storage.backend filesystem and berth.registry.database.type sqlite/)
