@@ -10,18 +10,14 @@ RSpec.describe 'berth-registry job' do
     { 'berth' => { 'registry' => { 'tls' => tls }, 'cache' => { 'robot_password' => robot_password } } }
   end
 
-  def config(properties, spec = disk)
-    YAML.safe_load(job.render('config/berth-registry.yml', properties: properties, spec: spec))
+  def config(properties, spec = disk, links: {})
+    YAML.safe_load(job.render('config/berth-registry.yml', properties: properties, spec: spec, links: links))
   end
 
   # Installs the job rendered from `properties` and runs its pre-start (which runs the real
   # binary's `config check`); its output.
-  def pre_start(properties)
-    root = tmp
-    install_job(root, 'berth-registry', properties: properties, spec: disk)
-    run!({ 'BERTH_JOB_DIR' => "#{root}/jobs/berth-registry", 'BERTH_DATA_DIR' => "#{root}/data/berth-registry",
-           'BERTH_PACKAGE_DIR' => install_package(root), 'BERTH_OWNER' => owner },
-         "#{root}/jobs/berth-registry/bin/pre-start")
+  def pre_start(properties, spec = disk)
+    registry_pre_start(tmp, properties: properties, spec: spec)
   end
 
   def merge(base, extra)
@@ -168,23 +164,18 @@ RSpec.describe 'berth-registry job' do
       end
 
       it 'renders a configuration the real berth-registry accepts' do
-        root = tmp
-        install_job(root, 'berth-registry', properties: with_identity, spec: disk)
-        output = run!({ 'BERTH_JOB_DIR' => "#{root}/jobs/berth-registry", 'BERTH_DATA_DIR' => "#{root}/data/berth-registry",
-                        'BERTH_PACKAGE_DIR' => install_package(root), 'BERTH_OWNER' => owner },
-                      "#{root}/jobs/berth-registry/bin/pre-start")
-        expect(output).to include('berth-registry.yml: ok')
-        expect(File.read("#{root}/data/berth-registry/htpasswd")).to eq('')
+        expect(pre_start(with_identity)).to include('berth-registry.yml: ok')
+        expect(File.read("#{tmp}/data/berth-registry/htpasswd")).to eq('')
       end
     end
 
     it 'leaves the cache rule out when caching is off, and then needs no robot password' do
-      rendered = config('berth' => { 'registry' => { 'tls' => tls }, 'cache' => { 'enabled' => false } })
+      rendered = config({ 'berth' => { 'registry' => { 'tls' => tls }, 'cache' => { 'enabled' => false } } })
       expect(rendered['auth']).not_to have_key('access')
     end
 
     it 'can run open and plain for a lab' do
-      rendered = config('berth' => { 'registry' => { 'auth' => { 'mode' => 'none' } } })
+      rendered = config({ 'berth' => { 'registry' => { 'auth' => { 'mode' => 'none' } } } })
       expect(rendered['auth']).to eq('mode' => 'none')
       expect(rendered).not_to have_key('tls')
     end
@@ -228,6 +219,181 @@ RSpec.describe 'berth-registry job' do
     # persistent_disk_type, and no persistent_disk at all for named persistent_disks.
     it 'accepts an instance group with named persistent_disks' do
       expect(config(secure, { 'persistent_disk' => nil })['storage']).to eq('root' => '/var/vcap/store/berth-registry')
+    end
+  end
+
+  describe 'shared storage and database' do
+    let(:config_dir) { '/var/vcap/jobs/berth-registry/config' }
+    let(:no_disk) { { 'persistent_disk' => 0 } }
+    let(:signing_key) { OpenSSL::PKey::EC.generate('prime256v1').private_to_pem }
+    let(:backends) do
+      {
+        's3' => { 'bucket' => 'berth', 'endpoint' => 'https://s3.example.internal:9000', 'path_style' => true,
+                  'access_key_id' => 'AKID', 'secret_access_key' => 'SECRET-S3', 'ca' => tls['ca'], 'prefix' => 'registry/' },
+        'azure' => { 'account' => 'berthaccount', 'container' => 'berth', 'access_key' => 'SECRET-AZURE' },
+        'gcs' => { 'bucket' => 'berth', 'service_account_json' => '{"type": "service_account"}' },
+        'webdav' => { 'url' => 'https://blobstore.service.cf.internal:4443/admin/berth-registry', 'username' => 'blobstore-user',
+                      'password' => 'SECRET-DAV', 'ca' => tls['ca'] }
+      }
+    end
+    let(:rendered_backends) do
+      {
+        's3' => { 'bucket' => 'berth', 'endpoint' => 'https://s3.example.internal:9000', 'region' => 'us-east-1', 'path_style' => true,
+                  'access_key_id' => 'AKID', 'prefix' => 'registry/',
+                  'secret_access_key_file' => "#{config_dir}/storage-credential", 'ca_file' => "#{config_dir}/storage-ca.pem" },
+        'azure' => { 'account' => 'berthaccount', 'container' => 'berth', 'access_key_file' => "#{config_dir}/storage-credential" },
+        'gcs' => { 'bucket' => 'berth', 'service_account_file' => "#{config_dir}/storage-credential" },
+        'webdav' => { 'url' => 'https://blobstore.service.cf.internal:4443/admin/berth-registry', 'username' => 'blobstore-user',
+                      'password_file' => "#{config_dir}/storage-credential", 'ca_file' => "#{config_dir}/storage-ca.pem" }
+      }
+    end
+    let(:postgres) do
+      { 'type' => 'postgres', 'host' => 'db.example.internal', 'password' => 'SECRET-DB', 'tls' => { 'ca' => tls['ca'] } }
+    end
+
+    def storage(backend, extra = {})
+      merge(secure, 'berth' => { 'registry' => { 'storage' => { 'backend' => backend, backend => backends.fetch(backend) }.merge(extra) } })
+    end
+
+    def with_database(properties, database)
+      merge(properties, 'berth' => { 'registry' => { 'database' => database } })
+    end
+
+    def peers(count)
+      { 'peers' => { 'instances' => Array.new(count) { |i| { 'index' => i, 'address' => "b#{i}.berth-registry.bosh" } } } }
+    end
+
+    def bpm(properties)
+      YAML.safe_load(job.render('config/bpm.yml', properties: properties))['processes'].first
+    end
+
+    %w[s3 azure gcs webdav].each do |backend|
+      it "keeps blobs on #{backend}, its secret in a private file, in a configuration the real berth-registry accepts" do
+        properties = storage(backend)
+        rendered = config(properties)
+        expect(rendered['storage']).to eq('root' => '/var/vcap/store/berth-registry', 'content' => { backend => rendered_backends.fetch(backend) })
+        secret = backends.fetch(backend).values_at('secret_access_key', 'access_key', 'service_account_json', 'password').compact.first
+        expect(job.render('config/storage-credential', properties: properties)).to eq(secret)
+        expect(job.render('config/storage-ca.pem', properties: properties)).to eq(%w[s3 webdav].include?(backend) ? tls['ca'] : '')
+        expect(pre_start(properties)).to include('berth-registry.yml: ok')
+        expect(File.stat("#{tmp}/jobs/berth-registry/config/storage-credential").mode & 0o777).to eq(0o600)
+        expect(bpm(properties)['persistent_disk']).to be(true), 'SQLite still keeps the metadata on the disk'
+      end
+    end
+
+    it 'leaves credentials out for the instance profile or default credentials, and writes no secret' do
+      properties = merge(secure, 'berth' => { 'registry' => { 'storage' => { 'backend' => 's3', 's3' => { 'bucket' => 'b', 'region' => 'eu-west-1' } } } })
+      expect(config(properties)['storage']['content']).to eq('s3' => { 'bucket' => 'b', 'region' => 'eu-west-1', 'path_style' => false })
+      expect(job.render('config/storage-credential', properties: properties)).to eq('')
+      expect(pre_start(properties)).to include('berth-registry.yml: ok')
+    end
+
+    it 'redirects blob GETs to signed URLs only where the store signs them' do
+      properties = storage('s3', 'redirect_seconds' => 300)
+      expect(config(properties)['storage']['redirect_seconds']).to eq(300)
+      expect(pre_start(properties)).to include('berth-registry.yml: ok')
+      expect { config(storage('webdav', 'redirect_seconds' => 300)) }
+        .to raise_error(/redirect_seconds needs storage.backend s3, azure or gcs, which sign URLs; webdav cannot/)
+      expect { config(merge(secure, 'berth' => { 'registry' => { 'storage' => { 'redirect_seconds' => 60 } } })) }
+        .to raise_error(/filesystem cannot/)
+    end
+
+    {
+      'an unknown backend' => [{ 'backend' => 'ftp' }, /storage.backend must be filesystem, s3, azure, gcs, webdav, not "ftp"/],
+      'a bucket missing' => [{ 'backend' => 's3', 's3' => { 'region' => 'x' } }, /backend s3 needs storage.s3.bucket/],
+      'an Azure container missing' => [{ 'backend' => 'azure', 'azure' => { 'account' => 'a' } }, /backend azure needs storage.azure.container/],
+      'a WebDAV URL missing' => [{ 'backend' => 'webdav' }, /backend webdav needs storage.webdav.url/],
+      'an access key without its secret' => [{ 'backend' => 's3', 's3' => { 'bucket' => 'b', 'access_key_id' => 'AKID' } },
+                                             /s3.access_key_id and secret_access_key go together/],
+      'a WebDAV password without a user' => [{ 'backend' => 'webdav', 'webdav' => { 'url' => 'https://dav', 'password' => 'p' } },
+                                            /webdav.username and password go together/]
+    }.each do |what, (storage, message)|
+      it "refuses #{what}" do
+        expect { config(merge(secure, 'berth' => { 'registry' => { 'storage' => storage } })) }.to raise_error(message)
+      end
+    end
+
+    %w[postgres mysql].each do |type|
+      it "keeps metadata in #{type}, its password and CA in files" do
+        properties = with_database(secure, postgres.merge('type' => type))
+        expect(config(properties)['storage']).to eq(
+          'root' => '/var/vcap/store/berth-registry',
+          'metadata' => { type => { 'host' => 'db.example.internal', 'database' => 'berth', 'username' => 'berth',
+                                    'password_file' => "#{config_dir}/database-password",
+                                    'tls' => { 'mode' => 'verify-full', 'ca_file' => "#{config_dir}/database-ca.pem" },
+                                    'pool_size' => 10, 'statement_timeout_seconds' => 30, 'connect_timeout_seconds' => 5 } }
+        )
+        expect(job.render('config/database-password', properties: properties)).to eq('SECRET-DB')
+        expect(job.render('config/database-ca.pem', properties: properties)).to eq(tls['ca'])
+        expect(bpm(properties)['persistent_disk']).to be(true), 'the filesystem backend keeps the blobs on the disk'
+      end
+    end
+
+    it 'takes every database override' do
+      properties = with_database(secure, 'type' => 'mysql', 'host' => 'sql-db.service.cf.internal', 'port' => 13_306,
+                                         'name' => 'registry', 'username' => 'reg', 'tls' => { 'mode' => 'require' },
+                                         'pool_size' => 4, 'statement_timeout_seconds' => 10, 'connect_timeout_seconds' => 2)
+      expect(config(properties)['storage']['metadata']).to eq(
+        'mysql' => { 'host' => 'sql-db.service.cf.internal', 'port' => 13_306, 'database' => 'registry', 'username' => 'reg',
+                     'tls' => { 'mode' => 'require' }, 'pool_size' => 4, 'statement_timeout_seconds' => 10,
+                     'connect_timeout_seconds' => 2 }
+      )
+    end
+
+    {
+      'an unknown database type' => [{ 'type' => 'oracle' }, /database.type must be sqlite, postgres or mysql, not "oracle"/],
+      'a database without a host' => [{ 'type' => 'postgres' }, /database.type postgres needs berth.registry.database.host/],
+      'an unknown TLS mode' => [{ 'type' => 'mysql', 'host' => 'h', 'tls' => { 'mode' => 'prefer' } }, /tls.mode must be verify-full, require or disable/],
+      'a CA that nothing checks' => [{ 'type' => 'mysql', 'host' => 'h', 'tls' => { 'mode' => 'require', 'ca' => 'PEM' } },
+                                     /database.tls.ca is used only with tls.mode verify-full/]
+    }.each do |what, (database, message)|
+      it "refuses #{what}" do
+        expect { config(with_database(secure, database)) }.to raise_error(message)
+      end
+    end
+
+    it 'renders shared metadata configurations the real berth-registry accepts, its password private' do
+      %w[postgres mysql].each do |type|
+        expect(pre_start(with_database(storage('webdav'), postgres.merge('type' => type)), no_disk)).to include('berth-registry.yml: ok')
+        expect(File.stat("#{tmp}/jobs/berth-registry/config/database-password").mode & 0o777).to eq(0o600)
+      end
+    end
+
+    it 'needs no persistent disk with nothing local, and keeps its root on the ephemeral disk' do
+      properties = with_database(storage('webdav'), postgres)
+      expect(config(properties, no_disk)['storage']['root']).to eq('/var/vcap/data/berth-registry/root')
+      expect(bpm(properties)).not_to have_key('persistent_disk')
+      expect(bpm(properties)['ephemeral_disk']).to be(true)
+    end
+
+    it 'still needs the disk for whatever stays local' do
+      expect { config(storage('s3'), no_disk) }.to raise_error(/keeps its database.type sqlite data on the persistent disk/)
+      expect { config(with_database(secure, postgres), no_disk) }
+        .to raise_error(/keeps its storage.backend filesystem data on the persistent disk/)
+    end
+
+    describe 'with several instances (the peers link)' do
+      let(:shared) { merge(with_database(storage('webdav'), postgres), 'berth' => { 'registry' => { 'auth' => { 'token' => { 'signing_key' => signing_key } } } }) }
+
+      it 'accepts shared storage, a shared database and one signing key' do
+        expect(config(shared, no_disk, links: peers(3))['storage']['content']).to have_key('webdav')
+        expect(job.render('config/token-signing-key.pem', properties: shared)).to eq(signing_key)
+      end
+
+      it 'refuses anything kept on one VM' do
+        expect { config(storage('webdav'), disk, links: peers(2)) }
+          .to raise_error(/has 2 instances but berth.registry.database.type sqlite keeps data on one VM/)
+        expect { config(secure, disk, links: peers(2)) }
+          .to raise_error(/berth.registry.storage.backend filesystem and berth.registry.database.type sqlite keeps data on one VM/)
+      end
+
+      it 'refuses token auth with a key each instance would generate for itself' do
+        without_key = with_database(storage('webdav'), postgres)
+        expect { config(without_key, no_disk, links: peers(2)) }.to raise_error(/has 2 instances: set berth.registry.auth.token.signing_key/)
+        expect(config(without_key, no_disk, links: peers(1))['auth']['token']).not_to have_key('signing_key')
+        basic = merge(without_key, 'berth' => { 'registry' => { 'auth' => { 'mode' => 'basic' } } })
+        expect(config(basic, no_disk, links: peers(2))['auth']['mode']).to eq('basic')
+      end
     end
   end
 
@@ -293,20 +459,27 @@ RSpec.describe 'berth-registry job' do
       end
     end
 
-    it 'reaches every file its configuration names' do
-      properties = merge(secure, 'berth' => { 'registry' => { 'auth' => {
-                           'users' => [{ 'name' => 'alice', 'password' => 'a' }],
-                           'token' => { 'signing_key' => 'PEM' }
-                         } } })
-      process = YAML.safe_load(job.render('config/bpm.yml', properties: properties))['processes'].first
-      visible = mounts(job.name, process, job.spec.fetch('packages'))
-      config_path = process['args'][process['args'].index('--config') + 1]
-      config_file = job.templates.key(config_path.delete_prefix("/var/vcap/jobs/#{job.name}/"))
-      expect(config_file).not_to be_nil, "#{config_path} is not one of the job's templates"
-      named = [process['executable'], config_path] + paths_in(config(properties))
-      expect(named).to include('/var/vcap/store/berth-registry', a_string_ending_with('htpasswd'))
-      named.each do |path|
-        expect(visible.any? { |dir| path == dir || path.start_with?("#{dir}/") }).to be(true), "#{path} is outside bpm's mounts #{visible}"
+    shared = { 'storage' => { 'backend' => 'webdav', 'webdav' => { 'url' => 'https://dav.example/berth', 'username' => 'u', 'password' => 'p', 'ca' => 'PEM' } },
+               'database' => { 'type' => 'mysql', 'host' => 'db.example', 'password' => 'p', 'tls' => { 'ca' => 'PEM' } } }
+    { 'on the persistent disk' => [{}, { 'persistent_disk' => 10_240 }, '/var/vcap/store/berth-registry'],
+      'with shared storage and database' => [shared, { 'persistent_disk' => 0 }, '/var/vcap/data/berth-registry/root'] }
+      .each do |where, (registry, spec, root)|
+      it "reaches every file its configuration names, #{where}" do
+        properties = merge(secure, 'berth' => { 'registry' => merge(registry, 'auth' => {
+                                                                      'users' => [{ 'name' => 'alice', 'password' => 'a' }],
+                                                                      'token' => { 'signing_key' => 'PEM' }
+                                                                    }) })
+        process = YAML.safe_load(job.render('config/bpm.yml', properties: properties))['processes'].first
+        visible = mounts(job.name, process, job.spec.fetch('packages'))
+        config_path = process['args'][process['args'].index('--config') + 1]
+        config_file = job.templates.key(config_path.delete_prefix("/var/vcap/jobs/#{job.name}/"))
+        expect(config_file).not_to be_nil, "#{config_path} is not one of the job's templates"
+        named = [process['executable'], config_path] + paths_in(config(properties, spec))
+        expect(named).to include(root, a_string_ending_with('htpasswd'))
+        named.each do |path|
+          expect(job.templates.value?(path.delete_prefix("/var/vcap/jobs/#{job.name}/"))).to be(true), "#{path} is no template" if path.start_with?('/var/vcap/jobs/')
+          expect(visible.any? { |dir| path == dir || path.start_with?("#{dir}/") }).to be(true), "#{path} is outside bpm's mounts #{visible}"
+        end
       end
     end
   end

@@ -30,28 +30,36 @@ RSpec.describe 'berth-registry and berth-lifecycle, end to end' do
   end
 
   after do
-    next unless @registry
-
-    Process.kill('TERM', @registry)
-    Process.wait(@registry)
+    (@registries || []).each do |pid|
+      Process.kill('TERM', pid)
+      Process.wait(pid)
+    rescue Errno::ESRCH, Errno::ECHILD
+      nil
+    end
   end
 
   def start_registry
-    install_job(root, 'berth-registry', properties: registry_properties, spec: { 'persistent_disk' => 1024 })
-    run!({ 'BERTH_JOB_DIR' => "#{root}/jobs/berth-registry", 'BERTH_DATA_DIR' => "#{root}/data/berth-registry",
-           'BERTH_PACKAGE_DIR' => package, 'BERTH_OWNER' => owner }, "#{root}/jobs/berth-registry/bin/pre-start")
-    @registry = spawn(BerthSpec.binary('BERTH_REGISTRY_BIN'), 'serve', '--config',
-                      "#{root}/jobs/berth-registry/config/berth-registry.yml", %i[out err] => log)
-    wait_for_health
+    @registry = run_registry(root, registry_properties, { 'persistent_disk' => 1024 }, port: port, log: log)
   end
 
-  def wait_for_health
+  # Sets berth-registry up under `at` as on a VM (its pre-start included), serves it and waits
+  # until it is healthy; its pid.
+  def run_registry(at, properties, spec, port:, log:, links: {})
+    registry_pre_start(at, properties: properties, spec: spec, links: links)
+    pid = spawn(BerthSpec.binary('BERTH_REGISTRY_BIN'), 'serve', '--config',
+                "#{at}/jobs/berth-registry/config/berth-registry.yml", %i[out err] => log)
+    (@registries ||= []) << pid
+    wait_for_health(pid, port, log)
+    pid
+  end
+
+  def wait_for_health(pid, port, log)
     http = Net::HTTP.new('127.0.0.1', port)
     http.use_ssl = true
     http.ca_file = File.join(certs, 'ca.crt')
     deadline = Time.now + 30
     loop do
-      raise "berth-registry exited:\n#{File.read(log)}" if Process.wait(@registry, Process::WNOHANG)
+      raise "berth-registry exited:\n#{File.read(log)}" if Process.wait(pid, Process::WNOHANG)
 
       begin
         return if http.request_get('/healthz').code == '200'
@@ -65,9 +73,9 @@ RSpec.describe 'berth-registry and berth-lifecycle, end to end' do
   end
 
   # skopeo reads credentials from a file, so no password is ever on a command line.
-  def authfile(user, password)
-    path = File.join(root, "auth-#{user}.json")
-    File.write(path, JSON.dump('auths' => { host => { 'auth' => Base64.strict_encode64("#{user}:#{password}") } }))
+  def authfile(user, password, registry = host)
+    path = File.join(root, "auth-#{user}-#{registry.tr(':', '-')}.json")
+    File.write(path, JSON.dump('auths' => { registry => { 'auth' => Base64.strict_encode64("#{user}:#{password}") } }))
     File.chmod(0o600, path)
     path
   end
@@ -148,6 +156,18 @@ RSpec.describe 'berth-registry and berth-lifecycle, end to end' do
     expect(refused_push).to match(/unauthorized|authentication required|denied/i)
 
     expect(output + File.read(log)).not_to include(admin_password, robot_password)
+  end
+
+  it "tells BOSH DNS the instance is healthy while the registry serves, and not once it has stopped" do
+    BerthSpec.tool('curl')
+    start_registry
+    healthy = "#{root}/jobs/berth-registry/bin/dns/healthy"
+    _, status = Open3.capture2e(healthy)
+    expect(status).to be_success
+    Process.kill('TERM', @registry)
+    Process.wait(@registry)
+    _, status = Open3.capture2e(healthy)
+    expect(status).not_to be_success
   end
 
   it 'collects garbage with the berth-registry-gc errand while the registry serves' do
@@ -262,6 +282,163 @@ RSpec.describe 'berth-registry and berth-lifecycle, end to end' do
       expect(status).to be_success, output
       expect(result['lifecycle_metadata']['docker_image']).to eq("#{host}/team/app:1")
       expect(output).to include('Warning', 'CF_INSTANCE_CERT')
+    end
+  end
+
+  context "with the blobs on a WebDAV server set up as capi's blobstore job sets up nginx" do
+    let(:dav_port) { free_port }
+    let(:dav_dir) { File.join(root, 'nginx') }
+    let(:shared) { File.join(root, 'store-shared') }
+    let(:dav_password) { SecureRandom.hex(12) }
+    # The folder berth-registry-ha.yml puts the blobs in on cf-deployment's blobstore, here.
+    let(:dav_url) do
+      ops = YAML.safe_load(File.read(File.join(BerthSpec::REPO, 'manifests/operations/berth-registry-ha.yml')))
+      url = ops.find { |op| op['path'].end_with?('/berth/registry/storage?') }.fetch('value').fetch('webdav').fetch('url')
+      "https://127.0.0.1:#{dav_port}#{URI(url).path}"
+    end
+    let(:registry_properties) do
+      super().tap do |properties|
+        properties['berth']['registry']['storage'] = {
+          'backend' => 'webdav',
+          'webdav' => { 'url' => dav_url, 'username' => 'blobstore-user', 'password' => dav_password, 'ca' => tls['ca'] }
+        }
+      end
+    end
+
+    # The internal server of capi's blobstore.conf: TLS, and under /admin/ basic auth against
+    # the admin users, WebDAV PUT (creating folders), DELETE, COPY and PROPFIND over the shared
+    # store (no MKCOL, no MOVE).
+    before do
+      BerthSpec.tool('nginx')
+      FileUtils.mkdir_p([dav_dir, shared])
+      File.write("#{dav_dir}/tls.crt", tls['certificate'])
+      File.write("#{dav_dir}/tls.key", tls['private_key'])
+      File.write("#{dav_dir}/write_users", "blobstore-user:{PLAIN}#{dav_password}\n")
+      File.write("#{dav_dir}/nginx.conf", <<~CONF)
+        #{"user #{owner};" if Process.uid.zero?}
+        load_module /usr/lib/nginx/modules/ngx_http_dav_ext_module.so;
+        worker_processes 1;
+        pid #{dav_dir}/nginx.pid;
+        error_log #{dav_dir}/error.log;
+        events { worker_connections 64; }
+        http {
+          access_log off;
+          client_body_temp_path #{dav_dir}/body;
+          proxy_temp_path #{dav_dir}/proxy;
+          fastcgi_temp_path #{dav_dir}/fastcgi;
+          uwsgi_temp_path #{dav_dir}/uwsgi;
+          scgi_temp_path #{dav_dir}/scgi;
+          server {
+            listen 127.0.0.1:#{dav_port} ssl;
+            ssl_certificate #{dav_dir}/tls.crt;
+            ssl_certificate_key #{dav_dir}/tls.key;
+            root #{shared}/;
+            client_max_body_size 0;
+            location /admin/ {
+              auth_basic "Blobstore Admin";
+              auth_basic_user_file #{dav_dir}/write_users;
+              dav_methods DELETE PUT COPY;
+              dav_ext_methods PROPFIND;
+              create_full_put_path on;
+              alias #{shared}/;
+            }
+          }
+        }
+      CONF
+      @nginx = spawn('nginx', '-p', dav_dir, '-c', "#{dav_dir}/nginx.conf", '-g', 'daemon off;', %i[out err] => "#{dav_dir}/stderr.log")
+      deadline = Time.now + 10
+      until File.exist?("#{dav_dir}/nginx.pid")
+        raise "nginx exited:\n#{File.read("#{dav_dir}/stderr.log")}" if Process.wait(@nginx, Process::WNOHANG)
+        raise 'nginx did not start in 10 s' if Time.now > deadline
+
+        sleep 0.1
+      end
+    end
+
+    after do
+      Process.kill('TERM', @nginx)
+      Process.wait(@nginx)
+    end
+
+    it 'keeps what is pushed in the blobstore folder, behind its basic auth, and serves it back' do
+      start_registry
+      digest = push_image
+      _, err, pulled = skopeo('copy', '--preserve-digests', '--src-authfile', authfile('admin', admin_password), '--src-cert-dir', certs,
+                              "docker://#{host}/team/app:1", "oci:#{root}/pulled:1")
+      expect(pulled).to be_success, err
+      expect(File.read("#{root}/pulled/index.json")).to include(digest)
+
+      folder = File.join(shared, URI(dav_url).path.delete_prefix('/admin/'))
+      stored = Dir.glob('**/*', base: folder).select { |f| File.file?(File.join(folder, f)) }
+      expect(stored).not_to be_empty
+      anonymous, = Open3.capture2('curl', '--silent', '--output', '/dev/null', '--write-out', '%{http_code}', '--cacert',
+                                  File.join(certs, 'ca.crt'), "#{dav_url}/#{stored.first}")
+      expect(anonymous).to eq('401')
+    end
+
+    # The test servers' MariaDB (ci/test starts them), a database of this example's own on it.
+    context 'and two instances with their metadata in MySQL, as berth-registry-ha.yml deploys them' do
+      let(:mysql) do
+        url = ENV.fetch('BERTH_TEST_MYSQL', '')
+        raise 'set BERTH_TEST_MYSQL to a MySQL server (ci/test starts one: target/debug/test-services)' if url.empty?
+
+        URI(url)
+      end
+      let(:database) { "berth_#{SecureRandom.hex(8)}" }
+      let(:signing_key) { OpenSSL::PKey::EC.generate('prime256v1').private_to_pem }
+      let(:ports) { [port, free_port] }
+      let(:peers) { { 'peers' => { 'instances' => ports.each_index.map { |i| { 'index' => i, 'address' => "b#{i}.example" } } } } }
+      let(:instance_properties) do
+        registry_properties.tap do |properties|
+          registry = properties['berth']['registry']
+          registry['database'] = { 'type' => 'mysql', 'host' => mysql.host, 'port' => mysql.port, 'name' => database,
+                                   'username' => mysql.user, 'password' => mysql.password, 'tls' => { 'mode' => 'disable' } }
+          registry['auth']['token'] = { 'signing_key' => signing_key }
+        end
+      end
+
+      def sql(statement)
+        run!({ 'MYSQL_PWD' => mysql.password }, 'mariadb', '--no-defaults', '-h', mysql.host, '-P', mysql.port.to_s,
+             '-u', mysql.user, '-e', statement)
+      end
+
+      before { sql("CREATE DATABASE #{database}") }
+      after { sql("DROP DATABASE #{database}") }
+
+      def token_from(port)
+        http = Net::HTTP.new('127.0.0.1', port)
+        http.use_ssl = true
+        http.ca_file = File.join(certs, 'ca.crt')
+        request = Net::HTTP::Get.new('/auth/token?service=berth-registry&scope=repository:team/app:pull')
+        request.basic_auth('admin', admin_password)
+        JSON.parse(http.request(request).body).fetch('token')
+      end
+
+      it 'serves through either what was pushed through the other, and honours the tokens the other issued' do
+        ports.each_with_index do |instance_port, i|
+          properties = Marshal.load(Marshal.dump(instance_properties))
+          properties['berth']['registry']['port'] = instance_port
+          at = File.join(root, "instance-#{i}")
+          run_registry(at, properties, { 'persistent_disk' => 0 }, port: instance_port, log: File.join(root, "instance-#{i}.log"),
+                                                                   links: peers)
+        end
+        digest = push_image
+        other = "127.0.0.1:#{ports[1]}"
+        _, err, pulled = skopeo('copy', '--preserve-digests', '--src-authfile', authfile('admin', admin_password, other),
+                                '--src-cert-dir', certs, "docker://#{other}/team/app:1", "oci:#{root}/pulled:1")
+        expect(pulled).to be_success, err
+        expect(File.read("#{root}/pulled/index.json")).to include(digest)
+
+        http = Net::HTTP.new('127.0.0.1', ports[1])
+        http.use_ssl = true
+        http.ca_file = File.join(certs, 'ca.crt')
+        request = Net::HTTP::Head.new('/v2/team/app/manifests/1')
+        request['Authorization'] = "Bearer #{token_from(ports[0])}"
+        request['Accept'] = 'application/vnd.oci.image.manifest.v1+json'
+        response = http.request(request)
+        expect(response.code).to eq('200')
+        expect(response['Docker-Content-Digest']).to eq(digest)
+      end
     end
   end
 end

@@ -175,6 +175,132 @@ RSpec.describe 'manifests' do
     end
   end
 
+  describe 'operations/berth-registry-ha.yml after enable-berth-cache.yml' do
+    let(:stub) { load('bosh-release/spec/fixtures/cf-deployment-stub.yml') }
+    let(:single) { GoPatch.apply(stub, load('manifests/operations/enable-berth-cache.yml')) }
+    let(:ops) { load('manifests/operations/berth-registry-ha.yml') }
+    let(:manifest) { GoPatch.apply(Marshal.load(Marshal.dump(single)), ops) }
+    let(:signing_key) { OpenSSL::PKey::EC.generate('prime256v1').private_to_pem }
+    let(:ha_vars) do
+      vars.merge('berth_registry_ip_z2' => '10.0.2.50', 'berth_registry_token_signing_key' => signing_key,
+                 'blobstore_admin_users_password' => 'dav-pw', 'blobstore_tls' => { 'ca' => tls['ca'] },
+                 'berth_database_password' => 'db-pw', 'mysql_server_certificate' => { 'ca' => tls['ca'] })
+    end
+    let(:registry_group) { group(manifest, 'berth-registry') }
+    let(:registry_job) { job_in(manifest, 'berth-registry', 'berth-registry') }
+    let(:properties) { interpolate(registry_job['properties'], ha_vars) }
+    # The peers link as the director resolves it: every instance of the group.
+    let(:peers) do
+      { 'peers' => { 'instances' => registry_group['azs'].each_with_index.map { |az, i| { 'index' => i, 'az' => az, 'address' => "b#{i}.berth-registry.default.cf.bosh" } } } }
+    end
+    let(:job) { release_job('berth-registry') }
+
+    def render(path, spec = { 'persistent_disk' => 0 })
+      job.render(path, properties: properties, spec: spec, links: peers)
+    end
+
+    it 'runs two instances in two zones without persistent disks, each on a static IP the staging group opens' do
+      expect(registry_group).to include('instances' => 2, 'azs' => %w[z1 z2])
+      expect(registry_group).not_to have_key('persistent_disk_type')
+      expect(registry_group['networks']).to eq([{ 'name' => 'default', 'static_ips' => ['((berth_registry_ip))', '((berth_registry_ip_z2))'] }])
+      expect(registry_group['networks'][0]['static_ips'].size).to eq(registry_group['instances'])
+      rules = job_in(manifest, 'api', 'cloud_controller_ng')['properties']['cc']['security_group_definitions']
+              .find { |g| g['name'] == 'berth_registry' }['rules']
+      expect(rules.map { |r| r['destination'] }).to eq(registry_group['networks'][0]['static_ips'])
+      expect(rules.map { |r| r['ports'] }.uniq).to eq([properties['berth']['registry']['port'].to_s])
+      expect(registry_job['consumes']).to eq('peers' => { 'from' => 'berth-registry' })
+    end
+
+    it "keeps blobs on cf-deployment's WebDAV blobstore beside Cloud Controller's folders, as its admin user" do
+      blobstore = job_in(manifest, 'singleton-blobstore', 'blobstore')['properties']['blobstore']
+      dav = job_in(stub, 'api', 'cloud_controller_ng')['properties']['cc']['droplets']['connection_config']
+      config = YAML.safe_load(render('config/berth-registry.yml'))
+      expect(config['storage']['content']).to eq('webdav' => {
+                                                   'url' => "#{dav['private_endpoint']}/admin/berth-registry", 'username' => blobstore['admin_users'][0]['username'],
+                                                   'password_file' => '/var/vcap/jobs/berth-registry/config/storage-credential',
+                                                   'ca_file' => '/var/vcap/jobs/berth-registry/config/storage-ca.pem'
+                                                 })
+      expect(registry_job['properties']['berth']['registry']['storage']['webdav']).to include(
+        'password' => blobstore['admin_users'][0]['password'], 'ca' => dav['ca_cert']
+      )
+      expect(render('config/storage-credential')).to eq('dav-pw')
+      expect(render('config/storage-ca.pem')).to eq(tls['ca'])
+    end
+
+    it 'keeps metadata in a berth database seeded on the database instance group, over TLS to its proxy' do
+      seeded = job_in(manifest, 'database', 'pxc-mysql')['properties']['seeded_databases']
+      expect(seeded).to include('name' => 'berth', 'username' => 'berth', 'password' => '((berth_database_password))')
+      expect(seeded.map { |d| d['name'] }).to include('cloud_controller', 'uaa')
+      expect(manifest['variables']).to include('name' => 'berth_database_password', 'type' => 'password')
+      aliases = manifest['addons'].find { |a| a['name'] == 'bosh-dns-aliases' }['jobs'][0]['properties']['aliases']
+      sql_db = aliases.find { |a| a['domain'] == 'sql-db.service.cf.internal' }
+      expect(sql_db['targets'][0]['instance_group']).to eq('database')
+      config = YAML.safe_load(render('config/berth-registry.yml'))
+      expect(config['storage']['metadata']).to eq('mysql' => {
+                                                    'host' => 'sql-db.service.cf.internal', 'port' => 3306, 'database' => 'berth', 'username' => 'berth',
+                                                    'password_file' => '/var/vcap/jobs/berth-registry/config/database-password',
+                                                    'tls' => { 'mode' => 'verify-full', 'ca_file' => '/var/vcap/jobs/berth-registry/config/database-ca.pem' },
+                                                    'pool_size' => 10, 'statement_timeout_seconds' => 30, 'connect_timeout_seconds' => 5
+                                                  })
+      certificate = manifest['variables'].find { |v| v['name'] == 'mysql_server_certificate' }
+      expect(certificate['options']['alternative_names']).to include(config['storage']['metadata']['mysql']['host'])
+      expect(render('config/database-password')).to eq('db-pw')
+      expect(render('config/database-ca.pem')).to eq(tls['ca'])
+    end
+
+    it 'signs tokens with one key on every instance, and keeps nothing on the VM' do
+      config = YAML.safe_load(render('config/berth-registry.yml'))
+      expect(config['auth']['token']['signing_key']).to eq('/var/vcap/jobs/berth-registry/config/token-signing-key.pem')
+      expect(render('config/token-signing-key.pem')).to eq(signing_key)
+      expect(manifest['variables'].map { |v| v['name'] }).not_to include('berth_registry_token_signing_key')
+      expect(config['storage']['root']).to eq('/var/vcap/data/berth-registry/root')
+      expect(YAML.safe_load(render('config/bpm.yml'))['processes'][0]).not_to have_key('persistent_disk')
+    end
+
+    it 'is refused by the job when applied without the signing key or with the single-VM storage' do
+      unsigned = Marshal.load(Marshal.dump(properties))
+      unsigned['berth']['registry']['auth'].delete('token')
+      expect { job.render('config/berth-registry.yml', properties: unsigned, spec: { 'persistent_disk' => 0 }, links: peers) }
+        .to raise_error(/has 2 instances: set berth.registry.auth.token.signing_key/)
+      expect { job.render('config/berth-registry.yml', properties: interpolate(job_in(single, 'berth-registry', 'berth-registry')['properties'], vars),
+                                                       spec: { 'persistent_disk' => 102_400 }, links: peers) }
+        .to raise_error(/has 2 instances but berth.registry.storage.backend filesystem and berth.registry.database.type sqlite/)
+    end
+
+    it 'names every instance in BOSH DNS, as the certificate does, and checks each one through /healthz' do
+      aliases = manifest['addons'].find { |a| a['name'] == 'bosh-dns-aliases' }['jobs'][0]['properties']['aliases']
+      expect(aliases.select { |a| a['domain'] == 'berth-registry.service.cf.internal' })
+        .to eq([{ 'domain' => 'berth-registry.service.cf.internal',
+                  'targets' => [{ 'query' => '*', 'instance_group' => 'berth-registry', 'deployment' => 'cf', 'network' => 'default', 'domain' => 'bosh' }] }])
+      expect(render('bin/dns/healthy')).to include("'https://127.0.0.1:8443/healthz'")
+    end
+
+    it 'renders a configuration the real berth-registry accepts' do
+      expect(registry_pre_start(tmp, properties: properties, spec: { 'persistent_disk' => 0 }, links: peers)).to include('berth-registry.yml: ok')
+    end
+
+    it 'changes nothing when applied a second time, and needs enable-berth-cache.yml first' do
+      expect(GoPatch.apply(Marshal.load(Marshal.dump(manifest)), ops)).to eq(manifest)
+      expect { GoPatch.apply(load('bosh-release/spec/fixtures/cf-deployment-stub.yml'), ops) }
+        .to raise_error(GoPatch::Error, /name=berth-registry, found 0/)
+    end
+
+    it 'moves the blobs to S3 with berth-registry-ha-s3.yml, on the credentials cf-deployment uses' do
+      s3 = GoPatch.apply(manifest, load('manifests/operations/berth-registry-ha-s3.yml'))
+      s3_vars = ha_vars.merge('berth_registry_directory_key' => 'berth-registry-bucket', 'aws_region' => 'eu-central-1',
+                              'blobstore_access_key_id' => 'AKID', 'blobstore_secret_access_key' => 'aws-secret')
+      s3_properties = interpolate(job_in(s3, 'berth-registry', 'berth-registry')['properties'], s3_vars)
+      config = YAML.safe_load(job.render('config/berth-registry.yml', properties: s3_properties, spec: { 'persistent_disk' => 0 }, links: peers))
+      expect(config['storage']['content']).to eq('s3' => { 'bucket' => 'berth-registry-bucket', 'region' => 'eu-central-1', 'path_style' => false,
+                                                           'access_key_id' => 'AKID',
+                                                           'secret_access_key_file' => '/var/vcap/jobs/berth-registry/config/storage-credential' })
+      expect(job.render('config/storage-credential', properties: s3_properties)).to eq('aws-secret')
+      expect(config['storage']['metadata']).to have_key('mysql')
+      stringified = YAML.dump(job_in(s3, 'berth-registry', 'berth-registry')['properties'])
+      expect(stringified).not_to include('blobstore_tls', 'blobstore_admin_users_password')
+    end
+  end
+
   describe 'berth.yml' do
     let(:raw) { load('manifests/berth.yml') }
     let(:manifest) { interpolate(raw, vars) }

@@ -125,6 +125,15 @@ module BerthSpec
       end
     end
 
+    # Installs berth-registry rendered with `render` under root and runs its pre-start, which ends
+    # with the real binary's `config check`; its output.
+    def registry_pre_start(root, **render)
+      install_job(root, 'berth-registry', **render)
+      run!({ 'BERTH_JOB_DIR' => "#{root}/jobs/berth-registry", 'BERTH_DATA_DIR' => "#{root}/data/berth-registry",
+             'BERTH_PACKAGE_DIR' => install_package(root), 'BERTH_OWNER' => owner },
+           "#{root}/jobs/berth-registry/bin/pre-start")
+    end
+
     # The berth package as installed on a VM, its binaries being the ones under test.
     def install_package(root)
       bin = File.join(root, 'packages', 'berth', 'bin')

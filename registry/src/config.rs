@@ -339,6 +339,15 @@ impl Config {
         }
         if let Some(metadata) = &self.storage.metadata {
             metadata.validate().map_err(ConfigError::Invalid)?;
+            if self.auth.mode == crate::auth::AuthMode::Token
+                && self.auth.token.signing_key.is_none()
+            {
+                return Err(ConfigError::Invalid(
+                    "storage.metadata is shared by several instances, and a token one issues must \
+                     verify at the others: give them all the same auth.token.signing_key"
+                        .into(),
+                ));
+            }
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::Invalid(format!("log.level {:?}: {e}", self.log.level)))?;
@@ -411,6 +420,14 @@ mod tests {
             err.to_string().contains("storage.metadata.mysql.username"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn instances_sharing_a_database_need_one_signing_key() {
+        let shared = "storage:\n  metadata:\n    postgres: {host: db, database: berth, username: berth}\n\
+                      auth:\n  mode: token\n";
+        let err = load_text(shared, &[]).unwrap_err();
+        assert!(err.to_string().contains("auth.token.signing_key"), "{err}");
     }
 
     #[test]

@@ -96,10 +96,10 @@ fn mysql_databases_are_empty_separate_and_dropped() {
 }
 
 #[test]
-fn s3_buckets_take_signed_objects_and_refuse_a_wrong_key() {
+fn s3_folders_take_signed_objects_and_refuse_a_wrong_key() {
     let bucket = s3_bucket();
     let other = s3_bucket();
-    assert_ne!(bucket.bucket, other.bucket);
+    assert_ne!(bucket.prefix, other.prefix);
     let key = Some("blobs/sha256/ab");
     assert_eq!(bucket.request("PUT", key, b"layer bytes").0, 200);
     assert_eq!(
@@ -108,7 +108,10 @@ fn s3_buckets_take_signed_objects_and_refuse_a_wrong_key() {
     );
     let (status, listing) = bucket.request("GET", None, b"");
     assert_eq!(status, 200);
-    assert!(listing.contains("<Key>blobs/sha256/ab</Key>"), "{listing}");
+    assert!(
+        listing.contains(&format!("<Key>{}/blobs/sha256/ab</Key>", bucket.prefix)),
+        "{listing}"
+    );
     assert_eq!(other.request("GET", key, b"").0, 404);
     let forged = S3Bucket {
         secret_access_key: "wrong".into(),

@@ -1,6 +1,7 @@
-//! The content backend the registries of a test run use: the filesystem under their storage root,
-//! or with `BERTH_E2E_CONTENT=s3` a fresh S3 bucket each (SeaweedFS, from the test services), so
-//! the same API suite checks both. A test looking at what is stored asks here, never at paths.
+//! The backends the registries of a test run use, so that the same suites check each: content on
+//! the filesystem under their storage root or, with `BERTH_E2E_CONTENT=s3`, a fresh S3 bucket each
+//! (SeaweedFS); metadata in SQLite or, with `BERTH_E2E_METADATA=postgres|mysql`, a fresh database
+//! each; all from the test services. A test looking at what is stored asks here, never at paths.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -22,62 +23,55 @@ impl Content {
     pub fn from_env(scratch: &Path) -> Content {
         match std::env::var("BERTH_E2E_CONTENT").as_deref() {
             Err(_) | Ok("") | Ok("filesystem") => Content::Filesystem,
-            Ok("s3") => {
-                let bucket = berth_testkit::services::s3_bucket();
-                let secret_file = scratch.join("s3-secret");
-                std::fs::write(&secret_file, &bucket.secret_access_key)
-                    .expect("write the S3 secret");
-                Content::S3 {
-                    bucket,
-                    secret_file,
-                }
-            }
+            Ok("s3") => Content::s3(scratch),
             Ok(other) => panic!("BERTH_E2E_CONTENT={other}: expected filesystem or s3"),
         }
     }
 
-    /// The configuration `yaml` with this backend's `storage.content` added, unless it names one.
-    pub fn add_to(&self, yaml: &str) -> String {
+    /// A fresh S3 bucket of the test services, its secret written into `scratch`.
+    pub fn s3(scratch: &Path) -> Content {
+        let bucket = berth_testkit::services::s3_bucket();
+        let secret_file = scratch.join("s3-secret");
+        std::fs::write(&secret_file, &bucket.secret_access_key).expect("write the S3 secret");
+        Content::S3 {
+            bucket,
+            secret_file,
+        }
+    }
+
+    /// The `storage.content` section naming this backend; none for the filesystem.
+    pub fn section(&self) -> Option<serde_norway::Value> {
         let Content::S3 {
             bucket,
             secret_file,
         } = self
         else {
-            return yaml.to_owned();
+            return None;
         };
-        let mut config: serde_norway::Value =
-            serde_norway::from_str(yaml).expect("the test's configuration parses");
-        if config.is_null() {
-            config = serde_norway::Value::Mapping(Default::default());
-        }
-        let content = serde_norway::to_value(serde_json::json!({
+        let section = serde_json::json!({
             "s3": {
                 "bucket": bucket.bucket,
                 "endpoint": bucket.endpoint,
                 "region": bucket.region,
                 "path_style": true,
+                "prefix": bucket.prefix,
                 "access_key_id": bucket.access_key_id,
                 "secret_access_key_file": secret_file,
             }
-        }))
-        .expect("a YAML value");
-        let root = config.as_mapping_mut().expect("a configuration mapping");
-        let storage = root
-            .entry("storage".into())
-            .or_insert_with(|| serde_norway::Value::Mapping(Default::default()));
-        storage
-            .as_mapping_mut()
-            .expect("storage is a mapping")
-            .entry("content".into())
-            .or_insert(content);
-        serde_norway::to_string(&config).expect("serialise the configuration")
+        });
+        Some(serde_norway::to_value(section).expect("a YAML value"))
     }
 
-    fn store(&self) -> Option<object_store::aws::AmazonS3> {
+    fn store(
+        &self,
+    ) -> Option<(
+        object_store::aws::AmazonS3,
+        &berth_testkit::services::S3Bucket,
+    )> {
         let Content::S3 { bucket, .. } = self else {
             return None;
         };
-        Some(
+        Some((
             object_store::aws::AmazonS3Builder::new()
                 .with_endpoint(&bucket.endpoint)
                 .with_allow_http(true)
@@ -87,7 +81,8 @@ impl Content {
                 .with_secret_access_key(&bucket.secret_access_key)
                 .build()
                 .expect("an S3 client for the test bucket"),
-        )
+            bucket,
+        ))
     }
 
     /// Every file stored under `dir` (`blobs`, `uploads`) of the registry with storage root
@@ -101,8 +96,8 @@ impl Content {
                     .filter(|path| dir.join(path).is_file())
                     .collect()
             }
-            Some(store) => {
-                let prefix = object_store::path::Path::from(dir);
+            Some((store, bucket)) => {
+                let prefix = object_store::path::Path::from(format!("{}/{dir}", bucket.prefix));
                 let objects: Vec<_> = store
                     .list(Some(&prefix))
                     .try_collect()
@@ -112,7 +107,8 @@ impl Content {
                     .into_iter()
                     .map(|meta| {
                         let key = meta.location.to_string();
-                        PathBuf::from(key.strip_prefix(&format!("{dir}/")).unwrap_or(&key))
+                        let below = format!("{}/{dir}/", bucket.prefix);
+                        PathBuf::from(key.strip_prefix(&below).unwrap_or(&key))
                     })
                     .collect()
             }
@@ -137,4 +133,143 @@ pub fn tree(dir: &Path) -> BTreeSet<PathBuf> {
         }
     }
     paths
+}
+
+/// A database of a shared PostgreSQL or MariaDB server holding a registry's metadata: with
+/// `BERTH_E2E_METADATA=postgres` (or `mysql`) every registry a test starts keeps its metadata in a
+/// fresh one instead of SQLite, so that the same tests check that backend.
+pub struct SharedMetadata {
+    /// The `storage.metadata` section naming it.
+    section: serde_norway::Value,
+    /// `postgres://` or `mysql://` with user, password, address and database.
+    url: reqwest::Url,
+    /// Dropping it drops the database.
+    _database: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl SharedMetadata {
+    /// The database `BERTH_E2E_METADATA` names, if any, its password written into `dir`.
+    pub fn from_env(dir: &Path) -> Option<SharedMetadata> {
+        match std::env::var("BERTH_E2E_METADATA").as_deref() {
+            Err(_) | Ok("") | Ok("sqlite") => None,
+            Ok(kind) => Some(SharedMetadata::new(kind, dir)),
+        }
+    }
+
+    /// A fresh database of the `kind` (`postgres` or `mysql`) test server.
+    pub fn new(kind: &str, dir: &Path) -> SharedMetadata {
+        let (url, database) = match kind {
+            "postgres" => {
+                let database = berth_testkit::services::postgres_database();
+                (
+                    database.url.clone(),
+                    Box::new(database) as Box<dyn std::any::Any + Send + Sync>,
+                )
+            }
+            "mysql" => {
+                let database = berth_testkit::services::mysql_database();
+                (
+                    database.url.clone(),
+                    Box::new(database) as Box<dyn std::any::Any + Send + Sync>,
+                )
+            }
+            other => panic!("BERTH_E2E_METADATA={other}: expected sqlite, postgres or mysql"),
+        };
+        let url = reqwest::Url::parse(&url).expect("a database URL");
+        let password_file = dir.join("database-password");
+        std::fs::write(&password_file, url.password().unwrap_or_default())
+            .expect("write the database password");
+        let section = serde_norway::from_str(&format!(
+            "{kind}: {{host: {}, port: {}, database: {}, username: {}, password_file: {}}}",
+            url.host_str().expect("a database host"),
+            url.port().expect("a database port"),
+            url.path().trim_start_matches('/'),
+            url.username(),
+            password_file.display()
+        ))
+        .expect("a storage.metadata section");
+        SharedMetadata {
+            section,
+            url,
+            _database: database,
+        }
+    }
+
+    /// The rows `sql` answers, each column as text, read with the server's own client.
+    pub fn query(&self, sql: &str) -> Vec<Vec<String>> {
+        let url = &self.url;
+        let password = url.password().unwrap_or_default();
+        let database = url.path().trim_start_matches('/');
+        let host = url.host_str().expect("a database host");
+        let port = url.port().expect("a database port").to_string();
+        let mut command = if url.scheme() == "postgres" {
+            let mut command = std::process::Command::new(berth_testkit::require_tool("psql"));
+            command.env("PGPASSWORD", password).args([
+                "-X",
+                "-A",
+                "-t",
+                "-F",
+                "\t",
+                "-h",
+                host,
+                "-p",
+                &port,
+                "-U",
+                url.username(),
+                "-d",
+                database,
+                "-c",
+                sql,
+            ]);
+            command
+        } else {
+            let mut command = std::process::Command::new(berth_testkit::require_tool("mariadb"));
+            command.env("MYSQL_PWD", password).args([
+                "--no-defaults",
+                "--protocol=TCP",
+                "-N",
+                "-B",
+                "-h",
+                host,
+                "-P",
+                &port,
+                "-u",
+                url.username(),
+                "-D",
+                database,
+                "-e",
+                sql,
+            ]);
+            command
+        };
+        berth_testkit::run(&mut command)
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(|line| line.split('\t').map(str::to_owned).collect())
+            .collect()
+    }
+
+    /// The `storage.metadata` section naming this database.
+    pub fn section(&self) -> &serde_norway::Value {
+        &self.section
+    }
+}
+
+/// `yaml` with `storage.<key>` set to `section`, unless the test's configuration sets it itself.
+pub fn with_storage(yaml: &str, key: &str, section: &serde_norway::Value) -> String {
+    let mut config: serde_norway::Value =
+        serde_norway::from_str(yaml).expect("the test's configuration parses");
+    if config.is_null() {
+        config = serde_norway::Value::Mapping(Default::default());
+    }
+    let root = config.as_mapping_mut().expect("a configuration mapping");
+    let storage = root
+        .entry("storage".into())
+        .or_insert_with(|| serde_norway::Value::Mapping(Default::default()));
+    storage
+        .as_mapping_mut()
+        .expect("storage is a mapping")
+        .entry(key.into())
+        .or_insert_with(|| section.clone());
+    serde_norway::to_string(&config).expect("serialise the configuration")
 }

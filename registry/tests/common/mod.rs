@@ -12,10 +12,12 @@
 
 mod access;
 mod backend;
+mod balancer;
 mod client;
 mod daemons;
 mod images;
 mod layout;
+mod outage;
 mod raw_http;
 mod registry;
 mod skopeo;
@@ -23,6 +25,6 @@ mod skopeo;
 // Each test target uses its own part of the harness.
 #[allow(unused_imports)]
 pub use {
-    access::*, backend::*, berth_testkit::*, client::*, daemons::*, images::*, layout::*,
-    raw_http::*, registry::*, skopeo::*,
+    access::*, backend::*, balancer::*, berth_testkit::*, client::*, daemons::*, images::*,
+    layout::*, outage::*, raw_http::*, registry::*, skopeo::*,
 };

