@@ -68,6 +68,9 @@ fn under(n: u32) -> String {
     )
 }
 
+/// How long a migration statement (or its wait for the migration lock) may take.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 /// Statements making a new connection behave as every transaction here expects.
 async fn configure_session(
     conn: &mut sqlx::AnyConnection,
@@ -172,8 +175,12 @@ impl SqlMetadataStore {
             .connect_lazy_with(options);
         let store = SqlMetadataStore { pool, dialect };
         retried(|| async {
-            let mut session = store.plain().await?;
-            migrate(&mut session).await
+            // A connection of its own without the statement timeout, since migrating a large
+            // table may take longer than any request should; from the pool, so that it waits for
+            // the database as requests do, but never returned to it.
+            let mut conn = store.pool.acquire().await?.detach();
+            configure_session(&mut conn, dialect, MIGRATION_TIMEOUT).await?;
+            migrate(&mut Session::detached(conn, dialect)).await
         })
         .await?;
         Ok(store)
@@ -1133,6 +1140,7 @@ mod tests {
         tls_required => postgres_tls_required_of_a_server_without_it_fails_at_once, mysql_tls_required_of_a_server_without_it_fails_at_once;
         wrong_password => postgres_a_refused_password_is_reported_without_it, mysql_a_refused_password_is_reported_without_it;
         deadlock => postgres_transactions_that_deadlock_are_run_again_whole, mysql_transactions_that_deadlock_are_run_again_whole;
+        slow_migration => postgres_migrating_is_not_cut_by_the_statement_timeout, mysql_migrating_is_not_cut_by_the_statement_timeout;
     }
 
     /// A TCP forwarder from a loopback port to a database server, which the test can cut off
@@ -1491,5 +1499,33 @@ mod tests {
             .unwrap();
         let totals: Vec<i64> = rows.iter().map(|row| get(row, 0).unwrap()).collect();
         assert_eq!(totals, [2, 2]);
+    }
+
+    async fn slow_migration(dialect: Dialect) {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, _database) = database(dialect);
+        let mut config = config_for(&url, dir.path());
+        let (MetadataConfig::Postgres(database) | MetadataConfig::Mysql(database)) = &mut config;
+        database.statement_timeout_seconds = 1;
+        // Another instance holds the migration lock for longer than the statement timeout, as
+        // one migrating a large table would.
+        sqlx::any::install_default_drivers();
+        let mut other = <sqlx::AnyConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        let (lock, unlock) = dialect.migration_lock();
+        other.execute(lock).await.unwrap();
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            other.execute(unlock).await.unwrap();
+            other
+        });
+        let started = std::time::Instant::now();
+        let store = SqlMetadataStore::open(&config).await.unwrap();
+        assert!(started.elapsed() >= Duration::from_secs(2));
+        release.await.unwrap();
+        let repo: RepoName = "after/migration".parse().unwrap();
+        let digest = Digest::sha256_of(b"migrated");
+        crate::metadata::behaviour::push_blob(&store, &repo, &digest, 8).await;
     }
 }

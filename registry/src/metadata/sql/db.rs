@@ -162,7 +162,7 @@ impl Dialect {
                 "SELECT pg_advisory_unlock(7239117115)",
             ),
             Dialect::Mysql => (
-                "SELECT GET_LOCK('berth_registry_schema', 600)",
+                "SELECT GET_LOCK('berth_registry_schema', 86400)",
                 "SELECT RELEASE_LOCK('berth_registry_schema')",
             ),
         }
@@ -224,12 +224,21 @@ pub(super) struct Session {
 enum Conn {
     Plain(PoolConnection<Any>),
     Transaction(Transaction<'static, Any>),
+    /// Taken out of the pool for good (closed when dropped).
+    Detached(AnyConnection),
 }
 
 impl Session {
     pub(super) fn plain(conn: PoolConnection<Any>, dialect: Dialect) -> Self {
         Session {
             conn: Conn::Plain(conn),
+            dialect,
+        }
+    }
+
+    pub(super) fn detached(conn: AnyConnection, dialect: Dialect) -> Self {
+        Session {
+            conn: Conn::Detached(conn),
             dialect,
         }
     }
@@ -245,6 +254,7 @@ impl Session {
         match &mut self.conn {
             Conn::Plain(conn) => conn,
             Conn::Transaction(tx) => tx,
+            Conn::Detached(conn) => conn,
         }
     }
 
