@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::body::Body;
-use berth_oci::{Digest, DigestHasher, RepoName};
+use berth_oci::{Digest, RepoName};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -216,9 +216,8 @@ impl Download {
     }
 
     /// Streams the body into upload `id` and to the first client, then commits it, which checks
-    /// the digest. The client gets the last chunk only once the bytes proved to hash to the
-    /// digest, so a blob that proves wrong never reaches it whole; it need not wait for the
-    /// commit's sync to disk, which is for the cache's copy, not for the bytes it already holds.
+    /// the digest. The client gets the last chunk only after that check, so a blob that proves
+    /// wrong never reaches it whole.
     async fn transfer(
         &self,
         id: UploadId,
@@ -231,12 +230,9 @@ impl Download {
         let append = state
             .content
             .append_upload(id, Some(0), receiver_stream(stored));
-        let digest = &self.digest;
         let pump = async move {
             let mut client = Some(chunks);
             let mut held = None;
-            let mut hasher = DigestHasher::new(digest.algorithm());
-            let mut whole = true;
             let mut body = response.bytes_stream();
             while let Some(chunk) = body.next().await {
                 let chunk = match chunk {
@@ -244,27 +240,16 @@ impl Download {
                     Err(err) => {
                         // The store sees the body end early and keeps nothing.
                         let _ = to_store.send(Err(io::Error::other(err))).await;
-                        whole = false;
                         break;
                     }
                 };
                 state.metrics.proxy_blob_bytes(prefix, chunk.len() as u64);
-                hasher.update(&chunk);
                 if to_store.send(Ok(chunk.clone())).await.is_err() {
-                    whole = false;
                     break;
                 }
                 if let Some(previous) = held.replace(chunk) {
                     forward(&mut client, previous).await;
                 }
-            }
-            drop(to_store);
-            if whole && &hasher.finish() == digest {
-                if let Some(last) = held.take() {
-                    forward(&mut client, last).await;
-                }
-                // Its body ends here; the commit goes on for the cache.
-                client = None;
             }
             (held, client)
         };
