@@ -15,7 +15,7 @@ use object_store::{ClientOptions, GetOptions, ObjectStore, ObjectStoreExt, PutPa
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
-use super::{ObjectInfo, Objects, read_secret};
+use super::{ObjectInfo, Objects, SMALL_REQUEST, invalid, read_secret};
 use crate::content::{ByteStream, ContentError};
 
 /// An S3-compatible bucket: AWS S3, MinIO, Ceph RGW, SeaweedFS.
@@ -117,10 +117,6 @@ impl std::fmt::Debug for GcsConfig {
 /// sent: with two parts in flight, what one upload holds in memory is bounded by three of them.
 const PART_BYTES: usize = 8 << 20;
 const PARTS_IN_FLIGHT: usize = 2;
-
-/// Requests that move no bulk data must answer within this; bulk transfers are bounded by the
-/// client-facing body timeouts instead.
-const SMALL_REQUEST: Duration = Duration::from_secs(30);
 
 pub(super) struct Cloud {
     store: Arc<dyn ObjectStore>,
@@ -224,13 +220,6 @@ impl Cloud {
             Path::from(format!("{prefix}/{key}"))
         }
     }
-}
-
-fn invalid(message: &str) -> ContentError {
-    ContentError::Io(std::io::Error::new(
-        std::io::ErrorKind::InvalidInput,
-        message,
-    ))
 }
 
 pub(super) fn store_error(err: object_store::Error) -> ContentError {

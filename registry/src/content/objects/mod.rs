@@ -295,6 +295,15 @@ impl ObjectStoreConfig {
     }
 }
 
+/// Requests that move no bulk data must answer within this; bulk transfers are bounded by the
+/// client-facing body timeouts instead.
+pub(crate) const SMALL_REQUEST: Duration = Duration::from_secs(30);
+
+/// A configuration the store cannot be opened with.
+pub(crate) fn invalid(message: impl Into<String>) -> ContentError {
+    ContentError::Io(io::Error::new(io::ErrorKind::InvalidInput, message.into()))
+}
+
 /// Reads a secret from a file, trimming the line end an editor leaves.
 pub(crate) fn read_secret(path: &std::path::Path) -> Result<String, ContentError> {
     let text = std::fs::read_to_string(path).map_err(|e| {

@@ -16,7 +16,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use reqwest::{Method, StatusCode, header};
 use serde::Deserialize;
 
-use super::{ObjectInfo, Objects, read_secret};
+use super::{ObjectInfo, Objects, SMALL_REQUEST, invalid, read_secret};
 use crate::content::{ByteStream, ContentError};
 
 #[derive(Clone, Deserialize)]
@@ -42,20 +42,10 @@ impl std::fmt::Debug for WebDavConfig {
     }
 }
 
-/// Requests that move no bulk data must answer within this.
-const SMALL_REQUEST: Duration = Duration::from_secs(30);
-
 pub(super) struct WebDav {
     client: reqwest::Client,
     base: reqwest::Url,
     credentials: Option<(String, String)>,
-}
-
-fn invalid(message: String) -> ContentError {
-    ContentError::Io(std::io::Error::new(
-        std::io::ErrorKind::InvalidInput,
-        message,
-    ))
 }
 
 fn request_error(err: reqwest::Error) -> ContentError {
@@ -78,7 +68,7 @@ impl WebDav {
             (None, None) => None,
             _ => {
                 return Err(invalid(
-                    "storage.content.webdav: give username and password_file together".into(),
+                    "storage.content.webdav: give username and password_file together",
                 ));
             }
         };
