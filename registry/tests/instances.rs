@@ -363,6 +363,7 @@ async fn every_acknowledged_push_survives_killing_every_instance() {
     for registry in &mut cluster.registries {
         registry.restart();
     }
+    cluster.balancer.wait_ready();
     for i in &acknowledged {
         pull_and_verify(dir.path(), &lb, &format!("ha/crash-{i}"), "v1", &images[*i]);
     }

@@ -2,6 +2,7 @@
 //! and upload sessions.
 
 mod cached;
+mod coalesce;
 mod sql;
 mod sqlite;
 

@@ -16,6 +16,7 @@ use berth_oci::{Digest, Reference, RepoName, Tag};
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
 
+use super::coalesce::Coalescer;
 use super::{
     Expired, Garbage, ManifestInfo, MetadataError, MetadataStore, NewManifest, Page, PageRequest,
     Pull, Referrer, TaggedManifest, Usage,
@@ -35,6 +36,8 @@ pub use config::{DatabaseConfig, DatabaseTls, MetadataConfig, TlsMode};
 pub struct SqlMetadataStore {
     pool: AnyPool,
     dialect: Dialect,
+    /// Manifest lookups by (repository, reference): every pull's first read.
+    manifests: Coalescer<(String, String), Option<ManifestInfo>>,
 }
 
 fn now() -> i64 {
@@ -173,7 +176,11 @@ impl SqlMetadataStore {
                 Box::pin(async move { configure_session(conn, dialect, timeout).await })
             })
             .connect_lazy_with(options);
-        let store = SqlMetadataStore { pool, dialect };
+        let store = SqlMetadataStore {
+            pool,
+            dialect,
+            manifests: Coalescer::default(),
+        };
         retried(|| async {
             // A connection of its own without the statement timeout, since migrating a large
             // table may take longer than any request should; from the pool, so that it waits for
@@ -526,23 +533,27 @@ impl MetadataStore for SqlMetadataStore {
                 digest.to_string(),
             ),
         };
-        let key = &key;
-        retried(move || async move {
-            let row = self
-                .plain()
-                .await?
-                .optional(sql, args![repo.as_str(), key])
-                .await?;
-            row.map(|row| {
-                Ok(ManifestInfo {
-                    digest: parse_digest(get(&row, 0)?)?,
-                    media_type: get(&row, 1)?,
-                    size: get::<i64>(&row, 2)? as u64,
+        let key = (repo.to_string(), key);
+        let reference = &key.1;
+        self.manifests
+            .read(&key, || {
+                retried(move || async move {
+                    let row = self
+                        .plain()
+                        .await?
+                        .optional(sql, args![repo.as_str(), reference])
+                        .await?;
+                    row.map(|row| {
+                        Ok(ManifestInfo {
+                            digest: parse_digest(get(&row, 0)?)?,
+                            media_type: get(&row, 1)?,
+                            size: get::<i64>(&row, 2)? as u64,
+                        })
+                    })
+                    .transpose()
                 })
             })
-            .transpose()
-        })
-        .await
+            .await
     }
 
     async fn delete_manifest(

@@ -79,7 +79,9 @@ http {{
         balancer
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until requests pass again: once every backend failed, nginx rests them all for
+    /// `fail_timeout` and answers 502 meanwhile, however soon they are back.
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(resp) = blocking_get(self.addr, "/v2/", Duration::from_secs(1))
