@@ -1,8 +1,8 @@
 //! Metadata store: repositories, tags, manifests and what they reference, blob ownership, referrers
 //! and upload sessions.
 
+mod batch;
 mod cached;
-mod coalesce;
 mod sql;
 mod sqlite;
 

@@ -9,6 +9,7 @@
 //! one of two transactions that could not have run one after the other, InnoDB locks what each
 //! reads); the loser is run again from the start by [`db::retried`].
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -16,14 +17,14 @@ use berth_oci::{Digest, Reference, RepoName, Tag};
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
 
-use super::coalesce::Coalescer;
+use super::batch::Batcher;
 use super::{
     Expired, Garbage, ManifestInfo, MetadataError, MetadataStore, NewManifest, Page, PageRequest,
     Pull, Referrer, TaggedManifest, Usage,
 };
 use crate::content::UploadId;
 use crate::quota::{Quota, QuotaUsage};
-use db::{Dialect, Session, args, get, retried};
+use db::{Arg, Dialect, Session, args, get, retried};
 
 mod collect;
 mod config;
@@ -36,8 +37,42 @@ pub use config::{DatabaseConfig, DatabaseTls, MetadataConfig, TlsMode};
 pub struct SqlMetadataStore {
     pool: AnyPool,
     dialect: Dialect,
-    /// Manifest lookups by (repository, reference): every pull's first read.
-    manifests: Coalescer<(String, String), Option<ManifestInfo>>,
+    /// Manifest lookups by (repository, tag) and by (repository, digest), every pull's first
+    /// read: batched when they come faster than the database answers.
+    by_tag: Batcher<(String, String), ManifestInfo>,
+    by_digest: Batcher<(String, String), ManifestInfo>,
+}
+
+/// Manifest lookups of one kind in flight at once: one to keep the database busy while the next
+/// batch gathers, and one more so that a slow query delays no one alone. More would mean smaller
+/// batches, more round trips and busier databases under a burst, and no gain when it is quiet.
+const LOOKUP_SLOTS: usize = 2;
+
+/// How [`SqlMetadataStore::manifests_named`] finds manifests.
+#[derive(Debug, Clone, Copy)]
+enum ManifestName {
+    Tag,
+    Digest,
+}
+
+impl ManifestName {
+    /// The statement finding the manifest of the repository and name in arguments `$repo` and
+    /// `$name`; its row is the repository, the name, and the manifest's digest, media type and
+    /// size.
+    fn select(self, repo: usize, name: usize) -> String {
+        match self {
+            ManifestName::Tag => format!(
+                "SELECT r.name, t.name, m.digest, m.media_type, m.size FROM tags t \
+                 JOIN repositories r ON r.id = t.repository_id \
+                 JOIN manifests m ON m.repository_id = t.repository_id AND m.digest = t.manifest_digest \
+                 WHERE r.name = ${repo} AND t.name = ${name}"
+            ),
+            ManifestName::Digest => format!(
+                "SELECT r.name, m.digest, m.digest, m.media_type, m.size FROM manifests m \
+                 JOIN repositories r ON r.id = m.repository_id WHERE r.name = ${repo} AND m.digest = ${name}"
+            ),
+        }
+    }
 }
 
 fn now() -> i64 {
@@ -154,6 +189,46 @@ async fn migrate(session: &mut Session) -> Result<(), MetadataError> {
 }
 
 impl SqlMetadataStore {
+    /// The manifests named by `(repository, tag or digest)` pairs, in one statement.
+    async fn manifests_named(
+        &self,
+        by: ManifestName,
+        keys: Vec<(String, String)>,
+    ) -> Result<HashMap<(String, String), ManifestInfo>, MetadataError> {
+        // One statement of one branch per key, each as the lookup of a single key is planned
+        // (by the unique repository name, then the primary keys): a list of pairs in one WHERE
+        // spans two tables, which neither database can look up by index. Padded to a power of
+        // two by repeating a key, so a few statement texts serve every batch size, each prepared
+        // once per connection.
+        let width = keys.len().next_power_of_two();
+        let sql = (0..width)
+            .map(|i| by.select(2 * i + 1, 2 * i + 2))
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        let args: Vec<Arg> = (0..width)
+            .flat_map(|i| {
+                let (repo, name) = &keys[i.min(keys.len() - 1)];
+                [Arg::from(repo), Arg::from(name)]
+            })
+            .collect();
+        let (sql, args) = (&sql, &args);
+        retried(move || async move {
+            let rows = self.plain().await?.all(sql, args).await?;
+            rows.iter()
+                .map(|row| {
+                    let key = (get(row, 0)?, get(row, 1)?);
+                    let info = ManifestInfo {
+                        digest: parse_digest(get(row, 2)?)?,
+                        media_type: get(row, 3)?,
+                        size: get::<i64>(row, 4)? as u64,
+                    };
+                    Ok((key, info))
+                })
+                .collect()
+        })
+        .await
+    }
+
     /// Connects to the database `config` names, creating and migrating its tables if needed.
     /// A database that cannot be reached within the connect timeout fails with
     /// [`MetadataError::is_unavailable`].
@@ -179,7 +254,8 @@ impl SqlMetadataStore {
         let store = SqlMetadataStore {
             pool,
             dialect,
-            manifests: Coalescer::default(),
+            by_tag: Batcher::new(LOOKUP_SLOTS),
+            by_digest: Batcher::new(LOOKUP_SLOTS),
         };
         retried(|| async {
             // A connection of its own without the statement timeout, since migrating a large
@@ -519,39 +595,15 @@ impl MetadataStore for SqlMetadataStore {
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<Option<ManifestInfo>, MetadataError> {
-        let (sql, key) = match reference {
-            Reference::Tag(tag) => (
-                "SELECT m.digest, m.media_type, m.size FROM tags t \
-                 JOIN repositories r ON r.id = t.repository_id \
-                 JOIN manifests m ON m.repository_id = t.repository_id AND m.digest = t.manifest_digest \
-                 WHERE r.name = $1 AND t.name = $2",
-                tag.to_string(),
-            ),
-            Reference::Digest(digest) => (
-                "SELECT m.digest, m.media_type, m.size FROM manifests m \
-                 JOIN repositories r ON r.id = m.repository_id WHERE r.name = $1 AND m.digest = $2",
-                digest.to_string(),
-            ),
+        let (lookups, by, name) = match reference {
+            Reference::Tag(tag) => (&self.by_tag, ManifestName::Tag, tag.to_string()),
+            Reference::Digest(digest) => {
+                (&self.by_digest, ManifestName::Digest, digest.to_string())
+            }
         };
-        let key = (repo.to_string(), key);
-        let reference = &key.1;
-        self.manifests
-            .read(&key, || {
-                retried(move || async move {
-                    let row = self
-                        .plain()
-                        .await?
-                        .optional(sql, args![repo.as_str(), reference])
-                        .await?;
-                    row.map(|row| {
-                        Ok(ManifestInfo {
-                            digest: parse_digest(get(&row, 0)?)?,
-                            media_type: get(&row, 1)?,
-                            size: get::<i64>(&row, 2)? as u64,
-                        })
-                    })
-                    .transpose()
-                })
+        lookups
+            .read(&(repo.to_string(), name), |keys| {
+                self.manifests_named(by, keys)
             })
             .await
     }
@@ -1144,6 +1196,7 @@ mod tests {
         behaviour_suite => postgres_passes_the_metadata_behaviour_suite, mysql_passes_the_metadata_behaviour_suite;
         reopening => postgres_reopening_keeps_data_and_instances_migrate_once, mysql_reopening_keeps_data_and_instances_migrate_once;
         concurrent_pushes => postgres_concurrent_pushes_into_one_repository_all_commit, mysql_concurrent_pushes_into_one_repository_all_commit;
+        concurrent_lookups => postgres_concurrent_lookups_are_answered_as_alone_and_see_a_moved_tag, mysql_concurrent_lookups_are_answered_as_alone_and_see_a_moved_tag;
         sessions => postgres_connections_are_serializable_with_the_statement_timeout, mysql_connections_are_serializable_with_the_statement_timeout;
         constraint => postgres_a_refused_statement_is_not_retried, mysql_a_refused_statement_is_not_retried;
         unreachable => postgres_an_unreachable_database_fails_as_unavailable_within_the_timeout, mysql_an_unreachable_database_fails_as_unavailable_within_the_timeout;
@@ -1272,6 +1325,88 @@ mod tests {
         let usage = store.usage().await.unwrap();
         let images: u64 = (0..16).map(|i| format!("image {i}").len() as u64).sum();
         assert_eq!(usage.repositories[0].bytes, 17 * 10 + images);
+    }
+
+    /// Lookups gathered into batches: found and missing keys of several repositories mixed, by
+    /// tag and by digest, each answered as it would be alone; and a tag moved while readers keep
+    /// asking is what every lookup starting after the move sees.
+    async fn concurrent_lookups(dialect: Dialect) {
+        use crate::metadata::behaviour::{manifest, push_blob};
+        let (store, _, _dir) = open(dialect).await;
+        let store = std::sync::Arc::new(store);
+        let repos: Vec<RepoName> = ["apps/one", "apps/two"]
+            .iter()
+            .map(|name| name.parse().unwrap())
+            .collect();
+        let mut expected = Vec::new();
+        for (r, repo) in repos.iter().enumerate() {
+            for i in 0..8 {
+                let layer = Digest::sha256_of(format!("layer {r} {i}").as_bytes());
+                push_blob(&*store, repo, &layer, 10).await;
+                let image = manifest(format!("image {r} {i}").as_bytes(), vec![layer]);
+                let tag: Tag = format!("v{i}").parse().unwrap();
+                store.put_manifest(repo, &image, Some(&tag)).await.unwrap();
+                let found = Some(image.digest.clone());
+                expected.push((repo.clone(), Reference::Tag(tag), found.clone()));
+                expected.push((repo.clone(), Reference::Digest(image.digest.clone()), found));
+                expected.push((repos[1 - r].clone(), Reference::Digest(image.digest), None));
+                let missing: Tag = format!("missing{i}").parse().unwrap();
+                expected.push((repo.clone(), Reference::Tag(missing), None));
+            }
+        }
+        let lookups: Vec<_> = expected
+            .iter()
+            .cycle()
+            .take(expected.len() * 4)
+            .map(|(repo, reference, digest)| {
+                let (store, repo, reference) = (store.clone(), repo.clone(), reference.clone());
+                let digest = digest.clone();
+                tokio::spawn(async move {
+                    let info = store.manifest(&repo, &reference).await.unwrap();
+                    assert_eq!(info.map(|info| info.digest), digest, "{repo} {reference}");
+                })
+            })
+            .collect();
+        for lookup in lookups {
+            lookup.await.unwrap();
+        }
+
+        let repo = &repos[0];
+        let tag: Tag = "v0".parse().unwrap();
+        let asking = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let readers: Vec<_> = (0..8)
+            .map(|_| {
+                let (store, repo, asking) = (store.clone(), repo.clone(), asking.clone());
+                let reference = Reference::Tag(tag.clone());
+                tokio::spawn(async move {
+                    while asking.load(std::sync::atomic::Ordering::Relaxed) {
+                        store.manifest(&repo, &reference).await.unwrap().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for round in 0..20 {
+            let image = manifest(format!("moved {round}").as_bytes(), vec![]);
+            store.put_manifest(repo, &image, Some(&tag)).await.unwrap();
+            let after: Vec<_> = (0..8)
+                .map(|_| {
+                    let (store, repo) = (store.clone(), repo.clone());
+                    let reference = Reference::Tag(tag.clone());
+                    tokio::spawn(async move { store.manifest(&repo, &reference).await.unwrap() })
+                })
+                .collect();
+            for lookup in after {
+                let info = lookup.await.unwrap().unwrap();
+                assert_eq!(
+                    info.digest, image.digest,
+                    "round {round}: a lookup after the move"
+                );
+            }
+        }
+        asking.store(false, std::sync::atomic::Ordering::Relaxed);
+        for reader in readers {
+            reader.await.unwrap();
+        }
     }
 
     async fn sessions(dialect: Dialect) {
