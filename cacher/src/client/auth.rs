@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use berth_oci::Challenge;
 use reqwest::header::{HeaderMap, HeaderValue, WWW_AUTHENTICATE};
 use serde::Deserialize;
 use zeroize::Zeroizing;
@@ -18,15 +19,6 @@ const MAX_TOKEN_RESPONSE: usize = 1024 * 1024;
 
 /// Lifetime assumed when a token service does not say, per the token specification.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Challenge {
-    Basic,
-    Bearer {
-        realm: String,
-        service: Option<String>,
-    },
-}
 
 struct CachedToken {
     value: Secret,
@@ -77,7 +69,7 @@ impl Authenticator {
             .get_all(WWW_AUTHENTICATE)
             .iter()
             .filter_map(|value| value.to_str().ok())
-            .find_map(parse_challenge);
+            .find_map(Challenge::parse);
         let mut state = self.state.lock().expect("auth state lock");
         state.tokens.remove(&scope.key());
         if challenge.is_some() {
@@ -105,7 +97,7 @@ impl Authenticator {
                 Some(credentials) => basic_value(credentials),
                 None => return Ok(None),
             },
-            Some(Challenge::Bearer { realm, service }) => {
+            Some(Challenge::Bearer { realm, service, .. }) => {
                 let token = self
                     .token(http, retry, &realm, service.as_deref(), scope)
                     .await?;
@@ -210,82 +202,9 @@ fn basic_value(credentials: &Credentials) -> Zeroizing<String> {
     Zeroizing::new(format!("Basic {}", *encoded))
 }
 
-/// Parses one `WWW-Authenticate` value: `Basic realm="x"` or
-/// `Bearer realm="https://auth",service="registry",scope="repository:a:pull,push"`.
-pub(super) fn parse_challenge(header: &str) -> Option<Challenge> {
-    let header = header.trim();
-    let (scheme, params) = header.split_once(' ').unwrap_or((header, ""));
-    match scheme.to_ascii_lowercase().as_str() {
-        "basic" => Some(Challenge::Basic),
-        "bearer" => {
-            let params = parse_params(params);
-            let realm = params.get("realm")?.clone();
-            Some(Challenge::Bearer {
-                realm,
-                service: params.get("service").cloned(),
-            })
-        }
-        _ => None,
-    }
-}
-
-/// `key="quoted, value",key2=token` pairs; quoted values may hold commas and `\"`.
-fn parse_params(input: &str) -> HashMap<String, String> {
-    let mut params = HashMap::new();
-    let mut chars = input.chars().peekable();
-    loop {
-        while chars.next_if(|c| *c == ',' || c.is_whitespace()).is_some() {}
-        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=')).collect();
-        if key.is_empty() || chars.next() != Some('=') {
-            return params;
-        }
-        let mut value = String::new();
-        if chars.next_if_eq(&'"').is_some() {
-            while let Some(c) = chars.next() {
-                match c {
-                    '\\' => value.extend(chars.next()),
-                    '"' => break,
-                    c => value.push(c),
-                }
-            }
-        } else {
-            value.extend(std::iter::from_fn(|| chars.next_if(|c| *c != ',')));
-        }
-        params.insert(key.trim().to_ascii_lowercase(), value.trim().to_owned());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_docker_hub_style_bearer_challenges() {
-        let challenge = parse_challenge(
-            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/ubuntu:pull,push""#,
-        );
-        assert_eq!(
-            challenge,
-            Some(Challenge::Bearer {
-                realm: "https://auth.docker.io/token".into(),
-                service: Some("registry.docker.io".into()),
-            })
-        );
-        let params = parse_params(r#"realm="a\"b", scope="x:y:pull,push",error=invalid_token"#);
-        assert_eq!(params["realm"], "a\"b");
-        assert_eq!(params["scope"], "x:y:pull,push");
-        assert_eq!(params["error"], "invalid_token");
-    }
-
-    #[test]
-    fn parses_basic_and_ignores_unknown_schemes() {
-        assert_eq!(
-            parse_challenge(r#"Basic realm="Registry""#),
-            Some(Challenge::Basic)
-        );
-        assert_eq!(parse_challenge("Negotiate abc"), None);
-        assert_eq!(parse_challenge("Bearer service=x"), None);
-    }
 
     #[test]
     fn basic_header_is_base64_of_user_colon_password() {
@@ -294,66 +213,5 @@ mod tests {
             password: Secret::new("pass".into()),
         };
         assert_eq!(*basic_value(&credentials), "Basic dXNlcjpwYXNz");
-    }
-}
-
-#[cfg(test)]
-mod properties {
-    use std::collections::BTreeMap;
-
-    use proptest::prelude::*;
-
-    use super::*;
-    use crate::generated::{CASES, text_of};
-
-    const PIECES: &[&str] = &[
-        "Bearer ",
-        "Basic ",
-        "bearer",
-        " ",
-        ",",
-        "=",
-        "\"",
-        "\\",
-        "realm",
-        "service",
-        "scope",
-        "error",
-        "=\"",
-        "\",",
-        "https://auth.example/token",
-        "repository:a/b:pull,push",
-    ];
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(CASES))]
-
-        /// Whatever a registry sends as `WWW-Authenticate`, parsing answers without panicking.
-        #[test]
-        fn any_challenge_parses_or_is_ignored(header in text_of(PIECES)) {
-            if let Some(Challenge::Bearer { realm, .. }) = parse_challenge(&header) {
-                prop_assert!(header.to_ascii_lowercase().contains("realm"), "{}", realm);
-            }
-        }
-
-        /// Quoted values come back as they were, whatever they hold.
-        #[test]
-        fn quoted_parameters_round_trip(
-            params in prop::collection::btree_map("[a-z]{1,8}", any::<String>(), 0..5)
-        ) {
-            let header: Vec<String> = params
-                .iter()
-                .map(|(key, value)| {
-                    let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
-                    format!("{key}=\"{escaped}\"")
-                })
-                .collect();
-            let parsed: BTreeMap<String, String> = parse_params(&header.join(", ")).into_iter().collect();
-            let expected: BTreeMap<String, String> = params
-                .into_iter()
-                .map(|(key, value)| (key, value.trim().to_owned()))
-                .collect();
-            prop_assert_eq!(parsed, expected);
-        }
     }
 }

@@ -5,7 +5,6 @@
 //! against the upstream with a `HEAD` at most once per `revalidate_seconds`; a manifest asked for
 //! by digest is served from the cache without asking the upstream.
 
-mod challenge;
 mod config;
 mod fetch;
 mod manifests;

@@ -5,13 +5,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode, header};
-use berth_oci::Digest;
+use berth_oci::{Challenge, Digest};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use reqwest::{Method, RequestBuilder, Response};
 use serde::Deserialize;
 
-use super::challenge::{self, Challenge};
 use super::config::{Credentials, UpstreamConfig};
 use crate::config::ConfigError;
 use crate::metrics::Metrics;
@@ -284,7 +283,7 @@ impl Upstream {
             .headers()
             .get(header::WWW_AUTHENTICATE)
             .and_then(|v| v.to_str().ok())
-            .and_then(challenge::parse)
+            .and_then(Challenge::parse)
             .ok_or_else(|| self.unauthorized("no usable WWW-Authenticate challenge".into()))?;
         let login = self.log_in(metrics, remote, challenge).await?;
         self.logins
