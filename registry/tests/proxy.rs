@@ -465,6 +465,45 @@ fn content_that_proves_wrong_is_not_stored_and_the_next_pull_gets_it_right() {
 }
 
 #[test]
+fn a_blob_the_upstream_refuses_leaves_no_upload_behind() {
+    let distribution = Distribution::start(None);
+    let image = Image::generate(1916, "amd64", &[300_000]);
+    distribution.push("library/alpine:3.21", &image);
+    let proxy = CountingProxy::start(distribution.addr());
+    let registry = Registry::start_with_config(&proxy_config(&proxy.host(), None));
+    assert_eq!(
+        manifest(registry.addr(), "GET", "hub/alpine", "3.21").status,
+        200
+    );
+    let layer = &image.layers[0].blob;
+    let path = format!("/v2/hub/alpine/blobs/{}", layer.digest);
+    // The session is opened while the upstream answers; an upstream refusing the blob must take
+    // it away again, rows and files.
+    proxy.set_mode(Mode::RateLimited);
+    let refused = blocking_get(registry.addr(), &path, Duration::from_secs(30)).unwrap();
+    assert_eq!(
+        refused.status,
+        429,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    let uploads = std::fs::read_dir(registry.root().join("uploads"))
+        .unwrap()
+        .count();
+    assert_eq!(uploads, 0, "no upload directory left");
+    assert_eq!(
+        registry.metadata_rows("SELECT COUNT(*) FROM uploads"),
+        vec![vec!["0".to_owned()]],
+        "no upload session left"
+    );
+
+    proxy.set_mode(Mode::Relay);
+    let fetched = blocking_get(registry.addr(), &path, Duration::from_secs(30)).unwrap();
+    assert_eq!(fetched.status, 200);
+    assert_eq!(fetched.body.len(), layer.size());
+}
+
+#[test]
 fn docker_and_ctr_pull_through_the_proxy() {
     let distribution = Distribution::start(None);
     let image = Image::generate(1908, "amd64", &[50_000]);

@@ -190,29 +190,41 @@ impl Download {
             return Ok(None);
         }
         let upstream = &self.mirror.upstream;
-        let response = upstream
-            .get_blob(&state.metrics, &self.mirror.remote, &self.digest)
-            .await
-            .map_err(|err| match err {
-                UpstreamError::NotFound { .. } => {
-                    RegistryError::BlobUnknown(Some(self.digest.clone()))
+        let checked = async {
+            let response = upstream
+                .get_blob(&state.metrics, &self.mirror.remote, &self.digest)
+                .await
+                .map_err(|err| match err {
+                    UpstreamError::NotFound { .. } => {
+                        RegistryError::BlobUnknown(Some(self.digest.clone()))
+                    }
+                    other => other.into(),
+                })?;
+            if let Some(length) = response.content_length()
+                && length != self.size
+            {
+                return Err(UpstreamError::Invalid {
+                    upstream: upstream.prefix.clone(),
+                    reason: format!(
+                        "{} is {length} bytes there, {} by its manifest",
+                        self.digest, self.size
+                    ),
                 }
-                other => other.into(),
-            })?;
-        if let Some(length) = response.content_length()
-            && length != self.size
-        {
-            return Err(UpstreamError::Invalid {
-                upstream: upstream.prefix.clone(),
-                reason: format!(
-                    "{} is {length} bytes there, {} by its manifest",
-                    self.digest, self.size
-                ),
+                .into());
             }
-            .into());
+            Ok(response)
+        };
+        // The session is opened while the upstream answers: its bookkeeping (a row and a
+        // directory, each made durable) stays out of the client's wait for the first byte.
+        let (response, id) = tokio::join!(checked, crate::api::start_upload(state, &self.repo));
+        match (response, id) {
+            (Ok(response), Ok(id)) => Ok(Some((response, id))),
+            (Err(err), Ok(id)) => {
+                let _ = crate::api::discard_upload(state, id).await;
+                Err(err)
+            }
+            (_, Err(err)) => Err(err),
         }
-        let id = crate::api::start_upload(state, &self.repo).await?;
-        Ok(Some((response, id)))
     }
 
     /// Streams the body into upload `id` and to the first client, then commits it, which checks
