@@ -37,42 +37,52 @@ pub use config::{DatabaseConfig, DatabaseTls, MetadataConfig, TlsMode};
 pub struct SqlMetadataStore {
     pool: AnyPool,
     dialect: Dialect,
-    /// Manifest lookups by (repository, tag) and by (repository, digest), every pull's first
-    /// read: batched when they come faster than the database answers.
+    /// The lookups every pull makes (which manifest a tag or digest names in a repository,
+    /// whether a repository owns a blob): batched when they come faster than the database
+    /// answers.
     by_tag: Batcher<(String, String), ManifestInfo>,
     by_digest: Batcher<(String, String), ManifestInfo>,
+    owned_blobs: Batcher<(String, String), u64>,
 }
 
-/// Manifest lookups of one kind in flight at once: one to keep the database busy while the next
-/// batch gathers, and one more so that a slow query delays no one alone. More would mean smaller
+/// Lookups of one kind in flight at once: one to keep the database busy while the next batch
+/// gathers, and one more so that a slow query delays no one alone. More would mean smaller
 /// batches, more round trips and busier databases under a burst, and no gain when it is quiet.
 const LOOKUP_SLOTS: usize = 2;
 
-/// How [`SqlMetadataStore::manifests_named`] finds manifests.
-#[derive(Debug, Clone, Copy)]
-enum ManifestName {
-    Tag,
-    Digest,
+/// The statements [`SqlMetadataStore::look_up`] batches: each finds what the repository and name
+/// in arguments `$repo` and `$name` have, in a row that starts with that repository and name.
+fn manifest_by_tag(repo: usize, name: usize) -> String {
+    format!(
+        "SELECT r.name, t.name, m.digest, m.media_type, m.size FROM tags t \
+         JOIN repositories r ON r.id = t.repository_id \
+         JOIN manifests m ON m.repository_id = t.repository_id AND m.digest = t.manifest_digest \
+         WHERE r.name = ${repo} AND t.name = ${name}"
+    )
 }
 
-impl ManifestName {
-    /// The statement finding the manifest of the repository and name in arguments `$repo` and
-    /// `$name`; its row is the repository, the name, and the manifest's digest, media type and
-    /// size.
-    fn select(self, repo: usize, name: usize) -> String {
-        match self {
-            ManifestName::Tag => format!(
-                "SELECT r.name, t.name, m.digest, m.media_type, m.size FROM tags t \
-                 JOIN repositories r ON r.id = t.repository_id \
-                 JOIN manifests m ON m.repository_id = t.repository_id AND m.digest = t.manifest_digest \
-                 WHERE r.name = ${repo} AND t.name = ${name}"
-            ),
-            ManifestName::Digest => format!(
-                "SELECT r.name, m.digest, m.digest, m.media_type, m.size FROM manifests m \
-                 JOIN repositories r ON r.id = m.repository_id WHERE r.name = ${repo} AND m.digest = ${name}"
-            ),
-        }
-    }
+fn manifest_by_digest(repo: usize, name: usize) -> String {
+    format!(
+        "SELECT r.name, m.digest, m.digest, m.media_type, m.size FROM manifests m \
+         JOIN repositories r ON r.id = m.repository_id WHERE r.name = ${repo} AND m.digest = ${name}"
+    )
+}
+
+fn owned_blob(repo: usize, name: usize) -> String {
+    format!(
+        "SELECT r.name, rb.digest, b.size FROM repository_blobs rb \
+         JOIN repositories r ON r.id = rb.repository_id \
+         JOIN blobs b ON b.digest = rb.digest \
+         WHERE r.name = ${repo} AND rb.digest = ${name}"
+    )
+}
+
+fn manifest_info(row: &sqlx::any::AnyRow) -> Result<ManifestInfo, MetadataError> {
+    Ok(ManifestInfo {
+        digest: parse_digest(get(row, 2)?)?,
+        media_type: get(row, 3)?,
+        size: get::<i64>(row, 4)? as u64,
+    })
 }
 
 fn now() -> i64 {
@@ -189,12 +199,14 @@ async fn migrate(session: &mut Session) -> Result<(), MetadataError> {
 }
 
 impl SqlMetadataStore {
-    /// The manifests named by `(repository, tag or digest)` pairs, in one statement.
-    async fn manifests_named(
+    /// What each `(repository, name)` key has, in one statement: `select` finds one key's row,
+    /// `value` reads the rest of it.
+    async fn look_up<V>(
         &self,
-        by: ManifestName,
         keys: Vec<(String, String)>,
-    ) -> Result<HashMap<(String, String), ManifestInfo>, MetadataError> {
+        select: fn(usize, usize) -> String,
+        value: fn(&sqlx::any::AnyRow) -> Result<V, MetadataError>,
+    ) -> Result<HashMap<(String, String), V>, MetadataError> {
         // One statement of one branch per key, each as the lookup of a single key is planned
         // (by the unique repository name, then the primary keys): a list of pairs in one WHERE
         // spans two tables, which neither database can look up by index. Padded to a power of
@@ -202,7 +214,7 @@ impl SqlMetadataStore {
         // once per connection.
         let width = keys.len().next_power_of_two();
         let sql = (0..width)
-            .map(|i| by.select(2 * i + 1, 2 * i + 2))
+            .map(|i| select(2 * i + 1, 2 * i + 2))
             .collect::<Vec<_>>()
             .join(" UNION ALL ");
         let args: Vec<Arg> = (0..width)
@@ -215,15 +227,7 @@ impl SqlMetadataStore {
         retried(move || async move {
             let rows = self.plain().await?.all(sql, args).await?;
             rows.iter()
-                .map(|row| {
-                    let key = (get(row, 0)?, get(row, 1)?);
-                    let info = ManifestInfo {
-                        digest: parse_digest(get(row, 2)?)?,
-                        media_type: get(row, 3)?,
-                        size: get::<i64>(row, 4)? as u64,
-                    };
-                    Ok((key, info))
-                })
+                .map(|row| Ok(((get(row, 0)?, get(row, 1)?), value(row)?)))
                 .collect()
         })
         .await
@@ -256,6 +260,7 @@ impl SqlMetadataStore {
             dialect,
             by_tag: Batcher::new(LOOKUP_SLOTS),
             by_digest: Batcher::new(LOOKUP_SLOTS),
+            owned_blobs: Batcher::new(LOOKUP_SLOTS),
         };
         retried(|| async {
             // A connection of its own without the statement timeout, since migrating a large
@@ -420,22 +425,11 @@ impl MetadataStore for SqlMetadataStore {
         repo: &RepoName,
         digest: &Digest,
     ) -> Result<Option<u64>, MetadataError> {
-        let digest = &digest.to_string();
-        retried(move || async move {
-            let row = self
-                .plain()
-                .await?
-                .optional(
-                    "SELECT b.size FROM repository_blobs rb \
-                     JOIN repositories r ON r.id = rb.repository_id \
-                     JOIN blobs b ON b.digest = rb.digest \
-                     WHERE r.name = $1 AND rb.digest = $2",
-                    args![repo.as_str(), digest],
-                )
-                .await?;
-            row.map(|row| Ok(get::<i64>(&row, 0)? as u64)).transpose()
-        })
-        .await
+        self.owned_blobs
+            .read(&(repo.to_string(), digest.to_string()), |keys| {
+                self.look_up(keys, owned_blob, |row| Ok(get::<i64>(row, 2)? as u64))
+            })
+            .await
     }
 
     async fn blob_owners(
@@ -595,15 +589,13 @@ impl MetadataStore for SqlMetadataStore {
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<Option<ManifestInfo>, MetadataError> {
-        let (lookups, by, name) = match reference {
-            Reference::Tag(tag) => (&self.by_tag, ManifestName::Tag, tag.to_string()),
-            Reference::Digest(digest) => {
-                (&self.by_digest, ManifestName::Digest, digest.to_string())
-            }
+        let (lookups, select, name): (_, fn(usize, usize) -> String, _) = match reference {
+            Reference::Tag(tag) => (&self.by_tag, manifest_by_tag, tag.to_string()),
+            Reference::Digest(digest) => (&self.by_digest, manifest_by_digest, digest.to_string()),
         };
         lookups
             .read(&(repo.to_string(), name), |keys| {
-                self.manifests_named(by, keys)
+                self.look_up(keys, select, manifest_info)
             })
             .await
     }
@@ -1328,7 +1320,7 @@ mod tests {
     }
 
     /// Lookups gathered into batches: found and missing keys of several repositories mixed, by
-    /// tag and by digest, each answered as it would be alone; and a tag moved while readers keep
+    /// tag, by digest and of blobs, each answered as it would be alone; and a tag moved while readers keep
     /// asking is what every lookup starting after the move sees.
     async fn concurrent_lookups(dialect: Dialect) {
         use crate::metadata::behaviour::{manifest, push_blob};
@@ -1339,10 +1331,13 @@ mod tests {
             .map(|name| name.parse().unwrap())
             .collect();
         let mut expected = Vec::new();
+        let mut owned = Vec::new();
         for (r, repo) in repos.iter().enumerate() {
             for i in 0..8 {
                 let layer = Digest::sha256_of(format!("layer {r} {i}").as_bytes());
-                push_blob(&*store, repo, &layer, 10).await;
+                push_blob(&*store, repo, &layer, 10 + i).await;
+                owned.push((repo.clone(), layer.clone(), Some(10 + i)));
+                owned.push((repos[1 - r].clone(), layer.clone(), None));
                 let image = manifest(format!("image {r} {i}").as_bytes(), vec![layer]);
                 let tag: Tag = format!("v{i}").parse().unwrap();
                 store.put_manifest(repo, &image, Some(&tag)).await.unwrap();
@@ -1367,7 +1362,20 @@ mod tests {
                 })
             })
             .collect();
-        for lookup in lookups {
+        let blob_lookups: Vec<_> = owned
+            .iter()
+            .cycle()
+            .take(owned.len() * 4)
+            .map(|(repo, digest, size)| {
+                let (store, repo, digest, size) =
+                    (store.clone(), repo.clone(), digest.clone(), *size);
+                tokio::spawn(async move {
+                    let found = store.repository_blob(&repo, &digest).await.unwrap();
+                    assert_eq!(found, size, "{repo} {digest}");
+                })
+            })
+            .collect();
+        for lookup in lookups.into_iter().chain(blob_lookups) {
             lookup.await.unwrap();
         }
 
