@@ -137,10 +137,10 @@ pub(crate) fn validate(upstreams: &[UpstreamConfig]) -> Result<(), ConfigError> 
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn upstream(prefix: &str) -> UpstreamConfig {
+impl UpstreamConfig {
+    /// Docker Hub mirrored anonymously under `prefix` with the default window: the tests' usual
+    /// upstream, changed field by field where a test needs another.
+    pub(crate) fn hub(prefix: &str) -> UpstreamConfig {
         UpstreamConfig {
             prefix: prefix.into(),
             url: "https://registry-1.docker.io".into(),
@@ -151,30 +151,39 @@ mod tests {
             revalidate_seconds: 300,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn prefixes_are_single_unique_path_components() {
         for good in ["hub", "ghcr.io", "quay", "a-b", "a__b", "x1"] {
-            assert!(validate(&[upstream(good)]).is_ok(), "{good}");
+            assert!(validate(&[UpstreamConfig::hub(good)]).is_ok(), "{good}");
         }
         for bad in [
             "", "Hub", "hub/x", "-hub", "hub-", "a..b", "a___b", "a._b", "hub:1", "*",
         ] {
-            assert!(validate(&[upstream(bad)]).is_err(), "{bad:?}");
+            assert!(validate(&[UpstreamConfig::hub(bad)]).is_err(), "{bad:?}");
         }
-        let twice = validate(&[upstream("hub"), upstream("ghcr"), upstream("hub")]);
+        let twice = validate(&[
+            UpstreamConfig::hub("hub"),
+            UpstreamConfig::hub("ghcr"),
+            UpstreamConfig::hub("hub"),
+        ]);
         assert!(twice.unwrap_err().to_string().contains("twice"));
     }
 
     #[test]
     fn urls_and_credentials_are_checked() {
-        let mut bad_url = upstream("hub");
+        let mut bad_url = UpstreamConfig::hub("hub");
         bad_url.url = "registry-1.docker.io".into();
         assert!(validate(&[bad_url]).is_err());
-        let mut ftp = upstream("hub");
+        let mut ftp = UpstreamConfig::hub("hub");
         ftp.url = "ftp://example.org".into();
         assert!(validate(&[ftp]).is_err());
-        let mut half = upstream("hub");
+        let mut half = UpstreamConfig::hub("hub");
         half.username = Some("me".into());
         assert!(
             validate(&[half])
@@ -182,7 +191,7 @@ mod tests {
                 .to_string()
                 .contains("together")
         );
-        let mut never = upstream("hub");
+        let mut never = UpstreamConfig::hub("hub");
         never.revalidate_seconds = 0;
         assert!(validate(&[never]).is_err());
     }
@@ -192,7 +201,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("password");
         std::fs::write(&file, "s3cret-pass\n").unwrap();
-        let mut config = upstream("hub");
+        let mut config = UpstreamConfig::hub("hub");
         config.username = Some("puller".into());
         config.password_file = Some(file);
         let credentials = config.credentials().unwrap().unwrap();

@@ -117,15 +117,7 @@ mod tests {
     use super::*;
 
     fn proxy() -> Proxy {
-        let hub = UpstreamConfig {
-            prefix: "hub".into(),
-            url: "https://registry-1.docker.io".into(),
-            docker_hub: true,
-            username: None,
-            password_file: None,
-            ca_file: None,
-            revalidate_seconds: 300,
-        };
+        let hub = UpstreamConfig::hub("hub");
         let ghcr = UpstreamConfig {
             prefix: "ghcr".into(),
             url: "https://ghcr.io".into(),

@@ -494,15 +494,7 @@ mod tests {
 
     #[test]
     fn docker_hub_names_gain_library() {
-        let mut config = UpstreamConfig {
-            prefix: "hub".into(),
-            url: "https://registry-1.docker.io".into(),
-            docker_hub: true,
-            username: None,
-            password_file: None,
-            ca_file: None,
-            revalidate_seconds: 300,
-        };
+        let mut config = UpstreamConfig::hub("hub");
         let hub = Upstream::new(&config).unwrap();
         assert_eq!(hub.remote_name("alpine"), "library/alpine");
         assert_eq!(hub.remote_name("library/alpine"), "library/alpine");
