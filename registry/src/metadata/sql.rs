@@ -9,7 +9,6 @@
 //! one of two transactions that could not have run one after the other, InnoDB locks what each
 //! reads); the loser is run again from the start by [`db::retried`].
 
-use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -17,7 +16,7 @@ use berth_oci::{Digest, Reference, RepoName, Tag};
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
 
-use super::batch::Batcher;
+use super::batch::{self, Batcher};
 use super::{
     Expired, Garbage, ManifestInfo, MetadataError, MetadataStore, NewManifest, Page, PageRequest,
     Pull, Referrer, TaggedManifest, Usage,
@@ -40,9 +39,44 @@ pub struct SqlMetadataStore {
     /// The lookups every pull makes (which manifest a tag or digest names in a repository,
     /// whether a repository owns a blob): batched when they come faster than the database
     /// answers.
-    by_tag: Batcher<(String, String), ManifestInfo>,
-    by_digest: Batcher<(String, String), ManifestInfo>,
-    owned_blobs: Batcher<(String, String), u64>,
+    by_tag: Lookup<ManifestInfo>,
+    by_digest: Lookup<ManifestInfo>,
+    owned_blobs: Lookup<u64>,
+}
+
+/// One kind of lookup by `(repository, name)`: its batcher and its statement for every batch
+/// width, built once.
+struct Lookup<V> {
+    batcher: Batcher<(String, String), V>,
+    /// For `2^i` keys at index `i`: one branch per key, each planned as the lookup of a single
+    /// key is (by the unique repository name, then the primary keys), since a list of pairs in
+    /// one WHERE spans two tables, which neither database can look up by index. Batches are
+    /// padded to a power of two by repeating a key, so that these few texts serve every size,
+    /// each prepared once per connection.
+    statements: Vec<String>,
+    /// Reads what a row found, after the repository and name that start it.
+    value: fn(&sqlx::any::AnyRow) -> Result<V, MetadataError>,
+}
+
+impl<V: Clone> Lookup<V> {
+    fn new(
+        select: fn(usize, usize) -> String,
+        value: fn(&sqlx::any::AnyRow) -> Result<V, MetadataError>,
+    ) -> Self {
+        let statements = (0..=batch::MAX_KEYS.trailing_zeros())
+            .map(|power| {
+                (0..1usize << power)
+                    .map(|i| select(2 * i + 1, 2 * i + 2))
+                    .collect::<Vec<_>>()
+                    .join(" UNION ALL ")
+            })
+            .collect();
+        Lookup {
+            batcher: Batcher::new(LOOKUP_SLOTS),
+            statements,
+            value,
+        }
+    }
 }
 
 /// Lookups of one kind in flight at once: one to keep the database busy while the next batch
@@ -50,8 +84,8 @@ pub struct SqlMetadataStore {
 /// batches, more round trips and busier databases under a burst, and no gain when it is quiet.
 const LOOKUP_SLOTS: usize = 2;
 
-/// The statements [`SqlMetadataStore::look_up`] batches: each finds what the repository and name
-/// in arguments `$repo` and `$name` have, in a row that starts with that repository and name.
+/// The statements of the lookups: each finds what the repository and name in arguments `$repo`
+/// and `$name` have, in a row that starts with that repository and name.
 fn manifest_by_tag(repo: usize, name: usize) -> String {
     format!(
         "SELECT r.name, t.name, m.digest, m.media_type, m.size FROM tags t \
@@ -199,38 +233,33 @@ async fn migrate(session: &mut Session) -> Result<(), MetadataError> {
 }
 
 impl SqlMetadataStore {
-    /// What each `(repository, name)` key has, in one statement: `select` finds one key's row,
-    /// `value` reads the rest of it.
-    async fn look_up<V>(
+    /// What `key` has, read by `lookup` in one statement with the other keys asked meanwhile.
+    async fn look_up<V: Clone>(
         &self,
-        keys: Vec<(String, String)>,
-        select: fn(usize, usize) -> String,
-        value: fn(&sqlx::any::AnyRow) -> Result<V, MetadataError>,
-    ) -> Result<HashMap<(String, String), V>, MetadataError> {
-        // One statement of one branch per key, each as the lookup of a single key is planned
-        // (by the unique repository name, then the primary keys): a list of pairs in one WHERE
-        // spans two tables, which neither database can look up by index. Padded to a power of
-        // two by repeating a key, so a few statement texts serve every batch size, each prepared
-        // once per connection.
-        let width = keys.len().next_power_of_two();
-        let sql = (0..width)
-            .map(|i| select(2 * i + 1, 2 * i + 2))
-            .collect::<Vec<_>>()
-            .join(" UNION ALL ");
-        let args: Vec<Arg> = (0..width)
-            .flat_map(|i| {
-                let (repo, name) = &keys[i.min(keys.len() - 1)];
-                [Arg::from(repo), Arg::from(name)]
+        lookup: &Lookup<V>,
+        key: (String, String),
+    ) -> Result<Option<V>, MetadataError> {
+        lookup
+            .batcher
+            .read(&key, |keys| async move {
+                let width = keys.len().next_power_of_two();
+                let sql = &lookup.statements[width.trailing_zeros() as usize];
+                let args: Vec<Arg> = (0..width)
+                    .flat_map(|i| {
+                        let (repo, name) = &keys[i.min(keys.len() - 1)];
+                        [Arg::from(repo), Arg::from(name)]
+                    })
+                    .collect();
+                let args = &args;
+                retried(move || async move {
+                    let rows = self.plain().await?.all(sql, args).await?;
+                    rows.iter()
+                        .map(|row| Ok(((get(row, 0)?, get(row, 1)?), (lookup.value)(row)?)))
+                        .collect()
+                })
+                .await
             })
-            .collect();
-        let (sql, args) = (&sql, &args);
-        retried(move || async move {
-            let rows = self.plain().await?.all(sql, args).await?;
-            rows.iter()
-                .map(|row| Ok(((get(row, 0)?, get(row, 1)?), value(row)?)))
-                .collect()
-        })
-        .await
+            .await
     }
 
     /// Connects to the database `config` names, creating and migrating its tables if needed.
@@ -258,9 +287,9 @@ impl SqlMetadataStore {
         let store = SqlMetadataStore {
             pool,
             dialect,
-            by_tag: Batcher::new(LOOKUP_SLOTS),
-            by_digest: Batcher::new(LOOKUP_SLOTS),
-            owned_blobs: Batcher::new(LOOKUP_SLOTS),
+            by_tag: Lookup::new(manifest_by_tag, manifest_info),
+            by_digest: Lookup::new(manifest_by_digest, manifest_info),
+            owned_blobs: Lookup::new(owned_blob, |row| Ok(get::<i64>(row, 2)? as u64)),
         };
         retried(|| async {
             // A connection of its own without the statement timeout, since migrating a large
@@ -425,10 +454,7 @@ impl MetadataStore for SqlMetadataStore {
         repo: &RepoName,
         digest: &Digest,
     ) -> Result<Option<u64>, MetadataError> {
-        self.owned_blobs
-            .read(&(repo.to_string(), digest.to_string()), |keys| {
-                self.look_up(keys, owned_blob, |row| Ok(get::<i64>(row, 2)? as u64))
-            })
+        self.look_up(&self.owned_blobs, (repo.to_string(), digest.to_string()))
             .await
     }
 
@@ -589,15 +615,11 @@ impl MetadataStore for SqlMetadataStore {
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<Option<ManifestInfo>, MetadataError> {
-        let (lookups, select, name): (_, fn(usize, usize) -> String, _) = match reference {
-            Reference::Tag(tag) => (&self.by_tag, manifest_by_tag, tag.to_string()),
-            Reference::Digest(digest) => (&self.by_digest, manifest_by_digest, digest.to_string()),
+        let (lookup, name) = match reference {
+            Reference::Tag(tag) => (&self.by_tag, tag.to_string()),
+            Reference::Digest(digest) => (&self.by_digest, digest.to_string()),
         };
-        lookups
-            .read(&(repo.to_string(), name), |keys| {
-                self.look_up(keys, select, manifest_info)
-            })
-            .await
+        self.look_up(lookup, (repo.to_string(), name)).await
     }
 
     async fn delete_manifest(
