@@ -237,9 +237,10 @@ fn a_tag_costs_one_upstream_get_then_heads_once_per_window_and_follows_upstream_
         image.manifest.digest
     );
     assert_eq!(proxy.requests(), vec![]);
-    // The full name pulls the same image from the same upstream repository.
+    // The full name is the same repository: the same image, from the cache, no second Hub pull.
     let full = skopeo_pull(registry.addr(), "hub/library/alpine:3.20", dir.path()).unwrap();
     assert_eq!(full, moved.manifest.digest);
+    assert_eq!(proxy.requests(), vec![]);
 }
 
 #[test]

@@ -268,6 +268,8 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
         response.extensions_mut().insert(RouteLabel(label));
         return response;
     }
+    // Authorized as spelled (policies are per namespace, which this keeps), stored as one name.
+    let route = route.map_repository(|repo| state.proxy.canonical(repo));
     let shared = &state;
     let state = &*state;
     let allow = route.allowed_methods();

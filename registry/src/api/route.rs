@@ -42,6 +42,19 @@ impl Route {
         }
     }
 
+    /// The same route, about the repository `rename` makes of its own.
+    pub(crate) fn map_repository(self, rename: impl FnOnce(RepoName) -> RepoName) -> Route {
+        match self {
+            Route::Catalog => Route::Catalog,
+            Route::Manifest(repo, reference) => Route::Manifest(rename(repo), reference),
+            Route::Blob(repo, digest) => Route::Blob(rename(repo), digest),
+            Route::UploadStart(repo) => Route::UploadStart(rename(repo)),
+            Route::Upload(repo, id) => Route::Upload(rename(repo), id),
+            Route::Tags(repo) => Route::Tags(rename(repo)),
+            Route::Referrers(repo, digest) => Route::Referrers(rename(repo), digest),
+        }
+    }
+
     /// The methods the route answers, for the `Allow` header of a 405.
     pub(crate) fn allowed_methods(&self) -> &'static str {
         match self {

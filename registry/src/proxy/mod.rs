@@ -68,6 +68,20 @@ impl Proxy {
         })
     }
 
+    /// The one local name of what `repo` mirrors: Docker Hub's `alpine` is `library/alpine`, so
+    /// `hub/alpine` and `hub/library/alpine` share one cache and cost one Hub pull, not two.
+    pub fn canonical(&self, repo: RepoName) -> RepoName {
+        let Some(mirror) = self.mirror(&repo) else {
+            return repo;
+        };
+        let local = format!("{}/{}", mirror.upstream.prefix, mirror.remote);
+        if local == repo.as_str() {
+            repo
+        } else {
+            local.parse().unwrap_or(repo)
+        }
+    }
+
     /// Whether `repo` belongs to a proxied prefix (the prefix alone is no repository of it, but
     /// is refused writes all the same, so nothing is pushed where a mirror would appear).
     pub fn is_proxied(&self, repo: &RepoName) -> bool {
@@ -147,6 +161,16 @@ mod tests {
         assert_eq!(mirror(&proxy, "hubx/alpine"), None);
         assert_eq!(mirror(&proxy, "cache/hub/alpine"), None);
         assert!(proxy.is_proxied(&"hub".parse().unwrap()));
+        let canonical = |repo: &str| proxy.canonical(repo.parse().unwrap()).to_string();
+        assert_eq!(canonical("hub/alpine"), "hub/library/alpine");
+        assert_eq!(canonical("hub/library/alpine"), "hub/library/alpine");
+        assert_eq!(canonical("hub/bitnami/redis"), "hub/bitnami/redis");
+        assert_eq!(canonical("ghcr/alpine"), "ghcr/alpine");
+        assert_eq!(canonical("hub"), "hub");
+        assert_eq!(canonical("cache/alpine"), "cache/alpine");
+        // Too long with `library/`: left as it is (the upstream is asked for the long name).
+        let long = format!("hub/{}", "a".repeat(250));
+        assert_eq!(canonical(&long), long);
         assert!(!proxy.is_proxied(&"cache/hub".parse().unwrap()));
     }
 }
