@@ -244,6 +244,86 @@ fn a_tag_costs_one_upstream_get_then_heads_once_per_window_and_follows_upstream_
 }
 
 #[test]
+fn instances_sharing_the_stores_make_one_upstream_pull_between_them() {
+    let distribution = Distribution::start(None);
+    let image = Image::generate(1907, "amd64", &[20_000]);
+    distribution.push("library/alpine:3.20", &image);
+    let proxy = CountingProxy::start(distribution.addr());
+    let dir = tempfile::tempdir().unwrap();
+    let content = Content::s3(dir.path());
+    let metadata = SharedMetadata::new("postgres", dir.path());
+    let mut yaml = proxy_config(&proxy.host(), None);
+    yaml = with_storage(&yaml, "content", &content.section().expect("an S3 section"));
+    yaml = with_storage(&yaml, "metadata", metadata.section());
+    let instances = [
+        Registry::start_with_config(&yaml),
+        Registry::start_with_config(&yaml),
+    ];
+    // Slow enough that every instance's first pull finds the tag uncached.
+    proxy.set_mode(Mode::SlowManifests);
+    let by_tag = |instance: &Registry| {
+        let addr = instance.addr();
+        std::thread::spawn(move || manifest(addr, "GET", "hub/alpine", "3.20"))
+    };
+    let by_digest = |instance: &Registry, digest: &str| {
+        let (addr, digest) = (instance.addr(), digest.to_owned());
+        std::thread::spawn(move || manifest(addr, "GET", "hub/alpine", &digest))
+    };
+    let mut pulls: Vec<_> = (0..6).map(|i| by_tag(&instances[i % 2])).collect();
+    // A digest no instance has seen yet: also fetched once between them.
+    let other = Image::generate(1908, "amd64", &[10_000]);
+    distribution.push("library/alpine:other", &other);
+    pulls.extend((0..4).map(|i| by_digest(&instances[i % 2], &other.manifest.digest)));
+    let expected = [&image.manifest.digest; 6]
+        .into_iter()
+        .chain([&other.manifest.digest; 4]);
+    for (pull, digest) in pulls.into_iter().zip(expected) {
+        let reply = pull.join().unwrap();
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        assert_eq!(reply.header("docker-content-digest"), Some(digest.as_str()));
+    }
+    assert_eq!(manifest_gets(&proxy), 2, "{:?}", proxy.requests());
+    assert_eq!(
+        proxy.count("GET", &format!("/manifests/{}", other.manifest.digest)),
+        1,
+        "{:?}",
+        proxy.requests()
+    );
+
+    // The tag moves upstream: once the window is over each instance checks it with a HEAD, and
+    // the new image is fetched once between them.
+    let moved = Image::generate(1909, "amd64", &[15_000]);
+    distribution.push("library/alpine:3.20", &moved);
+    std::thread::sleep(Duration::from_secs(REVALIDATE_SECONDS) + Duration::from_millis(300));
+    proxy.clear();
+    let pulls: Vec<_> = (0..4).map(|i| by_tag(&instances[i % 2])).collect();
+    for pull in pulls {
+        let reply = pull.join().unwrap();
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        assert_eq!(
+            reply.header("docker-content-digest"),
+            Some(moved.manifest.digest.as_str())
+        );
+    }
+    assert_eq!(
+        (manifest_heads(&proxy), manifest_gets(&proxy)),
+        (2, 1),
+        "{:?}",
+        proxy.requests()
+    );
+}
+
+#[test]
 fn cached_tags_pull_while_the_upstream_rate_limits_or_is_down() {
     let distribution = Distribution::start(None);
     let image = Image::generate(1903, "amd64", &[20_000]);

@@ -138,6 +138,8 @@ pub enum Mode {
     RateLimited,
     /// Manifest and blob bodies arrive with their first byte flipped, their length kept.
     Corrupt,
+    /// Manifest GETs are answered a second late, so clients asking at once overlap.
+    SlowManifests,
 }
 
 struct Shared {
@@ -267,6 +269,9 @@ async fn relay(State(shared): State<Arc<Shared>>, request: Request) -> Response 
         headers.insert("ratelimit-remaining", rate_limit(0));
         headers.insert("retry-after", HeaderValue::from_static("60"));
         return response;
+    }
+    if mode == Mode::SlowManifests && method == "GET" && path.contains("/manifests/") {
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let mut upstream = shared
         .client

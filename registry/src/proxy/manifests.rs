@@ -1,7 +1,9 @@
 //! Manifests of proxied repositories: fetched when missing, tags revalidated with `HEAD`, stored as the upstream sent them.
 
+use std::time::Duration;
+
 use berth_oci::manifest::ManifestDocument;
-use berth_oci::{Reference, RepoName, Tag};
+use berth_oci::{Digest, Reference, RepoName, Tag};
 
 use super::{Mirror, UpstreamError};
 use crate::api::AppState;
@@ -37,12 +39,15 @@ pub async fn refresh_manifest(
             }
             let tag = match reference {
                 Reference::Digest(digest) => {
-                    return fetch_and_store(state, mirror, repo, &digest.to_string(), None).await;
+                    let digest = digest.to_string();
+                    let fetch = fetch_and_store(state, mirror, repo, &digest, None);
+                    return once_across_instances(state, repo, reference, None, fetch).await;
                 }
                 Reference::Tag(tag) => tag,
             };
             let Some(cached) = cached else {
-                fetch_and_store(state, mirror, repo, tag.as_str(), Some(tag)).await?;
+                let fetch = fetch_and_store(state, mirror, repo, tag.as_str(), Some(tag));
+                once_across_instances(state, repo, reference, None, fetch).await?;
                 proxy.mark_checked(key.clone());
                 return Ok(());
             };
@@ -56,7 +61,9 @@ pub async fn refresh_manifest(
                 }
                 // Moved upstream: fetched by its digest, so what is stored is what the HEAD named.
                 Ok(current) => {
-                    fetch_and_store(state, mirror, repo, &current.to_string(), Some(tag)).await
+                    let current = current.to_string();
+                    let fetch = fetch_and_store(state, mirror, repo, &current, Some(tag));
+                    once_across_instances(state, repo, reference, Some(&cached.digest), fetch).await
                 }
                 Err(err) => Err(err.into()),
             };
@@ -80,6 +87,45 @@ pub async fn refresh_manifest(
             Ok(())
         })
         .await
+}
+
+/// How long one instance's manifest fetch may keep the others waiting: longer than a fetch takes,
+/// short enough that an instance that died while fetching holds up the others only briefly.
+const FETCH_LEASE: Duration = Duration::from_secs(30);
+
+/// How often an instance waiting on another's fetch looks for what it stored.
+const FETCH_POLL: Duration = Duration::from_millis(100);
+
+/// Runs `fetch` (an upstream manifest GET, a Docker Hub pull, and storing what it got) once among
+/// the instances sharing the metadata store: one that finds another fetching the same reference
+/// waits until what `reference` names in `repo` is no longer `before` and serves that instead.
+/// Within one instance [`Proxy::one_at_a_time`](super::Proxy) already keeps it to one fetch.
+async fn once_across_instances(
+    state: &AppState,
+    repo: &RepoName,
+    reference: &Reference,
+    before: Option<&Digest>,
+    fetch: impl Future<Output = Result<(), RegistryError>>,
+) -> Result<(), RegistryError> {
+    // Hashed: leases have short names, references may be long.
+    let key = Digest::sha256_of(format!("{repo}:{reference}").as_bytes());
+    let lease = format!("proxy-manifest:{}", &key.hex()[..40]);
+    let metadata = &state.metadata;
+    while !metadata
+        .acquire_lease(&lease, &state.instance, FETCH_LEASE)
+        .await?
+    {
+        tokio::time::sleep(FETCH_POLL).await;
+        let now = metadata.manifest(repo, reference).await?;
+        if now.is_some_and(|stored| Some(&stored.digest) != before) {
+            return Ok(());
+        }
+    }
+    let fetched = fetch.await;
+    if let Err(err) = metadata.release_lease(&lease, &state.instance).await {
+        tracing::warn!(lease, error = %err, "releasing a lease failed; it expires on its own");
+    }
+    fetched
 }
 
 fn status_of(err: &RegistryError) -> String {
