@@ -356,6 +356,17 @@ RSpec.describe 'berth-registry job' do
       expect(pre_start(properties)).to include('berth-registry.yml: ok')
     end
 
+    it 'keeps a local copy of served blobs only in front of an object store that does not redirect' do
+      properties = storage('webdav', 'blob_cache' => '4GiB')
+      expect(config(properties)['storage']['blob_cache']).to eq('4GiB')
+      expect(pre_start(properties)).to include('berth-registry.yml: ok')
+      expect { config(merge(secure, 'berth' => { 'registry' => { 'storage' => { 'blob_cache' => '4GiB' } } })) }
+        .to raise_error(/blob_cache needs a storage.backend other than filesystem/)
+      expect { config(storage('s3', 'blob_cache' => '4GiB', 'redirect_seconds' => 60)) }
+        .to raise_error(/blob_cache and redirect_seconds exclude each other/)
+      expect(config(storage('s3'))['storage']).not_to have_key('blob_cache')
+    end
+
     it 'redirects blob GETs to signed URLs only where the store signs them' do
       properties = storage('s3', 'redirect_seconds' => 300)
       expect(config(properties)['storage']['redirect_seconds']).to eq(300)

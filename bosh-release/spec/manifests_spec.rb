@@ -225,6 +225,8 @@ RSpec.describe 'manifests' do
                                                    'password_file' => '/var/vcap/jobs/berth-registry/config/storage-credential',
                                                    'ca_file' => '/var/vcap/jobs/berth-registry/config/storage-ca.pem'
                                                  })
+      # Each instance's copy of the blobs it served lies under its root, on the ephemeral disk.
+      expect(config['storage']).to include('blob_cache' => '4GiB', 'root' => '/var/vcap/data/berth-registry/root')
       expect(registry_job['properties']['berth']['registry']['storage']['webdav']).to include(
         'password' => blobstore['admin_users'][0]['password'], 'ca' => dav['ca_cert']
       )
@@ -300,6 +302,7 @@ RSpec.describe 'manifests' do
                                                            'access_key_id' => 'AKID',
                                                            'secret_access_key_file' => '/var/vcap/jobs/berth-registry/config/storage-credential' })
       expect(job.render('config/storage-credential', properties: s3_properties)).to eq('aws-secret')
+      expect(config['storage']['blob_cache']).to eq('4GiB')
       expect(config['storage']['metadata']).to have_key('mysql')
       stringified = YAML.dump(job_in(s3, 'berth-registry', 'berth-registry')['properties'])
       expect(stringified).not_to include('blobstore_tls', 'blobstore_admin_users_password')

@@ -92,6 +92,10 @@ pub struct StorageConfig {
     /// Seconds a signed blob URL stays valid; when set, blob `GET`s redirect to the object store
     /// (S3, Azure, GCS) so the bytes do not flow through the registry. Off (0) by default.
     pub redirect_seconds: u64,
+    /// How much of the blobs read from the object store this instance keeps a copy of under
+    /// `root/blob-cache` (least recently used evicted first, emptied at every start), so repeated
+    /// pulls through it skip the store: bytes, or with a unit (`10GiB`). Off unless set.
+    pub blob_cache: Option<crate::quota::ByteSize>,
     /// A shared PostgreSQL or MySQL database for the metadata instead of SQLite under `root`.
     pub metadata: Option<crate::metadata::MetadataConfig>,
 }
@@ -193,6 +197,7 @@ impl Default for StorageConfig {
             root: PathBuf::from("data"),
             content: None,
             redirect_seconds: 0,
+            blob_cache: None,
             metadata: None,
         }
     }
@@ -343,6 +348,22 @@ impl Config {
                     .into(),
             ));
         }
+        if self.storage.blob_cache.is_some() {
+            if self.storage.content.is_none() {
+                return Err(ConfigError::Invalid(
+                    "storage.blob_cache needs storage.content on an object store; blobs on \
+                     the filesystem are served from their own files"
+                        .into(),
+                ));
+            }
+            if self.storage.redirect_seconds > 0 {
+                return Err(ConfigError::Invalid(
+                    "storage.blob_cache and storage.redirect_seconds exclude each other: \
+                     redirected blob GETs are served by the store, never from the local copy"
+                        .into(),
+                ));
+            }
+        }
         if let Some(metadata) = &self.storage.metadata {
             metadata.validate().map_err(ConfigError::Invalid)?;
             if self.auth.mode == crate::auth::AuthMode::Token
@@ -426,6 +447,21 @@ mod tests {
             err.to_string().contains("storage.metadata.mysql.username"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_blob_cache_is_for_an_object_store_that_does_not_redirect() {
+        let s3 = "storage:\n  blob_cache: 2GiB\n  content:\n    s3: {bucket: b, endpoint: 'http://s3:9000', \
+                  access_key_id: k, secret_access_key_file: /run/s3}\n";
+        let config = load_text(s3, &[]).unwrap();
+        assert_eq!(
+            config.storage.blob_cache,
+            Some(crate::quota::ByteSize(2 << 30))
+        );
+        let err = load_text("storage:\n  blob_cache: 2GiB\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("needs storage.content"), "{err}");
+        let err = load_text(&format!("{s3}  redirect_seconds: 60\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("exclude each other"), "{err}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use berth_registry::admin::{self, Answer, Request};
 use berth_registry::api::{self, AppState};
 use berth_registry::auth::Auth;
 use berth_registry::config::{Config, LogFormat, TlsConfig};
-use berth_registry::content::{ContentStore, FsContentStore, ObjectContentStore};
+use berth_registry::content::{ContentStore, FsContentStore, LocalCache, ObjectContentStore};
 use berth_registry::gc::Collector;
 use berth_registry::metadata::Usage;
 use berth_registry::metadata::{
@@ -279,9 +279,19 @@ async fn open_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
             let store = ObjectContentStore::open(objects)
                 .await
                 .with_context(|| format!("opening object storage {objects:?}"))?;
-            match config.storage.redirect_seconds {
+            let store: Arc<dyn ContentStore> = match config.storage.redirect_seconds {
                 0 => Arc::new(store),
                 seconds => Arc::new(store.with_redirects(Duration::from_secs(seconds))),
+            };
+            match config.storage.blob_cache {
+                None => store,
+                Some(size) => {
+                    let dir = root.join("blob-cache");
+                    Arc::new(
+                        LocalCache::open(store, &dir, size.0)
+                            .with_context(|| format!("emptying {}", dir.display()))?,
+                    )
+                }
             }
         }
     };

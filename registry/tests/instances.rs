@@ -4,7 +4,7 @@
 //! database outage fails requests cleanly and heals without a restart, and every push that was
 //! acknowledged survives all instances being killed at once. The stores are the test services'
 //! SeaweedFS and PostgreSQL, and once the WebDAV blobstore and MariaDB. Also: blob GETs redirected
-//! to URLs the store signs.
+//! to URLs the store signs, and an instance's local copy of the blobs it served.
 
 mod common;
 
@@ -484,5 +484,64 @@ async fn blob_redirects_send_clients_to_the_store_with_credentials_from_the_envi
     assert_eq!(
         ctr_image_digest(&containerd, &reference),
         image.manifest.digest
+    );
+}
+
+#[test]
+fn an_instance_serves_blobs_it_read_before_from_its_local_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = Content::s3(dir.path());
+    let metadata = SharedMetadata::new("postgres", dir.path());
+    let mut yaml = with_storage("{}", "content", &content.section().expect("an S3 section"));
+    yaml = with_storage(&yaml, "metadata", metadata.section());
+    let cached =
+        Registry::start_with_config(&yaml.replace("storage:", "storage:\n  blob_cache: 64MiB"));
+    let uncached = Registry::start_with_config(&yaml);
+    let image = Image::generate(96, "amd64", &[3 << 20, 700 * 1024]);
+    let out = push(dir.path(), &uncached.host(), "ha/local", "v1", &image);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    pull_and_verify(dir.path(), &cached.host(), "ha/local", "v1", &image);
+
+    // The layers vanish from the store underneath both instances (as if an operator had deleted
+    // them): the one that served them before still does, from its own disk; the other cannot.
+    let Content::S3 { bucket, .. } = &content else {
+        unreachable!("an S3 store")
+    };
+    let layers: Vec<&str> = image
+        .layers
+        .iter()
+        .map(|l| l.blob.digest.as_str())
+        .collect();
+    let stored = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(content.stored(dir.path(), "blobs"));
+    let mut deleted = 0;
+    for name in stored {
+        let name = name.to_string_lossy();
+        if layers
+            .iter()
+            .any(|digest| name.contains(digest.trim_start_matches("sha256:")))
+        {
+            let (status, body) = bucket.request("DELETE", Some(&format!("blobs/{name}")), b"");
+            assert_eq!(status, 204, "{body}");
+            deleted += 1;
+        }
+    }
+    assert_eq!(deleted, layers.len());
+    pull_and_verify(dir.path(), &cached.host(), "ha/local", "v1", &image);
+    let layer = layers[0];
+    let reply = blocking_get(
+        uncached.addr(),
+        &format!("/v2/ha/local/blobs/{layer}"),
+        Duration::from_secs(30),
+    )
+    .expect("the other instance answers");
+    assert_ne!(
+        reply.status, 200,
+        "the uncached instance read its layer from the store"
     );
 }

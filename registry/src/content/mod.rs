@@ -2,6 +2,7 @@
 
 mod chunks;
 mod fs;
+mod local_cache;
 mod objects;
 
 use std::io;
@@ -16,6 +17,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 
 pub use fs::FsContentStore;
+pub use local_cache::LocalCache;
 pub use objects::{
     AzureConfig, GcsConfig, ObjectContentStore, ObjectStoreConfig, S3Config, WebDavConfig,
 };
