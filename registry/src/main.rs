@@ -16,6 +16,7 @@ use berth_registry::metadata::Usage;
 use berth_registry::metadata::{
     CachedMetadata, MetadataStore, SqlMetadataStore, SqliteMetadataStore,
 };
+use berth_registry::metrics::Metrics;
 use berth_registry::retention::Retention;
 use berth_registry::{gc, server};
 use clap::{Parser, Subcommand};
@@ -270,6 +271,7 @@ fn collector(state: Arc<AppState>, config: &Config) -> anyhow::Result<Collector>
 /// Opens the stores and access control `config` names.
 async fn open_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
     let root = &config.storage.root;
+    let metrics = Metrics::default();
     let content: Arc<dyn ContentStore> = match &config.storage.content {
         None => Arc::new(
             FsContentStore::open(root)
@@ -288,7 +290,7 @@ async fn open_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
                 Some(size) => {
                     let dir = root.join("blob-cache");
                     Arc::new(
-                        LocalCache::open(store, &dir, size.0)
+                        LocalCache::open(store, &dir, size.0, metrics.clone())
                             .with_context(|| format!("emptying {}", dir.display()))?,
                     )
                 }
@@ -315,6 +317,7 @@ async fn open_state(config: &Config) -> anyhow::Result<Arc<AppState>> {
         .context("setting up the pull-through cache")?;
     Ok(Arc::new(
         AppState::new(content, metadata, config.limits.clone())
+            .with_metrics(metrics)
             .with_auth(auth)
             .with_pull_tracking(config.retention.track_pulls)
             .with_proxy(proxy),

@@ -73,9 +73,18 @@ struct ProxyCounters {
     rate_limit_remaining: Family<UpstreamLabels, Gauge>,
 }
 
+/// This instance's local copy of blobs read from the object store (`storage.blob_cache`).
+#[derive(Default)]
+struct BlobCacheCounters {
+    hits: Counter,
+    misses: Counter,
+    bytes: Gauge,
+}
+
 struct Inner {
     registry: Registry,
     proxy: ProxyCounters,
+    blob_cache: BlobCacheCounters,
     gc: GcGauges,
     storage_bytes: Family<NamespaceLabels, Gauge>,
     quotas: QuotaGauges,
@@ -233,9 +242,26 @@ impl Default for Metrics {
             "The last ratelimit-remaining an upstream answered with",
             proxy.rate_limit_remaining.clone(),
         );
+        let blob_cache = BlobCacheCounters::default();
+        registry.register(
+            "blob_cache_hits",
+            "Blob reads served from this instance's local copy (storage.blob_cache)",
+            blob_cache.hits.clone(),
+        );
+        registry.register(
+            "blob_cache_misses",
+            "Blob reads that went to the object store while storage.blob_cache is on",
+            blob_cache.misses.clone(),
+        );
+        registry.register(
+            "blob_cache_bytes",
+            "Bytes of blobs in this instance's local copy",
+            blob_cache.bytes.clone(),
+        );
         Metrics(Arc::new(Inner {
             registry,
             proxy,
+            blob_cache,
             gc,
             storage_bytes,
             quotas,
@@ -250,6 +276,21 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A blob read while `storage.blob_cache` is on: from the local copy, or not.
+    pub fn blob_cache_read(&self, hit: bool) {
+        let counters = &self.0.blob_cache;
+        if hit {
+            &counters.hits
+        } else {
+            &counters.misses
+        }
+        .inc();
+    }
+
+    pub fn set_blob_cache_bytes(&self, bytes: u64) {
+        self.0.blob_cache.bytes.set(bytes as i64);
+    }
+
     pub fn proxy_manifest_request(&self, upstream: &str, method: &'static str) {
         let labels = UpstreamRequestLabels {
             upstream: upstream.to_owned(),

@@ -533,6 +533,14 @@ fn an_instance_serves_blobs_it_read_before_from_its_local_copy() {
     }
     assert_eq!(deleted, layers.len());
     pull_and_verify(dir.path(), &cached.host(), "ha/local", "v1", &image);
+    let metrics = blocking_get(cached.addr(), "/metrics", Duration::from_secs(10)).unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    let hits: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("berth_registry_blob_cache_hits_total "))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no hit count in {metrics}"));
+    assert!(hits >= layers.len() as f64, "{metrics}");
     let layer = layers[0];
     let reply = blocking_get(
         uncached.addr(),

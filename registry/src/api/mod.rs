@@ -95,6 +95,12 @@ impl AppState {
         }
     }
 
+    /// Reports to `metrics`, which parts built before the state (a content store) may share.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
     /// Mirrors the upstreams of `proxy` under their prefixes.
     pub fn with_proxy(mut self, proxy: Proxy) -> Self {
         self.proxy = Arc::new(proxy);

@@ -23,6 +23,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::{ByteStream, ContentError, ContentStore, UploadId, chunks};
+use crate::metrics::Metrics;
 
 /// Chunks queued between a read and the file it fills: when the disk falls behind, the read waits
 /// rather than hold more.
@@ -38,6 +39,7 @@ struct Shared {
     dir: PathBuf,
     max_bytes: u64,
     index: Mutex<Index>,
+    metrics: Metrics,
 }
 
 #[derive(Default)]
@@ -58,13 +60,16 @@ struct Entry {
 }
 
 impl LocalCache {
-    /// Keeps up to `max_bytes` of the blobs read from `inner` in `dir`, which is emptied first.
+    /// Keeps up to `max_bytes` of the blobs read from `inner` in `dir`, which is emptied first,
+    /// counting its hits and misses in `metrics`.
     pub fn open(
         inner: Arc<dyn ContentStore>,
         dir: impl Into<PathBuf>,
         max_bytes: u64,
+        metrics: Metrics,
     ) -> io::Result<LocalCache> {
         let dir = dir.into();
+        metrics.set_blob_cache_bytes(0);
         match fs::remove_dir_all(&dir) {
             Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
             _ => fs::create_dir_all(&dir)?,
@@ -75,6 +80,7 @@ impl LocalCache {
                 dir,
                 max_bytes,
                 index: Mutex::default(),
+                metrics,
             }),
         })
     }
@@ -82,9 +88,13 @@ impl LocalCache {
     /// The local copy of `digest`, opened, if there is one.
     async fn hit(&self, digest: &Digest) -> Result<Option<File>, ContentError> {
         let (shared, digest) = (self.shared.clone(), digest.clone());
-        tokio::task::spawn_blocking(move || shared.open(&digest))
+        let file = tokio::task::spawn_blocking(move || shared.open(&digest))
             .await
-            .map_err(|e| ContentError::Io(io::Error::other(e)))
+            .map_err(|e| ContentError::Io(io::Error::other(e)))?;
+        if file.is_some() {
+            self.shared.metrics.blob_cache_read(true);
+        }
+        Ok(file)
     }
 }
 
@@ -177,6 +187,8 @@ impl Shared {
         let used = index.clock;
         index.entries.insert(digest.clone(), Entry { size, used });
         index.bytes += size;
+        // Evictions below lower it again, under the same lock.
+        self.metrics.set_blob_cache_bytes(index.bytes);
         while index.bytes > self.max_bytes {
             let Some(oldest) = index
                 .entries
@@ -196,6 +208,7 @@ impl Shared {
         index.filling.remove(digest);
         if let Some(entry) = index.entries.remove(digest) {
             index.bytes -= entry.size;
+            self.metrics.set_blob_cache_bytes(index.bytes);
             let _ = fs::remove_file(self.path(digest));
         }
     }
@@ -233,6 +246,8 @@ impl ContentStore for LocalCache {
         if let Some(file) = self.hit(digest).await? {
             return Ok(chunks::stream(file, range));
         }
+        // Counted here only: a GET that asked `open_file` first comes here after its miss.
+        self.shared.metrics.blob_cache_read(false);
         let stream = self.inner.read(digest, range.clone()).await?;
         // Only a read from the first byte can prove, by its hash, that it was the whole blob.
         let fill = (range.start == 0)
@@ -335,7 +350,13 @@ mod tests {
     fn fixture(max_bytes: u64) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(FsContentStore::open(dir.path().join("store")).unwrap());
-        let cache = LocalCache::open(store.clone(), dir.path().join("cache"), max_bytes).unwrap();
+        let cache = LocalCache::open(
+            store.clone(),
+            dir.path().join("cache"),
+            max_bytes,
+            Metrics::default(),
+        )
+        .unwrap();
         Fixture {
             store,
             cache,
@@ -416,6 +437,14 @@ mod tests {
         io::Read::read_to_end(&mut file, &mut local).unwrap();
         assert_eq!(local, bytes);
         assert_eq!(fixture.files(), 1);
+        let text = fixture.cache.shared.metrics.render();
+        for line in [
+            "berth_registry_blob_cache_misses_total 1\n",
+            "berth_registry_blob_cache_hits_total 3\n",
+            &format!("berth_registry_blob_cache_bytes {}\n", bytes.len()),
+        ] {
+            assert!(text.contains(line), "{line:?} in {text}");
+        }
     }
 
     #[tokio::test]
@@ -536,6 +565,7 @@ mod tests {
             fixture.store.clone(),
             fixture.cache.shared.dir.clone(),
             4 << 20,
+            Metrics::default(),
         )
         .unwrap();
         assert_eq!(fs::read_dir(&again.shared.dir).unwrap().count(), 0);
