@@ -443,8 +443,7 @@ fn upstream_credentials_are_used_and_a_wrong_password_fails_cleanly() {
 #[test]
 fn concurrent_first_pulls_download_each_blob_once() {
     let distribution = Distribution::start(None);
-    // 64 MiB here to keep CI quick; the benchmark uses 256 MiB.
-    let image = Image::generate(1906, "amd64", &[64 << 20, 1 << 20]);
+    let image = Image::generate(1906, "amd64", &[256 << 20, 1 << 20]);
     distribution.push("library/alpine:big", &image);
     let proxy = CountingProxy::start(distribution.addr());
     let registry = Registry::start_with_config(&proxy_config(&proxy.host(), None));
