@@ -114,6 +114,17 @@ fn manifest(registry: SocketAddr, method: &str, repo: &str, reference: &str) -> 
     .expect("the registry answers")
 }
 
+/// Asserts that `reply` served the manifest `digest`.
+fn assert_serves(reply: &RawResponse, digest: &str) {
+    let body = String::from_utf8_lossy(&reply.body);
+    assert_eq!(reply.status, 200, "{body}");
+    assert_eq!(
+        reply.header("docker-content-digest"),
+        Some(digest),
+        "{body}"
+    );
+}
+
 fn metrics(registry: SocketAddr) -> String {
     let reply = blocking_get(registry, "/metrics", Duration::from_secs(10)).expect("metrics");
     String::from_utf8_lossy(&reply.body).into_owned()
@@ -199,11 +210,7 @@ fn a_tag_costs_one_upstream_get_then_heads_once_per_window_and_follows_upstream_
     // After the window: one HEAD (free on Docker Hub), no GET.
     std::thread::sleep(Duration::from_secs(REVALIDATE_SECONDS) + Duration::from_millis(300));
     let reply = manifest(registry.addr(), "GET", "hub/alpine", "3.20");
-    assert_eq!(reply.status, 200);
-    assert_eq!(
-        reply.header("docker-content-digest"),
-        Some(image.manifest.digest.as_str())
-    );
+    assert_serves(&reply, &image.manifest.digest);
     assert_eq!(
         (manifest_heads(&proxy), manifest_gets(&proxy)),
         (1, 0),
@@ -216,10 +223,7 @@ fn a_tag_costs_one_upstream_get_then_heads_once_per_window_and_follows_upstream_
     distribution.push("library/alpine:3.20", &moved);
     proxy.clear();
     let reply = manifest(registry.addr(), "GET", "hub/alpine", "3.20");
-    assert_eq!(
-        reply.header("docker-content-digest"),
-        Some(image.manifest.digest.as_str())
-    );
+    assert_serves(&reply, &image.manifest.digest);
     assert_eq!(proxy.requests(), vec![]);
     std::thread::sleep(Duration::from_secs(REVALIDATE_SECONDS) + Duration::from_millis(300));
     let pulled = skopeo_pull(registry.addr(), "hub/alpine:3.20", dir.path()).unwrap();
@@ -278,14 +282,7 @@ fn instances_sharing_the_stores_make_one_upstream_pull_between_them() {
         .into_iter()
         .chain([&other.manifest.digest; 4]);
     for (pull, digest) in pulls.into_iter().zip(expected) {
-        let reply = pull.join().unwrap();
-        assert_eq!(
-            reply.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
-        assert_eq!(reply.header("docker-content-digest"), Some(digest.as_str()));
+        assert_serves(&pull.join().unwrap(), digest);
     }
     assert_eq!(manifest_gets(&proxy), 2, "{:?}", proxy.requests());
     assert_eq!(
@@ -303,17 +300,7 @@ fn instances_sharing_the_stores_make_one_upstream_pull_between_them() {
     proxy.clear();
     let pulls: Vec<_> = (0..4).map(|i| by_tag(&instances[i % 2])).collect();
     for pull in pulls {
-        let reply = pull.join().unwrap();
-        assert_eq!(
-            reply.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
-        assert_eq!(
-            reply.header("docker-content-digest"),
-            Some(moved.manifest.digest.as_str())
-        );
+        assert_serves(&pull.join().unwrap(), &moved.manifest.digest);
     }
     assert_eq!(
         (manifest_heads(&proxy), manifest_gets(&proxy)),
@@ -738,10 +725,7 @@ fn images_a_moved_tag_left_behind_are_collected_whether_their_blobs_were_fetched
     distribution.push("library/alpine:3.20", &new);
     std::thread::sleep(Duration::from_secs(REVALIDATE_SECONDS) + Duration::from_millis(300));
     let moved = manifest(registry.addr(), "GET", "hub/alpine", "3.20");
-    assert_eq!(
-        moved.header("docker-content-digest"),
-        Some(new.manifest.digest.as_str())
-    );
+    assert_serves(&moved, &new.manifest.digest);
 
     run(
         std::process::Command::new(env!("CARGO_BIN_EXE_berth-registry"))
