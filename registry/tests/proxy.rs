@@ -263,8 +263,8 @@ fn instances_sharing_the_stores_make_one_upstream_pull_between_them() {
         Registry::start_with_config(&yaml),
         Registry::start_with_config(&yaml),
     ];
-    // Slow enough that every instance's first pull finds the tag uncached.
-    proxy.set_mode(Mode::SlowManifests);
+    // Slow enough that every instance's first pull finds the tag (or blob) uncached.
+    proxy.set_mode(Mode::Slow);
     let by_tag = |instance: &Registry| {
         let addr = instance.addr();
         std::thread::spawn(move || manifest(addr, "GET", "hub/alpine", "3.20"))
@@ -291,6 +291,40 @@ fn instances_sharing_the_stores_make_one_upstream_pull_between_them() {
         "{:?}",
         proxy.requests()
     );
+
+    // Each blob pulled through both instances at once: downloaded from the upstream once.
+    let blob_gets: Vec<_> = image
+        .blobs()
+        .into_iter()
+        .flat_map(|blob| [(0, blob), (1, blob)])
+        .map(|(i, blob)| {
+            let (addr, blob) = (instances[i].addr(), blob.clone());
+            std::thread::spawn(move || {
+                let path = format!("/v2/hub/alpine/blobs/{}", blob.digest);
+                let reply = blocking_get(addr, &path, Duration::from_secs(60)).unwrap();
+                (reply, blob)
+            })
+        })
+        .collect();
+    for get in blob_gets {
+        let (reply, blob) = get.join().unwrap();
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        assert!(reply.body == blob.bytes, "{} served whole", blob.digest);
+    }
+    for blob in image.blobs() {
+        assert_eq!(
+            proxy.count("GET", &format!("/blobs/{}", blob.digest)),
+            1,
+            "{}: {:?}",
+            blob.digest,
+            proxy.requests()
+        );
+    }
 
     // The tag moves upstream: once the window is over each instance checks it with a HEAD, and
     // the new image is fetched once between them.

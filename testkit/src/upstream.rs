@@ -138,8 +138,8 @@ pub enum Mode {
     RateLimited,
     /// Manifest and blob bodies arrive with their first byte flipped, their length kept.
     Corrupt,
-    /// Manifest GETs are answered a second late, so clients asking at once overlap.
-    SlowManifests,
+    /// Manifest and blob GETs are answered a second late, so clients asking at once overlap.
+    Slow,
 }
 
 struct Shared {
@@ -270,7 +270,8 @@ async fn relay(State(shared): State<Arc<Shared>>, request: Request) -> Response 
         headers.insert("retry-after", HeaderValue::from_static("60"));
         return response;
     }
-    if mode == Mode::SlowManifests && method == "GET" && path.contains("/manifests/") {
+    let content = path.contains("/manifests/") || path.contains("/blobs/");
+    if mode == Mode::Slow && method == "GET" && content {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let mut upstream = shared

@@ -4,8 +4,8 @@
 //! blob. Streaming to them from the download as well would need either the whole blob in memory
 //! or reading a file still being written; waiting keeps memory per download at a few chunks and
 //! gives them only verified bytes, at the cost of their first byte coming when the download ends.
-//! Downloads are shared within one process only: instances sharing the stores may each fetch a
-//! blob once (the second commit of the same bytes is harmless).
+//! Instances sharing the stores take turns through a lease per digest: one that finds another
+//! downloading the blob waits for its bytes to be stored the same way.
 
 use std::collections::HashMap;
 use std::io;
@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Mirror, UpstreamError};
+use super::{Mirror, Turn, UpstreamError};
 use crate::api::AppState;
 use crate::content::{ByteStream, UploadId};
 use crate::error::RegistryError;
@@ -160,7 +160,7 @@ impl Download {
         started: oneshot::Sender<Result<bool, RegistryError>>,
         chunks: mpsc::Sender<io::Result<Bytes>>,
     ) -> Outcome {
-        let (response, id) = match self.prepare().await {
+        let (response, id, turn) = match self.prepare().await {
             Ok(Some(prepared)) => prepared,
             Ok(None) => {
                 let _ = started.send(Ok(false));
@@ -173,22 +173,36 @@ impl Download {
             }
         };
         let _ = started.send(Ok(true));
-        match self.transfer(id, response, chunks).await {
+        let outcome = match self.transfer(id, response, chunks).await {
             Ok(()) => Ok(()),
             Err(err) => {
                 let _ = crate::api::discard_upload(&self.state, id).await;
                 Err(err.to_string())
             }
-        }
+        };
+        turn.done().await;
+        outcome
     }
 
-    /// The upstream's answer and an upload session to store it in; `None` if the bytes are here
-    /// already (a download that ended just before this one began).
-    async fn prepare(&self) -> Result<Option<(reqwest::Response, UploadId)>, RegistryError> {
+    /// The upstream's answer, an upload session to store it in and this instance's turn to
+    /// fetch; `None` if the bytes are here already (a download, here or on another instance, that
+    /// ended before this one began).
+    async fn prepare(&self) -> Result<Option<(reqwest::Response, UploadId, Turn)>, RegistryError> {
         let state = &self.state;
-        if state.content.stat(&self.digest).await?.is_some() {
+        let stored = || async { Ok(state.content.stat(&self.digest).await?.is_some()) };
+        if stored().await? {
             return Ok(None);
         }
+        let name = super::lease_name("blob", &self.digest.to_string());
+        let turn = match Turn::take(state, name, stored).await? {
+            Turn::Stored => return Ok(None),
+            // The instance that held the turn before may have stored it just now.
+            turn if stored().await? => {
+                turn.done().await;
+                return Ok(None);
+            }
+            turn => turn,
+        };
         let upstream = &self.mirror.upstream;
         let checked = async {
             let response = upstream
@@ -218,12 +232,16 @@ impl Download {
         // directory, each made durable) stays out of the client's wait for the first byte.
         let (response, id) = tokio::join!(checked, crate::api::start_upload(state, &self.repo));
         match (response, id) {
-            (Ok(response), Ok(id)) => Ok(Some((response, id))),
+            (Ok(response), Ok(id)) => Ok(Some((response, id, turn))),
             (Err(err), Ok(id)) => {
                 let _ = crate::api::discard_upload(state, id).await;
+                turn.done().await;
                 Err(err)
             }
-            (_, Err(err)) => Err(err),
+            (_, Err(err)) => {
+                turn.done().await;
+                Err(err)
+            }
         }
     }
 

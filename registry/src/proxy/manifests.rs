@@ -1,11 +1,9 @@
 //! Manifests of proxied repositories: fetched when missing, tags revalidated with `HEAD`, stored as the upstream sent them.
 
-use std::time::Duration;
-
 use berth_oci::manifest::ManifestDocument;
 use berth_oci::{Digest, Reference, RepoName, Tag};
 
-use super::{Mirror, UpstreamError};
+use super::{Mirror, Turn, UpstreamError};
 use crate::api::AppState;
 use crate::error::RegistryError;
 
@@ -89,13 +87,6 @@ pub async fn refresh_manifest(
         .await
 }
 
-/// How long one instance's manifest fetch may keep the others waiting: longer than a fetch takes,
-/// short enough that an instance that died while fetching holds up the others only briefly.
-const FETCH_LEASE: Duration = Duration::from_secs(30);
-
-/// How often an instance waiting on another's fetch looks for what it stored.
-const FETCH_POLL: Duration = Duration::from_millis(100);
-
 /// Runs `fetch` (an upstream manifest GET, a Docker Hub pull, and storing what it got) once among
 /// the instances sharing the metadata store: one that finds another fetching the same reference
 /// waits until what `reference` names in `repo` is no longer `before` and serves that instead.
@@ -107,25 +98,19 @@ async fn once_across_instances(
     before: Option<&Digest>,
     fetch: impl Future<Output = Result<(), RegistryError>>,
 ) -> Result<(), RegistryError> {
-    // Hashed: leases have short names, references may be long.
-    let key = Digest::sha256_of(format!("{repo}:{reference}").as_bytes());
-    let lease = format!("proxy-manifest:{}", &key.hex()[..40]);
-    let metadata = &state.metadata;
-    while !metadata
-        .acquire_lease(&lease, &state.instance, FETCH_LEASE)
-        .await?
-    {
-        tokio::time::sleep(FETCH_POLL).await;
-        let now = metadata.manifest(repo, reference).await?;
-        if now.is_some_and(|stored| Some(&stored.digest) != before) {
-            return Ok(());
+    let name = super::lease_name("manifest", &format!("{repo}:{reference}"));
+    let stored = || async {
+        let now = state.metadata.manifest(repo, reference).await?;
+        Ok(now.is_some_and(|stored| Some(&stored.digest) != before))
+    };
+    match Turn::take(state, name, stored).await? {
+        Turn::Stored => Ok(()),
+        turn => {
+            let fetched = fetch.await;
+            turn.done().await;
+            fetched
         }
     }
-    let fetched = fetch.await;
-    if let Err(err) = metadata.release_lease(&lease, &state.instance).await {
-        tracing::warn!(lease, error = %err, "releasing a lease failed; it expires on its own");
-    }
-    fetched
 }
 
 fn status_of(err: &RegistryError) -> String {

@@ -22,7 +22,63 @@ pub use fetch::{BlobFetches, Served, fetch_blob};
 pub use manifests::refresh_manifest;
 pub use upstream::{Upstream, UpstreamError};
 
+use crate::api::AppState;
 use crate::config::ConfigError;
+use crate::error::RegistryError;
+use crate::lease::{Held, Lease};
+
+/// How often an instance waiting on another's upstream fetch looks for what it stored.
+const FETCH_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Whose turn it is to fetch something from the upstream, among instances sharing the stores.
+enum Turn {
+    /// This instance's: it fetches, holding the lease (none when no other instance shares the
+    /// stores) until [`Turn::done`].
+    Mine(Option<Held>),
+    /// Another instance fetched it meanwhile, and it is stored.
+    Stored,
+}
+
+impl Turn {
+    /// Takes the lease `name` for this instance or, while another instance holds it (fetching the
+    /// same thing), waits until `stored` says that thing is stored. So concurrent first pulls
+    /// through several instances make one upstream request, not one per instance.
+    async fn take<Fut>(
+        state: &AppState,
+        name: String,
+        mut stored: impl FnMut() -> Fut,
+    ) -> Result<Turn, RegistryError>
+    where
+        Fut: Future<Output = Result<bool, RegistryError>>,
+    {
+        if !state.metadata.is_shared() {
+            return Ok(Turn::Mine(None));
+        }
+        let lease = Lease::new(state.metadata.clone(), name, &state.instance);
+        loop {
+            if let Some(held) = lease.hold().await? {
+                return Ok(Turn::Mine(Some(held)));
+            }
+            tokio::time::sleep(FETCH_POLL).await;
+            if stored().await? {
+                return Ok(Turn::Stored);
+            }
+        }
+    }
+
+    /// Ends this instance's turn: the next instance to ask may fetch at once.
+    async fn done(self) {
+        if let Turn::Mine(Some(held)) = self {
+            held.release().await;
+        }
+    }
+}
+
+/// A lease name for fetching `what`: hashed, since lease names are short and names may be long.
+fn lease_name(kind: &str, what: &str) -> String {
+    let key = berth_oci::Digest::sha256_of(what.as_bytes());
+    format!("proxy-{kind}:{}", &key.hex()[..40])
+}
 
 /// A repository of a proxied prefix: the upstream it mirrors and its name there.
 #[derive(Debug, Clone)]
