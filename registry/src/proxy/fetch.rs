@@ -196,11 +196,6 @@ impl Download {
         let name = super::lease_name("blob", &self.digest.to_string());
         let turn = match Turn::take(state, name, stored).await? {
             Turn::Stored => return Ok(None),
-            // The instance that held the turn before may have stored it just now.
-            turn if stored().await? => {
-                turn.done().await;
-                return Ok(None);
-            }
             turn => turn,
         };
         let upstream = &self.mirror.upstream;

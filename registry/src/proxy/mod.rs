@@ -57,6 +57,11 @@ impl Turn {
         let lease = Lease::new(state.metadata.clone(), name, &state.instance);
         loop {
             if let Some(held) = lease.hold().await? {
+                // The instance that held it before may have stored the thing just now.
+                if stored().await? {
+                    held.release().await;
+                    return Ok(Turn::Stored);
+                }
                 return Ok(Turn::Mine(Some(held)));
             }
             tokio::time::sleep(FETCH_POLL).await;
