@@ -1,8 +1,9 @@
 //! A bounded copy on local disk of blobs read from an object store, so repeated pulls through one instance are served from its own disk (by `sendfile` on plain HTTP/1) instead of the store.
 //!
 //! A blob enters the copy when a read from its first byte has streamed to the end and the bytes
-//! hashed to its digest; until then it is a temporary file that nothing serves. Entries are evicted
-//! least recently used first once their sizes add up to more than the limit. The copy starts empty
+//! hashed to its digest; until then it is a temporary file that nothing serves. Copies and the
+//! temporary files being filled together stay within the limit: a fill starts only once room for
+//! the whole blob is made, by evicting the least recently used copies. The copy starts empty
 //! at every start, which deletes whatever a crash left half-written and needs no scan. Deleting a
 //! blob (garbage collection) removes this instance's copy; other instances keep theirs until
 //! evicted, which serves nobody anything wrong: blobs are immutable, and every read of one is first
@@ -46,6 +47,8 @@ struct Shared {
 struct Index {
     entries: HashMap<Digest, Entry>,
     bytes: u64,
+    /// Bytes of the temporary files of fills under way, counted against the limit too.
+    filling_bytes: u64,
     /// Recency ticks: a larger `used` is a more recent use.
     clock: u64,
     /// Fills under way, by digest, with their number. A delete takes the digest out, so a fill
@@ -123,12 +126,26 @@ impl Shared {
         })
     }
 
-    /// Registers a fill of `digest`, unless it is here or being filled already.
-    fn start_fill(&self, digest: &Digest) -> Option<u64> {
+    /// Registers a fill of `digest`, `size` bytes, and counts them against the limit, evicting
+    /// the least recently used copies to make room; `None` if it is here or being filled already,
+    /// or if other fills hold the room it needs.
+    fn start_fill(&self, digest: &Digest, size: u64) -> Option<u64> {
         let mut index = self.index();
-        if index.entries.contains_key(digest) || index.filling.contains_key(digest) {
+        if size > self.max_bytes
+            || index.entries.contains_key(digest)
+            || index.filling.contains_key(digest)
+        {
             return None;
         }
+        while index.bytes + index.filling_bytes + size > self.max_bytes {
+            let oldest = index
+                .entries
+                .iter()
+                .min_by_key(|(_, entry)| entry.used)
+                .map(|(digest, _)| digest.clone())?;
+            self.remove(&mut index, &oldest);
+        }
+        index.filling_bytes += size;
         index.fills += 1;
         let id = index.fills;
         index.filling.insert(digest.clone(), id);
@@ -136,46 +153,46 @@ impl Shared {
     }
 
     /// Writes what arrives on `chunks` to a temporary file and, once the read has ended, publishes
-    /// it as `digest` if the bytes hash to it. A read that stopped early (a client gone, a store
-    /// error) or started past the first byte never does.
-    fn fill(&self, digest: Digest, id: u64, mut chunks: mpsc::Receiver<Bytes>) {
+    /// it as `digest` if it is the `size` bytes the fill was given room for and they hash to the
+    /// digest. A read that stopped early (a client gone, a store error) never is.
+    fn fill(&self, digest: Digest, id: u64, size: u64, mut chunks: mpsc::Receiver<Bytes>) {
         let temp = self.dir.join(format!("fill-{id}"));
-        let written = (|| -> io::Result<Option<u64>> {
+        let written = (|| -> io::Result<bool> {
             let mut file = File::create(&temp)?;
             let mut hasher = DigestHasher::new(digest.algorithm());
-            let mut size = 0u64;
+            let mut written = 0u64;
             while let Some(chunk) = chunks.blocking_recv() {
-                size += chunk.len() as u64;
-                if size > self.max_bytes {
-                    return Ok(None);
+                written += chunk.len() as u64;
+                if written > size {
+                    return Ok(false);
                 }
                 hasher.update(&chunk);
                 file.write_all(&chunk)?;
             }
-            Ok((hasher.finish() == digest).then_some(size))
+            Ok(written == size && hasher.finish() == digest)
         })();
         // The read goes on without its copy from here.
         drop(chunks);
         let published = match written {
-            Ok(Some(size)) => self.publish(&digest, id, &temp, size),
-            Ok(None) => Ok(false),
+            Ok(true) => self.publish(&digest, id, &temp, size),
+            Ok(false) => Ok(false),
             Err(err) => Err(err),
         };
         if !matches!(published, Ok(true)) {
+            let _ = fs::remove_file(&temp);
             let mut index = self.index();
             if index.filling.get(&digest) == Some(&id) {
                 index.filling.remove(&digest);
             }
-            drop(index);
-            let _ = fs::remove_file(&temp);
+            index.filling_bytes -= size;
         }
         if let Err(err) = published {
             tracing::warn!(digest = %digest, error = %err, "keeping a local copy of a blob failed; it is read from the store");
         }
     }
 
-    /// Makes the verified file `temp` the copy of `digest`, unless the digest was deleted since
-    /// its fill began, and evicts what no longer fits.
+    /// Makes the verified file `temp`, whose `size` bytes its fill counted, the copy of
+    /// `digest`, unless the digest was deleted since the fill began.
     fn publish(&self, digest: &Digest, id: u64, temp: &PathBuf, size: u64) -> io::Result<bool> {
         let mut index = self.index();
         if index.filling.get(digest) != Some(&id) {
@@ -186,20 +203,9 @@ impl Shared {
         index.clock += 1;
         let used = index.clock;
         index.entries.insert(digest.clone(), Entry { size, used });
+        index.filling_bytes -= size;
         index.bytes += size;
-        // Evictions below lower it again, under the same lock.
         self.metrics.set_blob_cache_bytes(index.bytes);
-        while index.bytes > self.max_bytes {
-            let Some(oldest) = index
-                .entries
-                .iter()
-                .min_by_key(|(_, entry)| entry.used)
-                .map(|(digest, _)| digest.clone())
-            else {
-                break;
-            };
-            self.remove(&mut index, &oldest);
-        }
         Ok(true)
     }
 
@@ -251,14 +257,14 @@ impl ContentStore for LocalCache {
         let stream = self.inner.read(digest, range.clone()).await?;
         // Only a read from the first byte can prove, by its hash, that it was the whole blob.
         let fill = (range.start == 0)
-            .then(|| self.shared.start_fill(digest))
+            .then(|| self.shared.start_fill(digest, range.end))
             .flatten();
         let Some(id) = fill else {
             return Ok(stream);
         };
         let (copy, chunks) = mpsc::channel(FILL_AHEAD);
         let (shared, digest) = (self.shared.clone(), digest.clone());
-        tokio::task::spawn_blocking(move || shared.fill(digest, id, chunks));
+        tokio::task::spawn_blocking(move || shared.fill(digest, id, range.end, chunks));
         Ok(tee(stream, copy))
     }
 
@@ -470,12 +476,17 @@ mod tests {
         assert_eq!(fixture.kept(), vec![]);
         assert_eq!(fixture.files(), 0);
         // Bytes that do not hash to the digest.
-        let id = fixture.cache.shared.start_fill(&digest).unwrap();
+        let id = fixture
+            .cache
+            .shared
+            .start_fill(&digest, bytes.len() as u64)
+            .unwrap();
         let (copy, chunks) = mpsc::channel(FILL_AHEAD);
         let shared = fixture.cache.shared.clone();
         let filling = tokio::task::spawn_blocking({
             let digest = digest.clone();
-            move || shared.fill(digest, id, chunks)
+            let size = bytes.len() as u64;
+            move || shared.fill(digest, id, size, chunks)
         });
         let wrong = tee(once(Bytes::from(blob(3, 600 << 10))), copy);
         let _: Vec<Bytes> = wrong.try_collect().await.unwrap();
@@ -515,6 +526,28 @@ mod tests {
         assert_eq!(fixture.read(&big, 0..4096).await, bytes);
         assert_eq!(fixture.kept().len(), 3);
         assert_eq!(fixture.files(), 3);
+    }
+
+    #[tokio::test]
+    async fn copies_being_filled_count_against_the_limit() {
+        let fixture = fixture(3 << 10);
+        let (first, first_bytes) = fixture.put(blob(10, 2 << 10)).await;
+        let (second, second_bytes) = fixture.put(blob(11, 2 << 10)).await;
+        // The first read holds room for its copy until it ends: the second gets none.
+        let reading = fixture.cache.read(&first, 0..2048).await.unwrap();
+        let other = fixture.cache.read(&second, 0..2048).await.unwrap();
+        for (stream, bytes) in [(reading, &first_bytes), (other, &second_bytes)] {
+            let chunks: Vec<Bytes> = stream.try_collect().await.unwrap();
+            assert_eq!(&chunks.concat(), bytes);
+        }
+        fixture.settled().await;
+        assert_eq!(fixture.kept(), vec![first.clone()]);
+        // Read again once no fill holds the room, it takes the first's place.
+        assert_eq!(fixture.read(&second, 0..2048).await, second_bytes);
+        assert_eq!(fixture.kept(), vec![second]);
+        assert_eq!(fixture.files(), 1);
+        let index = fixture.cache.shared.index();
+        assert_eq!((index.bytes, index.filling_bytes), (2 << 10, 0));
     }
 
     #[tokio::test]
