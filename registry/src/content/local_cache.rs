@@ -90,6 +90,10 @@ impl LocalCache {
 
     /// The local copy of `digest`, opened, if there is one.
     async fn hit(&self, digest: &Digest) -> Result<Option<File>, ContentError> {
+        // A miss, the common case on a store read, is answered without a trip to the blocking pool.
+        if !self.shared.index().entries.contains_key(digest) {
+            return Ok(None);
+        }
         let (shared, digest) = (self.shared.clone(), digest.clone());
         let file = tokio::task::spawn_blocking(move || shared.open(&digest))
             .await
